@@ -1,0 +1,212 @@
+"""Tokenization and the two losses every gradient method uses.
+
+* **Edit loss** (GradRatio eq. 1): for each edit, the mean negative log-likelihood of
+  the target tokens given the prompt (prompt and padding masked; a space between
+  prompt and target; optionally EOS appended, as LocFT-BF does), then the mean over
+  edits.
+* **Retain loss** (GradRatio eq. 2): the language-model loss over general texts: the
+  mean next-token NLL over every non-padding token.
+
+Sequences are right-padded; labels follow the transformers convention (``labels[b, t]``
+is the token at position ``t``; ``-100`` is not scored), and the shift happens in the
+loss. All losses are computed in float32 whatever the model's dtype.
+
+Example:
+    >>> from gradlocate.models import byte_tokenizer
+    >>> tok = byte_tokenizer()
+    >>> b = tokenize_edits(tok, ["Paris is in"], ["France"])
+    >>> tok.decode(b.input_ids[0][b.labels[0] != -100])
+    ' France'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = [
+    "TokenBatch",
+    "tokenize_edits",
+    "tokenize_texts",
+    "context_length",
+    "per_sample_nll",
+    "token_nll",
+    "edit_loss",
+    "lm_loss",
+    "target_text",
+]
+
+IGNORE = -100
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch with labels.
+
+    Attributes:
+        input_ids: token ids, ``[batch, pos]``.
+        attention_mask: 1 for real tokens, 0 for padding.
+        labels: the ids to score at each position, ``-100`` elsewhere.
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    labels: Int[Tensor, "batch pos"]
+
+    def to(self, device: Any) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __getitem__(self, idx: Any) -> TokenBatch:
+        """Rows ``idx`` (a slice or index tensor), trimmed of all-padding columns."""
+        ids, am, lab = self.input_ids[idx], self.attention_mask[idx], self.labels[idx]
+        if ids.dim() == 1:
+            ids, am, lab = ids[None], am[None], lab[None]
+        width = int(am.sum(1).max()) if am.numel() else 0
+        return TokenBatch(ids[:, :width], am[:, :width], lab[:, :width])
+
+    @property
+    def n_scored(self) -> Int[Tensor, " batch"]:
+        """Number of scored (next-token) positions per row."""
+        return (self.labels[:, 1:] != IGNORE).sum(1)
+
+
+def context_length(model: Any) -> int | None:
+    """The model's maximum sequence length from its config, if it declares one."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def target_text(prompt: str, target: str) -> str:
+    """The target as appended to the prompt: with one separating space, unless the
+    prompt already ends in whitespace or the target starts with it."""
+    if not prompt or prompt[-1].isspace() or target[:1].isspace():
+        return target
+    return " " + target
+
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_edits(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
+                   append_eos: bool = False, max_length: int | None = None) -> TokenBatch:
+    """Tokenize ``prompt + " " + target`` pairs; only target tokens are labelled.
+
+    The prompt is tokenized with the tokenizer's special tokens (a BOS if it adds one)
+    and the target separately without, so the label mask covers exactly the target
+    tokens whatever the tokenizer merges.
+
+    Raises:
+        ValueError: no pairs, a target that tokenizes to nothing, or a sequence longer
+            than ``max_length`` (the model's context).
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise ValueError("no edits to tokenize: the edit list is empty")
+    rows, labels = [], []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if append_eos and eos is None:
+        raise ValueError("append_eos=True but the tokenizer has no EOS token")
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        p_ids = _ids(tokenizer, p, True)
+        t_ids = _ids(tokenizer, target_text(p, t), False)
+        if not t_ids:
+            raise ValueError(f"edit {i}: target {t!r} tokenizes to no tokens")
+        if not p_ids:
+            raise ValueError(f"edit {i}: prompt {p!r} tokenizes to no tokens")
+        if append_eos:
+            t_ids = t_ids + [eos]
+        ids = p_ids + t_ids
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(
+                f"edit {i}: prompt + target is {len(ids)} tokens, longer than the model's context of "
+                f"{max_length}; shorten the prompt"
+            )
+        rows.append(ids)
+        labels.append([IGNORE] * len(p_ids) + t_ids)
+    return _pad(tokenizer, rows, labels)
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int | None = 128,
+                   truncate: bool = True) -> TokenBatch:
+    """Tokenize general texts for the LM loss; every real token is labelled.
+
+    Texts longer than ``max_length`` tokens are cut to their first ``max_length``
+    tokens (GradRatio uses 128-token sequences) unless ``truncate=False``, which
+    raises instead.
+    """
+    if not texts:
+        raise ValueError("no texts: the retain set is empty")
+    rows = []
+    for i, t in enumerate(texts):
+        ids = _ids(tokenizer, t, True)
+        if len(ids) < 2:
+            raise ValueError(f"text {i} has {len(ids)} token(s): an LM loss needs at least 2 ({t!r})")
+        if max_length is not None and len(ids) > max_length:
+            if not truncate:
+                raise ValueError(f"text {i} is {len(ids)} tokens, longer than max_length={max_length}")
+            ids = ids[:max_length]
+        rows.append(ids)
+    return _pad(tokenizer, rows, [list(r) for r in rows])
+
+
+def _pad(tokenizer: Any, rows: list[list[int]], labels: list[list[int]]) -> TokenBatch:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    am = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for b, (r, lr) in enumerate(zip(rows, labels)):
+        ids[b, : len(r)] = torch.tensor(r)
+        am[b, : len(r)] = 1
+        lab[b, : len(lr)] = torch.tensor(lr)
+    return TokenBatch(ids, am, lab)
+
+
+def token_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
+    """Next-token NLL at every position (0 where not scored), in float32."""
+    lp = logits[:, :-1].float().log_softmax(-1)
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE
+    nll = -lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return nll * mask
+
+
+def per_sample_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+    """Mean NLL of each row's scored tokens (the per-edit loss of GradRatio eq. 1)."""
+    n = (labels[:, 1:] != IGNORE).sum(1)
+    if bool((n == 0).any()):
+        raise ValueError("a row has no scored tokens (empty target)")
+    return token_nll(logits, labels).sum(1) / n
+
+
+def _forward(model: Any, batch: TokenBatch) -> Tensor:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def edit_loss(model: Any, batch: TokenBatch) -> Float[Tensor, ""]:
+    """GradRatio eq. 1: mean over edits of the mean target-token NLL."""
+    return per_sample_nll(_forward(model, batch), batch.labels).mean()
+
+
+def lm_loss(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+    """GradRatio eq. 2: mean next-token NLL over every scored token of the batch."""
+    n = (labels[:, 1:] != IGNORE).sum()
+    return token_nll(logits, labels).sum() / n

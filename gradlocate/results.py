@@ -1,0 +1,110 @@
+"""Result types shared by every selector: small dataclasses with ``.plot()``,
+``.to_dict()`` and a readable repr."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LayerScores"]
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    ax = abs(x)
+    return f"{x:.4g}" if 1e-3 <= ax < 1e5 or ax == 0 else f"{x:.3e}"
+
+
+@dataclass
+class LayerScores:
+    """Per-layer scores of a layer selector and the layer it selects.
+
+    Attributes:
+        method: ``"gradratio"``, ``"lga"``, ``"cma"`` ...
+        scores: one float per layer (index = layer).
+        eligible: per layer, whether it may be selected (GradRatio's ``l >= l_min``,
+            LGA's Tukey fences).
+        selected: the selected layer.
+        params: the parameters used (for reproducibility).
+        extras: other per-layer series (e.g. ``"cos"``, ``"g_edit_sq"``).
+        timings: wall times in seconds.
+        layers: the layer index of each score (all layers unless a subset was asked).
+    """
+
+    method: str
+    scores: list[float]
+    eligible: list[bool]
+    selected: int
+    params: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is None:
+            self.layers = list(range(len(self.scores)))
+        if len(self.eligible) != len(self.scores) or len(self.layers) != len(self.scores):
+            raise ValueError("scores, eligible and layers must have one entry per layer")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.scores)
+
+    def ranking(self) -> list[int]:
+        """Eligible layers from best to worst score."""
+        pairs = [(s, l) for s, l, e in zip(self.scores, self.layers, self.eligible) if e]
+        return [l for s, l in sorted(pairs, key=lambda p: -p[0])]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "selected": self.selected,
+            "layers": list(self.layers),
+            "scores": [float(s) for s in self.scores],
+            "eligible": [bool(e) for e in self.eligible],
+            "params": dict(self.params),
+            "extras": {k: [float(v) for v in vs] for k, vs in self.extras.items()},
+            "timings": dict(self.timings),
+        }
+
+    def to_table(self) -> str:
+        """Plain-text per-layer table (what the CLI prints)."""
+        keys = list(self.extras)
+        head = f"{'layer':>5} {'score':>12} " + " ".join(f"{k:>12}" for k in keys) + "  note"
+        lines = [head]
+        for i, (l, s, e) in enumerate(zip(self.layers, self.scores, self.eligible)):
+            note = "<- selected" if l == self.selected else ("" if e else "excluded")
+            ex = " ".join(f"{_fmt(self.extras[k][i]):>12}" for k in keys)
+            lines.append(f"{l:>5} {_fmt(s):>12} {ex}  {note}".rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        best = sorted(range(self.n_layers), key=lambda i: -self.scores[i] if self.eligible[i] else math.inf)[:3]
+        top = ", ".join(f"{self.layers[i]}: {_fmt(self.scores[i])}" for i in best)
+        t = sum(self.timings.values())
+        return (
+            f"LayerScores(method={self.method!r}, selected={self.selected}, n_layers={self.n_layers}, "
+            f"eligible={sum(self.eligible)}, top=[{top}]" + (f", time={t:.2f}s" if self.timings else "") + ")"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = []
+        for i, (l, s, e) in enumerate(zip(self.layers, self.scores, self.eligible)):
+            style = "font-weight:bold;background:#ffe9a8" if l == self.selected else ("color:#999" if not e else "")
+            ex = "".join(f"<td>{_fmt(self.extras[k][i])}</td>" for k in self.extras)
+            rows.append(f"<tr style='{style}'><td>{l}</td><td>{_fmt(s)}</td>{ex}<td>{'' if e else 'excluded'}</td></tr>")
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in self.extras)
+        return (
+            f"<div><b>{html.escape(self.method)}</b>: selected layer <b>{self.selected}</b>"
+            f"<table><tr><th>layer</th><th>score</th>{head}<th></th></tr>{''.join(rows)}</table></div>"
+        )
+
+    def plot(self, ax: Any = None, *, log: bool | None = None, title: str | None = None) -> Any:
+        """Bar chart per layer: eligible, excluded and selected layers drawn distinctly
+        (as in the GradRatio paper's Figure 2). Returns the matplotlib ``Axes``."""
+        from gradlocate.plotting import plot_layer_scores
+
+        return plot_layer_scores(self, ax=ax, log=log, title=title)
