@@ -6,10 +6,12 @@ The public API, re-exported here:
 * data: :class:`EditRequest`, :func:`load_edits`, :func:`load_texts`
 * losses: :func:`tokenize_edits`, :func:`tokenize_texts`, :func:`edit_loss`, :func:`lm_loss`
 * results: :class:`LayerScores`
+* gradients: :func:`edit_gradients`, :func:`retain_gradients`, :func:`per_sample_inner_products`,
+  :func:`ghost_inner_products`; selectors: :func:`gradratio`, :func:`lga`, :func:`tukey_fences`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
 """
 from gradlocate import models
-from gradlocate.data import EditRequest, as_edits, load_edits, load_texts, shared_data_path
+from gradlocate.data import EditRequest, as_edits, default_retain_texts, load_edits, load_texts, shared_data_path
 from gradlocate.handles import (
     DownProjection,
     DownProjections,
@@ -21,14 +23,32 @@ from gradlocate.handles import (
 )
 from gradlocate.losses import TokenBatch, edit_loss, lm_loss, per_sample_nll, tokenize_edits, tokenize_texts
 from gradlocate.results import LayerScores
+from gradlocate.gradients import (
+    LayerGradients,
+    SampleProducts,
+    edit_gradients,
+    ghost_inner_products,
+    greedy_answers,
+    per_sample_inner_products,
+    retain_gradients,
+)
+from gradlocate.selectors import TukeyFences, adaptive_min_layer, gradratio, lga, tukey_fences
+from gradlocate.editing import EditTrainingError, LocFTBF
+from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
+from gradlocate.tracing import TraceResult, causal_trace, cma_layer, embedding_std, subject_token_range
 
 __version__ = "0.1.0"
 
 __all__ = [
     "models",
-    "EditRequest", "as_edits", "load_edits", "load_texts", "shared_data_path",
+    "EditRequest", "as_edits", "default_retain_texts", "load_edits", "load_texts", "shared_data_path",
     "DownProjection", "DownProjections", "HandleError", "down_projections", "find_tokenizer",
     "instrumented", "unwrap_model",
     "TokenBatch", "edit_loss", "lm_loss", "per_sample_nll", "tokenize_edits", "tokenize_texts",
     "LayerScores",
+    "LayerGradients", "SampleProducts", "edit_gradients", "retain_gradients", "ghost_inner_products",
+    "per_sample_inner_products", "greedy_answers",
+    "gradratio", "lga", "adaptive_min_layer", "tukey_fences", "TukeyFences",
+    "LocFTBF", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference", "locality_reference",
+    "causal_trace", "TraceResult", "cma_layer", "embedding_std", "subject_token_range",
 ]

@@ -27,7 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EditRequest", "as_edits", "load_edits", "load_texts", "shared_data_path", "old_answers"]
+__all__ = [
+    "EditRequest", "as_edits", "load_edits", "load_texts", "shared_data_path", "old_answers",
+    "default_retain_texts", "warn_duplicates",
+]
 
 
 @dataclass(frozen=True)
@@ -331,3 +334,27 @@ def warn_duplicates(edits: Sequence[EditRequest]) -> None:
             seen[key] = i
     if dups:
         warnings.warn(f"{len(dups)} duplicate edit(s) (same prompt and target), e.g. edits {dups[0]}", stacklevel=3)
+
+
+def default_retain_texts(n: int | None = None) -> list[str]:
+    """General English texts shipped with gradlocate (64 paragraphs of 110-170 words
+    on varied topics, written for this package), used as the retain set when the user
+    gives none. GradRatio's paper uses 256 sequences of 128 tokens of general text;
+    pass your own corpus (``load_texts``) to match it.
+
+    Example:
+        >>> texts = default_retain_texts(4)
+        >>> len(texts), all(len(t.split()) > 100 for t in texts)
+        (4, True)
+    """
+    from importlib.resources import files
+
+    raw = files("gradlocate").joinpath("assets/retain_texts.txt").read_text(encoding="utf-8")
+    texts = [" ".join(p.split()) for p in raw.split("\n\n") if p.strip()]
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n > len(texts):
+            raise ValueError(f"only {len(texts)} built-in retain texts; pass your own with load_texts(...)")
+        texts = texts[:n]
+    return texts

@@ -43,6 +43,7 @@ __all__ = [
     "instrumented",
     "unwrap_model",
     "find_tokenizer",
+    "check_causal_lm",
 ]
 
 # Submodule names that mark attention: its output projection also maps onto d_model.
@@ -131,6 +132,8 @@ def find_tokenizer(model: Any, tokenizer: Any = None) -> Any:
             f"no tokenizer: pass tokenizer=... (a transformers tokenizer for "
             f"{type(unwrap_model(model)).__name__}); plain torch models carry none"
         )
+    if model is not None:
+        _check_vocab(unwrap_model(model), tok)
     if getattr(tok, "pad_token", None) is None:
         eos = getattr(tok, "eos_token", None)
         if eos is None:
@@ -147,6 +150,22 @@ def find_tokenizer(model: Any, tokenizer: Any = None) -> Any:
         )
         tok.pad_token = eos
     return tok
+
+
+def _check_vocab(root: nn.Module, tok: Any) -> None:
+    """A tokenizer with more ids than the model has embedding rows is another model's."""
+    get = getattr(root, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    try:
+        n_tok = len(tok)
+    except TypeError:
+        return
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and n_tok > w.shape[0]:
+        raise ValueError(
+            f"tokenizer/model mismatch: the tokenizer has {n_tok} tokens but {type(root).__name__}'s "
+            f"embedding has {w.shape[0]} rows; pass the tokenizer that belongs to this model"
+        )
 
 
 # --------------------------------------------------------------------------- handles
@@ -507,7 +526,42 @@ def _moe_error(root: nn.Module, blocks_path: str, block: nn.Module) -> HandleErr
     )
 
 
-def down_projections(model: Any, *, layers: str | None = None, down: str | None = None) -> DownProjections:
+def _causal_lm_names() -> set[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return set()
+    names: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(v if isinstance(v, (list, tuple)) else [v])
+    return names
+
+
+def check_causal_lm(root: nn.Module) -> None:
+    """Refuse encoder-only, encoder-decoder and head-less models with a clear error.
+
+    Plain ``nn.Module``s without a transformers config pass (the caller vouches for them).
+    """
+    cfg = getattr(root, "config", None)
+    if cfg is None:
+        return
+    name = type(root).__name__
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise HandleError(
+            f"{name} is an encoder-decoder (seq2seq) model; gradlocate works on decoder-only causal "
+            f"language models (AutoModelForCausalLM)"
+        )
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or name in _causal_lm_names():
+        return
+    model_type = getattr(cfg, "model_type", "?")
+    hint = (f"load it with AutoModelForCausalLM.from_pretrained(...)"
+            if getattr(root, "get_output_embeddings", lambda: None)() is None else
+            "it is not a causal language model (encoder-only models such as BERT are not supported)")
+    raise HandleError(f"{name} (model_type={model_type!r}) is not a causal LM with a language-model head: {hint}")
+
+
+def down_projections(model: Any, *, layers: str | None = None, down: str | None = None,
+                     causal: bool = True) -> DownProjections:
     """Find the MLP down-projection of every decoder layer.
 
     Args:
@@ -516,6 +570,8 @@ def down_projections(model: Any, *, layers: str | None = None, down: str | None 
             ``TransformerBridge``.
         layers: override: path of the decoder-block ``ModuleList`` (e.g. ``"model.layers"``).
         down: override: path of the down-projection inside each block (e.g. ``"mlp.down_proj"``).
+        causal: refuse models that are not causal LMs (encoder-only, seq2seq, no LM
+            head), which no gradlocate method can score. ``False`` gives handles anyway.
 
     Returns:
         :class:`DownProjections`, one :class:`DownProjection` per decoder layer in order.
@@ -532,6 +588,8 @@ def down_projections(model: Any, *, layers: str | None = None, down: str | None 
         ('transformer.h.0.mlp.c_proj', (16, 64), True)
     """
     root = unwrap_model(model)
+    if causal:
+        check_causal_lm(root)
     d_model = _d_model(root)
 
     if layers is not None:

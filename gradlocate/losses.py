@@ -122,6 +122,10 @@ def tokenize_edits(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str
     if append_eos and eos is None:
         raise ValueError("append_eos=True but the tokenizer has no EOS token")
     for i, (p, t) in enumerate(zip(prompts, targets)):
+        if not isinstance(p, str) or not isinstance(t, str):
+            raise TypeError(f"edit {i}: prompt and target must be strings, got {type(p).__name__}, {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"edit {i}: target {t!r} is blank: it tokenizes to no tokens")
         p_ids = _ids(tokenizer, p, True)
         t_ids = _ids(tokenizer, target_text(p, t), False)
         if not t_ids:

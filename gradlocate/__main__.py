@@ -1,0 +1,5 @@
+import sys
+
+from gradlocate.cli import main
+
+sys.exit(main())

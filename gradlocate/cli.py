@@ -1,0 +1,472 @@
+"""The ``gradlocate`` command line.
+
+Human-readable tables go to stdout, progress bars to stderr, ``--json`` writes the
+machine-readable result. Bad arguments, missing files and unknown models end with a
+one-line error and exit code 2; a failure inside a computation exits with 1.
+
+Examples::
+
+    gradlocate layers --model smollm2
+    gradlocate select --model smollm2 --edits zsre -n 8 --method all
+    gradlocate trace  --model smollm2 --prompt "The Eiffel Tower is in" --subject "Eiffel Tower"
+    gradlocate edit   --model smollm2 --edits zsre -n 8 --layer auto --save edited/
+    gradlocate sweep  --model smollm2 --edits zsre -n 8 --layers 0:30:3 --out sweep.jsonl
+    gradlocate compare --model smollm2 --edits zsre -n 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_model(spec: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    from gradlocate.models import MissingModelPackage, load_model
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        return load_model(spec, dtype=dt)
+    except MissingModelPackage as e:
+        raise CLIError(str(e)) from None
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise CLIError(f"unknown model {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def _load_edits(spec: str, n: int | None, offset: int = 0) -> list[Any]:
+    from gradlocate.data import load_edits
+
+    try:
+        return load_edits(spec, n=n, offset=offset)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CLIError(f"bad edits file {spec!r}: {e}") from None
+
+
+def _retain_texts(spec: str | None, edits_spec: str, n: int) -> list[str]:
+    from gradlocate.data import load_texts
+
+    if spec:
+        try:
+            return load_texts(spec, n=n)
+        except FileNotFoundError as e:
+            raise CLIError(str(e)) from None
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"bad retain file {spec!r}: {e}") from None
+    from gradlocate.data import default_retain_texts
+
+    return default_retain_texts(n)
+
+
+def _parse_layers(spec: str | None) -> list[int] | None:
+    """``"3,5,7"`` or ``"0:30:3"`` (a Python range) or ``None``."""
+    if spec is None:
+        return None
+    try:
+        if ":" in spec:
+            parts = [int(p) if p else None for p in spec.split(":")]
+            start = parts[0] or 0
+            stop = parts[1]
+            step = parts[2] if len(parts) > 2 and parts[2] else 1
+            if stop is None:
+                raise CLIError(f"--layers {spec!r}: a range needs an end, e.g. 0:30:3")
+            return list(range(start, stop, step))
+        return [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise CLIError(f"--layers {spec!r}: expected comma-separated ints or start:stop[:step]") from None
+
+
+def _write_json(path: str | None, obj: Any) -> None:
+    if not path:
+        return
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        raise CLIError(f"--json: folder {str(p.parent)!r} does not exist")
+    p.write_text(json.dumps(obj, indent=2, default=_json_default))
+    print(f"wrote {p}", file=sys.stderr)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _save_plot(ax_or_fig: Any, path: str | None) -> None:
+    if not path:
+        return
+    fig = getattr(ax_or_fig, "figure", ax_or_fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _check_out_path(path: str | None, flag: str) -> None:
+    if path and not Path(path).resolve().parent.exists():
+        raise CLIError(f"{flag}: folder {str(Path(path).parent)!r} does not exist")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from gradlocate.handles import HandleError, down_projections
+
+    model, _ = _load_model(args.model, args.dtype)
+    try:
+        hs = down_projections(model, layers=args.blocks, down=args.down)
+    except HandleError as e:
+        raise CLIError(str(e)) from None
+    print(repr(hs))
+    print(hs.to_table())
+    _write_json(args.json, {"model": args.model, "blocks_path": hs.blocks_path, "down_path": hs.down_path,
+                            "layers": [{"layer": h.layer, "path": h.path, "shape": [h.d_model, h.d_mlp]} for h in hs]})
+    return 0
+
+
+def _methods(spec: str) -> list[str]:
+    if spec == "all":
+        return ["gradratio", "lga", "cma"]
+    out = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in out if m not in ("gradratio", "lga", "cma")]
+    if bad or not out:
+        raise CLIError(f"--method {spec!r}: choose gradratio, lga, cma or all")
+    return out
+
+
+def _select(model: Any, tok: Any, edits: list[Any], method: str, args: argparse.Namespace) -> Any:
+    from gradlocate.handles import HandleError
+
+    try:
+        if method == "gradratio":
+            from gradlocate.selectors import gradratio
+
+            retain = _retain_texts(args.retain, args.edits, args.n_retain)
+            return gradratio(model, edits, retain, tokenizer=tok)
+        if method == "lga":
+            from gradlocate.selectors import lga
+
+            return lga(model, edits, tokenizer=tok)
+        from gradlocate.tracing import cma_layer
+
+        return cma_layer(model, edits, tokenizer=tok, samples=args.samples)
+    except (ValueError, TypeError, HandleError) as e:
+        raise CLIError(f"{method}: {e}") from None
+
+
+def _combined_table(results: dict[str, Any]) -> str:
+    from gradlocate.results import _fmt
+
+    names = list(results)
+    layers = sorted({l for r in results.values() for l in r.layers})
+    head = f"{'layer':>5} " + " ".join(f"{n:>12}" for n in names) + "  selected by"
+    lines = [head]
+    for l in layers:
+        cells = []
+        for n in names:
+            r = results[n]
+            if l in r.layers:
+                i = r.layers.index(l)
+                mark = "*" if l == r.selected else (" " if r.eligible[i] else "x")
+                cells.append(f"{_fmt(r.scores[i]):>11}{mark}")
+            else:
+                cells.append(f"{'':>12}")
+        by = ", ".join(n for n in names if results[n].selected == l)
+        lines.append(f"{l:>5} " + " ".join(cells) + (f"  <- {by}" if by else ""))
+    lines.append("(* selected, x excluded: below GradRatio's l_min or outside LGA's Tukey fences)")
+    return "\n".join(lines)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    methods = _methods(args.method)
+    _check_out_path(args.plot, "--plot")
+    model, tok = _load_model(args.model, args.dtype)
+    edits = _load_edits(args.edits, args.n, args.offset)
+    results = {}
+    for m in methods:
+        print(f"running {m} on {len(edits)} edits ...", file=sys.stderr)
+        results[m] = _select(model, tok, edits, m, args)
+    print(f"model: {args.model} ({type(model).__name__}, {model.config.num_hidden_layers} layers); "
+          f"{len(edits)} edits from {args.edits}")
+    print(_combined_table(results))
+    print()
+    for m, r in results.items():
+        t = sum(r.timings.values())
+        print(f"{m:>10}: layer {r.selected}   ({t:.1f} s)")
+    _write_json(args.json, {m: r.to_dict() for m, r in results.items()})
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.8 * len(results)), squeeze=False)
+        for ax, r in zip(axes[:, 0], results.values()):
+            r.plot(ax=ax)
+        fig.tight_layout()
+        _save_plot(fig, args.plot)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from gradlocate.tracing import causal_trace
+
+    _check_out_path(args.plot, "--plot")
+    model, tok = _load_model(args.model, args.dtype)
+    try:
+        res = causal_trace(model, args.prompt, args.subject, tokenizer=tok, kind=args.kind,
+                           samples=args.samples, window=args.window, noise=args.noise)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(repr(res))
+    print(_trace_table(res))
+    _write_json(args.json, res.to_dict())
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        _save_plot(res.plot(), args.plot)
+    return 0
+
+
+def _trace_table(res: Any) -> str:
+    """Tokens down, layers across: the answer probability with that state restored."""
+    s0, s1 = res.subject_range
+    width = max(8, max(len(repr(res.tokens[t])) for t in res.token_indices) + 2)
+    head = f"{'token':<{width}}" + "".join(f"{l:>7}" for l in res.layers)
+    lines = [f"P({res.answer_text!r}) with the {res.kind} state restored; low {res.low_score:.4f}, "
+             f"high {res.high_score:.4f}; * = subject token", head]
+    for i, t in enumerate(res.token_indices):
+        name = repr(res.tokens[t]) + ("*" if s0 <= t < s1 else "")
+        lines.append(f"{name:<{width}}" + "".join(f"{float(v):>7.4f}" for v in res.scores[i]))
+    return "\n".join(lines)
+
+
+def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if args.lr is not None:
+        kw["lr"] = args.lr
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
+    return kw
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from gradlocate.editing import LocFTBF
+    from gradlocate.evaluation import evaluate
+
+    if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()):
+        raise CLIError(f"--save {args.save!r} exists and is not empty")
+    model, tok = _load_model(args.model, args.dtype)
+    edits = _load_edits(args.edits, args.n, args.offset)
+    if args.layer == "auto":
+        sel = _select(model, tok, edits, args.method, args)
+        layer = sel.selected
+        print(f"{args.method} selects layer {layer}")
+    else:
+        try:
+            layer = int(args.layer)
+        except ValueError:
+            raise CLIError(f"--layer {args.layer!r}: give an int or 'auto'") from None
+    gen = not args.no_generation
+    pre = evaluate(model, edits, tokenizer=tok, generation=gen)
+    try:
+        ft = LocFTBF(model, layer, tokenizer=tok, progress=True, **_trainer_kwargs(args))
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    ft.fit(edits)
+    post = evaluate(model, edits, tokenizer=tok, pre=pre, generation=gen)
+    print(f"edited layer {layer} with LocFT-BF: {len(ft.history)} epochs, final loss {ft.history[-1]:.4g}")
+    print("before:")
+    print(pre.to_table())
+    print("after:")
+    print(post.to_table())
+    _write_json(args.json, {"layer": layer, "history": ft.history, "before": pre.to_dict(), "after": post.to_dict()})
+    if args.save:
+        ft.commit()
+        model.save_pretrained(args.save)
+        tok.save_pretrained(args.save)
+        print(f"saved the edited model to {args.save}")
+    else:
+        ft.restore()
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gradlocate.sweep import sweep
+
+    _check_out_path(args.plot, "--plot")
+    _check_out_path(args.out, "--out")
+    model, tok = _load_model(args.model, args.dtype)
+    edits = _load_edits(args.edits, args.n, args.offset)
+    try:
+        res = sweep(model, edits, tokenizer=tok, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args),
+                    out=args.out, generation=not args.no_generation)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(repr(res))
+    print(res.to_markdown())
+    _write_json(args.json, res.to_dict())
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        _save_plot(res.plot(), args.plot)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gradlocate.compare import compare
+
+    _check_out_path(args.plot, "--plot")
+    _check_out_path(args.out, "--out")
+    model, tok = _load_model(args.model, args.dtype)
+    edits = _load_edits(args.edits, args.n, args.offset)
+    retain = _retain_texts(args.retain, args.edits, args.n_retain)
+    try:
+        cmp = compare(model, edits, retain, tokenizer=tok, selectors=_methods(args.method), proxy=args.proxy,
+                      seed=args.seed, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args), out=args.out,
+                      generation=not args.no_generation, selector_kwargs={"cma": {"samples": args.samples}})
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(repr(cmp))
+    print(cmp.to_markdown())
+    _write_json(args.json, cmp.to_dict())
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        _save_plot(cmp.plot(), args.plot)
+    return 0
+
+
+COMMANDS = {"layers": cmd_layers, "select": cmd_select, "trace": cmd_trace, "edit": cmd_edit,
+            "sweep": cmd_sweep, "compare": cmd_compare}
+
+
+def _add_select_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retain", default=None, help="general texts for GradRatio (txt/json/jsonl; default: built-in)")
+    p.add_argument("--n-retain", type=int, default=16, help="number of retain texts (paper: 256)")
+    p.add_argument("--samples", type=int, default=10, help="causal tracing: corrupted samples per cell")
+
+
+def _add_trainer_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lr", type=float, default=None, help="LocFT-BF learning rate")
+    p.add_argument("--epochs", type=int, default=None, help="LocFT-BF maximum epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="LocFT-BF edits per step")
+    p.add_argument("--no-generation", action="store_true", help="skip generation exact-match scoring (faster)")
+
+
+def _parsers(sub: Any) -> None:
+    p = sub.add_parser("select", help="select the layer to edit (GradRatio, LGA, causal tracing)")
+    _common(p)
+    p.add_argument("--method", default="gradratio", help="gradratio | lga | cma | all (or a comma list)")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    _add_select_opts(p)
+
+    p = sub.add_parser("trace", help="ROME causal trace of one prompt")
+    _common(p, edits=False)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--subject", required=True)
+    p.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"])
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--noise", type=float, default=3.0, help="noise scale, in multiples of the embedding std")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+
+    p = sub.add_parser("edit", help="edit one layer with LocFT-BF and evaluate")
+    _common(p)
+    p.add_argument("--layer", required=True, help="layer index, or auto (the --method selector's layer)")
+    p.add_argument("--method", default="gradratio", choices=["gradratio", "lga", "cma"])
+    p.add_argument("--save", default=None, metavar="DIR", help="save the edited model (transformers format)")
+    _add_select_opts(p)
+    _add_trainer_opts(p)
+
+    p = sub.add_parser("sweep", help="edit at every candidate layer and find the golden layer")
+    _common(p)
+    p.add_argument("--layers", default=None, help="e.g. 0:30:3 or 4,8,12 (default: all)")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl", help="append results here; a re-run resumes")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    _add_trainer_opts(p)
+
+    p = sub.add_parser("compare", help="selectors against the sweep (proxy/test split)")
+    _common(p)
+    p.add_argument("--method", default="all", help="selectors: gradratio,lga,cma or all")
+    p.add_argument("--proxy", type=float, default=0.1, help="fraction of edits the selectors see")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", default=None, help="sweep layers, e.g. 0:30:3 (selected layers are added)")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    _add_select_opts(p)
+    _add_trainer_opts(p)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(p: argparse.ArgumentParser, edits: bool = True) -> None:
+    p.add_argument("--model", required=True,
+                   help="smollm2 | gemma3-270m | tiny-<arch> | a local folder | a Hugging Face hub name")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    if edits:
+        p.add_argument("--edits", required=True,
+                       help="JSON/JSONL file of edits (CounterFact, ZsRE or KnowEdit spelling), or zsre / counterfact")
+        p.add_argument("-n", type=int, default=None, help="use the first N edits")
+        p.add_argument("--offset", type=int, default=0, help="skip this many edits first")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradlocate", description="Which layer should I edit? Find it, then edit it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("layers", help="list the MLP down-projections gradlocate finds")
+    _common(p, edits=False)
+    p.add_argument("--blocks", default=None, help="override: path of the decoder-block list")
+    p.add_argument("--down", default=None, help="override: path of the down-projection in a block")
+    _parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if getattr(args, "n", None) is not None and args.n < 1:
+            raise CLIError(f"-n must be >= 1, got {args.n}")
+        return COMMANDS[args.command](args)
+    except CLIError as e:
+        print(f"gradlocate {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradlocate {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

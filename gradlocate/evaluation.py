@@ -1,0 +1,576 @@
+"""Evaluate an edit: reliability, generalization, locality, portability, fluency.
+
+Every metric is reported under the two scorings in use:
+
+* **teacher-forced token accuracy** (EasyEdit's convention): feed ``prompt + " " +
+  answer``, take the model's argmax prediction at each answer position, and score the
+  fraction of answer tokens predicted right;
+* **generation exact match** (the WILD / LocFT-BF convention): greedy decoding from the
+  prompt, stopped at ``"."``, a newline or EOS (at most ``max_new_tokens`` tokens),
+  then the generated text and the answer are compared after normalisation (lower
+  case, punctuation and the articles a/an/the removed, whitespace collapsed).
+
+The metrics:
+
+* reliability: the edit prompts, scored against the new target;
+* generalization: the rephrased prompts, scored against the new target;
+* locality: the unrelated (locality) prompts; the post-edit predictions must *agree
+  with the pre-edit ones* (EasyEdit's definition), so it needs the pre-edit
+  predictions: pass ``pre=`` an evaluation made before the edit (or a
+  :func:`locality_reference`). Without it locality is ``None``, not guessed;
+* portability: the edits' portability prompts (KnowEdit), scored against their answers;
+* fluency (option): the weighted bi-/tri-gram entropy of generations from the edit
+  prompts (ROME / EasyEdit's ``n_gram_entropy``).
+
+Each edit's score for a metric is the mean over its prompts; the reported value is the
+mean over the edits that have such prompts.
+
+Example:
+    >>> from gradlocate.models import tiny
+    >>> model, tok = tiny("gpt2", n_layers=2, d_model=16)
+    >>> edits = [{"prompt": "Paris is in", "target_new": "Italy",
+    ...           "locality_prompt": "Berlin is in", "locality_ground_truth": "Germany"}]
+    >>> pre = evaluate(model, edits, generation=False)
+    >>> pre.teacher_forced["locality"] is None   # no pre-edit reference yet
+    True
+    >>> post = evaluate(model, edits, pre=pre, generation=False)
+    >>> post.teacher_forced["locality"]          # the model did not change
+    1.0
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from gradlocate.data import EditRequest, as_edits
+from gradlocate.handles import find_tokenizer, unwrap_model
+from gradlocate.losses import IGNORE, TokenBatch, context_length, tokenize_edits
+from gradlocate.state import input_device, preserved
+
+__all__ = [
+    "evaluate",
+    "EditEvaluation",
+    "LocalityReference",
+    "locality_reference",
+    "normalize_answer",
+    "exact_match",
+    "truncate_at_stop",
+    "ngram_entropy",
+    "teacher_forced_scores",
+    "greedy_generate",
+    "METRICS",
+]
+
+METRICS = ("reliability", "generalization", "locality", "portability")
+#: Where a generated answer ends (besides EOS), as in LocFT-BF's evaluation.
+STOP_STRINGS = (".", "\n")
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+# --------------------------------------------------------------------------- text scoring
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style answer normalisation (as LocFT-BF's ``eval_edit_metric.py``): lower
+    case, punctuation removed, the articles a/an/the removed, whitespace collapsed.
+
+    Example:
+        >>> normalize_answer("  The Chichester-River. ")
+        'chichesterriver'
+        >>> normalize_answer("An apple a day")
+        'apple day'
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether ``prediction`` and ``answer`` are equal after :func:`normalize_answer`.
+
+    Example:
+        >>> exact_match(" the Liverpool", "Liverpool")
+        True
+    """
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def truncate_at_stop(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
+    """``text`` up to (not including) the first stop string.
+
+    Example:
+        >>> truncate_at_stop(" St. Louis")
+        ' St'
+        >>> truncate_at_stop("Rome\\nParis")
+        'Rome'
+    """
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def _words(text: str) -> list[str]:
+    # Approximates nltk.word_tokenize (words and punctuation marks as separate tokens)
+    # without the nltk dependency.
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency measure of one text: for each ``n``, the entropy (bits) of the
+    frequency distribution of its word n-grams; the result is the mean of
+    ``weight_n * entropy_n``. Repetitive text scores low. An empty n-gram set has
+    entropy 0.
+
+    Example:
+        >>> round(ngram_entropy("a b a b"), 4)   # bigrams ab, ba, ab; trigrams aba, bab
+        0.9728
+    """
+    if len(ns) != len(weights):
+        raise ValueError("ns and weights must have the same length")
+    words = _words(text)
+    total = 0.0
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        count = sum(grams.values())
+        h = -sum(c / count * math.log2(c / count) for c in grams.values()) if count else 0.0
+        total += w * h
+    return total / len(ns)
+
+
+# --------------------------------------------------------------------------- locality reference
+
+
+@dataclass
+class LocalityReference:
+    """The unedited model's predictions on the locality prompts, which post-edit
+    locality is scored against.
+
+    Attributes:
+        pairs: per edit, its ``(prompt, answer)`` locality pairs.
+        tokens: per edit and pair, the argmax token ids at the answer positions
+            (teacher-forced on the answer).
+        generations: per edit and pair, the greedy generation (truncated at a stop
+            string), or ``None`` if generation was off.
+    """
+
+    pairs: list[list[tuple[str, str]]]
+    tokens: list[list[list[int]]]
+    generations: list[list[str]] | None = None
+
+    def check(self, edits: Sequence[EditRequest]) -> None:
+        """Raise if ``edits`` do not have the locality prompts this was computed on."""
+        theirs = [list(e.locality) for e in edits]
+        if len(theirs) != len(self.pairs) or any(list(map(tuple, a)) != list(map(tuple, b))
+                                                 for a, b in zip(theirs, self.pairs)):
+            raise ValueError(
+                "pre= was computed on other edits (their locality prompts differ): evaluate the same "
+                "edits, in the same order, before and after editing"
+            )
+
+    def __repr__(self) -> str:
+        n = sum(len(p) for p in self.pairs)
+        return f"LocalityReference({len(self.pairs)} edits, {n} locality prompts, generations={self.generations is not None})"
+
+
+# --------------------------------------------------------------------------- result
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+@dataclass
+class EditEvaluation:
+    """Edit metrics under both scorings, and per-edit rows.
+
+    Attributes:
+        teacher_forced: metric -> mean teacher-forced token accuracy (``None`` when
+            not available: no such prompts, or locality without ``pre``).
+        generation: metric -> mean generation exact match, or ``None`` if generation
+            was off.
+        fluency: mean n-gram entropy of generations from the edit prompts, if asked.
+        rows: one dict per edit with its scores and generations.
+        n_edits: number of edits.
+        reference: the locality predictions of this evaluation, to pass as ``pre=``
+            to a later one.
+        notes: why a metric is unavailable.
+        params, timings: settings and wall times (seconds).
+    """
+
+    teacher_forced: dict[str, float | None]
+    generation: dict[str, float | None] | None
+    fluency: float | None
+    rows: list[dict[str, Any]]
+    n_edits: int
+    reference: LocalityReference | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, rows: bool = True) -> dict[str, Any]:
+        d = {"n_edits": self.n_edits, "teacher_forced": dict(self.teacher_forced),
+             "generation": None if self.generation is None else dict(self.generation),
+             "fluency": self.fluency, "notes": list(self.notes), "params": dict(self.params),
+             "timings": dict(self.timings)}
+        if rows:
+            d["rows"] = [dict(r) for r in self.rows]
+        return d
+
+    def to_table(self) -> str:
+        """Metrics as a plain-text table (teacher-forced and generation EM columns)."""
+        lines = [f"{'metric':<15} {'teacher-forced':>15} {'generation EM':>14}"]
+        for m in METRICS:
+            g = None if self.generation is None else self.generation.get(m)
+            lines.append(f"{m:<15} {_fmt(self.teacher_forced.get(m)):>15} {_fmt(g):>14}")
+        if self.fluency is not None:
+            lines.append(f"{'fluency':<15} {self.fluency:>15.3f}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        tf = ", ".join(f"{m}={_fmt(v)}" for m, v in self.teacher_forced.items())
+        s = f"EditEvaluation(n_edits={self.n_edits}, teacher-forced: {tf}"
+        if self.generation is not None:
+            s += "; generation EM: " + ", ".join(f"{m}={_fmt(v)}" for m, v in self.generation.items())
+        if self.fluency is not None:
+            s += f"; fluency={self.fluency:.3f}"
+        return s + ")"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{m}</td><td>{_fmt(self.teacher_forced.get(m))}</td>"
+            f"<td>{_fmt(None if self.generation is None else self.generation.get(m))}</td></tr>" for m in METRICS)
+        flu = f"<p>fluency (n-gram entropy): {self.fluency:.3f}</p>" if self.fluency is not None else ""
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        return (f"<div><b>Edit evaluation</b> ({self.n_edits} edits)<table><tr><th>metric</th>"
+                f"<th>teacher-forced</th><th>generation EM</th></tr>{rows}</table>{flu}"
+                + (f"<ul>{notes}</ul>" if notes else "") + "</div>")
+
+    def plot(self, ax: Any = None, *, title: str | None = None) -> Any:
+        """Grouped bar chart of the metrics under both scorings. Returns the Axes."""
+        from gradlocate.plotting import plot_edit_evaluation
+
+        return plot_edit_evaluation(self, ax=ax, title=title)
+
+
+# --------------------------------------------------------------------------- model calls
+
+
+@dataclass
+class _Query:
+    kind: str
+    edit: int
+    item: int
+    prompt: str
+    answer: str
+
+
+def _queries(edits: Sequence[EditRequest]) -> list[_Query]:
+    out = []
+    for i, e in enumerate(edits):
+        out.append(_Query("reliability", i, 0, e.prompt, e.target_new))
+        out += [_Query("generalization", i, j, p, e.target_new) for j, p in enumerate(e.rephrase_prompts)]
+        out += [_Query("locality", i, j, p, a) for j, (p, a) in enumerate(e.locality)]
+        out += [_Query("portability", i, j, p, a) for j, (p, a) in enumerate(e.portability)]
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_scores(root: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
+                          batch_size: int = 32) -> list[tuple[float, list[int]]]:
+    """For each ``(prompt, answer)``: the fraction of answer tokens that are the argmax
+    prediction given ``prompt + " " + answer`` up to that token, and the predicted
+    token ids at the answer positions.
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, tok = tiny("gpt2", n_layers=1, d_model=16)
+        >>> [(type(acc).__name__, len(ids)) for acc, ids in teacher_forced_scores(model, tok, ["Hi"], ["you"])]
+        [('float', 4)]
+    """
+    batch = tokenize_edits(tokenizer, prompts, answers, max_length=context_length(root)).to(input_device(root))
+    out: list[tuple[float, list[int]]] = []
+    for rows in torch.arange(len(batch)).split(batch_size):
+        mb = batch[rows.to(batch.input_ids.device)]
+        logits = _logits(root, mb.input_ids, mb.attention_mask)
+        pred = logits[:, :-1].argmax(-1).cpu()
+        lab = mb.labels[:, 1:].cpu()
+        for p, l in zip(pred, lab):
+            m = l != IGNORE
+            out.append((float((p[m] == l[m]).float().mean()), p[m].tolist()))
+    return out
+
+
+def _logits(root: nn.Module, ids: Tensor, am: Tensor) -> Tensor:
+    o = root(input_ids=ids, attention_mask=am, use_cache=False)
+    return o.logits if hasattr(o, "logits") else o
+
+
+def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
+    rows = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    for p, r in zip(prompts, rows):
+        if not r:
+            raise ValueError(f"prompt {p!r} tokenizes to no tokens")
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    am = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        am[b, width - len(r):] = 1
+    return ids.to(device), am.to(device)
+
+
+class _StopStrings:
+    """Stopping criterion: a row is done once its new text contains a stop string."""
+
+    def __init__(self, tokenizer: Any, start: int, stops: Sequence[str]):
+        self.tokenizer, self.start, self.stops = tokenizer, start, stops
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+@torch.no_grad()
+def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                    stops: Sequence[str] = STOP_STRINGS, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded, with the KV cache of
+    ``model.generate``), each cut before its first stop string; EOS ends a
+    continuation too. ``stops=()`` generates ``max_new_tokens`` tokens (or up to EOS).
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, tok = tiny("llama", n_layers=1, d_model=16)
+        >>> out = greedy_generate(model, tok, ["Hi", "Hello there"], max_new_tokens=3, stops=())
+        >>> len(out), all(isinstance(t, str) for t in out)
+        (2, True)
+    """
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    ctx = context_length(root)
+    eos = tokenizer.eos_token_id
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start: start + batch_size])
+        ids, am = _left_pad(tokenizer, chunk, input_device(root))
+        width = ids.shape[1]
+        budget = max_new_tokens if ctx is None else min(max_new_tokens, ctx - width)
+        if budget < 1:
+            raise ValueError(f"a prompt of {width} tokens leaves no room to generate in the model's context of {ctx}")
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=eos, use_cache=True)
+        criteria = StoppingCriteriaList([_StopStrings(tokenizer, width, stops)]) if stops else None
+        gen = root.generate(input_ids=ids, attention_mask=am, generation_config=cfg, stopping_criteria=criteria)
+        texts = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
+        out += [truncate_at_stop(t, stops) for t in texts]
+    return out
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def _aggregate(per_edit: list[dict[str, list[float]]], kind: str) -> tuple[list[float | None], float | None]:
+    """Per-edit means of ``kind``, and their mean over the edits that have it."""
+    each = [_mean(d.get(kind, [])) for d in per_edit]
+    return each, _mean([v for v in each if v is not None])
+
+
+def locality_reference(model: Any, edits: Any, *, tokenizer: Any = None, generation: bool = True,
+                       max_new_tokens: int = 32, batch_size: int = 32) -> LocalityReference:
+    """The unedited model's predictions on the edits' locality prompts (only those:
+    cheaper than a full :func:`evaluate`). Pass it as ``pre=`` after editing.
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, tok = tiny("llama", n_layers=1, d_model=16)
+        >>> ref = locality_reference(model, [{"prompt": "a", "target_new": "b", "loc": "x", "loc_ans": "y"}],
+        ...                          generation=False)
+        >>> len(ref.tokens[0][0])   # " y": a space and a "y" byte token
+        2
+    """
+    edits = as_edits(edits)
+    root = unwrap_model(model)
+    tok = find_tokenizer(model, tokenizer)
+    qs = [q for q in _queries(edits) if q.kind == "locality"]
+    with preserved(root), torch.no_grad():
+        prompts, answers = [q.prompt for q in qs], [q.answer for q in qs]
+        tf = teacher_forced_scores(root, tok, prompts, answers, batch_size=batch_size) if qs else []
+        gens = greedy_generate(root, tok, prompts, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size) if qs and generation else []
+    return _reference(edits, qs, [t for _, t in tf], gens if generation else None)
+
+
+def _reference(edits: Sequence[EditRequest], qs: list[_Query], tokens: list[list[int]],
+               gens: list[str] | None) -> LocalityReference:
+    tok_rows: list[list[list[int]]] = [[] for _ in edits]
+    gen_rows: list[list[str]] = [[] for _ in edits]
+    for k, q in enumerate(qs):
+        tok_rows[q.edit].append(tokens[k])
+        if gens is not None:
+            gen_rows[q.edit].append(gens[k])
+    return LocalityReference([list(e.locality) for e in edits], tok_rows, gen_rows if gens is not None else None)
+
+
+def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluation | LocalityReference | None = None,
+             generation: bool = True, fluency: bool = False, batch_size: int = 32, max_new_tokens: int = 32,
+             fluency_tokens: int = 100, progress: bool = False) -> EditEvaluation:
+    """Score ``model`` on ``edits``: reliability, generalization, locality and
+    portability, teacher-forced and (if ``generation``) by generation exact match.
+
+    Args:
+        model: a transformers causal LM, an nnsight wrapper or a TransformerLens bridge.
+        edits: EditRequest objects or dicts (CounterFact / ZsRE / KnowEdit spellings).
+        tokenizer: defaults to the one the model carries.
+        pre: the evaluation (or :func:`locality_reference`) of the *unedited* model on
+            the same edits; needed for locality. Without it locality is ``None``.
+        generation: also score by greedy generation exact match.
+        fluency: also report the n-gram entropy of ``fluency_tokens``-token greedy
+            generations from the edit prompts (text = prompt + generation, as ROME).
+        batch_size: sequences per forward / generate call.
+        max_new_tokens: the longest generated answer (LocFT's evaluation uses 32).
+        progress: show a progress bar over the stages.
+
+    Returns:
+        :class:`EditEvaluation`; its ``reference`` can serve as ``pre`` later.
+
+    Raises:
+        ValueError: no edits; ``pre`` computed on other edits; a prompt too long.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    edits = as_edits(edits)
+    root = unwrap_model(model)
+    tok = find_tokenizer(model, tokenizer)
+    ref = _as_reference(pre)
+    if ref is not None:
+        ref.check(edits)
+        if generation and ref.generations is None:
+            raise ValueError("pre= has no generations (it was computed with generation=False); "
+                             "recompute it with generation=True or evaluate with generation=False")
+    qs = _queries(edits)
+    timings: dict[str, float] = {}
+    stages = ["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if fluency else [])
+    bar = tqdm(stages, desc="evaluate", disable=not progress, leave=False)
+    with preserved(root), torch.no_grad():
+        t0 = time.perf_counter()
+        bar.set_postfix(stage="teacher-forced")
+        tf = teacher_forced_scores(root, tok, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size)
+        timings["teacher_forced"] = time.perf_counter() - t0
+        bar.update()
+        gens: list[str] | None = None
+        if generation:
+            t0 = time.perf_counter()
+            bar.set_postfix(stage="generation")
+            unique = list(dict.fromkeys(q.prompt for q in qs))
+            answers = greedy_generate(root, tok, unique, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            texts = dict(zip(unique, answers))
+            gens = [texts[q.prompt] for q in qs]
+            timings["generation"] = time.perf_counter() - t0
+            bar.update()
+        flu: list[float] | None = None
+        flu_texts: list[str] = []
+        if fluency:
+            t0 = time.perf_counter()
+            bar.set_postfix(stage="fluency")
+            prompts = [e.prompt for e in edits]
+            cont = greedy_generate(root, tok, prompts, max_new_tokens=fluency_tokens, stops=(), batch_size=batch_size)
+            flu_texts = [p + c for p, c in zip(prompts, cont)]
+            flu = [ngram_entropy(t) for t in flu_texts]
+            timings["fluency"] = time.perf_counter() - t0
+            bar.update()
+    bar.close()
+    return _assemble(edits, qs, tf, gens, ref, flu, flu_texts, timings,
+                     {"generation": generation, "fluency": fluency, "max_new_tokens": max_new_tokens,
+                      "fluency_tokens": fluency_tokens if fluency else None, "batch_size": batch_size,
+                      "pre": ref is not None})
+
+
+def _as_reference(pre: Any) -> LocalityReference | None:
+    if pre is None:
+        return None
+    if isinstance(pre, LocalityReference):
+        return pre
+    if isinstance(pre, EditEvaluation):
+        if pre.reference is None:
+            raise ValueError("pre= has no locality predictions (its edits had no locality prompts)")
+        return pre.reference
+    raise TypeError(f"pre must be an EditEvaluation or a LocalityReference, got {type(pre).__name__}")
+
+
+def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, list[int]]],
+              gens: list[str] | None, ref: LocalityReference | None, flu: list[float] | None,
+              flu_texts: list[str], timings: dict[str, float], params: dict[str, Any]) -> EditEvaluation:
+    per_tf: list[dict[str, list[float]]] = [{} for _ in edits]
+    per_em: list[dict[str, list[float]]] = [{} for _ in edits]
+    rows: list[dict[str, Any]] = [{"edit": i, "prompt": e.prompt, "target_new": e.target_new} for i, e in enumerate(edits)]
+    loc_tokens = [t for (_, t), q in zip(tf, qs) if q.kind == "locality"]
+    loc_qs = [q for q in qs if q.kind == "locality"]
+    for k, q in enumerate(qs):
+        acc, pred = tf[k]
+        if q.kind == "locality":
+            if ref is not None:
+                before = ref.tokens[q.edit][q.item]
+                if len(before) != len(pred):
+                    raise ValueError(f"edit {q.edit}: locality answer tokenizes differently than in pre= "
+                                     "(another tokenizer?)")
+                per_tf[q.edit].setdefault("locality", []).append(
+                    float(sum(a == b for a, b in zip(before, pred)) / len(pred)))
+                if gens is not None:
+                    per_em[q.edit].setdefault("locality", []).append(
+                        float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]
+        else:
+            per_tf[q.edit].setdefault(q.kind, []).append(acc)
+            if gens is not None:
+                per_em[q.edit].setdefault(q.kind, []).append(float(exact_match(gens[k], q.answer)))
+        if gens is not None:
+            rows[q.edit].setdefault(f"{q.kind}_generations", []).append(gens[k])
+    teacher: dict[str, float | None] = {}
+    gen_scores: dict[str, float | None] | None = {} if gens is not None else None
+    for m in METRICS:
+        each, teacher[m] = _aggregate(per_tf, m)
+        for r, v in zip(rows, each):
+            r[f"{m}_tf"] = v
+        if gen_scores is not None:
+            each_em, gen_scores[m] = _aggregate(per_em, m)
+            for r, v in zip(rows, each_em):
+                r[f"{m}_em"] = v
+    notes = []
+    if loc_qs and ref is None:
+        notes.append("locality: no pre-edit predictions; pass pre=evaluate(model, edits) computed before the edit")
+    if not loc_qs:
+        notes.append("locality: the edits have no locality prompts")
+    if not any(q.kind == "portability" for q in qs):
+        notes.append("portability: the edits have no portability prompts")
+    fluency = None
+    if flu is not None:
+        fluency = _mean(flu)
+        for r, v, t in zip(rows, flu, flu_texts):
+            r["fluency"], r["fluency_text"] = v, t
+    reference = _reference(edits, loc_qs, loc_tokens, [g for g, q in zip(gens, qs) if q.kind == "locality"]
+                           if gens is not None else None) if loc_qs else None
+    return EditEvaluation(teacher, gen_scores, fluency, rows, len(edits), reference, notes, params, timings)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models (fast) and, for tests marked ``slow``, SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+warnings.filterwarnings("ignore", message=".*eos_token_id.*")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from gradlocate.models import tiny
+
+    return tiny("gpt2", n_layers=4, d_model=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from gradlocate.models import tiny
+
+    return tiny("llama", n_layers=4, d_model=32, d_mlp=48, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from gradlocate.models import smollm2
+
+    return smollm2()
+
+
+@pytest.fixture(scope="session")
+def zsre_edits():
+    from gradlocate.data import load_edits
+
+    return load_edits("zsre", n=8)

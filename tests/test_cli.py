@@ -1,0 +1,101 @@
+"""The command line, end to end on a tiny model (subprocesses), error paths included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "edits_small.json")
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+    p = subprocess.run([sys.executable, "-m", "gradlocate", *args], capture_output=True, text=True, env=env, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_layers():
+    p = run("layers", "--model", "tiny-llama")
+    assert "model.layers.3.mlp.down_proj" in p.stdout
+
+
+def test_select_all_json_and_plot(tmp_path):
+    out, png = tmp_path / "sel.json", tmp_path / "sel.png"
+    p = run("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "3", "--method", "all",
+            "--samples", "2", "--json", str(out), "--plot", str(png))
+    res = json.loads(out.read_text())
+    assert set(res) == {"gradratio", "lga", "cma"}
+    for name, r in res.items():
+        assert 0 <= r["selected"] < 4 and len(r["scores"]) == 4
+        assert f"{name:>10}: layer {r['selected']}" in p.stdout
+    assert png.stat().st_size > 1000
+    assert "selected by" in p.stdout
+
+
+def test_trace(tmp_path):
+    p = run("trace", "--model", "tiny-gpt2", "--prompt", "The Eiffel Tower is located in",
+            "--subject", "Eiffel Tower", "--kind", "mlp", "--samples", "2", "--json", str(tmp_path / "t.json"))
+    d = json.loads((tmp_path / "t.json").read_text())
+    assert d["kind"] == "mlp"
+
+
+def test_edit_saves_only_that_layer(tmp_path):
+    from gradlocate.models import tiny
+    from transformers import AutoModelForCausalLM
+
+    save = tmp_path / "edited"
+    p = run("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "2", "--layer", "2", "--epochs", "3",
+            "--lr", "0.01", "--no-generation", "--save", str(save))
+    assert "edited layer 2" in p.stdout and "after:" in p.stdout
+    edited = AutoModelForCausalLM.from_pretrained(save).state_dict()
+    original = tiny("gpt2")[0].state_dict()  # tiny-gpt2 is tiny("gpt2") with its default seed
+    changed = [k for k in original if not torch.equal(original[k], edited[k])]
+    assert changed == ["transformer.h.2.mlp.c_proj.weight"]
+
+
+def test_sweep_and_resume(tmp_path):
+    out = tmp_path / "s.jsonl"
+    args = ("sweep", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "2", "--layers", "2:4", "--epochs", "2",
+            "--no-generation", "--out", str(out))
+    p = run(*args)
+    assert "golden" in p.stdout and len(out.read_text().splitlines()) == 2
+    run(*args)
+    assert len(out.read_text().splitlines()) == 2  # nothing redone
+
+
+def test_compare(tmp_path):
+    p = run("compare", "--model", "tiny-gpt2", "--edits", FIXTURE, "--method", "gradratio,lga", "--proxy", "0.5",
+            "--layers", "3:4", "--epochs", "2", "--no-generation", "--json", str(tmp_path / "c.json"))
+    assert "| gradratio |" in p.stdout and "| lga |" in p.stdout
+    assert json.loads((tmp_path / "c.json").read_text())["n_proxy"] == 2
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("select", "--model", "tiny-gpt2", "--edits", "/nonexistent/edits.json"), "no edits file"),
+    (("select", "--model", "/nonexistent/model", "--edits", FIXTURE), "unknown model"),
+    (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "--method", "magic"), "--method"),
+    (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "0"), "-n must be >= 1"),
+    (("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "--layer", "9"), "out of range"),
+    (("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "--layer", "x"), "give an int or 'auto'"),
+    (("sweep", "--model", "tiny-gpt2", "--edits", FIXTURE, "--layers", "a:b"), "--layers"),
+    (("trace", "--model", "tiny-gpt2", "--prompt", "Hello there", "--subject", "Paris"), "does not occur"),
+    (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "--plot", "/nonexistent/dir/x.png"), "does not exist"),
+])
+def test_errors_are_one_line_exit_2(args, msg):
+    p = run(*args, ok=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gradlocate {args[0]}: error:") and msg in last, p.stderr[-2000:]
+
+
+def test_usage_error_exit_2():
+    p = run("select", "--model", "tiny-gpt2", ok=False)  # --edits missing
+    assert p.returncode == 2 and "--edits" in p.stderr

@@ -1,0 +1,376 @@
+"""LocFT-BF against an independent plain-PyTorch loop; undo, faults and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradlocate import EditTrainingError, LocFTBF, evaluate
+from gradlocate.editing import _FusedHeadNLL, auto_batch_size
+from gradlocate.models import tiny
+
+EDITS = [
+    {"prompt": "The capital of France is", "target_new": "Rome"},
+    {"prompt": "Water boils at", "target_new": "fifty degrees"},
+    {"prompt": "My favourite colour is", "target_new": "green"},
+    {"prompt": "Q: 2+2?", "target_new": "five"},
+    {"prompt": "The Eiffel tower stands in the city of", "target_new": "Berlin"},
+]
+
+
+def _model(arch):
+    kw = {"d_mlp": 48} if arch == "llama" else {}
+    return tiny(arch, n_layers=4, d_model=32, seed=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return _model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _model("llama")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return _model("gemma3_text")
+
+
+def _models(request, arch):
+    return request.getfixturevalue({"gpt2": "gpt2", "llama": "llama", "gemma3_text": "gemma"}[arch])
+
+
+# --------------------------------------------------------------------------- plain reference
+
+
+def plain_rows(tok, edits):
+    """Prompt ids, then the target with a leading space, then EOS (independent of the library)."""
+    rows = []
+    for e in edits:
+        p = tok(e["prompt"])["input_ids"]
+        t = tok(" " + e["target_new"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((p, t))
+    return rows
+
+
+def plain_row_loss(model, p, t):
+    """Mean NLL of the target tokens of one unpadded sequence, from the full logits."""
+    ids = torch.tensor([p + t])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return -sum(logp[len(p) + k - 1, tok] for k, tok in enumerate(t)) / len(t)
+
+
+def plain_locft(model, tok, edits, weight, *, lr, batch_size, epochs, seed, threshold):
+    """LocFT-BF written from the definition: full forward per mini-batch (padded),
+    masked mean NLL per row, mean over rows, Adam, step only if loss >= threshold,
+    stop after an epoch whose mean loss < threshold."""
+    rows = plain_rows(tok, edits)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weight.requires_grad_(True)
+    model.eval()
+    opt = torch.optim.Adam([weight], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    history, orders = [], []
+    for _ in range(epochs):
+        order = torch.randperm(len(rows), generator=gen)
+        orders.append(order.tolist())
+        total = 0.0
+        for idx in order.split(batch_size):
+            chunk = [rows[i] for i in idx.tolist()]
+            width = max(len(p) + len(t) for p, t in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id)
+            am = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (p, t) in enumerate(chunk):
+                ids[r, : len(p) + len(t)] = torch.tensor(p + t)
+                am[r, : len(p) + len(t)] = 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=am).logits.float(), -1)
+            losses = []
+            for r, (p, t) in enumerate(chunk):
+                pos = torch.arange(len(p) - 1, len(p) + len(t) - 1)
+                losses.append(-logp[r, pos, torch.tensor(t)].mean())
+            loss = torch.stack(losses).mean()
+            total += loss.item() * len(chunk)
+            if loss.item() >= threshold:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        history.append(total / len(rows))
+        if history[-1] < threshold:
+            break
+    weight.grad = None
+    for p, f in flags:
+        p.requires_grad_(f)
+    return history, orders
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- loss
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("cache,head", [(True, "fused"), (True, "select"), (True, "full"), (False, "fused"),
+                                        (False, "full")])
+def test_losses_equal_plain_forward(request, arch, cache, head):
+    model, tok = _models(request, arch)
+    ft = LocFTBF(model, 2, cache=cache, head=head, progress=False)
+    got = ft.losses(EDITS)
+    with torch.no_grad():
+        want = torch.tensor([float(plain_row_loss(model, p, t)) for p, t in plain_rows(tok, EDITS)])
+    assert ft.head_mode == head
+    assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_nll_and_gradient_match_autograd():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(50, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 50, (7,), generator=g)
+    scale = torch.randn(7, generator=g, dtype=torch.float64)
+    for bias in (None, b):
+        nll = _FusedHeadNLL.apply(h, w, bias, target, 8)  # 8 does not divide 50: a ragged last chunk
+        (gh,) = torch.autograd.grad((nll * scale).sum(), h)
+        logits = h @ w.T + (0 if bias is None else bias)
+        ref = -torch.log_softmax(logits, -1)[torch.arange(7), target]
+        (gref,) = torch.autograd.grad((ref * scale).sum(), h)
+        assert torch.allclose(nll.double(), ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(gh.double(), gref, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("arch,layer", [("gpt2", 2), ("llama", 1), ("gemma3_text", 2)])
+@pytest.mark.parametrize("cache", [True, False])
+def test_fit_matches_plain_loop(request, arch, layer, cache):
+    model, tok = _models(request, arch)
+    ft = LocFTBF(model, layer, lr=1e-2, batch_size=2, epochs=4, seed=3, loss_threshold=0.0, cache=cache,
+                 progress=False)
+    weight = ft.handle.parameter
+    w0 = weight.detach().clone()
+    ft.fit(EDITS)
+    got = weight.detach().clone()
+    ft.restore()
+    hist, orders = plain_locft(model, tok, EDITS, weight, lr=1e-2, batch_size=2, epochs=4, seed=3, threshold=0.0)
+    want = weight.detach().clone()
+    weight.data.copy_(w0)
+    assert ft.orders == orders
+    assert ft.steps == [3, 3, 3, 3]
+    assert ft.history == pytest.approx(hist, rel=1e-5)
+    assert _rel(got - w0, want - w0) < 1e-4  # the update itself agrees
+    assert _rel(got, want) < 1e-5
+
+
+def test_cached_equals_uncached_and_thresholds_apply(sharp):
+    """With the real thresholds (skip below 1e-2, stop below 1e-2), on a model that can
+    reach them."""
+    model, tok = sharp
+    edits = [{"prompt": "The capital of France is", "target_new": "Rome"},
+             {"prompt": "Water boils at", "target_new": "fifty"}]
+    runs = {}
+    for cache in (True, False):
+        ft = LocFTBF(model, 3, lr=0.05, batch_size=1, epochs=60, cache=cache, progress=False)
+        ft.fit(edits)
+        runs[cache] = (ft.handle.parameter.detach().clone(), list(ft.history), list(ft.steps))
+        ft.restore()
+    hist, _ = plain_locft(model, tok, edits, ft.handle.parameter, lr=0.05, batch_size=1, epochs=60, seed=0,
+                          threshold=1e-2)
+    want = ft.handle.parameter.detach().clone()
+    ft.restore()
+    assert _rel(runs[True][0], runs[False][0]) < 1e-5
+    assert _rel(runs[True][0], want) < 1e-5
+    assert runs[True][1] == pytest.approx(hist, rel=1e-4)
+    assert runs[True][1][-1] < 1e-2 and len(runs[True][1]) < 60  # stopped early
+    assert any(s < 2 for s in runs[True][2])  # some mini-batch was below the threshold and skipped
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """A tiny GPT-2 whose logits can be confident: random tiny models with the usual
+    init have near-uniform logits (loss stuck near log(258)); large embeddings
+    (initializer_range=1) let one down-projection drive the loss below 1e-2."""
+    return tiny("gpt2", n_layers=4, d_model=32, initializer_range=1.0)
+
+
+def test_learns_edits_quickly(sharp):
+    model, _ = sharp
+    pre = evaluate(model, EDITS[:3], generation=False)
+    assert pre.teacher_forced["reliability"] < 0.5
+    with LocFTBF(model, 3, lr=0.05, progress=False) as ft:
+        ft.fit(EDITS[:3])
+        ev = evaluate(model, EDITS[:3], generation=True)
+        assert ev.teacher_forced["reliability"] == 1.0
+        assert ev.generation["reliability"] == 1.0
+        assert ft.batch_size_used == auto_batch_size(3) == 1
+        assert ft.history[-1] < ft.history[0]
+    assert not ft.edited
+
+
+def test_auto_batch_size():
+    assert [auto_batch_size(n) for n in (1, 8, 16, 80, 799, 800, 3000)] == [1, 1, 2, 10, 99, 100, 100]
+    with pytest.raises(ValueError):
+        auto_batch_size(0)
+
+
+# --------------------------------------------------------------------------- undo and faults
+
+
+def _tensors(model):
+    out = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out.update({f"b:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return out
+
+
+def _changed(model, before):
+    now = {f"p:{n}": p for n, p in model.named_parameters()}
+    now.update({f"b:{n}": b for n, b in model.named_buffers()})
+    return sorted(k for k, t in before.items() if not torch.equal(now[k].detach(), t))
+
+
+def _clean(model):
+    """No forward left patched, no hook left installed."""
+    for m in model.modules():
+        assert "forward" not in m.__dict__
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_only_the_edited_weight_changes_and_restore_is_exact(request, arch):
+    model, _ = _models(request, arch)
+    before = _tensors(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    ft = LocFTBF(model, 1, lr=1e-2, epochs=3, progress=False)
+    name = f"p:{ft.handle.path}.weight"
+    ft.fit(EDITS)
+    assert _changed(model, before) == [name]
+    assert model.training and all(m.training for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert ft.handle.parameter.grad is None
+    _clean(model)
+    ft.restore()
+    assert _changed(model, before) == []
+    model.eval()
+
+
+def test_context_manager_restores_and_commit_keeps(gpt2):
+    model, _ = gpt2
+    before = _tensors(model)
+    with LocFTBF(model, 2, lr=1e-2, epochs=2, progress=False) as ft:
+        ft.fit(EDITS[:2])
+        assert ft.edited
+    assert _changed(model, before) == []
+    with LocFTBF(model, 2, lr=1e-2, epochs=2, progress=False) as ft:
+        ft.fit(EDITS[:2])
+        ft.commit()
+    assert _changed(model, before) == [f"p:{ft.handle.path}.weight"]
+    with pytest.raises(RuntimeError, match="committed"):
+        ft.restore()
+    # put the model back for the other tests
+    with torch.no_grad():
+        ft.handle.parameter.copy_(before[f"p:{ft.handle.path}.weight"])
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_exception_during_fit_restores(gpt2, exc):
+    model, _ = gpt2
+
+    def callback(epoch, batch, loss):
+        if epoch == 1 and batch == 1:
+            raise exc
+
+    before = _tensors(model)
+    ft = LocFTBF(model, 2, lr=1e-2, batch_size=2, epochs=5, progress=False, callback=callback)
+    with pytest.raises(type(exc)):
+        ft.fit(EDITS)
+    assert _changed(model, before) == []
+    assert all(p.requires_grad for p in model.parameters())
+    _clean(model)
+
+
+def test_nan_loss_stops_restores_and_names_the_edits(llama):
+    model, _ = llama
+    before = _tensors(model)
+    norm = model.model.norm.weight
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm.fill_(float("nan"))
+    try:
+        ft = LocFTBF(model, 1, batch_size=5, progress=False)
+        with pytest.raises(EditTrainingError, match="Water boils at") as info:
+            ft.fit(EDITS)
+        assert "nan" in str(info.value)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    assert _changed(model, before) == []
+    _clean(model)
+
+
+# --------------------------------------------------------------------------- modes and input
+
+
+def test_cache_modes(gpt2, gemma):
+    m, _ = gpt2
+    g, _ = gemma
+    cases = [(m, 2, "auto", None, "down_input"), (g, 2, "auto", None, "residual"), (g, 0, "auto", None, "none"),
+             (m, 2, False, None, "none"), (m, 2, "auto", 0, "none"), (m, 0, True, 0, "down_input")]
+    for model, layer, cache, budget, want in cases:
+        kw = {} if budget is None else {"cache_budget": budget}
+        ft = LocFTBF(model, layer, cache=cache, epochs=1, progress=False, **kw)
+        ft.fit(EDITS[:2])
+        ft.restore()
+        assert ft.cache_mode == want, (layer, cache, budget)
+        assert (ft.cache_bytes > 0) == (want != "none")
+
+
+def test_bad_input(gpt2):
+    model, _ = gpt2
+    with pytest.raises(ValueError, match="out of range"):
+        LocFTBF(model, 4)
+    with pytest.raises(TypeError, match="one layer"):
+        LocFTBF(model, [1, 2])
+    for kw, word in [({"lr": 0}, "lr"), ({"lr": float("nan")}, "lr"), ({"batch_size": 0}, "batch_size"),
+                     ({"epochs": 0}, "epochs"), ({"cache": "yes"}, "cache"), ({"head": "x"}, "head"),
+                     ({"loss_threshold": -1}, "loss_threshold"), ({"cache_budget": -1}, "cache_budget")]:
+        with pytest.raises(ValueError, match=word):
+            LocFTBF(model, 1, **kw)
+    ft = LocFTBF(model, -1, progress=False)
+    assert ft.layer == 3
+    with pytest.raises(ValueError, match="empty"):
+        ft.fit([])
+    with pytest.raises(ValueError, match="target"):
+        ft.fit([{"prompt": "a", "target_new": "  "}])
+    assert not ft.edited
+
+
+def test_negative_layer_nnsight_wrapper_and_display(gpt2):
+    from nnsight import NNsight
+
+    model, tok = gpt2
+    wrapped = NNsight(model)
+    ft = LocFTBF(wrapped, -2, tokenizer=tok, lr=1e-2, epochs=3, progress=False)
+    ft.fit(EDITS[:2])
+    assert ft.layer == 2 and len(ft.history) == 3
+    d = ft.to_dict()
+    assert d["history"] == ft.history and d["layer"] == 2 and d["cache_mode"] == "down_input"
+    assert "LocFTBF(layer=2" in repr(ft) and "edited" in repr(ft)
+    assert ft.delta.shape == (32, 128)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = ft.plot()
+    assert len(ax.lines[0].get_xdata()) == 3
+    ft.restore()
+    assert not ft.edited and math.isfinite(ft.history[-1])
+    assert isinstance(ft.root, nn.Module)
