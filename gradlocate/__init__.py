@@ -8,6 +8,9 @@ The public API, re-exported here:
 * results: :class:`LayerScores`
 * gradients: :func:`edit_gradients`, :func:`retain_gradients`, :func:`per_sample_inner_products`,
   :func:`ghost_inner_products`; selectors: :func:`gradratio`, :func:`lga`, :func:`tukey_fences`
+* causal tracing: :func:`causal_trace`, :func:`cma_layer`
+* editing and evaluation: :class:`LocFTBF`, :func:`evaluate`
+* ground truth: :func:`sweep`, :func:`compare`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
 """
 from gradlocate import models
@@ -36,6 +39,10 @@ from gradlocate.selectors import TukeyFences, adaptive_min_layer, gradratio, lga
 from gradlocate.editing import EditTrainingError, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
 from gradlocate.tracing import TraceResult, causal_trace, cma_layer, embedding_std, subject_token_range
+from gradlocate.sweep import SweepResult, overall_score, sweep
+from gradlocate.compare import Comparison, compare, split_edits
+from gradlocate.losses import NonFiniteLossError
+from gradlocate.state import check_materialized
 
 __version__ = "0.1.0"
 
@@ -51,4 +58,6 @@ __all__ = [
     "gradratio", "lga", "adaptive_min_layer", "tukey_fences", "TukeyFences",
     "LocFTBF", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference", "locality_reference",
     "causal_trace", "TraceResult", "cma_layer", "embedding_std", "subject_token_range",
+    "sweep", "SweepResult", "overall_score", "compare", "Comparison", "split_edits",
+    "NonFiniteLossError", "check_materialized",
 ]

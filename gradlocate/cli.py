@@ -124,6 +124,19 @@ def _save_plot(ax_or_fig: Any, path: str | None) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _report(result: Any, table: str, args: argparse.Namespace) -> int:
+    """Print a result's repr and table; write --json and --plot if asked."""
+    print(repr(result))
+    print(table)
+    _write_json(args.json, result.to_dict())
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        _save_plot(result.plot(), args.plot)
+    return 0
+
+
 def _check_out_path(path: str | None, flag: str) -> None:
     if path and not Path(path).resolve().parent.exists():
         raise CLIError(f"{flag}: folder {str(Path(path).parent)!r} does not exist")
@@ -241,15 +254,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                            samples=args.samples, window=args.window, noise=args.noise)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    print(repr(res))
-    print(_trace_table(res))
-    _write_json(args.json, res.to_dict())
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        _save_plot(res.plot(), args.plot)
-    return 0
+    return _report(res, _trace_table(res), args)
 
 
 def _trace_table(res: Any) -> str:
@@ -329,15 +334,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     out=args.out, generation=not args.no_generation)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    print(repr(res))
-    print(res.to_markdown())
-    _write_json(args.json, res.to_dict())
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        _save_plot(res.plot(), args.plot)
-    return 0
+    return _report(res, res.to_markdown(), args)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -354,15 +351,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       generation=not args.no_generation, selector_kwargs={"cma": {"samples": args.samples}})
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    print(repr(cmp))
-    print(cmp.to_markdown())
-    _write_json(args.json, cmp.to_dict())
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        _save_plot(cmp.plot(), args.plot)
-    return 0
+    return _report(cmp, cmp.to_markdown(), args)
 
 
 COMMANDS = {"layers": cmd_layers, "select": cmd_select, "trace": cmd_trace, "edit": cmd_edit,

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradlocate.data import as_edits
+from gradlocate.data import as_edits, warn_duplicates
 from gradlocate.handles import find_tokenizer
 from gradlocate.results import LayerScores
 from gradlocate.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
@@ -178,7 +178,12 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
     if unknown or not selectors:
         raise ValueError(f"unknown selectors {unknown}: choose from {SELECTORS}" if unknown else "no selectors given")
     edits = as_edits(edits)
+    warn_duplicates(edits)
     tok = find_tokenizer(model, tokenizer)
+    if layers is not None:  # refuse bad layers before the selectors run
+        from gradlocate.handles import down_projections
+
+        down_projections(model).layer_indices(list(layers))
     proxy_edits, test_edits = split_edits(edits, proxy, seed)
     selector_kwargs = selector_kwargs or {}
 

@@ -52,7 +52,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gradlocate.data import EditRequest, as_edits
+from gradlocate.data import EditRequest, as_edits, warn_duplicates
 from gradlocate.handles import DownProjection, down_projections, find_tokenizer
 from gradlocate.losses import IGNORE, TokenBatch, context_length, per_sample_nll, tokenize_edits
 from gradlocate.state import input_device, preserved, restore_snapshot, snapshot
@@ -436,9 +436,11 @@ class LocFTBF:
         Raises:
             ValueError: no edits, an empty target, or a sequence longer than the context.
             EditTrainingError: a mini-batch's loss was NaN or infinite (the weight is
-                restored; the message names the edits of that mini-batch).
+                restored; the message names the edits of that mini-batch), or the last
+                step left the weight non-finite.
         """
         edits = as_edits(edits)
+        warn_duplicates(edits)
         batch = self._tokenize(edits)
         n = len(edits)
         bs = self.batch_size if self.batch_size is not None else auto_batch_size(n)
@@ -454,9 +456,19 @@ class LocFTBF:
                 t0 = time.perf_counter()
                 with self._engine(batch) as engine:
                     self.timings["setup"] = time.perf_counter() - t0
-                    opt = torch.optim.Adam([param], lr=self.lr, weight_decay=0.0)
+                    # Half-precision weights: Adam updates a float32 master copy (its second-moment
+                    # state underflows to 0 in float16 and the step divides by it), copied back.
+                    master = param if param.dtype in (torch.float32, torch.float64) else \
+                        param.detach().float().requires_grad_()
+                    opt = torch.optim.Adam([master], lr=self.lr, weight_decay=0.0)
                     t1 = time.perf_counter()
-                    self._train(engine, edits, gen, bs, opt)
+                    self._train(engine, edits, gen, bs, opt, master)
+                    # The last step's update is never seen by a loss: check the weight itself.
+                    if not bool(torch.isfinite(param).all()):
+                        raise EditTrainingError(
+                            f"the trained weight of layer {self.layer} became non-finite (NaN/inf) in the last "
+                            f"step; the weight was restored. Try a smaller lr (now {self.lr:g})"
+                        )
                     self.timings["train"] = time.perf_counter() - t1
         except BaseException:
             restore_snapshot(start)
@@ -467,39 +479,52 @@ class LocFTBF:
         return self
 
     def _train(self, engine: _Engine, edits: list[EditRequest], gen: torch.Generator, bs: int,
-               opt: torch.optim.Optimizer) -> None:
+               opt: torch.optim.Optimizer, master: Tensor) -> None:
         n = len(edits)
         bar = tqdm(range(self.epochs), desc=f"LocFT-BF layer {self.layer}", disable=not self.progress, leave=False)
-        for epoch in bar:
-            order = torch.randperm(n, generator=gen)
-            self.orders.append(order.tolist())
-            total, steps = 0.0, 0
-            for i, rows in enumerate(order.split(bs)):
-                loss = engine.losses(rows.to(engine.batch.input_ids.device)).mean()
-                value = loss.item()
-                if not math.isfinite(value):
-                    bad = ", ".join(f"{int(r)} ({edits[int(r)].prompt!r} -> {edits[int(r)].target_new!r})" for r in rows)
-                    raise EditTrainingError(
-                        f"the loss became {value} at epoch {epoch}, mini-batch {i}; the weight was restored. "
-                        f"Edits of that mini-batch: {bad}. Try a smaller lr (now {self.lr:g}) or check the model "
-                        f"for non-finite weights"
-                    )
-                total += value * len(rows)
-                if value >= self.loss_threshold:
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                if self.callback is not None:
-                    self.callback(epoch, i, value)
-            mean = total / n
-            self.history.append(mean)
-            self.steps.append(steps)
-            bar.set_postfix(loss=f"{mean:.4f}", steps=steps)
-            if mean < self.loss_threshold:
-                break
-        bar.close()
+        try:
+            for epoch in bar:
+                order = torch.randperm(n, generator=gen)
+                self.orders.append(order.tolist())
+                total, steps = 0.0, 0
+                for i, rows in enumerate(order.split(bs)):
+                    loss = engine.losses(rows.to(engine.batch.input_ids.device)).mean()
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        bad = ", ".join(f"{r} ({edits[r].prompt!r} -> {edits[r].target_new!r})" for r in rows.tolist())
+                        raise EditTrainingError(
+                            f"the loss became {value} at epoch {epoch}, mini-batch {i}; the weight was restored. "
+                            f"Edits of that mini-batch: {bad}. Try a smaller lr (now {self.lr:g}) or check the model "
+                            f"for non-finite weights"
+                        )
+                    total += value * len(rows)
+                    if value >= self.loss_threshold:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        self._step(opt, master)
+                        steps += 1
+                    if self.callback is not None:
+                        self.callback(epoch, i, value)
+                mean = total / n
+                self.history.append(mean)
+                self.steps.append(steps)
+                bar.set_postfix(loss=f"{mean:.4f}", steps=steps)
+                if mean < self.loss_threshold:
+                    break
+        finally:
+            bar.close()
         opt.zero_grad(set_to_none=True)
+
+    def _step(self, opt: torch.optim.Optimizer, master: Tensor) -> None:
+        param = self.handle.parameter
+        if master is param:
+            opt.step()
+            return
+        master.grad = param.grad.float()
+        param.grad = None
+        opt.step()
+        with torch.no_grad():
+            param.copy_(master)
 
     def losses(self, edits: Any) -> Float[Tensor, " n_edits"]:
         """Each edit's training loss at the current weight: the mean NLL of its target

@@ -56,8 +56,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.handles import find_tokenizer, unwrap_model
-from gradlocate.losses import IGNORE, TokenBatch, context_length, tokenize_edits
+from gradlocate.handles import check_causal_lm, find_tokenizer, unwrap_model
+from gradlocate.losses import IGNORE, NonFiniteLossError, TokenBatch, context_length, tokenize_edits
 from gradlocate.state import input_device, preserved
 
 __all__ = [
@@ -311,6 +311,11 @@ def teacher_forced_scores(root: nn.Module, tokenizer: Any, prompts: Sequence[str
     for rows in torch.arange(len(batch)).split(batch_size):
         mb = batch[rows.to(batch.input_ids.device)]
         logits = _logits(root, mb.input_ids, mb.attention_mask)
+        finite = torch.isfinite(logits[:, :-1]).all(-1) | (mb.labels[:, 1:] == IGNORE)
+        if not bool(finite.all()):
+            bad = [prompts[int(rows[r])] for r in (~finite).any(1).nonzero().flatten().tolist()]
+            raise NonFiniteLossError(f"the model's outputs are not finite (NaN/inf) for {bad[:3]}: check its "
+                                     f"weights, or its dtype for overflow; no metric can be scored")
         pred = logits[:, :-1].argmax(-1).cpu()
         lab = mb.labels[:, 1:].cpu()
         for p, l in zip(pred, lab):
@@ -413,6 +418,7 @@ def locality_reference(model: Any, edits: Any, *, tokenizer: Any = None, generat
     """
     edits = as_edits(edits)
     root = unwrap_model(model)
+    check_causal_lm(root)
     tok = find_tokenizer(model, tokenizer)
     qs = [q for q in _queries(edits) if q.kind == "locality"]
     with preserved(root), torch.no_grad():
@@ -458,6 +464,8 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
 
     Raises:
         ValueError: no edits; ``pre`` computed on other edits; a prompt too long.
+        HandleError: the model is not a causal LM (encoder-only, seq2seq, no LM head).
+        NonFiniteLossError: the model's outputs are NaN or infinite (names the prompts).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -465,6 +473,7 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     edits = as_edits(edits)
     root = unwrap_model(model)
+    check_causal_lm(root)  # encoder-only / seq2seq / head-less models: a clear error
     tok = find_tokenizer(model, tokenizer)
     ref = _as_reference(pre)
     if ref is not None:

@@ -32,6 +32,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +42,19 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gradlocate.data import EditRequest, as_edits, load_edits, load_texts
+from gradlocate.data import EditRequest, as_edits, load_edits, load_texts, warn_duplicates
 from gradlocate.handles import DownProjection, DownProjections, down_projections, find_tokenizer, instrumented
-from gradlocate.losses import IGNORE, TokenBatch, context_length, per_sample_nll, token_nll, tokenize_edits, tokenize_texts
+from gradlocate.losses import (
+    IGNORE,
+    NonFiniteLossError,
+    TokenBatch,
+    context_length,
+    per_sample_nll,
+    token_nll,
+    tokenize_edits,
+    tokenize_texts,
+)
+from gradlocate.memory import check_max_memory, micro_batch_size, sequence_bytes
 from gradlocate.state import input_device, preserved
 
 __all__ = [
@@ -189,6 +200,7 @@ def resolve_edits(edits: Any) -> list[EditRequest]:
             raise ValueError(f"edit {i}: the target is empty (prompt {e.prompt!r})")
         if not e.prompt or not e.prompt.strip():
             raise ValueError(f"edit {i}: the prompt is empty")
+    warn_duplicates(out)
     return out
 
 
@@ -213,9 +225,15 @@ def _edit_batch(tok: Any, root: nn.Module, prompts: Sequence[str], targets: Sequ
 def _retain_batch(tok: Any, root: nn.Module, texts: Sequence[str], max_length: int | None) -> TokenBatch:
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
-    limits = [x for x in (max_length, context_length(root)) if x is not None]
-    limit = min(limits) if limits else None
-    return tokenize_texts(tok, list(texts), max_length=limit, truncate=True)
+    batch = tokenize_texts(tok, list(texts), max_length=max_length, truncate=True)
+    ctx = context_length(root)
+    if ctx is not None and batch.input_ids.shape[1] > ctx:
+        # Texts are cut to max_length by design; a shorter context cuts them further: say so.
+        if max_length is not None:
+            warnings.warn(f"retain texts cut to the model's context of {ctx} tokens (shorter than "
+                          f"max_length={max_length})", stacklevel=3)
+        batch = TokenBatch(batch.input_ids[:, :ctx], batch.attention_mask[:, :ctx], batch.labels[:, :ctx])
+    return batch
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -295,9 +313,17 @@ def _row_nll(logits: Tensor, labels: Tensor, rows: Tensor, pos: Tensor) -> Float
 # --------------------------------------------------------------------------- accumulated gradients
 
 
+def _nonfinite_rows(logits: Tensor, at_rows: Tensor) -> list[int]:
+    """Rows (of the micro-batch) whose logits hold a NaN or infinity."""
+    bad = ~torch.isfinite(logits.detach()).all(-1)  # [rows, pos], or [1, K] at the scored positions
+    if logits.dim() == 3 and tuple(logits.shape[:2]) == (1, at_rows.numel()):
+        return sorted(set(at_rows[bad[0].to(at_rows.device)].tolist()))
+    return bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
+
+
 def _accumulate(root: nn.Module, handles: Sequence[DownProjection], batch: TokenBatch,
                 loss_of: Any, batch_size: int, progress: bool | None, desc: str,
-                scored_only: bool = False) -> tuple[list[Tensor], float]:
+                scored_only: bool = False, describe: Any = None) -> tuple[list[Tensor], float]:
     """Sum over micro-batches of ``grad loss_of(logits, labels, rows, pos)`` w.r.t. each
     handle's parameter (stored layout, float32), and the summed loss value. With
     ``scored_only`` the output head runs on the scored positions only (see
@@ -316,6 +342,16 @@ def _accumulate(root: nn.Module, handles: Sequence[DownProjection], batch: Token
             with _head_only_at(root, at_rows, at_pos) if scored_only else contextlib.nullcontext():
                 logits = _logits(root(input_ids=mb.input_ids, attention_mask=mb.attention_mask))
             loss = loss_of(logits, mb.labels.to(logits.device), at_rows, at_pos)
+            if not bool(torch.isfinite(loss)):
+                rows_idx = order[rows].tolist()
+                local = _nonfinite_rows(logits, at_rows) or list(range(len(rows_idx)))
+                bad = sorted(rows_idx[i] for i in local)
+                names = "; ".join(describe(i) if describe else str(i) for i in bad[:5])
+                raise NonFiniteLossError(
+                    f"{desc}: the loss is {float(loss)} (non-finite outputs for {names}"
+                    f"{' ...' if len(bad) > 5 else ''}); check the model for NaN/inf weights or overflow "
+                    f"(e.g. float16: try bfloat16 or float32). No weight was changed"
+                )
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             del logits
             # A layer the loss does not reach (e.g. cut off by a custom head) gets zeros.
@@ -336,6 +372,10 @@ def _accumulate(root: nn.Module, handles: Sequence[DownProjection], batch: Token
 def _finish(kind: str, handles: Sequence[DownProjection], bufs: list[Tensor], loss: float, n_seq: int,
             n_tok: int, keep: bool, params: dict[str, Any], t0: float) -> LayerGradients:
     sq = [float((b.double() ** 2).sum()) for b in bufs]
+    bad = [h.layer for h, v in zip(handles, sq) if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLossError(f"{kind} gradients: the gradient norm is not finite at layer(s) {bad} "
+                                 f"(overflow, or NaN/inf weights); no weight was changed")
     grads = [h.canonical(b) for h, b in zip(handles, bufs)] if keep else None
     return LayerGradients(kind, [h.layer for h in handles], sq, loss, n_seq, n_tok, grads, params,
                           {"gradients": time.perf_counter() - t0})
@@ -343,7 +383,7 @@ def _finish(kind: str, handles: Sequence[DownProjection], bufs: list[Tensor], lo
 
 def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
                    batch_size: int = 8, append_eos: bool = False, keep: bool = False,
-                   progress: bool | None = None) -> LayerGradients:
+                   progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the edit loss w.r.t. every selected layer's down-projection weight.
 
     The edit loss (GradRatio eq. 1) is, for each edit, the mean negative log-likelihood
@@ -365,10 +405,13 @@ def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Seq
         append_eos: append EOS to each target (as LocFT-BF does).
         keep: also return the gradients (``[d_model, d_mlp]`` float32 per layer).
         progress: show a progress bar (default: only on a terminal).
+        max_memory: a byte budget for activations: micro-batches shrink below
+            ``batch_size`` to fit it (see :mod:`gradlocate.memory`); same result.
 
     Raises:
         ValueError: no edits, an empty target or one that tokenizes to nothing, an edit
             longer than the model's context, layers out of range.
+        NonFiniteLossError: the loss is NaN or infinite (the message names the edits).
 
     Example:
         >>> from gradlocate.models import tiny
@@ -379,31 +422,35 @@ def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Seq
     """
     t0 = time.perf_counter()
     _check_batch_size(batch_size)
+    check_max_memory(max_memory)
     edits = resolve_edits(edits)
     hs, root, tok, idx = _setup(model, tokenizer, layers)
     batch = _edit_batch(tok, root, [e.prompt for e in edits], [e.target_new for e in edits], append_eos)
     n = len(edits)
+    bs = micro_batch_size(batch_size, max_memory, sequence_bytes(
+        hs, batch.input_ids.shape[1], scored=int(batch.n_scored.max())), "edits")
 
     def loss_of(logits: Tensor, labels: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
         return _row_nll(logits, labels, rows, pos).sum() / n
 
     handles = [hs[i] for i in idx]
-    bufs, loss = _accumulate(root, handles, batch, loss_of, batch_size, progress, "edit gradients",
-                             scored_only=True)
-    params = {"batch_size": batch_size, "append_eos": append_eos}
+    bufs, loss = _accumulate(root, handles, batch, loss_of, bs, progress, "edit gradients", scored_only=True,
+                             describe=lambda i: f"edit {i} ({edits[i].prompt!r} -> {edits[i].target_new!r})")
+    params = {"batch_size": batch_size, "append_eos": append_eos, "micro_batch": bs}
     return _finish("edit", handles, bufs, loss, n, int(batch.n_scored.sum()), keep, params, t0)
 
 
 def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
                      batch_size: int = 8, max_length: int | None = 128, keep: bool = False,
-                     progress: bool | None = None) -> LayerGradients:
+                     progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the retain (language-model) loss w.r.t. every selected layer's
     down-projection weight.
 
     The retain loss (GradRatio eq. 2) is the mean next-token NLL over every non-padding
     token of every text: ``L_retain = (1/M) sum_j sum_t -log p(z_j,t | z_j,<t)``, ``M``
     the total number of scored tokens. Texts are cut to their first ``max_length`` tokens
-    (GradRatio uses 128) and to the model's context.
+    (GradRatio uses 128) and to the model's context (with a warning when that is shorter
+    than ``max_length``).
 
     Args:
         texts: a list of strings, or anything :func:`~gradlocate.data.load_texts` reads.
@@ -412,6 +459,7 @@ def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: S
 
     Raises:
         ValueError: no texts, a text of fewer than 2 tokens, layers out of range.
+        NonFiniteLossError: the loss is NaN or infinite (the message names the texts).
 
     Example:
         >>> from gradlocate.models import tiny
@@ -422,9 +470,11 @@ def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: S
     """
     t0 = time.perf_counter()
     _check_batch_size(batch_size)
+    check_max_memory(max_memory)
     texts = load_texts(texts)
     hs, root, tok, idx = _setup(model, tokenizer, layers)
     batch = _retain_batch(tok, root, texts, max_length)
+    bs = micro_batch_size(batch_size, max_memory, sequence_bytes(hs, batch.input_ids.shape[1]), "retain texts")
     n_tok = int((batch.labels[:, 1:] != IGNORE).sum())
 
     def loss_of(logits: Tensor, labels: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
@@ -432,8 +482,9 @@ def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: S
         return token_nll(logits, labels).sum() / n_tok
 
     handles = [hs[i] for i in idx]
-    bufs, loss = _accumulate(root, handles, batch, loss_of, batch_size, progress, "retain gradients")
-    params = {"batch_size": batch_size, "max_length": max_length}
+    bufs, loss = _accumulate(root, handles, batch, loss_of, bs, progress, "retain gradients",
+                             describe=lambda i: f"text {i} ({texts[i][:40]!r})")
+    params = {"batch_size": batch_size, "max_length": max_length, "micro_batch": bs}
     return _finish("retain", handles, bufs, loss, len(texts), n_tok, keep, params, t0)
 
 
@@ -499,11 +550,14 @@ def _capture(root: nn.Module, traced: Any, handles: Sequence[DownProjection], ba
     grads: list[Tensor] = []
     losses: list[Tensor] = []
     rows, pos = _scored_positions(batch.labels)
+    # nnsight must meet the modules in the order the forward runs them (layers=[3, 0] too).
+    order = sorted(range(len(handles)), key=lambda j: handles[j].layer)
+    in_order = [handles[j] for j in order]
     with _head_only_at(root, rows, pos):
         # nnsight compiles this `with` body, so it is written out here, not wrapped.
         with traced.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask):
             outs = []
-            for h in handles:
+            for h in in_order:
                 env = h.envoy(traced)
                 acts.append(env.input.save())
                 outs.append(env.output)
@@ -515,13 +569,15 @@ def _capture(root: nn.Module, traced: Any, handles: Sequence[DownProjection], ba
                 for o in reversed(outs):
                     grads.append(o.grad.save())
     grads.reverse()
-    return [a.detach() for a in acts], [g.detach() for g in grads], losses[0]
+    back = sorted(range(len(order)), key=order.__getitem__)  # position of each handle in run order
+    return [acts[k].detach() for k in back], [grads[k].detach() for k in back], losses[0]
 
 
 def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Sequence[str],
                               targets_b: Sequence[str], *, tokenizer: Any = None,
                               layers: Sequence[int] | int | None = None, batch_size: int = 8,
-                              append_eos: bool = False, progress: bool | None = None) -> SampleProducts:
+                              append_eos: bool = False, progress: bool | None = None,
+                              max_memory: int | None = None) -> SampleProducts:
     """``<grad_{W_l} L_a^i, grad_{W_l} L_b^i>_F`` for every sample ``i`` and layer ``l``,
     where ``L_a^i`` is the mean target NLL of ``targets_a[i]`` after ``prompts[i]`` (same
     for ``b``), ``W_l`` layer ``l``'s down-projection weight.
@@ -533,6 +589,12 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
     gradients ``d`` through nnsight. The inner products and squared norms then follow from
     :func:`ghost_inner_products`. No per-sample weight gradient is materialised: memory
     per sample and layer is ``O(T (d_mlp + d_model))``, and only one chunk is held.
+    ``max_memory`` (bytes) lowers ``batch_size`` until a chunk's estimated activations
+    fit (see :mod:`gradlocate.memory`).
+
+    Raises:
+        NonFiniteLossError: a sample's loss or inner product is NaN or infinite (the
+            message names the sample and the target).
 
     Example:
         >>> from gradlocate.models import tiny
@@ -543,6 +605,7 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
     """
     t0 = time.perf_counter()
     _check_batch_size(batch_size)
+    check_max_memory(max_memory)
     if not (len(prompts) == len(targets_a) == len(targets_b)):
         raise ValueError(f"{len(prompts)} prompts, {len(targets_a)} and {len(targets_b)} targets: lengths differ")
     hs, root, tok, idx = _setup(model, tokenizer, layers)
@@ -553,6 +616,10 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
     lengths = both.attention_mask.sum(1).tolist()
     handles = [hs[i] for i in idx]
     n, n_l = len(prompts), len(handles)
+    # Per sample: its two rows' passes, and their captured activations and gradients (float32).
+    kept = 2 * 4 * sum(h.d_model + h.d_mlp for h in handles)
+    batch_size = micro_batch_size(batch_size, max_memory, 2 * sequence_bytes(
+        hs, both.input_ids.shape[1], scored=int(both.n_scored.max()), stored_per_token=kept), "samples")
     out = {k: torch.zeros(n, n_l, dtype=torch.float64) for k in ("dot", "aa", "bb")}
     losses = torch.zeros(2 * n, dtype=torch.float64)
     dev = input_device(root)
@@ -567,6 +634,10 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
             store = _capture_rows(root, traced, handles, both, chunk + [n + i for i in chunk], lengths,
                                   batch_size, dev, losses)
             t_capture += time.perf_counter() - t1
+            bad = [(i, t[i]) for base, t in ((0, targets_a), (n, targets_b)) for i in chunk
+                   if not math.isfinite(float(losses[base + i]))]
+            if bad:
+                _raise_nonfinite("loss", [(i, prompts[i], t) for i, t in bad])
             for j in range(n_l):
                 aa, da = _repad([store[i][0][j] for i in chunk]), _repad([store[i][1][j] for i in chunk])
                 ab, db = _repad([store[n + i][0][j] for i in chunk]), _repad([store[n + i][1][j] for i in chunk])
@@ -574,10 +645,23 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
                 out["aa"][chunk, j] = ghost_inner_products(aa, da, aa, da).double().cpu()
                 out["bb"][chunk, j] = ghost_inner_products(ab, db, ab, db).double().cpu()
             del store
+            bad = [i for i in chunk if not all(bool(torch.isfinite(out[k][i]).all()) for k in out)]
+            if bad:
+                _raise_nonfinite("gradient inner product", [(i, prompts[i], targets_a[i]) for i in bad])
             bar.update(len(chunk))
     total = time.perf_counter() - t0
     return SampleProducts([h.layer for h in handles], out["dot"], out["aa"], out["bb"], losses[:n], losses[n:],
                           {"capture": t_capture, "ghost": total - t_capture, "total": total})
+
+
+def _raise_nonfinite(what: str, samples: list[tuple[int, str, str]]) -> None:
+    samples = sorted(samples, key=lambda s: s[0])
+    names = "; ".join(f"sample {i} ({p!r} -> {t!r})" for i, p, t in samples[:5])
+    raise NonFiniteLossError(
+        f"per-sample gradients: the {what} is not finite for {names}{' ...' if len(samples) > 5 else ''}; "
+        f"check the model for NaN/inf weights or overflow (e.g. float16: try bfloat16 or float32). "
+        f"No weight was changed"
+    )
 
 
 def _capture_rows(root: nn.Module, traced: Any, handles: Sequence[DownProjection], both: TokenBatch,
@@ -640,6 +724,9 @@ def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
     with preserved(root):
         for i, p in enumerate(prompts):
             ids = list(tok(p)["input_ids"])
+            if ctx is not None and len(ids) >= ctx:
+                raise ValueError(f"edit {i}: the prompt is {len(ids)} tokens, no shorter than the model's context of "
+                                 f"{ctx}: no room to generate its old answer; shorten the prompt")
             new: list[int] = []
             text = ""
             for _ in range(max_new_tokens):

@@ -44,6 +44,7 @@ __all__ = [
     "unwrap_model",
     "find_tokenizer",
     "check_causal_lm",
+    "validate_indices",
 ]
 
 # Submodule names that mark attention: its output projection also maps onto d_model.
@@ -274,7 +275,7 @@ class DownProjections(Sequence[DownProjection]):
         for h in handles:
             h._owner = self
         self._nnsight = model if _is_nnsight(model) else None
-        self._had_forward: set[tuple[int, str]] = set()
+        self._had_forward: dict[tuple[int, str], Any] = {}
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -342,33 +343,9 @@ class DownProjections(Sequence[DownProjection]):
 
     def layer_indices(self, layers: Sequence[int] | int | None) -> list[int]:
         """Validate a user's layer selection (None = all; negatives count from the end)."""
-        n = len(self)
         if layers is None:
-            return list(range(n))
-        if isinstance(layers, int):
-            layers = [layers]
-        out: list[int] = []
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                try:
-                    import numpy as np
-
-                    if isinstance(layer, np.integer):
-                        layer = int(layer)
-                    else:
-                        raise TypeError
-                except TypeError:
-                    raise TypeError(f"layers must be ints, got {layer!r}") from None
-            if not -n <= layer < n:
-                raise ValueError(
-                    f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})"
-                )
-            out.append(layer % n)
-        if not out:
-            raise ValueError("layers is empty: give at least one layer index")
-        if len(set(out)) != len(out):
-            raise ValueError(f"layers has duplicates: {list(layers)}")
-        return out
+            return list(range(len(self)))
+        return validate_indices(layers, len(self), "layer", f"the model has {len(self)} decoder layers")
 
     def __repr__(self) -> str:
         h0 = self._handles[0]
@@ -384,6 +361,33 @@ class DownProjections(Sequence[DownProjection]):
         for h in self._handles:
             rows.append(f"{h.layer:>5}  {h.path:<48} {str([h.d_model, h.d_mlp]):>24}")
         return "\n".join(rows)
+
+
+def validate_indices(values: Sequence[int] | int, n: int, what: str, context: str) -> list[int]:
+    """Check user-given indices into a length-``n`` axis: ints (numpy ints too), in
+    ``-n..n-1`` (negatives count from the end), non-empty, no duplicates.
+
+    Example:
+        >>> validate_indices([-1, 0], 4, "layer", "the model has 4 layers")
+        [3, 0]
+    """
+    import numbers
+
+    if isinstance(values, numbers.Integral) and not isinstance(values, bool):
+        values = [values]
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what}s must be ints, got {v!r}")
+        v = int(v)
+        if not -n <= v < n:
+            raise ValueError(f"{what} {v} out of range: {context} (0..{n - 1})")
+        out.append(v % n)
+    if not out:
+        raise ValueError(f"{what}s is empty: give at least one {what} index")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}s has duplicates: {list(values)}")
+    return out
 
 
 @contextlib.contextmanager
@@ -411,15 +415,22 @@ def instrumented(model: nn.Module) -> Iterator[Any]:
 _NNSIGHT_ATTRS = ("forward", "__nnsight__")
 
 
-def _instrumentation(model: nn.Module) -> set[tuple[int, str]]:
-    return {(id(m), a) for m in model.modules() for a in _NNSIGHT_ATTRS if a in m.__dict__}
+def _instrumentation(model: nn.Module) -> dict[tuple[int, str], Any]:
+    """The instance attributes nnsight may replace, as they are now (e.g. the
+    ``forward`` accelerate's ``device_map`` hooks install)."""
+    return {(id(m), a): m.__dict__[a] for m in model.modules() for a in _NNSIGHT_ATTRS if a in m.__dict__}
 
 
-def _uninstrument(model: nn.Module, had: set[tuple[int, str]]) -> None:
-    # nnsight installs its forward and state as instance attributes: drop ours.
+def _uninstrument(model: nn.Module, had: dict[tuple[int, str], Any]) -> None:
+    # nnsight installs its forward and state as instance attributes: drop ours, and
+    # put back any that was there before (e.g. accelerate's hooked forward, which nnsight wrapped).
     for m in model.modules():
         for a in _NNSIGHT_ATTRS:
-            if a in m.__dict__ and (id(m), a) not in had:
+            key = (id(m), a)
+            if key in had:
+                if m.__dict__.get(a) is not had[key]:
+                    m.__dict__[a] = had[key]
+            elif a in m.__dict__:
                 del m.__dict__[a]
 
 

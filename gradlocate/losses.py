@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = [
+    "NonFiniteLossError",
     "TokenBatch",
     "tokenize_edits",
     "tokenize_texts",
@@ -43,6 +44,12 @@ __all__ = [
 ]
 
 IGNORE = -100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss (or a score computed from the model's outputs) came out NaN or infinite:
+    the model has non-finite weights or its activations overflowed. The message names
+    the edits or texts concerned; no weight was changed."""
 
 
 @dataclass

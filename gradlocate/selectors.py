@@ -41,6 +41,7 @@ from gradlocate.gradients import (
 )
 from gradlocate.data import load_texts
 from gradlocate.handles import down_projections
+from gradlocate.memory import check_max_memory
 from gradlocate.results import LayerScores
 
 __all__ = ["adaptive_min_layer", "TukeyFences", "tukey_fences", "gradratio", "lga"]
@@ -149,7 +150,7 @@ def _check_precomputed(g: LayerGradients, what: str, layers: list[int] | None) -
 def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
               min_layer: int | Literal["adaptive"] = "adaptive", layers: Sequence[int] | int | None = None,
               batch_size: int = 8, max_length: int | None = 128, append_eos: bool = False,
-              progress: bool | None = None) -> LayerScores:
+              progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
     """GradRatio-Select: the layer whose down-projection gradient is largest for the
     edits relative to general text.
 
@@ -182,6 +183,8 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         max_length: retain texts are cut to this many tokens.
         append_eos: append EOS to each edit target.
         progress: progress bars (default: on a terminal only).
+        max_memory: a byte budget for activations; micro-batches shrink to fit it
+            (same result, see :mod:`gradlocate.memory`).
 
     Raises:
         ValueError: empty edits or retain set, bad targets, layers out of range, or no
@@ -195,6 +198,7 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         (3, [False, False, False, True], ['cos', 'first_formulation', 'g_edit_sq', 'g_retain_sq'])
     """
     t0 = time.perf_counter()
+    check_max_memory(max_memory)
     hs = down_projections(model)
     n_layers = len(hs)
     pre = [g for g in (edits, retain) if isinstance(g, LayerGradients)]
@@ -209,7 +213,8 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         edits = resolve_edits(edits)
     if not isinstance(retain, LayerGradients):
         retain = load_texts(retain)
-    kw = dict(tokenizer=tokenizer, layers=idx, batch_size=batch_size, keep=True, progress=progress)
+    kw = dict(tokenizer=tokenizer, layers=idx, batch_size=batch_size, keep=True, progress=progress,
+              max_memory=max_memory)
     if isinstance(edits, LayerGradients):
         _check_precomputed(edits, "edit", idx)
         g_e = edits
@@ -234,7 +239,7 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         "n_layers": n_layers, "l_min": l_min, "min_layer": min_layer, "n_edits": g_e.n_sequences,
         "edit_tokens": g_e.n_tokens, "n_retain": g_r.n_sequences, "retain_tokens": g_r.n_tokens,
         "edit_loss": g_e.loss, "retain_loss": g_r.loss, "batch_size": batch_size,
-        "max_length": max_length, "append_eos": append_eos,
+        "max_length": max_length, "append_eos": append_eos, "max_memory": max_memory,
     }
     # Parts that add up to the wall time (LayerScores' repr shows their sum).
     timings = {"edit_gradients": g_e.timings.get("gradients", 0.0) if g_e is not edits else 0.0,
@@ -257,7 +262,7 @@ def _ratio(a: float, b: float) -> float:
 def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         aggregate: Literal["sum", "mean"] = "sum", sign: Literal["signed", "negative", "abs"] = "signed",
         layers: Sequence[int] | int | None = None, batch_size: int = 8, append_eos: bool = False,
-        max_new_tokens: int = 8, progress: bool | None = None) -> LayerScores:
+        max_new_tokens: int = 8, progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
     """Layer Gradient Analysis: the "golden layer" from per-sample gradient inner products.
 
     ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>_F`` where ``L_new^i`` is edit
@@ -279,6 +284,7 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
             target's loss most raises the old answer's) or ``"abs"`` (``|S|``). The fences
             are always computed on ``S``.
         max_new_tokens: length cap of a generated old answer.
+        max_memory: a byte budget for activations; chunks of edits shrink to fit it.
         Other arguments as in :func:`gradratio`.
 
     Returns:
@@ -301,6 +307,7 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         raise ValueError(f"sign must be 'signed', 'negative' or 'abs', got {sign!r}")
     if isinstance(fence, bool) or not isinstance(fence, (int, float)) or not math.isfinite(fence) or fence < 0:
         raise ValueError(f"fence (Tukey's k) must be a finite number >= 0, got {fence!r}")
+    check_max_memory(max_memory)
     edits = resolve_edits(edits)
     hs = down_projections(model)
     idx = hs.layer_indices(layers)
@@ -317,7 +324,7 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
 
     prods = per_sample_inner_products(hs, [e.prompt for e in edits], [e.target_new for e in edits],
                                       old, tokenizer=tokenizer, layers=idx, batch_size=batch_size,
-                                      append_eos=append_eos, progress=progress)
+                                      append_eos=append_eos, progress=progress, max_memory=max_memory)
     per = prods.dot  # [edits, layers], float64
     agg = per.sum(0) if aggregate == "sum" else per.mean(0)
     scores = [float(v) for v in agg]
@@ -333,7 +340,7 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     params = {
         "fence": fence, "aggregate": aggregate, "sign": sign, "lower": f.lower, "upper": f.upper,
         "q1": f.q1, "q3": f.q3, "n_edits": n, "generated_old_answers": len(missing),
-        "batch_size": batch_size, "append_eos": append_eos,
+        "batch_size": batch_size, "append_eos": append_eos, "max_memory": max_memory,
         "new_loss": float(prods.loss_a.mean()), "old_loss": float(prods.loss_b.mean()),
     }
     timings = {"old_answers": t_old, "capture": prods.timings["capture"], "ghost": prods.timings["ghost"]}

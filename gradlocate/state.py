@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["grad_only", "eval_mode", "preserved", "input_device", "snapshot", "restore_snapshot"]
+__all__ = ["grad_only", "eval_mode", "preserved", "input_device", "check_materialized", "snapshot", "restore_snapshot"]
 
 
 @contextlib.contextmanager
@@ -58,9 +58,42 @@ def preserved(model: nn.Module, params: Iterable[nn.Parameter] | None = None) ->
         yield
 
 
+def check_materialized(model: nn.Module) -> None:
+    """Raise if any parameter or buffer of ``model`` is on the ``meta`` device.
+
+    A model built under ``accelerate.init_empty_weights()`` has shapes but no numbers:
+    :func:`~gradlocate.handles.down_projections` works on it (a shape-only dry run),
+    but nothing can be computed. Weights offloaded to disk by a ``device_map`` are
+    meta too; gradlocate needs every weight in memory (on any devices).
+
+    Example:
+        >>> from accelerate import init_empty_weights
+        >>> with init_empty_weights():
+        ...     layer = nn.Linear(2, 2)
+        >>> check_materialized(layer)
+        Traceback (most recent call last):
+        ...
+        ValueError: the model's weights are on the meta device (weight, ...): ...
+    """
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's weights are on the meta device ({', '.join(meta[:3])}, ...): it has shapes but no "
+            f"values (built under accelerate.init_empty_weights(), or offloaded to disk by a device_map). "
+            f"gradlocate computes with real weights: load them (e.g. from_pretrained(..., device_map=...) with "
+            f"devices only, no 'disk'); down_projections() alone works on a meta model"
+        )
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go: the device of the input embeddings (works for models
-    dispatched across devices with accelerate's ``device_map``)."""
+    dispatched across devices with accelerate's ``device_map``).
+
+    Raises:
+        ValueError: the model has weights on the ``meta`` device (see
+            :func:`check_materialized`); every computing function asks here first.
+    """
+    check_materialized(model)
     get = getattr(model, "get_input_embeddings", None)
     if callable(get):
         emb = get()

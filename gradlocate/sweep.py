@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from gradlocate.data import EditRequest, as_edits
+from gradlocate.data import EditRequest, as_edits, warn_duplicates
 from gradlocate.handles import down_projections, find_tokenizer
+from gradlocate.state import check_materialized
 
 __all__ = ["sweep", "SweepResult", "OVERALL_METRICS", "overall_score"]
 
@@ -181,9 +182,23 @@ class SweepResult:
         recs: dict[int, dict[str, Any]] = {}
         for line in Path(path).read_text().splitlines():
             if line.strip():
-                r = json.loads(line)
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interruption
                 recs[r["layer"]] = r
         return cls(list(recs.values()), scoring=scoring, path=str(path))
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; after a line cut short by an interruption, start a new one."""
+    with path.open("ab+") as f:
+        f.seek(0, 2)
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((line + "\n").encode("utf-8"))
 
 
 def _read_done(path: Path, fingerprint: str) -> dict[int, dict[str, Any]]:
@@ -243,9 +258,11 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     if scoring == "generation" and not generation:
         raise ValueError("scoring='generation' needs generation=True")
     edits = as_edits(edits)
+    warn_duplicates(edits)
     eval_edits = edits if eval_edits is None else as_edits(eval_edits)
     tok = find_tokenizer(model, tokenizer)
     hs = down_projections(model)
+    check_materialized(hs.root)  # before the fingerprint reads the weights
     cand = hs.layer_indices(list(layers) if layers is not None else None)
     trainer = dict(trainer or {})
     trainer.setdefault("progress", False)
@@ -282,8 +299,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         }
         records.append(rec)
         if path is not None:
-            with path.open("a") as f:
-                f.write(json.dumps(rec, default=float) + "\n")
+            _append_line(path, json.dumps(rec, default=float))
         bar.set_postfix(layer=layer, overall=f"{overall_score(rec[scoring] or {}) or float('nan'):.3f}")
     return SweepResult(records, scoring=scoring, path=str(path) if path else None,
                        params={"trainer": trainer, "generation": generation, "n_edits": len(edits),

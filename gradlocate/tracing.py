@@ -50,9 +50,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from gradlocate.data import EditRequest, as_edits
-from gradlocate.handles import HandleError, down_projections, find_tokenizer, unwrap_model
-from gradlocate.losses import target_text
+from gradlocate.data import EditRequest, as_edits, warn_duplicates
+from gradlocate.handles import HandleError, down_projections, find_tokenizer, unwrap_model, validate_indices
+from gradlocate.losses import NonFiniteLossError, context_length, target_text
 from gradlocate.results import LayerScores, _fmt
 from gradlocate.state import input_device, preserved
 
@@ -210,7 +210,9 @@ def _clean_subject(subject: Any) -> str:
 def _encode(tokenizer: Any, prompt: str) -> tuple[list[int], list[tuple[int, int]] | None]:
     """Token ids of ``prompt`` (with the tokenizer's special tokens) and their
     character offsets, or ``None`` for tokenizers that do not report offsets."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__} ({prompt!r})")
+    if not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     try:
         enc = tokenizer(prompt, return_offsets_mapping=True)
@@ -867,20 +869,7 @@ class _Tracer:
 def _token_indices(tokens: Any, T: int) -> list[int]:
     if tokens is None:
         return list(range(T))
-    if isinstance(tokens, int) and not isinstance(tokens, bool):
-        tokens = [tokens]
-    out = []
-    for t in tokens:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise TypeError(f"tokens must be ints (positions in the prompt), got {t!r}")
-        if not -T <= t < T:
-            raise ValueError(f"token position {t} out of range: the prompt has {T} tokens (0..{T - 1})")
-        out.append(t % T)
-    if not out:
-        raise ValueError("tokens is empty: give at least one token position")
-    if len(set(out)) != len(out):
-        raise ValueError(f"tokens has duplicates: {list(tokens)}")
-    return out
+    return validate_indices(tokens, T, "token position", f"the prompt has {T} tokens")
 
 
 def _trace(sites: TraceSites, tok: Any, model: Any, prompt: str, subject: str, *, kind: str, samples: int | None,
@@ -893,6 +882,10 @@ def _trace(sites: TraceSites, tok: Any, model: Any, prompt: str, subject: str, *
         raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
     sites.paths(kind)  # clear error if the model has no module of this kind
     ids, offsets = _encode(tok, prompt)
+    ctx = context_length(sites.root)
+    if ctx is not None and len(ids) > ctx:
+        raise ValueError(f"prompt {prompt[:60]!r}... is {len(ids)} tokens, longer than the model's context of {ctx}; "
+                         f"shorten the prompt")
     s_range = _subject_range(tok, prompt, subject, ids, offsets)
     hs_layers = sites.handles.layer_indices(layers)
     token_idx = _token_indices(tokens, len(ids))
@@ -906,6 +899,11 @@ def _trace(sites: TraceSites, tok: Any, model: Any, prompt: str, subject: str, *
     with preserved(sites.root), torch.no_grad():
         out = tracer.run(ids, s_range, noise_t.to(sites.embed.weight.dtype), answer_id, token_idx, hs_layers,
                          progress)
+    if not (math.isfinite(out["high"]) and math.isfinite(out["low"]) and bool(torch.isfinite(out["scores"]).all())):
+        raise NonFiniteLossError(
+            f"causal trace of {prompt!r}: the answer's probability is not finite (clean {out['high']}, corrupted "
+            f"{out['low']}): the model outputs NaN/inf; check its weights, or its dtype for overflow"
+        )
     timings = out["timings"]
     timings["total"] = time.perf_counter() - t_start
     return TraceResult(
@@ -1030,6 +1028,7 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     """
     t_start = time.perf_counter()
     edits = as_edits(edits)
+    warn_duplicates(edits)
     for i, e in enumerate(edits):
         if e.subject is None:
             raise ValueError(f"edit {i} ({e.prompt!r}) has no subject: cma_layer traces the subject's tokens")
