@@ -452,10 +452,11 @@ def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: S
     (GradRatio uses 128) and to the model's context (with a warning when that is shorter
     than ``max_length``).
 
+    Arguments not listed below are as in :func:`edit_gradients`.
+
     Args:
         texts: a list of strings, or anything :func:`~gradlocate.data.load_texts` reads.
         max_length: truncate each text to this many tokens (``None``: the model's context).
-        Other arguments as in :func:`edit_gradients`.
 
     Raises:
         ValueError: no texts, a text of fewer than 2 tokens, layers out of range.

@@ -275,6 +275,8 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     The inner products come from the ghost identity (two forward+backward passes per
     micro-batch, no per-sample weight gradient materialised).
 
+    Arguments not listed below are as in :func:`gradratio`.
+
     Args:
         fence: Tukey's ``k`` (default 1.0).
         aggregate: ``"sum"`` (the definition) or ``"mean"`` over edits; the selection and
@@ -285,7 +287,6 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
             are always computed on ``S``.
         max_new_tokens: length cap of a generated old answer.
         max_memory: a byte budget for activations; chunks of edits shrink to fit it.
-        Other arguments as in :func:`gradratio`.
 
     Returns:
         :class:`~gradlocate.results.LayerScores` with ``scores`` = ``S`` (aggregated as asked),

@@ -1008,7 +1008,11 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
         seed: seed of the noise (the same seed for every edit, as ROME).
         answer: whose probability is traced: ``"predicted"`` (the clean argmax, as
             ROME), ``"old"`` (the edit's ground truth) or ``"new"`` (its target).
-        samples, window, layers, batch_size, merge: as in :func:`causal_trace`.
+        samples: as in :func:`causal_trace`.
+        window: as in :func:`causal_trace`.
+        layers: as in :func:`causal_trace`.
+        batch_size: as in :func:`causal_trace`.
+        merge: as in :func:`causal_trace`.
         progress: show a progress bar over the edits.
 
     Returns:
