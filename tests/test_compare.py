@@ -17,7 +17,7 @@ def test_split_is_a_partition(n, frac, seed):
     items = list(range(n))
     proxy, test = split_edits(items, frac, seed)
     assert sorted(proxy + test) == items
-    assert 1 <= len(proxy) <= n - 1 and len(test) >= 1
+    assert len(test) >= 1 and len(proxy) >= 1 and len(proxy) <= n - 1
     assert split_edits(items, frac, seed) == (proxy, test)
 
 
