@@ -35,6 +35,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from gradlocate import _compat
+
 __all__ = [
     "DownProjection",
     "DownProjections",
@@ -78,10 +80,11 @@ def unwrap_model(model: Any) -> nn.Module:
     original = _maybe_attr(model, "original_model")
     if isinstance(original, nn.Module):
         return original
-    # nnsight Envoy: `_module` is the wrapped torch module.
-    inner = _maybe_attr(model, "_module")
-    if isinstance(inner, nn.Module) and _is_nnsight(model):
-        return inner
+    # nnsight Envoy: the wrapped torch module.
+    if _is_nnsight(model):
+        inner = _compat.wrapped_module(model)
+        if inner is not None:
+            return inner
     if isinstance(model, nn.Module):
         return model
     raise TypeError(
@@ -91,16 +94,13 @@ def unwrap_model(model: Any) -> nn.Module:
 
 
 def _maybe_attr(obj: Any, name: str) -> Any:
-    # nnsight envoys raise on unknown attributes; TransformerBridge is an nn.Module.
-    try:
-        return object.__getattribute__(obj, name)
-    except AttributeError:
-        pass
-    d = getattr(obj, "__dict__", {})
-    if name in d:
-        return d[name]
-    modules = d.get("_modules", {})
-    return modules.get(name)
+    # nnsight envoys wrap unknown attributes lazily: look without triggering that.
+    if _is_nnsight(obj):
+        try:
+            return object.__getattribute__(obj, name)
+        except AttributeError:
+            return None
+    return getattr(obj, name, None)
 
 
 def _is_nnsight(obj: Any) -> bool:
@@ -412,26 +412,12 @@ def instrumented(model: nn.Module) -> Iterator[Any]:
         _uninstrument(model, had)
 
 
-_NNSIGHT_ATTRS = ("forward", "__nnsight__")
-
-
 def _instrumentation(model: nn.Module) -> dict[tuple[int, str], Any]:
-    """The instance attributes nnsight may replace, as they are now (e.g. the
-    ``forward`` accelerate's ``device_map`` hooks install)."""
-    return {(id(m), a): m.__dict__[a] for m in model.modules() for a in _NNSIGHT_ATTRS if a in m.__dict__}
+    return _compat.instrumentation(model)
 
 
 def _uninstrument(model: nn.Module, had: dict[tuple[int, str], Any]) -> None:
-    # nnsight installs its forward and state as instance attributes: drop ours, and
-    # put back any that was there before (e.g. accelerate's hooked forward, which nnsight wrapped).
-    for m in model.modules():
-        for a in _NNSIGHT_ATTRS:
-            key = (id(m), a)
-            if key in had:
-                if m.__dict__.get(a) is not had[key]:
-                    m.__dict__[a] = had[key]
-            elif a in m.__dict__:
-                del m.__dict__[a]
+    _compat.uninstrument(model, had)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -439,8 +425,8 @@ def _uninstrument(model: nn.Module, had: dict[tuple[int, str], Any]) -> None:
 
 def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     """(in_features, out_features, stored_transposed) of a linear-like leaf module."""
-    w = module.__dict__.get("_parameters", {}).get("weight")
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 2:
         return None
     if isinstance(module, nn.Linear):
         return int(w.shape[1]), int(w.shape[0]), False
@@ -538,14 +524,7 @@ def _moe_error(root: nn.Module, blocks_path: str, block: nn.Module) -> HandleErr
 
 
 def _causal_lm_names() -> set[str]:
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover
-        return set()
-    names: set[str] = set()
-    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(v if isinstance(v, (list, tuple)) else [v])
-    return names
+    return _compat.causal_lm_class_names()
 
 
 def check_causal_lm(root: nn.Module) -> None:
@@ -660,7 +639,7 @@ def down_projections(model: Any, *, layers: str | None = None, down: str | None 
             dims = _linear_dims(mod)
             if dims is None:
                 raise HandleError(f"{blocks_path}.{i}.{down_path} is not a linear map")
-            param = mod._parameters["weight"]
+            param = mod.weight
             handles.append(DownProjection(i, f"{blocks_path}.{i}.{down_path}" if blocks_path else f"{i}.{down_path}", mod, param, dims[2]))
         return DownProjections(model, root, blocks_path, down_path, handles)
 

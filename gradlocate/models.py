@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from gradlocate import _compat
+
 __all__ = [
     "cache_dir",
     "smollm2",
@@ -80,11 +82,7 @@ def _from_gguf_cached(name: str, folder: Path, gguf_file: str, dtype: torch.dtyp
         t0 = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        # Dequantized weights are plain float tensors: drop the GGUF quantizer so
-        # transformers agrees to serialize them.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        _compat.drop_gguf_quantizer(model)
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)

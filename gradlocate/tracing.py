@@ -42,6 +42,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from gradlocate import _compat
 from gradlocate.data import EditRequest, as_edits, warn_duplicates
 from gradlocate.handles import HandleError, down_projections, find_tokenizer, unwrap_model, validate_indices
 from gradlocate.losses import NonFiniteLossError, context_length, target_text
@@ -652,7 +654,7 @@ class _Tracer:
         self.root = root
         self.device = input_device(root)
         self.kw_logits = {"logits_to_keep": 1} if _accepts(root.forward, "logits_to_keep") else {}
-        self.has_cache = _accepts(root.forward, "past_key_values") and _accepts(root.forward, "use_cache")
+        self.cache_arg = _compat.cache_argument(root)
         self.stats = {"forwards": 0, "token_block_evals": 0, "cells": 0, "cells_before_subject": 0}
         self.head_share = _head_share(root, sites)
 
@@ -662,7 +664,7 @@ class _Tracer:
         self.stats["token_block_evals"] += rows * ids.shape[1] * (self.sites.n_layers - skip)
         if ids.shape[0] != rows:
             ids = ids.expand(rows, -1)
-        if "past_key_values" not in kw and self.has_cache:
+        if self.cache_arg is not None and self.cache_arg not in kw:
             kw["use_cache"] = False
         return self.root(input_ids=ids, **kw, **self.kw_logits)
 
@@ -696,14 +698,20 @@ class _Tracer:
             plan.record_blocks = [None] * L
             kv = None
             kw: dict[str, Any] = {}
-            if self.reuse_prefix and self.has_cache:
+            why = None
+            if self.reuse_prefix:
                 kw = self._fresh_cache()
+                if not kw:
+                    why = f"{type(self.root).__name__}'s forward takes no key/value cache"
             out = self._forward(x, S, 0, **kw)
             hooks.corrupted = plan.record_blocks  # type: ignore[assignment]
             plan.record_blocks = None
             low = float(_answer_probs(_logits(out), answer).mean())
             if kw:
-                kv = self._cached_kv(getattr(out, "past_key_values", None), S, T)
+                kv, why = self._cached_kv(_compat.returned_cache(out), T)
+            if why is not None:
+                warnings.warn(f"causal_trace: prefix reuse is off ({why}): every forward recomputes the positions "
+                              f"before the restored token, which is slower; the scores are the same", stacklevel=4)
             del out
             timings["corrupted"] = time.perf_counter() - t0
 
@@ -733,39 +741,26 @@ class _Tracer:
     # ----------------------------------------------------------- cache
 
     def _fresh_cache(self) -> dict[str, Any]:
-        try:
-            from transformers import DynamicCache
+        cache = _compat.new_cache(self.root) if self.cache_arg else None
+        return {} if cache is None else {self.cache_arg: cache, "use_cache": True}
 
-            return {"past_key_values": DynamicCache(config=self.root.config), "use_cache": True}
-        except Exception:  # noqa: BLE001 - no usable cache: recompute prefixes instead
-            return {}
+    def _cached_kv(self, cache: Any, T: int) -> tuple[Any, str | None]:
+        """The corrupted run's key/value cache if it holds all ``T`` positions of every
+        layer (else ``None`` and the reason: prefixes are then recomputed)."""
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            return None, f"{type(self.root).__name__}'s forward returned no key/value cache"
+        for layer in range(self.sites.n_layers):
+            try:
+                n = int(cache.get_seq_length(layer))
+            except (TypeError, IndexError, AttributeError):
+                return None, "its key/value cache does not report a length per layer"
+            if n != T:
+                return None, (f"its key/value cache holds {n} of the prompt's {T} positions at layer {layer} "
+                              f"(a sliding window shorter than the prompt?)")
+        return cache, None
 
-    def _cached_kv(self, cache: Any, S: int, T: int) -> list[tuple[Tensor, Tensor]] | None:
-        """Every layer's corrupted keys/values ``[S, heads, T, head_dim]``, if the cache
-        is a plain per-layer one holding all ``T`` positions (else prefixes are recomputed)."""
-        try:
-            from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-        except ImportError:
-            return None
-        layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) != self.sites.n_layers:
-            return None
-        kv = []
-        for layer in layers:
-            if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-                return None
-            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            for z in (k, v):
-                if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[0] != S or z.shape[-2] != T:
-                    return None
-            kv.append((k, v))
-        return kv
-
-    def _prefix_cache(self, kv: list[tuple[Tensor, Tensor]], o: int, repeats: int) -> Any:
-        from transformers import DynamicCache
-
-        data = [(k[:, :, :o].repeat(repeats, 1, 1, 1), v[:, :, :o].repeat(repeats, 1, 1, 1)) for k, v in kv]
-        return DynamicCache(data, config=self.root.config)
+    def _prefix_cache(self, cache: Any, o: int, S: int, repeats: int) -> Any:
+        return _compat.prefix_cache(cache, o, torch.arange(S, device=self.device).repeat(repeats))
 
     # ----------------------------------------------------------- cells
 
@@ -828,7 +823,7 @@ class _Tracer:
         return best[1]  # type: ignore[index]
 
     def _run_chunk(self, chunk: list[_Cell], hooks: _Hooks, x: Tensor, noise: Tensor, clean: list[Tensor],
-                   kv: list[tuple[Tensor, Tensor]] | None, s_range: tuple[int, int], answer: int,
+                   kv: Any, s_range: tuple[int, int], answer: int,
                    T: int) -> Float[Tensor, " cells"]:
         S, C = noise.shape[0], len(chunk)
         s0, s1 = s_range
@@ -841,7 +836,7 @@ class _Tracer:
         plan.noise_at = (a - o, max(a, s1) - o)
         plan.noise = noise[:, a - s0:max(a, s1) - s0].repeat(C, 1, 1)
         plan.patches = self._patches(chunk, clean, S, o)
-        kw = {} if o == 0 else {"past_key_values": self._prefix_cache(kv, o, C), "use_cache": True}  # type: ignore[arg-type]
+        kw = {} if o == 0 else {self.cache_arg: self._prefix_cache(kv, o, S, C), "use_cache": True}  # type: ignore[dict-item]
         out = self._forward(x[:, o:], C * S, plan.skip_below, **kw)
         plan.patches = {}
         return _answer_probs(_logits(out), answer).view(C, S).mean(dim=1).cpu()

@@ -149,6 +149,17 @@ def test_every_execution_path_gives_the_same_grid(models, kind):
     assert sub.token_indices == [13, 5, 0] and sub.layers == [3, 1]
 
 
+def test_prefix_reuse_engages_on_sliding_window_caches():
+    """Gemma-3 mixes sliding-window and full layers: its cache holds every position of
+    a prompt shorter than the window, so prefixes are reused and the grid is unchanged."""
+    model, tok = tiny("gemma3_text", n_layers=4, d_model=32, initializer_range=0.4, seed=1, sliding_window=64)
+    kw = dict(kind="hidden", samples=S, noise=3.0, window=3, progress=False)
+    r = causal_trace(model, PROMPT, SUBJECT, **kw)
+    assert r.stats["prefix_cache"] == 1
+    slow = causal_trace(model, PROMPT, SUBJECT, reuse_prefix=False, **kw)
+    torch.testing.assert_close(r.scores, slow.scores, atol=1e-6, rtol=0)
+
+
 class _ToyBlock(nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -189,7 +200,8 @@ def test_plain_torch_model_without_cache_or_attention():
     assert sites.attn_paths is None and sites.mlp_paths[0] == "layers.0.mlp"
     s_range = subject_token_range(tok, PROMPT, SUBJECT)
     noise = _noise(s_range[1] - s_range[0], d=16, scale=2.0)
-    r = causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, noise=noise, progress=False)
+    with pytest.warns(UserWarning, match="prefix reuse is off .*takes no key/value cache"):
+        r = causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, noise=noise, progress=False)
     assert r.stats["prefix_cache"] == 0
     for kind in ("hidden", "mlp"):
         r = causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, kind=kind, window=2, noise=noise, progress=False)
