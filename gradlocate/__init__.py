@@ -1,63 +1,79 @@
 """gradlocate: which layer should I edit? Find it, then edit it.
 
-The public API, re-exported here:
+The public API, re-exported here, in the order data flows through it:
 
-* handles: :func:`down_projections`, :class:`DownProjection`, :func:`instrumented`
-* data: :class:`EditRequest`, :func:`load_edits`, :func:`load_texts`
-* losses: :func:`tokenize_edits`, :func:`tokenize_texts`, :func:`edit_loss`, :func:`lm_loss`
-* results: :class:`LayerScores`
+* the model, resolved once: :func:`down_projections` -> :class:`Handles` (one :class:`Handle`
+  per layer's editing site), :func:`resolve`, :func:`unwrap_model`, :func:`find_tokenizer`
+* interventions, the one place the model is intercepted: :mod:`gradlocate.interventions`
+* data: :class:`EditRequest`, :class:`Edits`, :func:`as_edits`, :func:`load_edits`, :func:`load_texts`
+* losses: :func:`tokenize_edits`, :func:`tokenize_texts`, :func:`edit_nll`, :func:`edit_loss`, :func:`lm_loss`
 * gradients: :func:`edit_gradients`, :func:`retain_gradients`, :func:`per_sample_inner_products`,
-  :func:`ghost_inner_products`; selectors: :func:`gradratio`, :func:`lga`, :func:`tukey_fences`
-* causal tracing: :func:`causal_trace`, :func:`cma_layer`
-* editing and evaluation: :class:`LocFTBF`, :func:`evaluate`
-* ground truth: :func:`sweep`, :func:`compare`
+  :func:`ghost_inner_products`
+* selectors (each returns :class:`LayerScores`): :func:`gradratio`, :func:`lga`, :func:`cma_layer`;
+  :func:`tukey_fences`, :func:`adaptive_min_layer`
+* causal tracing: :func:`causal_trace` -> :class:`TraceResult`
+* editing and evaluation: :class:`LocFTBF` -> :class:`FitResult`, :func:`evaluate` -> :class:`EditEvaluation`
+* ground truth: :func:`sweep` -> :class:`SweepResult`, :func:`compare` -> :class:`Comparison`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
 """
 from gradlocate import models
-from gradlocate.data import EditRequest, as_edits, default_retain_texts, load_edits, load_texts, shared_data_path
 from gradlocate.handles import (
     DownProjection,
     DownProjections,
+    Handle,
     HandleError,
+    Handles,
     down_projections,
     find_tokenizer,
-    instrumented,
+    resolve,
     unwrap_model,
 )
-from gradlocate.losses import TokenBatch, edit_loss, lm_loss, per_sample_nll, tokenize_edits, tokenize_texts
+from gradlocate.interventions import ModelBusyError, instrumented
+from gradlocate.data import EditRequest, Edits, as_edits, default_retain_texts, load_edits, load_texts, shared_data_path
+from gradlocate.losses import (
+    NonFiniteLossError,
+    TokenBatch,
+    edit_loss,
+    edit_nll,
+    lm_loss,
+    per_sample_nll,
+    tokenize_edits,
+    tokenize_texts,
+)
 from gradlocate.results import LayerScores
 from gradlocate.gradients import (
     LayerGradients,
     SampleProducts,
     edit_gradients,
     ghost_inner_products,
-    greedy_answers,
     per_sample_inner_products,
     retain_gradients,
 )
-from gradlocate.selectors import TukeyFences, adaptive_min_layer, gradratio, lga, tukey_fences
-from gradlocate.editing import EditTrainingError, LocFTBF
+from gradlocate.selectors import TukeyFences, adaptive_min_layer, cma_layer, gradratio, greedy_answers, lga, tukey_fences
+from gradlocate.tracing import TraceResult, causal_trace, embedding_std, subject_token_range
+from gradlocate.editing import EditTrainingError, FitResult, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
-from gradlocate.tracing import TraceResult, causal_trace, cma_layer, embedding_std, subject_token_range
-from gradlocate.sweep import SweepResult, overall_score, sweep
-from gradlocate.compare import Comparison, compare, split_edits
-from gradlocate.losses import NonFiniteLossError
+from gradlocate.sweep import LayerRecord, SweepFileError, SweepResult, overall_score, sweep
+from gradlocate.compare import Comparison, SelectorRow, compare, split_edits
 from gradlocate.state import check_materialized
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "models",
-    "EditRequest", "as_edits", "default_retain_texts", "load_edits", "load_texts", "shared_data_path",
-    "DownProjection", "DownProjections", "HandleError", "down_projections", "find_tokenizer",
-    "instrumented", "unwrap_model",
-    "TokenBatch", "edit_loss", "lm_loss", "per_sample_nll", "tokenize_edits", "tokenize_texts",
+    "Handle", "Handles", "DownProjection", "DownProjections", "HandleError", "down_projections", "resolve",
+    "unwrap_model", "find_tokenizer", "ModelBusyError", "instrumented",
+    "EditRequest", "Edits", "as_edits", "default_retain_texts", "load_edits", "load_texts", "shared_data_path",
+    "TokenBatch", "edit_nll", "edit_loss", "lm_loss", "per_sample_nll", "tokenize_edits", "tokenize_texts",
+    "NonFiniteLossError",
     "LayerScores",
     "LayerGradients", "SampleProducts", "edit_gradients", "retain_gradients", "ghost_inner_products",
-    "per_sample_inner_products", "greedy_answers",
-    "gradratio", "lga", "adaptive_min_layer", "tukey_fences", "TukeyFences",
-    "LocFTBF", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference", "locality_reference",
-    "causal_trace", "TraceResult", "cma_layer", "embedding_std", "subject_token_range",
-    "sweep", "SweepResult", "overall_score", "compare", "Comparison", "split_edits",
-    "NonFiniteLossError", "check_materialized",
+    "per_sample_inner_products",
+    "gradratio", "lga", "cma_layer", "greedy_answers", "adaptive_min_layer", "tukey_fences", "TukeyFences",
+    "causal_trace", "TraceResult", "embedding_std", "subject_token_range",
+    "LocFTBF", "FitResult", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference",
+    "locality_reference",
+    "sweep", "SweepResult", "LayerRecord", "SweepFileError", "overall_score", "compare", "Comparison",
+    "SelectorRow", "split_edits",
+    "check_materialized",
 ]

@@ -47,6 +47,18 @@ def _load_model(spec: str, dtype: str) -> tuple[Any, Any]:
         raise CLIError(f"unknown model {spec!r}: {str(e).splitlines()[0]}") from None
 
 
+def _resolved(args: argparse.Namespace) -> Any:
+    """The model named by --model, resolved once (with --blocks / --down if given)."""
+    from gradlocate.handles import HandleError, down_projections
+
+    model, tok = _load_model(args.model, args.dtype)
+    try:
+        return down_projections(model, tokenizer=tok, layers=getattr(args, "blocks", None),
+                                down=getattr(args, "down", None))
+    except HandleError as e:
+        raise CLIError(str(e)) from None
+
+
 def _load_edits(spec: str, n: int | None, offset: int = 0) -> list[Any]:
     from gradlocate.data import load_edits
 
@@ -146,13 +158,7 @@ def _check_out_path(path: str | None, flag: str) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from gradlocate.handles import HandleError, down_projections
-
-    model, _ = _load_model(args.model, args.dtype)
-    try:
-        hs = down_projections(model, layers=args.blocks, down=args.down)
-    except HandleError as e:
-        raise CLIError(str(e)) from None
+    hs = _resolved(args)
     print(repr(hs))
     print(hs.to_table())
     _write_json(args.json, {"model": args.model, "blocks_path": hs.blocks_path, "down_path": hs.down_path,
@@ -170,22 +176,16 @@ def _methods(spec: str) -> list[str]:
     return out
 
 
-def _select(model: Any, tok: Any, edits: list[Any], method: str, args: argparse.Namespace) -> Any:
+def _select(h: Any, edits: list[Any], method: str, args: argparse.Namespace, append_eos: bool | None = None) -> Any:
+    from gradlocate.compare import run_selector
     from gradlocate.handles import HandleError
+    from gradlocate.losses import APPEND_EOS
 
+    eos = APPEND_EOS if append_eos is None else append_eos
+    kw: dict[str, Any] = {"cma": {"samples": args.samples}}.get(method, {"append_eos": eos})
+    retain = _retain_texts(args.retain, args.edits, args.n_retain) if method == "gradratio" else None
     try:
-        if method == "gradratio":
-            from gradlocate.selectors import gradratio
-
-            retain = _retain_texts(args.retain, args.edits, args.n_retain)
-            return gradratio(model, edits, retain, tokenizer=tok)
-        if method == "lga":
-            from gradlocate.selectors import lga
-
-            return lga(model, edits, tokenizer=tok)
-        from gradlocate.tracing import cma_layer
-
-        return cma_layer(model, edits, tokenizer=tok, samples=args.samples)
+        return run_selector(method, h, edits, retain, **kw)
     except (ValueError, TypeError, HandleError) as e:
         raise CLIError(f"{method}: {e}") from None
 
@@ -216,13 +216,13 @@ def _combined_table(results: dict[str, Any]) -> str:
 def cmd_select(args: argparse.Namespace) -> int:
     methods = _methods(args.method)
     _check_out_path(args.plot, "--plot")
-    model, tok = _load_model(args.model, args.dtype)
+    h = _resolved(args)
     edits = _load_edits(args.edits, args.n, args.offset)
     results = {}
     for m in methods:
         print(f"running {m} on {len(edits)} edits ...", file=sys.stderr)
-        results[m] = _select(model, tok, edits, m, args)
-    print(f"model: {args.model} ({type(model).__name__}, {model.config.num_hidden_layers} layers); "
+        results[m] = _select(h, edits, m, args)
+    print(f"model: {args.model} ({type(h.root).__name__}, {h.n_layers} layers); "
           f"{len(edits)} edits from {args.edits}")
     print(_combined_table(results))
     print()
@@ -248,10 +248,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from gradlocate.tracing import causal_trace
 
     _check_out_path(args.plot, "--plot")
-    model, tok = _load_model(args.model, args.dtype)
+    h = _resolved(args)
     try:
-        res = causal_trace(model, args.prompt, args.subject, tokenizer=tok, kind=args.kind,
-                           samples=args.samples, window=args.window, noise=args.noise)
+        res = causal_trace(h, args.prompt, args.subject, kind=args.kind, samples=args.samples, window=args.window,
+                           noise=args.noise)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     return _report(res, _trace_table(res), args)
@@ -276,8 +276,8 @@ def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["lr"] = args.lr
     if args.epochs is not None:
         kw["epochs"] = args.epochs
-    if args.batch_size is not None:
-        kw["batch_size"] = args.batch_size
+    if args.edits_per_step is not None:
+        kw["edits_per_step"] = args.edits_per_step
     return kw
 
 
@@ -287,10 +287,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()):
         raise CLIError(f"--save {args.save!r} exists and is not empty")
-    model, tok = _load_model(args.model, args.dtype)
+    h = _resolved(args)
     edits = _load_edits(args.edits, args.n, args.offset)
+    trainer = _trainer_kwargs(args)
     if args.layer == "auto":
-        sel = _select(model, tok, edits, args.method, args)
+        # The selector scores the loss the trainer then minimises (the same append_eos).
+        sel = _select(h, edits, args.method, args, append_eos=trainer.get("append_eos"))
         layer = sel.selected
         print(f"{args.method} selects layer {layer}")
     else:
@@ -299,23 +301,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
         except ValueError:
             raise CLIError(f"--layer {args.layer!r}: give an int or 'auto'") from None
     gen = not args.no_generation
-    pre = evaluate(model, edits, tokenizer=tok, generation=gen)
     try:
-        ft = LocFTBF(model, layer, tokenizer=tok, progress=True, **_trainer_kwargs(args))
-    except (ValueError, TypeError) as e:
+        ft = LocFTBF(h, layer, progress=True, **trainer)
+    except (ValueError, TypeError, IndexError) as e:
         raise CLIError(str(e)) from None
-    ft.fit(edits)
-    post = evaluate(model, edits, tokenizer=tok, pre=pre, generation=gen)
-    print(f"edited layer {layer} with LocFT-BF: {len(ft.history)} epochs, final loss {ft.history[-1]:.4g}")
+    pre = evaluate(h, edits, generation=gen)
+    fit = ft.fit(edits)
+    post = evaluate(h, edits, pre=pre, generation=gen)
+    print(f"edited layer {layer} with LocFT-BF: {fit!r}")
     print("before:")
     print(pre.to_table())
     print("after:")
     print(post.to_table())
-    _write_json(args.json, {"layer": layer, "history": ft.history, "before": pre.to_dict(), "after": post.to_dict()})
+    _write_json(args.json, {"layer": layer, "fit": fit.to_dict(), "before": pre.to_dict(), "after": post.to_dict()})
     if args.save:
         ft.commit()
-        model.save_pretrained(args.save)
-        tok.save_pretrained(args.save)
+        h.root.save_pretrained(args.save)
+        h.tokenizer.save_pretrained(args.save)
         print(f"saved the edited model to {args.save}")
     else:
         ft.restore()
@@ -327,10 +329,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     _check_out_path(args.plot, "--plot")
     _check_out_path(args.out, "--out")
-    model, tok = _load_model(args.model, args.dtype)
+    h = _resolved(args)
     edits = _load_edits(args.edits, args.n, args.offset)
     try:
-        res = sweep(model, edits, tokenizer=tok, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args),
+        res = sweep(h, edits, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args),
                     out=args.out, generation=not args.no_generation)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
@@ -342,11 +344,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     _check_out_path(args.plot, "--plot")
     _check_out_path(args.out, "--out")
-    model, tok = _load_model(args.model, args.dtype)
+    h = _resolved(args)
     edits = _load_edits(args.edits, args.n, args.offset)
     retain = _retain_texts(args.retain, args.edits, args.n_retain)
     try:
-        cmp = compare(model, edits, retain, tokenizer=tok, selectors=_methods(args.method), proxy=args.proxy,
+        cmp = compare(h, edits, retain, selectors=_methods(args.method), proxy=args.proxy,
                       seed=args.seed, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args), out=args.out,
                       generation=not args.no_generation, selector_kwargs={"cma": {"samples": args.samples}})
     except (ValueError, TypeError) as e:
@@ -367,7 +369,7 @@ def _add_select_opts(p: argparse.ArgumentParser) -> None:
 def _add_trainer_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="LocFT-BF learning rate")
     p.add_argument("--epochs", type=int, default=None, help="LocFT-BF maximum epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="LocFT-BF edits per step")
+    p.add_argument("--edits-per-step", type=int, default=None, help="LocFT-BF edits per optimizer step")
     p.add_argument("--no-generation", action="store_true", help="skip generation exact-match scoring (faster)")
 
 
@@ -422,6 +424,9 @@ def _common(p: argparse.ArgumentParser, edits: bool = True) -> None:
     p.add_argument("--model", required=True,
                    help="smollm2 | gemma3-270m | tiny-<arch> | a local folder | a Hugging Face hub name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--blocks", default=None, help="override: path of the decoder-block list (e.g. model.layers)")
+    p.add_argument("--down", default=None,
+                   help="override: path of the editing site in a block (e.g. mlp.down_proj, or self_attn.o_proj)")
     if edits:
         p.add_argument("--edits", required=True,
                        help="JSON/JSONL file of edits (CounterFact, ZsRE or KnowEdit spelling), or zsre / counterfact")
@@ -435,8 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("layers", help="list the MLP down-projections gradlocate finds")
     _common(p, edits=False)
-    p.add_argument("--blocks", default=None, help="override: path of the decoder-block list")
-    p.add_argument("--down", default=None, help="override: path of the down-projection in a block")
     _parsers(sub)
     return parser
 

@@ -3,13 +3,17 @@
 :func:`compare` splits the edits into a **proxy** subset (default 10 %, as in the
 Golden Layers paper) and a **test** subset. Each selector sees only the proxy edits
 and picks a layer; the sweep edits and evaluates on the test edits at every candidate
-layer (and at every selected layer). For each selector it reports:
+layer (and at every selected layer). For each selector it reports a
+:class:`SelectorRow`:
 
 * the selected layer and the sweep's metrics there;
 * **regret**: the overall score lost against the golden layer (0 = found it);
 * **Spearman ρ** between the selector's per-layer scores and the sweep's per-layer
   overall score (does the selector *rank* layers like the ground truth?);
 * its wall time, absolute and relative to the sweep's.
+
+A selector that cannot run on the data (no subjects for causal tracing, no old
+answer ...) gets a row saying why; the others and the sweep still run.
 
 Example:
     >>> from gradlocate.models import tiny
@@ -19,7 +23,7 @@ Example:
     >>> cmp = compare(model, edits, ["some general text here", "and some more of it"],
     ...               selectors=("gradratio",), proxy=0.5, trainer={"lr": 1e-2, "epochs": 2},
     ...               progress=False, generation=False, selector_kwargs={"gradratio": {"min_layer": 0}})
-    >>> [r["selector"] for r in cmp.rows]
+    >>> [r.selector for r in cmp.rows]
     ['gradratio']
 """
 
@@ -30,24 +34,31 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradlocate.data import as_edits, warn_duplicates
-from gradlocate.handles import find_tokenizer
+from gradlocate.data import as_edits
+from gradlocate.handles import Handles, resolve
+from gradlocate.interventions import ModelBusyError, using
 from gradlocate.results import LayerScores
 from gradlocate.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
 
-__all__ = ["compare", "Comparison", "split_edits", "SELECTORS", "spearman"]
+__all__ = ["compare", "Comparison", "SelectorRow", "split_edits", "SELECTORS", "spearman", "run_selector"]
 
 SELECTORS = ("gradratio", "lga", "cma")
 
 
 def split_edits(edits: Sequence[Any], proxy: float = 0.1, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """Shuffle with ``seed`` and split into (proxy, test): ``max(1, round(proxy * n))``
-    proxy edits, the rest for testing (at least one)."""
-    if not 0 < proxy < 1:
-        raise ValueError(f"proxy must be a fraction in (0, 1), got {proxy}")
+    proxy edits, the rest for testing (at least one).
+
+    Example:
+        >>> p, t = split_edits(list(range(10)), proxy=0.2)
+        >>> len(p), len(t), sorted(p + t) == list(range(10))
+        (2, 8, True)
+    """
+    if isinstance(proxy, bool) or not isinstance(proxy, (int, float)) or not 0 < proxy < 1:
+        raise ValueError(f"proxy must be a fraction in (0, 1), got {proxy!r}")
     if len(edits) < 2:
         raise ValueError(f"a proxy/test split needs at least 2 edits, got {len(edits)}")
     idx = list(range(len(edits)))
@@ -56,7 +67,7 @@ def split_edits(edits: Sequence[Any], proxy: float = 0.1, seed: int = 0) -> tupl
     return [edits[i] for i in idx[:k]], [edits[i] for i in idx[k:]]
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+def spearman(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
     """Spearman rank correlation (``scipy.stats.spearmanr``); ``None`` for fewer than 3
     points or a constant series."""
     from scipy.stats import spearmanr
@@ -69,24 +80,50 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return None if math.isnan(rho) else float(rho)
 
 
-def _run_selector(name: str, model: Any, edits: list[Any], retain: Any, tok: Any, kwargs: dict[str, Any]) -> LayerScores:
+def run_selector(name: str, h: Handles, edits: Any, retain: Any = None, **kwargs: Any) -> LayerScores:
+    """Run one selector by name (``"gradratio"``, ``"lga"`` or ``"cma"``)."""
     if name == "gradratio":
+        from gradlocate.data import default_retain_texts
         from gradlocate.selectors import gradratio
 
-        if retain is None:
-            from gradlocate.data import default_retain_texts
-
-            retain = default_retain_texts(16)
-        return gradratio(model, edits, retain, tokenizer=tok, **kwargs)
+        return gradratio(h, edits, default_retain_texts(16) if retain is None else retain, **kwargs)
     if name == "lga":
         from gradlocate.selectors import lga
 
-        return lga(model, edits, tokenizer=tok, **kwargs)
+        return lga(h, edits, **kwargs)
     if name == "cma":
-        from gradlocate.tracing import cma_layer
+        from gradlocate.selectors import cma_layer
 
-        return cma_layer(model, edits, tokenizer=tok, **kwargs)
+        return cma_layer(h, edits, **kwargs)
     raise ValueError(f"unknown selector {name!r}: choose from {SELECTORS}")
+
+
+@dataclass
+class SelectorRow:
+    """One selector judged against the sweep.
+
+    Attributes:
+        selector: its name.
+        layer: the layer it selected (``None`` if it could not run: see ``error``).
+        metrics: the sweep's metrics at that layer (teacher-forced or generation, as scored).
+        overall, regret: the sweep's overall score there, and the golden layer's minus it.
+        spearman: rank correlation of its per-layer scores with the sweep's overall.
+        time_s, time_vs_sweep: its wall time, and that over the sweep's.
+        error: why it could not run on this data.
+    """
+
+    selector: str
+    layer: int | None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    overall: float | None = None
+    regret: float | None = None
+    spearman: float | None = None
+    time_s: float | None = None
+    time_vs_sweep: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -94,15 +131,15 @@ class Comparison:
     """Selectors against the sweep.
 
     Attributes:
-        rows: one dict per selector: ``selector``, ``layer``, the sweep metrics at that
-            layer, ``overall``, ``regret``, ``spearman``, ``time_s``, ``time_vs_sweep``.
+        rows: one :class:`SelectorRow` per selector.
         golden: the sweep's golden layer.
         sweep: the :class:`~gradlocate.sweep.SweepResult` (on the test edits).
-        selections: each selector's :class:`~gradlocate.results.LayerScores` (on the proxy edits).
+        selections: each selector's :class:`~gradlocate.results.LayerScores` (on the proxy
+            edits; absent for a selector that could not run).
         n_proxy, n_test: the split sizes.
     """
 
-    rows: list[dict[str, Any]]
+    rows: list[SelectorRow]
     golden: int
     sweep: SweepResult
     selections: dict[str, LayerScores]
@@ -111,35 +148,43 @@ class Comparison:
     sweep_time_s: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
+    def row(self, selector: str) -> SelectorRow:
+        for r in self.rows:
+            if r.selector == selector:
+                return r
+        raise KeyError(f"no selector {selector!r} in this comparison ({[r.selector for r in self.rows]})")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "golden": self.golden, "n_proxy": self.n_proxy, "n_test": self.n_test,
-                "sweep_time_s": self.sweep_time_s, "sweep": self.sweep.to_dict(),
+        return {"rows": [r.to_dict() for r in self.rows], "golden": self.golden, "n_proxy": self.n_proxy,
+                "n_test": self.n_test, "sweep_time_s": self.sweep_time_s, "sweep": self.sweep.to_dict(),
                 "selections": {k: v.to_dict() for k, v in self.selections.items()}, "params": self.params}
 
     def to_markdown(self) -> str:
         """The comparison table (Golden Layers Table 2 style): selection method vs
         rewrite / rephrase / locality / overall, plus regret, Spearman ρ and time."""
-        g = self.sweep.at(self.golden)[self.sweep.scoring]
-        head = ("| method | layer | reliability | generalization | locality | overall | regret | Spearman ρ | time (s) | time / sweep |\n"
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-
         def f(v: Any, p: int = 3) -> str:
             return "n/a" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
 
-        lines = [head]
+        g = self.sweep.at(self.golden).metrics(self.sweep.scoring)
         ov = self.sweep.metric("overall")[self.sweep.layers.index(self.golden)]
-        lines.append(f"| golden (sweep) | {self.golden} | {f(g.get('reliability'))} | {f(g.get('generalization'))} | "
-                     f"{f(g.get('locality'))} | {f(ov)} | 0.000 | 1.000 | {f(self.sweep_time_s, 1)} | 1.000 |")
+        lines = ["| method | layer | reliability | generalization | locality | overall | regret | Spearman ρ | "
+                 "time (s) | time / sweep |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                 f"| golden (sweep) | {self.golden} | {f(g.get('reliability'))} | {f(g.get('generalization'))} | "
+                 f"{f(g.get('locality'))} | {f(ov)} | 0.000 | 1.000 | {f(self.sweep_time_s, 1)} | 1.000 |"]
         for r in self.rows:
-            lines.append(
-                f"| {r['selector']} | {r['layer']} | {f(r.get('reliability'))} | {f(r.get('generalization'))} | "
-                f"{f(r.get('locality'))} | {f(r.get('overall'))} | {f(r.get('regret'))} | {f(r.get('spearman'))} | "
-                f"{f(r.get('time_s'), 1)} | {f(r.get('time_vs_sweep'), 4)} |")
+            if r.error is not None:
+                lines.append(f"| {r.selector} | could not run: {r.error} | | | | | | | {f(r.time_s, 1)} | |")
+                continue
+            m = r.metrics
+            lines.append(f"| {r.selector} | {r.layer} | {f(m.get('reliability'))} | {f(m.get('generalization'))} | "
+                         f"{f(m.get('locality'))} | {f(r.overall)} | {f(r.regret)} | {f(r.spearman)} | "
+                         f"{f(r.time_s, 1)} | {f(r.time_vs_sweep, 4)} |")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        sel = ", ".join(f"{r['selector']}={r['layer']} (regret {r['regret']:.3f})" if r.get("regret") is not None
-                        else f"{r['selector']}={r['layer']}" for r in self.rows)
+        sel = ", ".join(f"{r.selector}: could not run" if r.error else
+                        f"{r.selector}={r.layer} (regret {r.regret:.3f})" if r.regret is not None else
+                        f"{r.selector}={r.layer}" for r in self.rows)
         return f"Comparison(golden={self.golden}, {sel}; proxy={self.n_proxy}, test={self.n_test})"
 
     def _repr_html_(self) -> str:
@@ -156,11 +201,12 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
             selectors: Sequence[str] = SELECTORS, sweep: SweepResult | None = None, proxy: float = 0.1,
             seed: int = 0, layers: Sequence[int] | None = None, trainer: dict[str, Any] | None = None,
             out: str | None = None, generation: bool = True, scoring: str = "teacher_forced",
-            selector_kwargs: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> Comparison:
+            selector_kwargs: dict[str, dict[str, Any]] | None = None, progress: bool | None = None) -> Comparison:
     """Run each selector on a proxy subset and judge its layer with a sweep on the rest.
 
     Args:
-        model: a transformers causal LM, an nnsight wrapper or a TransformerLens bridge.
+        model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
+            :class:`~gradlocate.handles.Handles`.
         edits: all edits; split by :func:`split_edits` (``proxy`` fraction, ``seed``).
         retain: general texts for ``gradratio`` (default: the built-in retain texts).
         selectors: any of ``"gradratio"``, ``"lga"``, ``"cma"``.
@@ -170,61 +216,67 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
         trainer: LocFT-BF keyword arguments for the sweep.
         out: JSONL file for the sweep (resumable).
         selector_kwargs: per-selector keyword arguments, e.g. ``{"cma": {"samples": 5}}``.
+        progress: progress bars (``None``: on a terminal only).
 
     Returns:
-        :class:`Comparison`.
+        :class:`Comparison`; a selector that fails on this data gets a row with its error.
     """
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"unknown selectors {unknown}: choose from {SELECTORS}" if unknown else "no selectors given")
     edits = as_edits(edits)
-    warn_duplicates(edits)
-    tok = find_tokenizer(model, tokenizer)
-    if layers is not None:  # refuse bad layers before the selectors run
-        from gradlocate.handles import down_projections
+    h = resolve(model, tokenizer)
+    if layers is not None:  # refuse bad input before anything runs
+        h.layer_indices(list(layers))
+    if retain is not None and "gradratio" in selectors:
+        from gradlocate.data import load_texts
 
-        down_projections(model).layer_indices(list(layers))
+        retain = load_texts(retain)
     proxy_edits, test_edits = split_edits(edits, proxy, seed)
     selector_kwargs = selector_kwargs or {}
-
     selections: dict[str, LayerScores] = {}
     times: dict[str, float] = {}
-    for name in selectors:
-        t0 = time.perf_counter()
-        selections[name] = _run_selector(name, model, proxy_edits, retain, tok, dict(selector_kwargs.get(name, {})))
-        times[name] = time.perf_counter() - t0
-
-    sweep_time = None
-    if sweep is None:
-        from gradlocate.handles import down_projections
-
-        cand = set(down_projections(model).layer_indices(list(layers) if layers is not None else None))
-        cand |= {s.selected for s in selections.values()}
-        t0 = time.perf_counter()
-        sweep = run_sweep(model, test_edits, tokenizer=tok, layers=sorted(cand), trainer=trainer, out=out,
-                          generation=generation, scoring=scoring, progress=progress)
-        sweep_time = time.perf_counter() - t0
-    else:
-        missing = sorted({s.selected for s in selections.values()} - set(sweep.layers))
-        if missing:
-            raise ValueError(f"the given sweep lacks the selected layers {missing}: sweep them too")
-        sweep_time = sum(r.get("timings", {}).get("total", 0.0) for r in sweep.records) or None
-
+    errors: dict[str, str] = {}
+    with using(h):  # one caller owns the model for the whole comparison
+        for name in selectors:
+            t0 = time.perf_counter()
+            try:
+                selections[name] = run_selector(name, h, as_edits(proxy_edits), retain,
+                                                **{"progress": progress, **selector_kwargs.get(name, {})})
+            except ModelBusyError:
+                raise
+            except Exception as e:  # noqa: BLE001 - this selector's row says why; the rest still runs
+                errors[name] = f"{type(e).__name__}: {e}"
+            times[name] = time.perf_counter() - t0
+        sweep_time = None
+        if sweep is None:
+            cand = set(h.layer_indices(list(layers) if layers is not None else None))
+            cand |= {s.selected for s in selections.values()}
+            t0 = time.perf_counter()
+            sweep = run_sweep(h, test_edits, layers=sorted(cand), trainer=trainer, out=out, generation=generation,
+                              scoring=scoring, progress=progress)
+            sweep_time = time.perf_counter() - t0
+        else:
+            missing = sorted({s.selected for s in selections.values()} - set(sweep.layers))
+            if missing:
+                raise ValueError(f"the given sweep lacks the selected layers {missing}: sweep them too")
+            sweep_time = sum(r.timings.get("total", 0.0) for r in sweep.records) or None
     golden = sweep.golden
     overall = dict(zip(sweep.layers, sweep.overall))
     rows = []
-    for name, sel in selections.items():
-        rec = sweep.at(sel.selected)[sweep.scoring] or {}
-        sel_scores = dict(zip(sel.layers, sel.scores))
-        common = [l for l in sweep.layers if l in sel_scores]
-        row = {"selector": name, "layer": sel.selected,
-               **{m: rec.get(m) for m in (*OVERALL_METRICS, "portability")},
-               "overall": overall[sel.selected],
-               "regret": (overall[golden] - overall[sel.selected])
-               if overall[golden] is not None and overall[sel.selected] is not None else None,
-               "spearman": spearman([sel_scores[l] for l in common], [overall[l] for l in common]),
-               "time_s": times[name],
-               "time_vs_sweep": times[name] / sweep_time if sweep_time else None}
-        rows.append(row)
+    for name in selectors:
+        if name in errors:
+            rows.append(SelectorRow(name, None, time_s=times[name], error=errors[name]))
+            continue
+        sel = selections[name]
+        scores = dict(zip(sel.layers, sel.scores))
+        common = [l for l in sweep.layers if l in scores]
+        got, best = overall[sel.selected], overall[golden]
+        rows.append(SelectorRow(
+            name, sel.selected, {m: sweep.at(sel.selected).metrics(sweep.scoring).get(m)
+                                 for m in (*OVERALL_METRICS, "portability")}, got,
+            best - got if best is not None and got is not None else None,
+            spearman([scores[l] for l in common], [overall[l] for l in common]), times[name],
+            times[name] / sweep_time if sweep_time else None))
     return Comparison(rows, golden, sweep, selections, len(proxy_edits), len(test_edits), sweep_time,
                       params={"proxy": proxy, "seed": seed, "selectors": list(selectors), "scoring": sweep.scoring})

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "EditRequest", "as_edits", "load_edits", "load_texts", "shared_data_path", "old_answers",
+    "EditRequest", "Edits", "as_edits", "load_edits", "load_texts", "shared_data_path", "old_answers",
     "default_retain_texts", "warn_duplicates",
 ]
 
@@ -167,21 +167,49 @@ def _from_mapping(r: Mapping[str, Any], i: int) -> EditRequest:
     )
 
 
-def as_edits(edits: Any, *, allow_empty: bool = False) -> list[EditRequest]:
-    """Normalise edits given as :class:`EditRequest` objects, dicts in any public
-    spelling, a single one of those, or a ``datasets.Dataset``.
+class Edits(list):
+    """A list of :class:`EditRequest` that has been normalised and checked once (what
+    :func:`as_edits` and :func:`load_edits` return). Every function accepts it as is."""
+
+
+def as_edits(edits: Any, *, allow_empty: bool = False) -> Edits:
+    """Normalise edits, once: :class:`EditRequest` objects, dicts in any public
+    spelling, a single one of those, a ``datasets.Dataset`` / ``DatasetDict``, or a path
+    / ``"zsre"`` / ``"counterfact"`` (read with :func:`load_edits`). An :class:`Edits`
+    is returned as is. Duplicates are warned about here, once.
 
     Raises:
         ValueError: an empty list, or a record without prompt or target.
-        TypeError: a field of the wrong type.
+        TypeError: a field of the wrong type, or something that is not edits.
+
+    Example:
+        >>> e = as_edits([{"prompt": "Paris is in", "target_new": "Italy"}])
+        >>> as_edits(e) is e
+        True
     """
+    if isinstance(edits, Edits) and (edits or allow_empty):
+        return edits
+    if isinstance(edits, (str, os.PathLike)):
+        return load_edits(edits)
+    if edits is None:
+        raise TypeError("edits is None: give a list of edits (dicts or EditRequest), a datasets Dataset, "
+                        "or a path to a JSON/JSONL file")
     if isinstance(edits, (EditRequest, Mapping)):
         edits = [edits]
-    if isinstance(edits, (str, bytes, os.PathLike)):
-        raise TypeError("as_edits takes records; to read a file use load_edits(path)")
-    out: list[EditRequest] = []
+    edits = _records(edits)
+    if isinstance(edits, bytes) or not hasattr(edits, "__iter__"):
+        raise TypeError(f"edits must be a list of edits (dicts or EditRequest), a datasets Dataset, or a path, "
+                        f"got {type(edits).__name__}")
+    out = Edits()
     for i, r in enumerate(edits):
         if isinstance(r, EditRequest):
+            for name in ("prompt", "target_new"):
+                v = getattr(r, name)
+                if not isinstance(v, str):
+                    raise TypeError(f"edit {i}: {name} must be a string, got {type(v).__name__} ({v!r})")
+                if not v.strip():
+                    raise ValueError(f"edit {i}: the {'target' if name == 'target_new' else 'prompt'} is empty "
+                                     f"(prompt {r.prompt!r})")
             out.append(r)
         elif isinstance(r, Mapping):
             out.append(_from_mapping(r, i))
@@ -189,7 +217,23 @@ def as_edits(edits: Any, *, allow_empty: bool = False) -> list[EditRequest]:
             raise TypeError(f"edit {i} is a {type(r).__name__}: give EditRequest objects or dicts")
     if not out and not allow_empty:
         raise ValueError("the edit list is empty: give at least one edit")
+    warn_duplicates(out)
     return out
+
+
+def _records(source: Any, split: str = "train") -> Any:
+    """A ``datasets`` Dataset / DatasetDict as a list of dicts; anything else as is."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return source
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise ValueError(f"the DatasetDict has no split {split!r}: its splits are {list(source)}")
+        source = source[split]
+    if isinstance(source, datasets.Dataset):
+        return source.to_list()
+    return source
 
 
 def shared_data_path(name: str) -> Path:
@@ -228,7 +272,7 @@ def _read_records(path: Path) -> list[Any]:
     return data
 
 
-def load_edits(source: Any, n: int | None = None, *, split: str = "train", offset: int = 0) -> list[EditRequest]:
+def load_edits(source: Any, n: int | None = None, *, split: str = "train", offset: int = 0) -> Edits:
     """Read edits from a JSON / JSONL file, a list of records, a ``datasets``
     dataset, a Hugging Face dataset name, or ``"zsre"`` / ``"counterfact"`` (the shared
     data, see :func:`shared_data_path`).
@@ -258,16 +302,7 @@ def load_edits(source: Any, n: int | None = None, *, split: str = "train", offse
             raise FileNotFoundError(f"no edits file {str(source)!r}")
     else:
         records = source
-    try:
-        import datasets
-
-        if isinstance(records, datasets.DatasetDict):
-            records = records[split]
-        if isinstance(records, datasets.Dataset):
-            records = records.to_list()
-    except ImportError:  # pragma: no cover
-        pass
-    records = list(records)[offset:]
+    records = list(_records(records, split))[offset:]
     if n is not None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")

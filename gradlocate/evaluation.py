@@ -56,9 +56,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.handles import check_causal_lm, find_tokenizer, unwrap_model
-from gradlocate.losses import IGNORE, NonFiniteLossError, TokenBatch, context_length, tokenize_edits
-from gradlocate.state import input_device, preserved
+from gradlocate.handles import resolve
+from gradlocate.interventions import no_cache, using
+from gradlocate.losses import IGNORE, NonFiniteLossError, TokenBatch, context_length, logits_of, tokenize_edits
+from gradlocate.state import input_device
 
 __all__ = [
     "evaluate",
@@ -325,8 +326,8 @@ def teacher_forced_scores(root: nn.Module, tokenizer: Any, prompts: Sequence[str
 
 
 def _logits(root: nn.Module, ids: Tensor, am: Tensor) -> Tensor:
-    o = root(input_ids=ids, attention_mask=am, use_cache=False)
-    return o.logits if hasattr(o, "logits") else o
+    o = root(input_ids=ids, attention_mask=am, **no_cache(root))
+    return logits_of(o)
 
 
 def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
@@ -417,11 +418,10 @@ def locality_reference(model: Any, edits: Any, *, tokenizer: Any = None, generat
         2
     """
     edits = as_edits(edits)
-    root = unwrap_model(model)
-    check_causal_lm(root)
-    tok = find_tokenizer(model, tokenizer)
+    h = resolve(model, tokenizer)
+    root, tok = h.root, h.tokenizer
     qs = [q for q in _queries(edits) if q.kind == "locality"]
-    with preserved(root), torch.no_grad():
+    with using(h), torch.no_grad():
         prompts, answers = [q.prompt for q in qs], [q.answer for q in qs]
         tf = teacher_forced_scores(root, tok, prompts, answers, batch_size=batch_size) if qs else []
         gens = greedy_generate(root, tok, prompts, max_new_tokens=max_new_tokens,
@@ -442,7 +442,7 @@ def _reference(edits: Sequence[EditRequest], qs: list[_Query], tokens: list[list
 
 def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluation | LocalityReference | None = None,
              generation: bool = True, fluency: bool = False, batch_size: int = 32, max_new_tokens: int = 32,
-             fluency_tokens: int = 100, progress: bool = False) -> EditEvaluation:
+             fluency_tokens: int = 100, progress: bool | None = None) -> EditEvaluation:
     """Score ``model`` on ``edits``: reliability, generalization, locality and
     portability, teacher-forced and (if ``generation``) by generation exact match.
 
@@ -457,7 +457,7 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
             generations from the edit prompts (text = prompt + generation, as ROME).
         batch_size: sequences per forward / generate call.
         max_new_tokens: the longest generated answer (LocFT's evaluation uses 32).
-        progress: show a progress bar over the stages.
+        progress: a progress bar over the stages (``None``: on a terminal only).
 
     Returns:
         :class:`EditEvaluation`; its ``reference`` can serve as ``pre`` later.
@@ -472,9 +472,8 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     edits = as_edits(edits)
-    root = unwrap_model(model)
-    check_causal_lm(root)  # encoder-only / seq2seq / head-less models: a clear error
-    tok = find_tokenizer(model, tokenizer)
+    h = resolve(model, tokenizer)  # encoder-only / seq2seq / head-less models: a clear error
+    root, tok = h.root, h.tokenizer
     ref = _as_reference(pre)
     if ref is not None:
         ref.check(edits)
@@ -484,8 +483,8 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
     qs = _queries(edits)
     timings: dict[str, float] = {}
     stages = ["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if fluency else [])
-    bar = tqdm(stages, desc="evaluate", disable=not progress, leave=False)
-    with preserved(root), torch.no_grad():
+    bar = tqdm(stages, desc="evaluate", disable=None if progress is None else not progress, leave=False)
+    with using(h), torch.no_grad():
         t0 = time.perf_counter()
         bar.set_postfix(stage="teacher-forced")
         tf = teacher_forced_scores(root, tok, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size)
@@ -525,9 +524,7 @@ def _as_reference(pre: Any) -> LocalityReference | None:
     if isinstance(pre, LocalityReference):
         return pre
     if isinstance(pre, EditEvaluation):
-        if pre.reference is None:
-            raise ValueError("pre= has no locality predictions (its edits had no locality prompts)")
-        return pre.reference
+        return pre.reference  # None when its edits had no locality prompts: nothing to compare against
     raise TypeError(f"pre must be an EditEvaluation or a LocalityReference, got {type(pre).__name__}")
 
 

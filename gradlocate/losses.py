@@ -1,9 +1,11 @@
-"""Tokenization and the two losses every gradient method uses.
+"""Tokenization and the two losses, each defined once and used everywhere.
 
-* **Edit loss** (GradRatio eq. 1): for each edit, the mean negative log-likelihood of
-  the target tokens given the prompt (prompt and padding masked; a space between
-  prompt and target; optionally EOS appended, as LocFT-BF does), then the mean over
-  edits.
+* **Edit loss** (:func:`edit_nll`; GradRatio eq. 1): for each edit, the mean negative
+  log-likelihood of the target tokens given the prompt (prompt and padding masked; a
+  space between prompt and target; EOS appended by default, as LocFT-BF trains). The
+  selectors, the trainer and ``gradlocate edit --layer auto`` all score this one loss,
+  so a layer is selected with the loss it is then trained with
+  (``append_eos=``:data:`APPEND_EOS` everywhere; ``False`` gives the paper's bare target).
 * **Retain loss** (GradRatio eq. 2): the language-model loss over general texts: the
   mean next-token NLL over every non-padding token.
 
@@ -22,6 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +34,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = [
+    "APPEND_EOS",
     "NonFiniteLossError",
+    "edit_nll",
+    "scored_positions",
+    "head_nll",
+    "logits_of",
     "TokenBatch",
     "tokenize_edits",
     "tokenize_texts",
@@ -44,6 +52,9 @@ __all__ = [
 ]
 
 IGNORE = -100
+#: The edit loss scores the target followed by the tokenizer's EOS token (LocFT-BF's
+#: training loss), in every function that takes ``append_eos``.
+APPEND_EOS = True
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -207,14 +218,116 @@ def per_sample_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor,
     return token_nll(logits, labels).sum(1) / n
 
 
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model's output: ``output.logits``, or the output itself (or its
+    first item) for a plain torch LM that returns the tensor."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def _forward(model: Any, batch: TokenBatch) -> Tensor:
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return out.logits if hasattr(out, "logits") else out
+    return logits_of(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
 
 
 def edit_loss(model: Any, batch: TokenBatch) -> Float[Tensor, ""]:
     """GradRatio eq. 1: mean over edits of the mean target-token NLL."""
     return per_sample_nll(_forward(model, batch), batch.labels).mean()
+
+
+def scored_positions(labels: Int[Tensor, "batch pos"]) -> tuple[Int[Tensor, " k"], Int[Tensor, " k"]]:
+    """``(rows, positions)`` of every logit that is scored: position ``t`` predicts ``labels[:, t + 1]``."""
+    rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows, pos
+
+
+def edit_nll(logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "1 k vocab"],
+             labels: Int[Tensor, "batch pos"], *, scored_only: bool = False) -> Float[Tensor, " batch"]:
+    """The edit loss of each row: the mean NLL of its scored (target) tokens, in float32.
+
+    ``logits`` are the model's full ``[batch, pos, vocab]`` logits, or with
+    ``scored_only`` only those at the scored positions ``[1, k, vocab]`` in
+    :func:`scored_positions` order (what the model returns under
+    :func:`~gradlocate.interventions.head_at`).
+
+    Example:
+        >>> import torch
+        >>> labels = torch.tensor([[-100, -100, 3, 1]])
+        >>> full = torch.randn(1, 4, 5)
+        >>> at = full[0, [1, 2]][None]                      # the two scored positions
+        >>> torch.allclose(edit_nll(full, labels), edit_nll(at, labels, scored_only=True))
+        True
+    """
+    if scored_only:
+        rows, pos = scored_positions(labels.to(logits.device))
+        if tuple(logits.shape[:2]) != (1, rows.numel()):
+            raise ValueError(f"scored_only: expected logits [1, {rows.numel()}, vocab], got {list(logits.shape)}")
+        target = labels.to(logits.device)[rows, pos + 1]
+        nll = -logits[0].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
+        return row_means(nll, rows, labels.shape[0])
+    return per_sample_nll(logits, labels.to(logits.device))
+
+
+def row_means(values: Float[Tensor, " k"], rows: Int[Tensor, " k"], n_rows: int) -> Float[Tensor, " batch"]:
+    """Mean of ``values`` per row index (every row must have at least one value)."""
+    total = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    count = torch.bincount(rows, minlength=n_rows).to(values.dtype)
+    if bool((count == 0).any()):
+        raise ValueError("a row has no scored tokens (empty target)")
+    return total / count
+
+
+class _HeadNLL(torch.autograd.Function):
+    """NLL of ``target`` under ``softmax(h @ weight.T + bias)`` and its gradient in ``h``,
+    in one pass over the vocabulary (online softmax): autograd would read the head's
+    weight twice (logits, then their gradient), and at the few scored positions of an
+    edit batch reading that weight is most of the cost. Float32; no gradient for the head."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,  # type: ignore[override]
+                chunk: int) -> Tensor:
+        h32 = h.float()
+        run_max = torch.full((h32.shape[0], 1), -math.inf, device=h.device)
+        run_sum = torch.zeros((h32.shape[0], 1), device=h.device)
+        acc = torch.zeros_like(h32)  # sum_v exp(logit_v - max) * weight_v
+        for lo in range(0, weight.shape[0], chunk):
+            w = weight[lo: lo + chunk].float()
+            logits = h32 @ w.T
+            if bias is not None:
+                logits = logits + bias[lo: lo + chunk].float()
+            new_max = torch.maximum(run_max, logits.max(1, keepdim=True).values)
+            rescale = torch.exp(run_max - new_max)
+            p = torch.exp(logits - new_max)
+            run_sum = run_sum * rescale + p.sum(1, keepdim=True)
+            acc = acc * rescale + p @ w
+            run_max = new_max
+        w_t = weight[target].float()
+        logit_t = (h32 * w_t).sum(1) + (bias[target].float() if bias is not None else 0.0)
+        ctx.save_for_backward(acc / run_sum - w_t)  # d nll / d h = E_p[w] - w_target
+        ctx.h_dtype = h.dtype
+        return run_max.squeeze(1) + run_sum.squeeze(1).log() - logit_t
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_nll.unsqueeze(1)).to(ctx.h_dtype), None, None, None, None
+
+
+def head_nll(states: Float[Tensor, "k d_model"], head: Any, target: Int[Tensor, " k"],
+             chunk: int = 1024) -> Float[Tensor, " k"]:
+    """The NLL of ``target`` at each of ``k`` final hidden states under the linear LM
+    ``head``, fused (see :class:`_HeadNLL`): equal to ``-log_softmax(head(states))[target]``
+    for a plain linear head. Differentiable in ``states``.
+
+    Example:
+        >>> import torch
+        >>> head, x, t = torch.nn.Linear(4, 10), torch.randn(3, 4), torch.tensor([1, 5, 9])
+        >>> ref = -head(x).log_softmax(-1).gather(-1, t[:, None])[:, 0]
+        >>> torch.allclose(head_nll(x, head, t), ref, atol=1e-6)
+        True
+    """
+    return _HeadNLL.apply(states, head.weight, getattr(head, "bias", None), target, chunk)
 
 
 def lm_loss(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:

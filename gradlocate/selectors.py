@@ -1,4 +1,4 @@
-"""The two published gradient-based layer selectors, on the MLP down-projections.
+"""The layer selectors, each returning a :class:`~gradlocate.results.LayerScores`.
 
 * :func:`gradratio` (GradRatio-Select): ``S(l) = ||g_edit(l)||_F^2 / ||g_retain(l)||_F^2``,
   the argmax over layers ``l >= l_min`` with ``l_min = max(3, ceil(0.15 L))``
@@ -7,9 +7,10 @@
   ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>``; layers outside Tukey's
   fences (:func:`tukey_fences`) are excluded, the golden layer is the argmax of the
   signed score among the rest.
+* :func:`cma_layer` (causal mediation analysis, ROME): the layer whose MLPs at the last
+  subject token carry the most of the fact, from :func:`~gradlocate.tracing.causal_trace`.
 
-Both return a :class:`~gradlocate.results.LayerScores`. The exact definitions and the
-choices made are in ``docs/methods.md``.
+The exact definitions and the choices made are in ``docs/methods.md``.
 
 Example:
     >>> from gradlocate.models import tiny
@@ -31,20 +32,16 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from gradlocate.gradients import (
-    LayerGradients,
-    edit_gradients,
-    greedy_answers,
-    per_sample_inner_products,
-    resolve_edits,
-    retain_gradients,
-)
-from gradlocate.data import load_texts
-from gradlocate.handles import down_projections
+from gradlocate.data import EditRequest, as_edits, load_texts
+from gradlocate.gradients import LayerGradients, edit_gradients, per_sample_inner_products, retain_gradients
+from gradlocate.handles import Handles, resolve
+from gradlocate.interventions import using
+from gradlocate.losses import APPEND_EOS, context_length, logits_of
 from gradlocate.memory import check_max_memory
 from gradlocate.results import LayerScores
+from gradlocate.state import input_device
 
-__all__ = ["adaptive_min_layer", "TukeyFences", "tukey_fences", "gradratio", "lga"]
+__all__ = ["adaptive_min_layer", "TukeyFences", "tukey_fences", "gradratio", "lga", "cma_layer", "greedy_answers"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -106,8 +103,7 @@ def tukey_fences(scores: Sequence[float], k: float = 1.0) -> TukeyFences:
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
         raise ValueError(f"the fence multiplier k must be a finite number >= 0, got {k!r}")
     q1, q3 = (float(v) for v in np.quantile(x, [0.25, 0.75]))
-    iqr = q3 - q1
-    lo, hi = q1 - k * iqr, q3 + k * iqr
+    lo, hi = q1 - k * (q3 - q1), q3 + k * (q3 - q1)
     return TukeyFences(lo, hi, q1, q3, float(k), [bool(lo <= v <= hi) for v in x])
 
 
@@ -123,11 +119,9 @@ def _resolve_min_layer(min_layer: Any, n_layers: int) -> int:
     if min_layer == "adaptive":
         l_min = adaptive_min_layer(n_layers)
         if l_min >= n_layers:
-            warnings.warn(
-                f"the model has only {n_layers} layer(s): GradRatio's l_min = max(3, ceil(0.15 L)) = {l_min} "
-                f"leaves no eligible layer, so l_min is clamped to the last layer ({n_layers - 1})",
-                stacklevel=3,
-            )
+            warnings.warn(f"the model has only {n_layers} layer(s): GradRatio's l_min = max(3, ceil(0.15 L)) = "
+                          f"{l_min} leaves no eligible layer, so l_min is clamped to the last layer "
+                          f"({n_layers - 1})", stacklevel=3)
             l_min = n_layers - 1
         return l_min
     if isinstance(min_layer, bool) or not isinstance(min_layer, (int, np.integer)):
@@ -138,8 +132,8 @@ def _resolve_min_layer(min_layer: Any, n_layers: int) -> int:
 
 
 def _check_precomputed(g: LayerGradients, what: str, layers: list[int] | None) -> None:
-    if g.kind != what:
-        raise ValueError(f"the {what} argument is a LayerGradients of the {g.kind!r} loss, not of the {what!r} loss")
+    if g.loss_kind != what:
+        raise ValueError(f"the {what} argument is a LayerGradients of the {g.loss_kind!r} loss, not of the {what!r} loss")
     if layers is not None and list(g.layers) != list(layers):
         raise ValueError(f"the precomputed {what} gradients cover layers {g.layers}, not the requested {layers}")
 
@@ -149,42 +143,40 @@ def _check_precomputed(g: LayerGradients, what: str, layers: list[int] | None) -
 
 def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
               min_layer: int | Literal["adaptive"] = "adaptive", layers: Sequence[int] | int | None = None,
-              batch_size: int = 8, max_length: int | None = 128, append_eos: bool = False,
+              batch_size: int = 8, max_length: int | None = 128, append_eos: bool = APPEND_EOS,
               progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
-    """GradRatio-Select: the layer whose down-projection gradient is largest for the
-    edits relative to general text.
+    """GradRatio-Select: the layer whose site gradient is largest for the edits
+    relative to general text.
 
     ``S(l) = ||grad_{W_l} L_edit||_F^2 / ||grad_{W_l} L_retain||_F^2`` with ``L_edit``
-    the mean over edits of the mean target NLL (eq. 1) and ``L_retain`` the mean
+    the edit loss (eq. 1, the loss LocFT-BF trains with) and ``L_retain`` the mean
     next-token NLL of the retain texts (eq. 2). Selected: ``argmax_{l >= l_min} S(l)``
     with ``l_min = max(3, ceil(0.15 L))`` (``min_layer="adaptive"``; on a model with
     ``L <= 3`` layers it is clamped to ``L - 1`` with a warning) or ``min_layer=`` an int.
 
     Also reported per layer (``extras``): ``g_edit_sq``, ``g_retain_sq``,
     ``cos`` = cos(g_edit, g_retain), and ``first_formulation`` =
-    ``||g_edit||^2 (1 - |cos|)`` (the paper's first formulation; its ablation found
-    ``cos`` near 0 everywhere, which you can check here).
+    ``||g_edit||^2 (1 - |cos|)`` (the paper's first formulation).
 
     Paper defaults: 32 edits, 256 retain sequences of 128 tokens. gradlocate uses what
     it is given, cutting retain texts to ``max_length`` tokens (128).
 
     Args:
-        model: a Hugging Face causal LM, an nnsight wrapper or a TransformerLens bridge.
-        edits: edits in any public spelling (see :func:`~gradlocate.gradients.resolve_edits`),
-            or a precomputed :class:`~gradlocate.gradients.LayerGradients` of the edit loss.
+        model: a Hugging Face causal LM, an nnsight wrapper, a TransformerLens bridge,
+            or :class:`~gradlocate.handles.Handles`.
+        edits: edits in any public form (see :func:`~gradlocate.data.as_edits`), or a
+            precomputed :class:`~gradlocate.gradients.LayerGradients` of the edit loss.
         retain: retain texts (a list of strings or anything
             :func:`~gradlocate.data.load_texts` reads), or a precomputed
-            :class:`~gradlocate.gradients.LayerGradients` of the retain loss; computing it
-            once with ``retain_gradients(..., keep=True)`` and reusing it across edit sets
-            saves half the work.
+            :class:`~gradlocate.gradients.LayerGradients` of the retain loss (computing
+            it once with ``retain_gradients(..., keep=True)`` saves half the work).
         min_layer: ``"adaptive"`` or the lowest eligible layer index.
         layers: score only these layers (``l_min`` still refers to the model's depth).
-        batch_size: sequences per forward/backward.
+        batch_size: sequences per forward/backward (memory only).
         max_length: retain texts are cut to this many tokens.
-        append_eos: append EOS to each edit target.
-        progress: progress bars (default: on a terminal only).
-        max_memory: a byte budget for activations; micro-batches shrink to fit it
-            (same result, see :mod:`gradlocate.memory`).
+        append_eos: score EOS after each target (default: as the trainer does).
+        progress: progress bars (``None``: on a terminal only).
+        max_memory: a byte budget for activations; micro-batches shrink to fit it.
 
     Raises:
         ValueError: empty edits or retain set, bad targets, layers out of range, or no
@@ -199,32 +191,26 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
     """
     t0 = time.perf_counter()
     check_max_memory(max_memory)
-    hs = down_projections(model)
-    n_layers = len(hs)
+    h = resolve(model, tokenizer)
     pre = [g for g in (edits, retain) if isinstance(g, LayerGradients)]
-    idx = hs.layer_indices(layers) if (layers is not None or not pre) else list(pre[0].layers)
-    l_min = _resolve_min_layer(min_layer, n_layers)
+    idx = h.layer_indices(layers) if (layers is not None or not pre) else list(pre[0].layers)
+    l_min = _resolve_min_layer(min_layer, h.n_layers)
     eligible = [l >= l_min for l in idx]
     if not any(eligible):
         raise ValueError(f"none of the layers {idx} is at or above l_min = {l_min}: score higher layers "
                          f"or pass min_layer=")
     # Check both inputs before the (long) gradient computations.
     if not isinstance(edits, LayerGradients):
-        edits = resolve_edits(edits)
+        edits = as_edits(edits)
     if not isinstance(retain, LayerGradients):
         retain = load_texts(retain)
-    kw = dict(tokenizer=tokenizer, layers=idx, batch_size=batch_size, keep=True, progress=progress,
-              max_memory=max_memory)
+    kw = dict(layers=idx, batch_size=batch_size, keep=True, progress=progress, max_memory=max_memory)
     if isinstance(edits, LayerGradients):
         _check_precomputed(edits, "edit", idx)
-        g_e = edits
-    else:
-        g_e = edit_gradients(hs, edits, append_eos=append_eos, **kw)
+    g_e = edits if isinstance(edits, LayerGradients) else edit_gradients(h, edits, append_eos=append_eos, **kw)
     if isinstance(retain, LayerGradients):
         _check_precomputed(retain, "retain", idx)
-        g_r = retain
-    else:
-        g_r = retain_gradients(hs, retain, max_length=max_length, **kw)
+    g_r = retain if isinstance(retain, LayerGradients) else retain_gradients(h, retain, max_length=max_length, **kw)
 
     e, r = g_e.sq_norms, g_r.sq_norms
     if g_e.grads is not None and g_r.grads is not None:
@@ -233,21 +219,20 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         warnings.warn("precomputed gradients without keep=True: cos and first_formulation are nan", stacklevel=2)
         cos = [math.nan] * len(idx)
     scores = [_ratio(a, b) for a, b in zip(e, r)]
-    first = [a * (1 - abs(c)) for a, c in zip(e, cos)]
     sel = idx[_argmax(scores, eligible)]
     params = {
-        "n_layers": n_layers, "l_min": l_min, "min_layer": min_layer, "n_edits": g_e.n_sequences,
+        "n_layers": h.n_layers, "l_min": l_min, "min_layer": min_layer, "n_edits": g_e.n_sequences,
         "edit_tokens": g_e.n_tokens, "n_retain": g_r.n_sequences, "retain_tokens": g_r.n_tokens,
         "edit_loss": g_e.loss, "retain_loss": g_r.loss, "batch_size": batch_size,
-        "max_length": max_length, "append_eos": append_eos, "max_memory": max_memory,
+        "max_length": max_length, "append_eos": g_e.params.get("append_eos", append_eos), "max_memory": max_memory,
     }
     # Parts that add up to the wall time (LayerScores' repr shows their sum).
     timings = {"edit_gradients": g_e.timings.get("gradients", 0.0) if g_e is not edits else 0.0,
                "retain_gradients": g_r.timings.get("gradients", 0.0) if g_r is not retain else 0.0}
     timings["other"] = max(0.0, time.perf_counter() - t0 - sum(timings.values()))
     return LayerScores("gradratio", scores, eligible, sel, params,
-                       {"g_edit_sq": e, "g_retain_sq": r, "cos": cos, "first_formulation": first},
-                       timings, idx)
+                       {"g_edit_sq": e, "g_retain_sq": r, "cos": cos,
+                        "first_formulation": [a * (1 - abs(c)) for a, c in zip(e, cos)]}, timings, idx)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -259,18 +244,77 @@ def _ratio(a: float, b: float) -> float:
 # --------------------------------------------------------------------------- LGA
 
 
+_STOP = ("\n", ".")
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
+                   max_new_tokens: int = 8) -> list[str]:
+    """The model's own greedy continuation of each prompt, as a short answer: up to
+    ``max_new_tokens`` tokens, stopping at EOS, a newline or a period once some text has
+    been produced (leading whitespace is skipped), stripped.
+
+    Used by :func:`lga` when an edit has no old answer.
+
+    Raises:
+        ValueError: the model produces no text for a prompt within ``max_new_tokens``.
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, tok = tiny("llama", n_layers=1, d_model=16)
+        >>> isinstance(greedy_answers(model, ["Paris is in"], max_new_tokens=3)[0], str)
+        True
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    h = resolve(model, tokenizer)
+    tok = h.tokenizer
+    dev = input_device(h.root)
+    eos = getattr(tok, "eos_token_id", None)
+    ctx = context_length(h.root)
+    answers = []
+    with using(h):
+        for i, p in enumerate(prompts):
+            ids = list(tok(p)["input_ids"])
+            if ctx is not None and len(ids) >= ctx:
+                raise ValueError(f"edit {i}: the prompt is {len(ids)} tokens, no shorter than the model's context of "
+                                 f"{ctx}: no room to generate its old answer; shorten the prompt")
+            new: list[int] = []
+            text = ""
+            for _ in range(max_new_tokens):
+                if ctx is not None and len(ids) + len(new) >= ctx:
+                    break
+                logits = logits_of(h.root(input_ids=torch.tensor([ids + new], device=dev)))
+                nxt = int(logits.float()[0, -1].argmax())
+                if nxt == eos:
+                    break
+                cand = tok.decode(new + [nxt])
+                if text.strip() and any(s in cand[len(text):] for s in _STOP):
+                    break
+                new.append(nxt)
+                text = cand
+            answer = text.strip()
+            for s in _STOP:
+                answer = answer.split(s)[0].strip()
+            if not answer:
+                raise ValueError(f"edit {i}: no old answer given (ground_truth / pred) and the model's greedy "
+                                 f"continuation of {p!r} is empty within {max_new_tokens} tokens; give ground_truth")
+            answers.append(answer)
+    return answers
+
+
 def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         aggregate: Literal["sum", "mean"] = "sum", sign: Literal["signed", "negative", "abs"] = "signed",
-        layers: Sequence[int] | int | None = None, batch_size: int = 8, append_eos: bool = False,
+        layers: Sequence[int] | int | None = None, batch_size: int = 8, append_eos: bool = APPEND_EOS,
         max_new_tokens: int = 8, progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
     """Layer Gradient Analysis: the "golden layer" from per-sample gradient inner products.
 
     ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>_F`` where ``L_new^i`` is edit
-    ``i``'s mean NLL of ``target_new`` and ``L_old^i`` that of its old answer
+    ``i``'s edit loss on ``target_new`` and ``L_old^i`` that on its old answer
     (``ground_truth``, else ``pred``, else the model's own greedy answer, see
-    :func:`~gradlocate.gradients.greedy_answers`). Layers whose score lies outside Tukey's
-    fences ``[Q1 - k IQR, Q3 + k IQR]`` over all scored layers (``k = fence``) are
-    excluded; the golden layer is the argmax of the score among the rest.
+    :func:`greedy_answers`). Layers whose score lies outside Tukey's fences
+    ``[Q1 - k IQR, Q3 + k IQR]`` over all scored layers (``k = fence``) are excluded; the
+    golden layer is the argmax of the score among the rest.
 
     The inner products come from the ghost identity (two forward+backward passes per
     micro-batch, no per-sample weight gradient materialised).
@@ -281,12 +325,10 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         fence: Tukey's ``k`` (default 1.0).
         aggregate: ``"sum"`` (the definition) or ``"mean"`` over edits; the selection and
             the fences are the same for both (the fences are scale-equivariant).
-        sign: what is maximised among the layers inside the fences: ``"signed"`` (the
-            definition: ``S``), ``"negative"`` (``-S``: the layer where lowering the new
-            target's loss most raises the old answer's) or ``"abs"`` (``|S|``). The fences
-            are always computed on ``S``.
+        sign: what is maximised among the layers inside the fences: ``"signed"`` (``S``),
+            ``"negative"`` (``-S``: the layer where lowering the new target's loss most
+            raises the old answer's) or ``"abs"`` (``|S|``). The fences are always on ``S``.
         max_new_tokens: length cap of a generated old answer.
-        max_memory: a byte budget for activations; chunks of edits shrink to fit it.
 
     Returns:
         :class:`~gradlocate.results.LayerScores` with ``scores`` = ``S`` (aggregated as asked),
@@ -309,26 +351,23 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     if isinstance(fence, bool) or not isinstance(fence, (int, float)) or not math.isfinite(fence) or fence < 0:
         raise ValueError(f"fence (Tukey's k) must be a finite number >= 0, got {fence!r}")
     check_max_memory(max_memory)
-    edits = resolve_edits(edits)
-    hs = down_projections(model)
-    idx = hs.layer_indices(layers)
+    edits = as_edits(edits)
+    h = resolve(model, tokenizer)
+    idx = h.layer_indices(layers)
 
     old = [e.old_answer if e.old_answer is not None and e.old_answer.strip() else None for e in edits]
     missing = [i for i, o in enumerate(old) if o is None]
     t1 = time.perf_counter()
     if missing:
-        gen = greedy_answers(hs, [edits[i].prompt for i in missing], tokenizer=tokenizer,
-                             max_new_tokens=max_new_tokens)
-        for i, g in zip(missing, gen):
+        for i, g in zip(missing, greedy_answers(h, [edits[i].prompt for i in missing], max_new_tokens=max_new_tokens)):
             old[i] = g
     t_old = time.perf_counter() - t1
 
-    prods = per_sample_inner_products(hs, [e.prompt for e in edits], [e.target_new for e in edits],
-                                      old, tokenizer=tokenizer, layers=idx, batch_size=batch_size,
-                                      append_eos=append_eos, progress=progress, max_memory=max_memory)
+    prods = per_sample_inner_products(h, [e.prompt for e in edits], [e.target_new for e in edits], old,
+                                      layers=idx, batch_size=batch_size, append_eos=append_eos, progress=progress,
+                                      max_memory=max_memory)
     per = prods.dot  # [edits, layers], float64
-    agg = per.sum(0) if aggregate == "sum" else per.mean(0)
-    scores = [float(v) for v in agg]
+    scores = [float(v) for v in (per.sum(0) if aggregate == "sum" else per.mean(0))]
     f = tukey_fences(scores, fence)
     if not any(f.inside):
         raise ValueError(f"every layer is outside Tukey's fences [{f.lower:.4g}, {f.upper:.4g}] with k={fence}: "
@@ -337,7 +376,6 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     sel = idx[_argmax(key, f.inside)]
     n = per.shape[0]
     std = per.std(0, unbiased=True) if n > 1 else torch.zeros(per.shape[1], dtype=per.dtype)
-    cos_mean = torch.nanmean(prods.cosine, 0)
     params = {
         "fence": fence, "aggregate": aggregate, "sign": sign, "lower": f.lower, "upper": f.upper,
         "q1": f.q1, "q3": f.q3, "n_edits": n, "generated_old_answers": len(missing),
@@ -348,5 +386,115 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     timings["other"] = max(0.0, time.perf_counter() - t0 - sum(timings.values()))
     return LayerScores("lga", scores, list(f.inside), sel, params,
                        {"mean": [float(v) for v in per.mean(0)], "std": [float(v) for v in std],
-                        "cos_mean": [float(v) for v in cos_mean]},
-                       timings, idx)
+                        "cos_mean": [float(v) for v in torch.nanmean(prods.cosine, 0)]}, timings, idx)
+
+
+# --------------------------------------------------------------------------- CMA
+
+
+def _edit_answer(e: EditRequest, answer: str) -> str | None:
+    if answer == "predicted":
+        return None
+    if answer == "new":
+        return e.target_new
+    if answer == "old":
+        if e.old_answer is None:
+            raise ValueError(f"answer='old' but edit {e.prompt!r} has no ground_truth or pred")
+        return e.old_answer
+    raise ValueError(f"answer must be 'predicted', 'old' or 'new', got {answer!r}")
+
+
+def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | None = None,
+              noise: float | Sequence[torch.Tensor] = 3.0, std: float | None = None, seed: int = 0,
+              window: int = 10, layers: Sequence[int] | int | None = None, answer: str = "predicted",
+              batch_size: int = 256, merge: bool | None = None, progress: bool | None = None) -> LayerScores:
+    """The CMA layer choice: the layer whose MLPs (restored in a window of ``window``
+    layers centred on it) at the last subject token have the largest average indirect
+    effect ``score - low_score`` over ``edits``.
+
+    Only the last subject token's row of each edit's ``kind="mlp"`` causal trace is
+    computed (:func:`~gradlocate.tracing.causal_trace`).
+
+    Args:
+        model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
+            :class:`~gradlocate.handles.Handles`.
+        edits: edits in any public form; each needs a ``subject`` that occurs in its ``prompt``.
+        noise: a multiple of ``std``, or one explicit tensor
+            ``[samples, n_subject_tokens, d_model]`` per edit.
+        std: the embedding std; default ROME's: :func:`~gradlocate.tracing.embedding_std`
+            over the edits' subjects.
+        seed: seed of the noise (the same seed for every edit, as ROME).
+        answer: whose probability is traced: ``"predicted"`` (the clean argmax, as
+            ROME), ``"old"`` (the edit's ground truth) or ``"new"`` (its target).
+        samples: corrupted rows per cell, as in :func:`~gradlocate.tracing.causal_trace`.
+        window: layers restored per cell, as there.
+        layers: the layers traced, as there.
+        batch_size: rows per forward, as there.
+        merge: the fast executor's batching, as there.
+        progress: a progress bar over the edits (``None``: on a terminal only).
+
+    Returns:
+        :class:`~gradlocate.results.LayerScores` with ``method="cma"``, ``scores`` the
+        mean indirect effect per layer; extras ``"ie_std"`` (its std over the edits) and
+        ``"mean_prob"`` (the mean restored probability); ``params["low_score"]`` /
+        ``["high_score"]`` the means over the edits.
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, tok = tiny("llama", n_layers=4, d_model=32)
+        >>> edits = [{"prompt": "Paris is the capital of", "target_new": "Italy", "subject": "Paris"},
+        ...          {"prompt": "The Nile flows through", "target_new": "Peru", "subject": "The Nile"}]
+        >>> r = cma_layer(model, edits, samples=3, window=2, progress=False)
+        >>> r.method, len(r.scores), r.selected == r.layers[max(range(4), key=r.scores.__getitem__)]
+        ('cma', 4, True)
+    """
+    from tqdm.auto import tqdm
+
+    from gradlocate.tracing import TracePrompt, embedding_std, trace_prompt
+
+    t_start = time.perf_counter()
+    edits = as_edits(edits)
+    for i, e in enumerate(edits):
+        if e.subject is None:
+            raise ValueError(f"edit {i} ({e.prompt!r}) has no subject: cma_layer traces the subject's tokens")
+    if isinstance(noise, torch.Tensor):
+        raise TypeError("cma_layer takes a multiple of the embedding std, or a list with one noise tensor per edit "
+                        "(subjects differ in length), not one tensor")
+    explicit = not isinstance(noise, (int, float)) or isinstance(noise, bool)
+    if explicit:
+        noise = list(noise)  # type: ignore[arg-type]
+        if len(noise) != len(edits):
+            raise ValueError(f"{len(noise)} explicit noise tensors for {len(edits)} edits: give one per edit")
+    h = resolve(model, tokenizer)
+    prompts = [TracePrompt.of(h, e.prompt, e.subject, where=f"edit {i}") for i, e in enumerate(edits)]
+    t0 = time.perf_counter()
+    if std is None and not explicit:
+        std = embedding_std(h, [e.subject for e in edits])  # type: ignore[misc]
+    t_std = time.perf_counter() - t0
+    ies, probs, lows, highs = [], [], [], []
+    layer_idx: list[int] = []
+    r = None
+    for i, (e, tp) in enumerate(zip(edits, tqdm(prompts, desc="cma_layer", disable=None if progress is None
+                                                 else not progress))):
+        r = trace_prompt(h, tp, kind="mlp", samples=samples, noise=noise[i] if explicit else noise,  # type: ignore[index]
+                         std=std, seed=seed, window=window, answer=_edit_answer(e, answer),
+                         tokens=[tp.subject_range[1] - 1], layers=layers, batch_size=batch_size, merge=merge,
+                         progress=False)
+        layer_idx = r.layers
+        probs.append(r.scores[0])
+        ies.append(r.scores[0] - r.low_score)
+        lows.append(r.low_score)
+        highs.append(r.high_score)
+    ie = torch.stack(ies).double()
+    mean = ie.mean(0)
+    return LayerScores(
+        method="cma", scores=mean.tolist(), eligible=[True] * len(layer_idx), selected=layer_idx[int(mean.argmax())],
+        params={"kind": "mlp", "token": "last_subject", "samples": r.samples if r else samples,
+                "noise": "explicit" if explicit else float(noise), "std": std, "seed": seed,  # type: ignore[arg-type]
+                "window": window, "answer": answer, "n_edits": len(edits),
+                "low_score": float(sum(lows) / len(lows)), "high_score": float(sum(highs) / len(highs))},
+        extras={"ie_std": (ie.std(0) if len(ies) > 1 else torch.zeros_like(mean)).tolist(),
+                "mean_prob": torch.stack(probs).double().mean(0).tolist()},
+        timings={"noise_std": t_std, "trace": time.perf_counter() - t0 - t_std, "setup": t0 - t_start},
+        layers=layer_idx,
+    )

@@ -1,61 +1,20 @@
-"""Tiny context managers that change a model's state for one computation and always
-put it back (in the spirit of ROME's ``nethook``).
+"""Model state that is not an intervention: where inputs go, whether the weights are
+real, and an exact undo of an in-place edit.
 
 Example:
     >>> from gradlocate.models import tiny
-    >>> from gradlocate.handles import down_projections
-    >>> model, _ = tiny("gpt2", n_layers=2, d_model=16)
-    >>> hs = down_projections(model)
-    >>> with grad_only(model, hs.parameters()):
-    ...     sum(p.requires_grad for p in model.parameters())
-    2
-    >>> all(p.requires_grad for p in model.parameters())
-    True
+    >>> model, _ = tiny("gpt2", n_layers=1, d_model=16)
+    >>> input_device(model).type
+    'cpu'
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["grad_only", "eval_mode", "preserved", "input_device", "check_materialized", "snapshot", "restore_snapshot"]
-
-
-@contextlib.contextmanager
-def grad_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Only ``params`` require grad inside the block; every flag is restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    keep = {id(p) for p in params}
-    try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` inside the block (no dropout); each module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
-@contextlib.contextmanager
-def preserved(model: nn.Module, params: Iterable[nn.Parameter] | None = None) -> Iterator[None]:
-    """Eval mode, and grad only on ``params`` (none if ``None``), for one computation."""
-    with eval_mode(model), grad_only(model, params or ()):
-        yield
+__all__ = ["input_device", "check_materialized", "Undo"]
 
 
 def check_materialized(model: nn.Module) -> None:
@@ -105,13 +64,45 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def snapshot(params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Bit-exact copies of ``params`` (to undo an in-place edit)."""
-    return [(p, p.detach().clone()) for p in params]
+class Undo:
+    """A bit-exact copy of a tensor, to put it back (an in-place edit's undo).
 
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2)
+        >>> u = Undo(w)
+        >>> _ = w.mul_(3); u.changed
+        True
+        >>> u.restore(); w.tolist(), u.changed
+        ([1.0, 1.0], False)
+    """
 
-def restore_snapshot(snap: list[tuple[torch.Tensor, Any]]) -> None:
-    """Write a :func:`snapshot` back, bit for bit."""
-    with torch.no_grad():
-        for p, saved in snap:
-            p.copy_(saved)
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.saved: torch.Tensor | None = tensor.detach().clone()
+
+    @property
+    def committed(self) -> bool:
+        return self.saved is None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the tensor differs (bitwise) from the copy (always after a commit)."""
+        return self.saved is None or not torch.equal(self.tensor.detach(), self.saved)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        if self.saved is None:
+            raise RuntimeError("the edit was committed: the original weight is no longer kept")
+        return self.tensor.detach() - self.saved
+
+    def restore(self) -> None:
+        """Write the copy back, bit for bit."""
+        if self.saved is None:
+            raise RuntimeError("the edit was committed with .commit(); there is nothing to restore")
+        with torch.no_grad():
+            self.tensor.copy_(self.saved)
+
+    def commit(self) -> None:
+        """Keep the change and release the copy."""
+        self.saved = None

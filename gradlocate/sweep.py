@@ -1,17 +1,18 @@
 """The golden-layer sweep: edit at every candidate layer, evaluate, restore, move on.
 
 A selector is only as good as the layer it picks; the sweep is the ground truth. For
-each candidate layer ``l`` it fine-tunes layer ``l``'s down-projection with
+each candidate layer ``l`` it fine-tunes layer ``l``'s site with
 :class:`~gradlocate.editing.LocFTBF`, scores the edited model with
-:func:`~gradlocate.evaluation.evaluate` (reliability, generalization, locality, both
-scorings), restores the weight bit for bit, and records one JSON line. The **overall**
-score of a layer is the mean of reliability, generalization and locality (the Golden
-Layers paper's "Overall"); the **golden layer** is the layer with the best overall
-score.
+:func:`~gradlocate.evaluation.evaluate`, restores the weight bit for bit, and records
+one :class:`LayerRecord`. The **overall** score of a layer is the mean of the metrics
+in :data:`OVERALL_METRICS` that the data has (the Golden Layers paper's "Overall"); the
+**golden layer** is the layer with the best overall score.
 
 A sweep is the expensive thing, so it is resumable: give ``out="sweep.jsonl"`` and a
 re-run skips the layers already in the file (if they were run with the same model,
-edits and trainer settings).
+edits and trainer settings). A last line cut short by an interruption is dropped and
+its layer run again; any other damage is an error naming the file, the line and the
+problem. One layer that fails is recorded with its error and the others still run.
 
 Example:
     >>> from gradlocate.models import tiny
@@ -31,48 +32,92 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradlocate.data import EditRequest, as_edits, warn_duplicates
-from gradlocate.handles import down_projections, find_tokenizer
+from gradlocate.data import as_edits
+from gradlocate.handles import resolve
+from gradlocate.interventions import using
 from gradlocate.state import check_materialized
 
-__all__ = ["sweep", "SweepResult", "OVERALL_METRICS", "overall_score"]
+__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "overall_score", "SweepFileError"]
 
 #: The metrics averaged into the overall score (Golden Layers' rewrite / rephrase / locality).
 OVERALL_METRICS = ("reliability", "generalization", "locality")
 SCORINGS = ("teacher_forced", "generation")
 
 
+class SweepFileError(ValueError):
+    """A sweep's JSONL file (``out=``) cannot be resumed from: the message names the
+    file, the line and the problem."""
+
+
 def overall_score(metrics: dict[str, float | None], names: Sequence[str] = OVERALL_METRICS) -> float | None:
-    """Mean of the available metrics among ``names`` (``None`` if none is available)."""
+    """Mean of the available metrics among ``names`` (``None`` if none is available).
+
+    Example:
+        >>> overall_score({"reliability": 1.0, "generalization": 0.5, "locality": None})
+        0.75
+    """
     vals = [metrics.get(m) for m in names]
     vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(vals) / len(vals) if vals else None
+
+
+@dataclass
+class LayerRecord:
+    """One swept layer.
+
+    Attributes:
+        layer: the edited layer.
+        teacher_forced, generation: metric -> score under each scoring (``generation``
+            is ``None`` when generation scoring was off).
+        train: the trainer's :meth:`~gradlocate.editing.FitResult.to_dict` summary
+            (epochs, final loss, converged, steps ...).
+        timings: seconds (train, evaluate, total).
+        n_edits, n_eval: edits trained and evaluated.
+        error: why this layer could not be edited, if it could not (then no metrics).
+        fingerprint: identifies the model, edits and settings (for resuming).
+    """
+
+    layer: int
+    teacher_forced: dict[str, float | None] = field(default_factory=dict)
+    generation: dict[str, float | None] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    n_edits: int = 0
+    n_eval: int = 0
+    error: str | None = None
+    fingerprint: str = ""
+
+    def metrics(self, scoring: str) -> dict[str, float | None]:
+        return (self.teacher_forced if scoring == "teacher_forced" else self.generation) or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerRecord:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _fingerprint(model: Any, edits: Sequence[EditRequest], eval_edits: Sequence[EditRequest],
-                 trainer: dict[str, Any], generation: bool) -> str:
-    hs = down_projections(model)
+def _fingerprint(h: Any, edits: Sequence[Any], eval_edits: Sequence[Any], trainer: dict[str, Any],
+                 generation: bool) -> str:
     # A cheap checksum of the editable weights tells a different checkpoint apart.
     with torch.no_grad():
-        weights = [float(h.parameter.detach().double().sum()) for h in hs]
+        weights = [float(x.parameter.detach().double().sum()) for x in h]
     return _digest({
-        "model": type(hs.root).__name__,
-        "name": getattr(getattr(hs.root, "config", None), "_name_or_path", ""),
-        "weights": [f"{w:.10e}" for w in weights],
-        "edits": [e.to_dict() for e in edits],
-        "eval": [e.to_dict() for e in eval_edits],
-        "trainer": trainer,
-        "generation": generation,
+        "model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
+        "site": h.site_path, "weights": [f"{w:.10e}" for w in weights], "edits": [e.to_dict() for e in edits],
+        "eval": [e.to_dict() for e in eval_edits], "trainer": trainer, "generation": generation,
     })
 
 
@@ -81,14 +126,13 @@ class SweepResult:
     """Per-layer edit metrics from a sweep, and the golden layer.
 
     Attributes:
-        records: one dict per swept layer (``layer``, ``teacher_forced`` and
-            ``generation`` metric dicts, ``train`` statistics, ``timings``), in layer order.
+        records: one :class:`LayerRecord` per swept layer, in layer order.
         scoring: which scoring the overall score and the golden layer use
             (``"teacher_forced"`` or ``"generation"``).
         path: the JSONL file the sweep was written to, if any.
     """
 
-    records: list[dict[str, Any]]
+    records: list[LayerRecord]
     scoring: str = "teacher_forced"
     path: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -98,18 +142,18 @@ class SweepResult:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not self.records:
             raise ValueError("a sweep result needs at least one layer")
-        self.records = sorted(self.records, key=lambda r: r["layer"])
+        self.records = sorted(self.records, key=lambda r: r.layer)
 
     @property
     def layers(self) -> list[int]:
-        return [r["layer"] for r in self.records]
+        return [r.layer for r in self.records]
 
     def metric(self, name: str, scoring: str | None = None) -> list[float | None]:
-        """Per-layer values of one metric (``"overall"`` included)."""
+        """Per-layer values of one metric (``"overall"`` included; ``None`` where absent)."""
         scoring = scoring or self.scoring
         if name == "overall":
-            return [overall_score(r.get(scoring) or {}) for r in self.records]
-        return [(r.get(scoring) or {}).get(name) for r in self.records]
+            return [overall_score(r.metrics(scoring)) for r in self.records]
+        return [r.metrics(scoring).get(name) for r in self.records]
 
     @property
     def overall(self) -> list[float | None]:
@@ -133,39 +177,42 @@ class SweepResult:
             out[m] = self.layers[i]
         return out
 
-    def at(self, layer: int) -> dict[str, Any]:
+    def at(self, layer: int) -> LayerRecord:
         """The record of one layer."""
         for r in self.records:
-            if r["layer"] == layer:
+            if r.layer == layer:
                 return r
         raise KeyError(f"layer {layer} was not swept (swept: {self.layers})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"scoring": self.scoring, "golden": self.golden, "best": self.best_layers(),
-                "layers": self.layers, "overall": self.overall, "records": self.records,
+                "layers": self.layers, "overall": self.overall, "records": [r.to_dict() for r in self.records],
                 "path": self.path, "params": self.params}
 
     def to_markdown(self, scoring: str | None = None) -> str:
-        """Per-layer table: the three metrics, overall, portability if present."""
+        """Per-layer table: the metrics the data has, overall, convergence."""
         scoring = scoring or self.scoring
         cols = [m for m in (*OVERALL_METRICS, "portability") if any(v is not None for v in self.metric(m, scoring))]
-        head = "| layer | " + " | ".join(cols) + " | overall |\n|---:|" + "---:|" * (len(cols) + 1)
+        head = ("| layer | " + " | ".join(cols) + " | overall | converged |\n|---:|"
+                + "---:|" * (len(cols) + 1) + ":---:|")
         rows = []
         golden = self.golden
-        for i, layer in enumerate(self.layers):
+        for i, r in enumerate(self.records):
             vals = [self.metric(m, scoring)[i] for m in cols] + [self.metric("overall", scoring)[i]]
             cells = " | ".join("n/a" if v is None else f"{v:.3f}" for v in vals)
-            mark = " **(golden)**" if layer == golden and scoring == self.scoring else ""
-            rows.append(f"| {layer}{mark} | {cells} |")
+            mark = " **(golden)**" if r.layer == golden and scoring == self.scoring else ""
+            conv = "error" if r.error else ("yes" if r.train.get("converged") else "no")
+            rows.append(f"| {r.layer}{mark} | {cells} | {conv} |")
         return head + "\n" + "\n".join(rows)
 
     def __repr__(self) -> str:
         ov = self.overall
         best = max((v for v in ov if v is not None), default=None)
-        t = sum(r.get("timings", {}).get("total", 0.0) for r in self.records)
+        t = sum(r.timings.get("total", 0.0) for r in self.records)
+        if best is None:
+            return f"SweepResult({len(self.records)} layers, no metric available)"
         return (f"SweepResult({len(self.records)} layers {self.layers[0]}..{self.layers[-1]}, golden={self.golden} "
-                f"(overall {best:.3f}), scoring={self.scoring!r}, time={t:.1f}s)" if best is not None else
-                f"SweepResult({len(self.records)} layers, no metric available)")
+                f"(overall {best:.3f}), scoring={self.scoring!r}, time={t:.1f}s)")
 
     def _repr_html_(self) -> str:
         return f"<div><b>Sweep</b>: golden layer <b>{self.golden}</b><pre>{html.escape(self.to_markdown())}</pre></div>"
@@ -179,74 +226,90 @@ class SweepResult:
     @classmethod
     def load(cls, path: str | Path, scoring: str = "teacher_forced") -> SweepResult:
         """Read a sweep's JSONL file (the latest record of each layer)."""
-        recs: dict[int, dict[str, Any]] = {}
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by an interruption
-                recs[r["layer"]] = r
-        return cls(list(recs.values()), scoring=scoring, path=str(path))
+        return cls(list(read_records(Path(path)).values()), scoring=scoring, path=str(path))
 
 
 def _append_line(path: Path, line: str) -> None:
-    """Append one line; after a line cut short by an interruption, start a new one."""
+    """Append one line. A last line cut short by an interruption (no newline after it)
+    is dropped first: its layer is being run again."""
     with path.open("ab+") as f:
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
         f.seek(0, 2)
-        if f.tell() > 0:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
         f.write((line + "\n").encode("utf-8"))
 
 
-def _read_done(path: Path, fingerprint: str) -> dict[int, dict[str, Any]]:
-    done: dict[int, dict[str, Any]] = {}
+def read_records(path: Path, fingerprint: str | None = None) -> dict[int, LayerRecord]:
+    """The records of a sweep file, the latest per layer. A last line cut short (no
+    newline after it, not valid JSON) is dropped: its layer is run again. Anything
+    else that is not a sweep record raises :class:`SweepFileError` naming the line."""
     if not path.exists():
-        return done
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+        return {}
+    if path.is_dir():
+        raise SweepFileError(f"{path} is a folder, not a sweep file (JSONL): give a file path for out=")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepFileError(f"{path} is not a sweep file: byte {e.start} is not UTF-8 text (expected JSON lines "
+                             f"written by gradlocate's sweep); use another out= file") from None
+    lines = text.split("\n")
+    done: dict[int, LayerRecord] = {}
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            # A line cut short by an interruption: everything before it is good.
-            continue
-        if r.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{path} line {n} holds a sweep with another model, other edits or other trainer settings; "
-                f"use another output file or delete this one"
-            )
-        done[int(r["layer"])] = r
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the last line, cut short by an interruption: run that layer again
+                continue
+            raise SweepFileError(f"{path} line {n}: not JSON ({e.msg}); a sweep file holds one JSON record per "
+                                 f"line") from None
+        where = f"{path} line {n}"
+        if not isinstance(d, dict):
+            raise SweepFileError(f"{where}: a {type(d).__name__}, expected a sweep record (a JSON object)")
+        layer = d.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise SweepFileError(f"{where}: 'layer' is {layer!r}, expected a layer index (an int >= 0)")
+        if fingerprint is not None and d.get("fingerprint") != fingerprint:
+            raise SweepFileError(f"{where} holds a sweep with another model, other edits or other trainer settings; "
+                                 f"use another output file or delete this one")
+        if d.get("error") is None and not isinstance(d.get("teacher_forced"), dict) or (
+                d.get("error") is None and not d["teacher_forced"]):
+            raise SweepFileError(f"{where}: layer {layer} has no metrics ('teacher_forced' is missing or empty), "
+                                 f"so it could not take part in the golden-layer choice")
+        done[layer] = LayerRecord.from_dict(d)
     return done
 
 
 def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | None = None,
           trainer: dict[str, Any] | None = None, eval_edits: Any = None, out: str | Path | None = None,
-          scoring: str = "teacher_forced", generation: bool = True, progress: bool = True) -> SweepResult:
+          scoring: str = "teacher_forced", generation: bool = True, progress: bool | None = None) -> SweepResult:
     """Edit with LocFT-BF at each candidate layer, evaluate, restore; find the golden layer.
 
     Args:
-        model: a transformers causal LM, an nnsight wrapper or a TransformerLens bridge.
-        edits: the edits to make (any format :func:`~gradlocate.data.as_edits` takes).
+        model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
+            :class:`~gradlocate.handles.Handles` (its site is the one edited).
+        edits: the edits to make (any public form, see :func:`~gradlocate.data.as_edits`).
         tokenizer: defaults to the one the model carries.
         layers: candidate layers (default: all).
-        trainer: keyword arguments for :class:`~gradlocate.editing.LocFTBF`
-            (default: its defaults).
+        trainer: keyword arguments for :class:`~gradlocate.editing.LocFTBF`.
         eval_edits: the edits to evaluate on (default: ``edits``).
         out: a JSONL file; each finished layer is appended as it comes, and layers
             already there are skipped (resume).
         scoring: ``"teacher_forced"`` (EasyEdit) or ``"generation"`` (exact match) for
-            the overall score and the golden layer. Both are always recorded.
+            the overall score and the golden layer. Both are recorded when ``generation``.
         generation: also score by generation exact match (slower).
-        progress: a progress bar over layers.
+        progress: a progress bar over layers (``None``: on a terminal only).
 
     Returns:
         :class:`SweepResult`.
 
-    The model is restored bit for bit after each layer, also when a layer fails or
-    the sweep is interrupted (the finished layers stay in ``out``).
+    The model is restored bit for bit after each layer, also when a layer fails (its
+    record then carries the error) or the sweep is interrupted (the finished layers stay
+    in ``out``).
     """
     from tqdm.auto import tqdm
 
@@ -257,50 +320,59 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "generation" and not generation:
         raise ValueError("scoring='generation' needs generation=True")
+    if trainer is not None and not isinstance(trainer, dict):
+        raise TypeError(f"trainer must be a dict of LocFTBF keyword arguments, got {type(trainer).__name__}")
     edits = as_edits(edits)
-    warn_duplicates(edits)
     eval_edits = edits if eval_edits is None else as_edits(eval_edits)
-    tok = find_tokenizer(model, tokenizer)
-    hs = down_projections(model)
-    check_materialized(hs.root)  # before the fingerprint reads the weights
-    cand = hs.layer_indices(list(layers) if layers is not None else None)
-    trainer = dict(trainer or {})
-    trainer.setdefault("progress", False)
-    fp = _fingerprint(model, edits, eval_edits, {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
+    h = resolve(model, tokenizer)
+    check_materialized(h.root)  # before the fingerprint reads the weights
+    cand = h.layer_indices(list(layers) if layers is not None else None)
+    trainer = {"progress": False, **(trainer or {})}
+    LocFTBF(h, cand[0], **trainer)  # bad trainer settings fail here, before anything runs
+    fp = _fingerprint(h, edits, eval_edits, {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
                       generation)
     path = Path(out) if out is not None else None
-    done = _read_done(path, fp) if path is not None else {}
     if path is not None and not path.parent.exists():
         raise FileNotFoundError(f"folder {str(path.parent)!r} for the sweep file does not exist")
+    done = read_records(path, fp) if path is not None else {}
     todo = [l for l in cand if l not in done]
 
-    t0 = time.perf_counter()
-    pre = evaluate(model, eval_edits, tokenizer=tok, generation=generation)
-    t_pre = time.perf_counter() - t0
     records = [done[l] for l in cand if l in done]
-    bar = tqdm(todo, desc="sweep", unit="layer", disable=not progress or not todo)
-    for layer in bar:
-        bar.set_postfix(layer=layer)
-        t1 = time.perf_counter()
-        with LocFTBF(model, layer, tokenizer=tok, **trainer) as ft:
-            ft.fit(edits)
-            t2 = time.perf_counter()
-            ev = evaluate(model, eval_edits, tokenizer=tok, pre=pre, generation=generation)
-        t3 = time.perf_counter()
-        rec = {
-            "fingerprint": fp,
-            "layer": layer,
-            "teacher_forced": ev.teacher_forced,
-            "generation": ev.generation,
-            "train": {"epochs": len(ft.history), "final_loss": ft.history[-1] if ft.history else None,
-                      "steps": int(sum(ft.steps)), "batch_size": ft.batch_size_used},
-            "timings": {"train": t2 - t1, "evaluate": t3 - t2, "total": t3 - t1},
-            "n_edits": len(edits), "n_eval": len(eval_edits),
-        }
-        records.append(rec)
-        if path is not None:
-            _append_line(path, json.dumps(rec, default=float))
-        bar.set_postfix(layer=layer, overall=f"{overall_score(rec[scoring] or {}) or float('nan'):.3f}")
+    with using(h):  # one caller owns the model for the whole sweep
+        t0 = time.perf_counter()
+        pre = evaluate(h, eval_edits, generation=generation)
+        t_pre = time.perf_counter() - t0
+        bar = tqdm(todo, desc="sweep", unit="layer", disable=(None if progress is None else not progress) or not todo)
+        for layer in bar:
+            bar.set_postfix(layer=layer)
+            rec = _sweep_layer(h, layer, edits, eval_edits, pre, trainer, generation, LocFTBF, evaluate)
+            rec.fingerprint = fp
+            records.append(rec)
+            if path is not None:
+                _append_line(path, json.dumps(rec.to_dict(), default=float))
+            bar.set_postfix(layer=layer, overall=f"{overall_score(rec.metrics(scoring)) or float('nan'):.3f}")
     return SweepResult(records, scoring=scoring, path=str(path) if path else None,
                        params={"trainer": trainer, "generation": generation, "n_edits": len(edits),
                                "n_eval": len(eval_edits), "pre_eval_s": t_pre, "layers": cand})
+
+
+def _sweep_layer(h: Any, layer: int, edits: Any, eval_edits: Any, pre: Any, trainer: dict[str, Any],
+                 generation: bool, trainer_cls: Any, evaluate: Any) -> LayerRecord:
+    """Edit one layer, evaluate, restore. A failure of this layer (a non-finite loss, a
+    structure the trainer cannot handle) becomes the record's ``error``."""
+    from gradlocate.interventions import ModelBusyError
+
+    t1 = time.perf_counter()
+    try:
+        with trainer_cls(h, layer, **trainer) as ft:
+            fit = ft.fit(edits)
+            t2 = time.perf_counter()
+            ev = evaluate(h, eval_edits, pre=pre, generation=generation)
+    except ModelBusyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in this layer's place; the others still run
+        return LayerRecord(layer, error=f"{type(e).__name__}: {e}", n_edits=len(edits), n_eval=len(eval_edits),
+                           timings={"total": time.perf_counter() - t1})
+    t3 = time.perf_counter()
+    return LayerRecord(layer, ev.teacher_forced, ev.generation, fit.to_dict(),
+                       {"train": t2 - t1, "evaluate": t3 - t2, "total": t3 - t1}, len(edits), len(eval_edits))

@@ -1,30 +1,22 @@
-"""Causal tracing (causal mediation analysis) as in ROME, on any decoder-only model,
-and the CMA layer choice built on it.
+"""Causal tracing (causal mediation analysis) as in ROME, on any decoder-only model.
 
-Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in
-GPT", ``experiments/causal_trace.py``) asks which hidden states carry a fact:
+Causal tracing (Meng et al. 2022, ``experiments/causal_trace.py``) asks which hidden
+states carry a fact:
 
 1. run the prompt cleanly: the answer is the clean run's most likely next token
    (``high_score`` = its probability);
 2. add Gaussian noise to the subject tokens' input embeddings in ``samples``
    corrupted copies (``low_score`` = the answer's mean probability over them);
-3. for each (token ``t``, layer ``l``) copy the clean state into every corrupted
-   copy - the decoder block's output (``kind="hidden"``), or the MLP / attention
-   output at the ``window`` layers centred on ``l`` (``kind="mlp"`` / ``"attn"``) - and
-   record the answer's mean probability over the corrupted copies.
+3. for each (token ``t``, layer ``l``) cell copy the clean state into every corrupted
+   copy - the decoder block's output (``kind="hidden"``), or the MLP / attention output
+   at the ``window`` layers centred on ``l`` (``kind="mlp"`` / ``"attn"``) - and record
+   the answer's mean probability over the corrupted copies.
 
-:func:`causal_trace` returns the whole ``[tokens, layers]`` grid as a
-:class:`TraceResult`; :func:`cma_layer` averages the MLP row of the last subject
-token over a set of edits and picks the layer with the largest indirect effect (the
-"CMA" selector the LGA paper compares with).
-
-The scores are ROME's, computed with fewer and smaller forward passes (see
-``docs/causal_tracing.md``): many cells share one forward; blocks below the first
-patched layer return the cached corrupted run's output instead of recomputing it;
-positions before the restored token are taken from the corrupted run's key/value
-cache instead of being recomputed; tokens before the subject (which the noise cannot
-reach) score ``low_score`` without a forward; only the last position's logits are
-computed.
+The reference path (:func:`reference_scores`) is ROME's ``trace_with_patch``: one
+forward per batch of cells, built from :mod:`gradlocate.interventions` (noise on the
+embeddings, clean states restored). The default executor (:mod:`gradlocate.trace_plan`)
+computes the same scores with fewer and smaller forwards, proven equal to 1e-6 by the
+tests. :func:`~gradlocate.selectors.cma_layer` builds the CMA layer choice on it.
 
 Example:
     >>> import torch
@@ -39,149 +31,53 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from gradlocate import _compat
-from gradlocate.data import EditRequest, as_edits, warn_duplicates
-from gradlocate.handles import HandleError, down_projections, find_tokenizer, unwrap_model, validate_indices
+from gradlocate.handles import HandleError, Handles, resolve, validate_indices
+from gradlocate.interventions import Patch, capture, head_at, no_cache, noised, restored, run, states, using
 from gradlocate.losses import NonFiniteLossError, context_length, target_text
-from gradlocate.results import LayerScores, _fmt
-from gradlocate.state import input_device, preserved
+from gradlocate.results import _fmt
+from gradlocate.state import input_device
 
 __all__ = [
     "KINDS",
+    "TracePrompt",
     "TraceResult",
-    "TraceSites",
     "causal_trace",
-    "cma_layer",
+    "trace_prompt",
+    "reference_scores",
     "embedding_std",
-    "find_trace_sites",
     "subject_token_range",
     "window_layers",
 ]
 
 KINDS = ("hidden", "mlp", "attn")
-_ATTN_WORDS = ("attn", "attention")
-# A forward's fixed cost per block, in units of one row-position's compute (see _Tracer._chunks).
-_FIXED_COST_CPU = 48.0
-_FIXED_COST_ACCELERATOR = 2048.0
 
 
-# --------------------------------------------------------------------------- sites
+# --------------------------------------------------------------------------- sites and windows
 
 
-@dataclass(eq=False)
-class TraceSites:
-    """Where causal tracing reads and restores states in one model.
-
-    Attributes:
-        root: the ``nn.Module`` that runs.
-        embed: the input-embedding module (noise is added to its output).
-        blocks: the decoder blocks, in order (``kind="hidden"`` restores their output).
-        block_paths: their paths from ``root``.
-        mlp_paths: per layer, the module whose output is the MLP's contribution:
-            the module holding the down-projection (``model.layers.3.mlp``), or the
-            down-projection itself when it sits directly in the block (OPT's ``fc2``).
-        attn_paths: per layer, the block's attention module, or ``None`` when the
-            blocks have no child named like attention.
-    """
-
-    root: nn.Module
-    embed: nn.Module
-    blocks: list[nn.Module]
-    block_paths: list[str]
-    mlp_paths: list[str]
-    attn_paths: list[str] | None
-    handles: Any = field(default=None, repr=False)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    def paths(self, kind: str) -> list[str]:
-        """Module paths restored by ``kind`` (``"hidden"``, ``"mlp"`` or ``"attn"``)."""
-        _check_kind(kind)
-        if kind == "hidden":
-            return list(self.block_paths)
-        if kind == "mlp":
-            return list(self.mlp_paths)
-        if self.attn_paths is None:
-            names = [n for n, _ in self.blocks[0].named_children()]
-            raise HandleError(
-                f"kind='attn': the decoder blocks of {type(self.root).__name__} have no attention module "
-                f"(no child named like {' / '.join(_ATTN_WORDS)}; children of {self.block_paths[0]}: {names}); "
-                f"use kind='hidden' or kind='mlp'"
-            )
-        return list(self.attn_paths)
-
-    def modules(self, kind: str) -> list[nn.Module]:
-        return [self.root.get_submodule(p) for p in self.paths(kind)]
-
-
-def _check_kind(kind: str) -> None:
+def site_paths(h: Handles, kind: str) -> tuple[str, ...]:
+    """The module paths causal tracing restores for ``kind``: block outputs (hidden),
+    the MLP modules (mlp) or the attention modules (attn)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def _attention_child(block: nn.Module) -> str | None:
-    """The block's self-attention child: named like attention, not a norm, not cross-attention."""
-    found = []
-    for name, mod in block.named_children():
-        low = name.lower()
-        if not any(w in low for w in _ATTN_WORDS) or "cross" in low:
-            continue
-        if "norm" in low or low.startswith("ln") or "norm" in type(mod).__name__.lower():
-            continue
-        n_params = sum(p.numel() for p in mod.parameters())
-        if n_params:
-            found.append((n_params, name))
-    return max(found)[1] if found else None
-
-
-def find_trace_sites(model: Any) -> TraceSites:
-    """Locate the embedding, decoder blocks, MLPs and attention modules of ``model``
-    (via :func:`~gradlocate.handles.down_projections`, so any architecture gradlocate
-    handles works).
-
-    Example:
-        >>> from gradlocate.models import tiny
-        >>> s = find_trace_sites(tiny("gpt2", n_layers=2, d_model=16)[0])
-        >>> s.block_paths[1], s.mlp_paths[1], s.attn_paths[1]
-        ('transformer.h.1', 'transformer.h.1.mlp', 'transformer.h.1.attn')
-    """
-    hs = down_projections(model)
-    root = hs.root
-    get = getattr(root, "get_input_embeddings", None)
-    embed = get() if callable(get) else None
-    if not isinstance(embed, nn.Module):
-        raise HandleError(
-            f"{type(root).__name__} has no get_input_embeddings(): causal tracing adds noise to the "
-            f"input embeddings and needs that module"
-        )
-    n = len(hs)
-    block_paths = [_join(hs.blocks_path, str(i)) for i in range(n)]
-    blocks = [root.get_submodule(p) for p in block_paths]
-    # The MLP's contribution is the output of the module that holds the down-projection.
-    parent = hs.down_path.rsplit(".", 1)[0] if "." in hs.down_path else ""
-    mlp_inner = parent or hs.down_path
-    mlp_paths = [_join(p, mlp_inner) for p in block_paths]
-    attn = [_attention_child(b) for b in blocks]
-    attn_paths = None if any(a is None for a in attn) else [_join(p, a) for p, a in zip(block_paths, attn)]
-    return TraceSites(root, embed, blocks, block_paths, mlp_paths, attn_paths, hs)
+    paths = {"hidden": h.block_paths, "mlp": h.mlp_paths, "attn": h.attn_paths}[kind]
+    if paths is None:
+        names = [n for n, _ in h.blocks[0].named_children()]
+        what = "attention module (no child named like attn / attention)" if kind == "attn" else \
+            "MLP down-projection (the site was overridden with down=)"
+        raise HandleError(f"kind={kind!r}: the decoder blocks of {type(h.root).__name__} have no {what}; children of "
+                          f"{h.block_paths[0]}: {names}; use kind='hidden'")
+    return tuple(paths)
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -198,7 +94,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
 
 
-# --------------------------------------------------------------------------- tokens
+# --------------------------------------------------------------------------- the prompt
 
 
 def _clean_subject(subject: Any) -> str:
@@ -207,24 +103,6 @@ def _clean_subject(subject: Any) -> str:
     if not subject.strip():
         raise ValueError("subject is empty: give the subject string that appears in the prompt")
     return subject.strip()
-
-
-def _encode(tokenizer: Any, prompt: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """Token ids of ``prompt`` (with the tokenizer's special tokens) and their
-    character offsets, or ``None`` for tokenizers that do not report offsets."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__} ({prompt!r})")
-    if not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    try:
-        enc = tokenizer(prompt, return_offsets_mapping=True)
-        offsets = [tuple(map(int, o)) for o in enc["offset_mapping"]]
-    except (NotImplementedError, KeyError, TypeError, ValueError):
-        enc, offsets = tokenizer(prompt), None
-    ids = list(enc["input_ids"])
-    if not ids:
-        raise ValueError(f"prompt {prompt!r} tokenizes to no tokens")
-    return ids, offsets
 
 
 def _range_from_offsets(offsets: list[tuple[int, int]], c0: int, c1: int) -> tuple[int, int] | None:
@@ -236,8 +114,7 @@ def _range_from_offsets(offsets: list[tuple[int, int]], c0: int, c1: int) -> tup
 def _range_from_decoding(tokenizer: Any, ids: list[int], subject: str) -> tuple[int, int] | None:
     # ROME's find_token_range: locate the subject in the concatenated decoded tokens.
     toks = [tokenizer.decode([i]) for i in ids]
-    whole = "".join(toks)
-    c0 = whole.find(subject)
+    c0 = "".join(toks).find(subject)
     if c0 < 0:
         return None
     c1, loc, start = c0 + len(subject), 0, None
@@ -250,26 +127,60 @@ def _range_from_decoding(tokenizer: Any, ids: list[int], subject: str) -> tuple[
     return None
 
 
-def _subject_range(tokenizer: Any, prompt: str, subject: str, ids: list[int],
-                   offsets: list[tuple[int, int]] | None) -> tuple[int, int]:
-    subject = _clean_subject(subject)
-    c0 = prompt.find(subject)
-    if c0 < 0:
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
-    found = (_range_from_offsets(offsets, c0, c0 + len(subject)) if offsets is not None
-             else _range_from_decoding(tokenizer, ids, subject))
-    if found is None:
-        raise ValueError(f"subject {subject!r} covers no token of the tokenized prompt {prompt!r}")
-    return found
+@dataclass(frozen=True)
+class TracePrompt:
+    """A prompt as causal tracing sees it, tokenized once.
+
+    Attributes:
+        prompt, subject: the texts.
+        ids: the token ids (with the tokenizer's special tokens).
+        tokens: each token decoded.
+        subject_range: ``(start, end)`` token range of the subject's first occurrence.
+    """
+
+    prompt: str
+    subject: str
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    subject_range: tuple[int, int]
+
+    @classmethod
+    def of(cls, h: Handles, prompt: str, subject: str, where: str = "") -> TracePrompt:
+        """Tokenize ``prompt`` and find ``subject`` in it (character offsets where the
+        tokenizer reports them, so a leading space inside a token does not matter; else
+        ROME's decode-and-search)."""
+        tok = h.require_tokenizer()
+        at = f"{where}: " if where else ""
+        if not isinstance(prompt, str):
+            raise TypeError(f"{at}prompt must be a string, got {type(prompt).__name__} ({prompt!r})")
+        if not prompt.strip():
+            raise ValueError(f"{at}prompt must be a non-empty string, got {prompt!r}")
+        subject = _clean_subject(subject)
+        try:
+            enc = tok(prompt, return_offsets_mapping=True)
+            offsets = [tuple(map(int, o)) for o in enc["offset_mapping"]]
+        except (NotImplementedError, KeyError, TypeError, ValueError):
+            enc, offsets = tok(prompt), None
+        ids = [int(i) for i in enc["input_ids"]]
+        if not ids:
+            raise ValueError(f"{at}prompt {prompt!r} tokenizes to no tokens")
+        ctx = context_length(h.root)
+        if ctx is not None and len(ids) > ctx:
+            raise ValueError(f"{at}prompt {prompt[:60]!r}... is {len(ids)} tokens, longer than the model's context of "
+                             f"{ctx}; shorten the prompt")
+        c0 = prompt.find(subject)
+        if c0 < 0:
+            raise ValueError(f"{at}subject {subject!r} does not occur in the prompt {prompt!r}")
+        found = (_range_from_offsets(offsets, c0, c0 + len(subject)) if offsets is not None
+                 else _range_from_decoding(tok, ids, subject))
+        if found is None:
+            raise ValueError(f"{at}subject {subject!r} covers no token of the tokenized prompt {prompt!r}")
+        return cls(prompt, subject, tuple(ids), tuple(tok.decode([i]) for i in ids), found)
 
 
 def subject_token_range(tokenizer: Any, prompt: str, subject: str) -> tuple[int, int]:
     """Token range ``(start, end)`` of ``subject``'s first occurrence in ``prompt``,
-    with ``prompt`` tokenized as causal tracing tokenizes it (special tokens included).
-
-    Uses the tokenizer's character offsets, so it works whether the space before a
-    word is part of its token (GPT-2's ``"ĠParis"``) or not (word-level / SentencePiece
-    tokenizers); tokenizers without offsets fall back to ROME's decode-and-search.
+    tokenized as causal tracing tokenizes it (special tokens included).
 
     Raises:
         ValueError: an empty subject, or one that does not occur in the prompt.
@@ -280,11 +191,24 @@ def subject_token_range(tokenizer: Any, prompt: str, subject: str) -> tuple[int,
         >>> subject_token_range(tok, "The Eiffel Tower is in", "Eiffel")
         (4, 10)
     """
-    ids, offsets = _encode(tokenizer, prompt)
-    return _subject_range(tokenizer, prompt, subject, ids, offsets)
+    return _TokenizerOnly(tokenizer).trace_prompt(prompt, subject).subject_range
 
 
-def _answer_id(tokenizer: Any, prompt: str, answer: Any, vocab: int) -> int | None:
+@dataclass(frozen=True)
+class _TokenizerOnly:
+    """Just enough of :class:`Handles` to tokenize a prompt without a model."""
+
+    tokenizer: Any
+    root: Any = None
+
+    def require_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def trace_prompt(self, prompt: str, subject: str) -> TracePrompt:
+        return TracePrompt.of(self, prompt, subject)  # type: ignore[arg-type]
+
+
+def _answer_id(h: Handles, prompt: str, answer: Any) -> int | None:
     """``None`` (use the clean run's argmax), a token id, or the first token of a
     target string as it would follow the prompt."""
     if answer is None:
@@ -292,13 +216,14 @@ def _answer_id(tokenizer: Any, prompt: str, answer: Any, vocab: int) -> int | No
     if isinstance(answer, bool):
         raise TypeError("answer must be None, a token id or a string")
     if isinstance(answer, int):
+        vocab = h.d_vocab or 0
         if not 0 <= answer < vocab:
             raise ValueError(f"answer token id {answer} out of range: the vocabulary has {vocab} tokens")
         return answer
     if isinstance(answer, str):
         if not answer.strip():
             raise ValueError("answer is empty: give the target text, a token id, or None for the model's prediction")
-        ids = list(tokenizer(target_text(prompt, answer), add_special_tokens=False)["input_ids"])
+        ids = list(h.tokenizer(target_text(prompt, answer), add_special_tokens=False)["input_ids"])
         if not ids:
             raise ValueError(f"answer {answer!r} tokenizes to no tokens")
         return int(ids[0])
@@ -321,9 +246,10 @@ def embedding_std(model: Any, subjects: Sequence[str] | None = None, *, tokenize
         >>> round(embedding_std(model), 3), round(embedding_std(model, ["Paris", "Rome"]), 3)
         (0.02, 0.019)
     """
-    root = unwrap_model(model)
-    emb = root.get_input_embeddings()
-    dev = input_device(root)
+    h = resolve(model, tokenizer) if subjects is not None else (
+        model if isinstance(model, Handles) else resolve(model, tokenizer) if tokenizer else _embed_only(model))
+    emb = h.embed
+    dev = input_device(h.root)
     with torch.no_grad():
         if subjects is None:
             if type(emb) is nn.Embedding:  # its outputs are its weight's rows
@@ -336,24 +262,27 @@ def embedding_std(model: Any, subjects: Sequence[str] | None = None, *, tokenize
             return math.sqrt(max(0.0, (sq - total * total / count) / (count - 1)))
         if isinstance(subjects, str):
             subjects = [subjects]
-        tok = find_tokenizer(model, tokenizer)
         ids: list[int] = []
         for s in subjects:
-            ids += list(tok(_clean_subject(s), add_special_tokens=False)["input_ids"])
+            ids += list(h.tokenizer(_clean_subject(s), add_special_tokens=False)["input_ids"])
         if len(ids) < 2:
             raise ValueError("embedding_std needs subjects with at least two tokens in all")
         return float(emb(torch.tensor(ids, device=dev)).double().std().item())
 
 
-def _make_noise(noise: Any, samples: int | None, n_subj: int, d_model: int, std: float | None,
-                seed: int, model: Any) -> tuple[Tensor, dict[str, Any]]:
+def _embed_only(model: Any) -> Any:
+    from gradlocate.handles import down_projections
+
+    return down_projections(model)
+
+
+def make_noise(noise: Any, samples: int | None, n_subj: int, d_model: int, std: float | None, seed: int,
+               h: Handles) -> tuple[Float[Tensor, "samples subject d_model"], dict[str, Any]]:
     """The ``[samples, n_subject_tokens, d_model]`` noise and a description of it."""
     if isinstance(noise, Tensor):
         if noise.dim() != 3 or noise.shape[1] != n_subj or noise.shape[2] != d_model:
-            raise ValueError(
-                f"explicit noise must have shape [samples, n_subject_tokens={n_subj}, d_model={d_model}], "
-                f"got {list(noise.shape)}"
-            )
+            raise ValueError(f"explicit noise must have shape [samples, n_subject_tokens={n_subj}, d_model={d_model}], "
+                             f"got {list(noise.shape)}")
         if samples is not None and samples != noise.shape[0]:
             raise ValueError(f"samples={samples} but the explicit noise has {noise.shape[0]} samples")
         if noise.shape[0] < 1:
@@ -365,9 +294,8 @@ def _make_noise(noise: Any, samples: int | None, n_subj: int, d_model: int, std:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if std is None:
-        std = embedding_std(model)
-    gen = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(samples, n_subj, d_model, generator=gen, dtype=torch.float32)
+        std = embedding_std(h)
+    z = torch.randn(samples, n_subj, d_model, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
     return z * (float(noise) * float(std)), {"noise": float(noise), "std": float(std), "seed": int(seed)}
 
 
@@ -433,8 +361,7 @@ class TraceResult:
 
     def best(self) -> tuple[int, int]:
         """The (token, layer) with the highest score."""
-        i = int(self.scores.argmax())
-        r, c = divmod(i, self.scores.shape[1])
+        r, c = divmod(int(self.scores.argmax()), self.scores.shape[1])
         return self.token_indices[r], self.layers[c]
 
     def to_dict(self) -> dict[str, Any]:
@@ -450,12 +377,10 @@ class TraceResult:
 
     def __repr__(self) -> str:
         t, l = self.best()
-        return (
-            f"TraceResult(kind={self.kind!r}, answer={self.answer_text!r}, scores=[{self.scores.shape[0]} tokens x "
-            f"{self.scores.shape[1]} layers], low={_fmt(self.low_score)}, high={_fmt(self.high_score)}, "
-            f"best=(token {t} {self.tokens[t]!r}, layer {l}): {_fmt(float(self.scores.max()))}, "
-            f"subject={self.subject_range})"
-        )
+        return (f"TraceResult(kind={self.kind!r}, answer={self.answer_text!r}, scores=[{self.scores.shape[0]} tokens x "
+                f"{self.scores.shape[1]} layers], low={_fmt(self.low_score)}, high={_fmt(self.high_score)}, "
+                f"best=(token {t} {self.tokens[t]!r}, layer {l}): {_fmt(float(self.scores.max()))}, "
+                f"subject={self.subject_range})")
 
     def plot(self, ax: Any = None, *, title: str | None = None) -> Any:
         """ROME's heatmap: tokens down, layers across, subject tokens marked ``*``,
@@ -465,462 +390,203 @@ class TraceResult:
         return plot_trace_heatmap(self, ax=ax, title=title)
 
 
-# --------------------------------------------------------------------------- engine
+# --------------------------------------------------------------------------- the trace
 
 
-@dataclass
-class _Cell:
+@dataclass(frozen=True)
+class Cell:
+    """One (token, layer) cell of the grid: where its score goes, and what it restores."""
+
     row: int  # index into the result grid
     col: int
     token: int
+    sites: tuple[int, ...]  # layers whose `kind` state is restored at `token`
     first_block: int  # lowest block that must run
-    sites: list[int]  # layers whose `kind` output is restored at `token`
 
 
 @dataclass
-class _Plan:
-    """What the hooks do during the current forward."""
+class Setup:
+    """What every cell of one trace shares: the clean and corrupted runs."""
 
-    noise: Tensor | None = None  # [rows, n, d] added at positions noise_at
-    noise_at: tuple[int, int] = (0, 0)
-    record_blocks: list[Tensor | None] | None = None
-    record_sites: list[Tensor | None] | None = None
-    skip_below: int = 0
-    rows: int = 1
-    offset: int = 0
-    repeats: int = 1
-    patches: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
-
-
-def _contiguous_input(mod: nn.Module, args: tuple) -> tuple | None:
-    # logits_to_keep hands the head a strided slice [rows, 1, d]; torch then multiplies
-    # it by a broadcast copy of the weight per row (bmm), ~10x slower than one matmul.
-    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(),) + tuple(args[1:])
-    return None
-
-
-def _first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _states(out: Any, rows: int) -> Float[Tensor, "rows pos d"]:
-    """The state tensor of a module output as ``[rows, pos, d]`` (a view: writing into
-    it edits the output). OPT's MLP works on flattened ``[rows * pos, d]`` states."""
-    h = _first(out)
-    return h.view(rows, -1, h.shape[-1]) if h.dim() == 2 else h
-
-
-class _Hooks:
-    """Forward hooks (noise, record, restore) and block-skipping forwards for one
-    trace; ``__exit__`` always removes every hook and restores every ``forward``."""
-
-    def __init__(self, sites: TraceSites, kind: str):
-        self.sites, self.kind = sites, kind
-        self.plan = _Plan()
-        self.corrupted: list[Tensor] = []  # corrupted run's block outputs [S, T, d]
-        self.block_tail: tuple | None = None  # extra tuple elements of block outputs (all None) or None
-        self._handles: list[Any] = []
-        self._forwards: list[tuple[nn.Module, bool, Any]] = []
-
-    def __enter__(self) -> _Hooks:
-        try:
-            s = self.sites
-            self._handles.append(s.embed.register_forward_hook(self._embed_hook))
-            get = getattr(s.root, "get_output_embeddings", None)
-            head = get() if callable(get) else None
-            if isinstance(head, nn.Module):
-                self._handles.append(head.register_forward_pre_hook(_contiguous_input))
-            for j, block in enumerate(s.blocks):
-                self._handles.append(block.register_forward_hook(self._block_hook(j)))
-                had = "forward" in block.__dict__
-                self._forwards.append((block, had, block.__dict__.get("forward")))
-                block.forward = self._skipping_forward(j, block.forward)
-            if self.kind != "hidden":
-                for j, m in enumerate(s.modules(self.kind)):
-                    self._handles.append(m.register_forward_hook(self._site_hook(j)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for block, had, fwd in self._forwards:
-            if had:
-                block.forward = fwd
-            else:
-                block.__dict__.pop("forward", None)
-        self._forwards.clear()
-
-    def _embed_hook(self, mod: nn.Module, args: Any, out: Tensor) -> Tensor | None:
-        p = self.plan
-        if p.noise is None:
-            return None
-        a, b = p.noise_at
-        out = out.clone()
-        out[:, a:b] += p.noise.to(out.dtype)
-        return out
-
-    def _skipping_forward(self, j: int, original: Any) -> Any:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            p = self.plan
-            if j >= p.skip_below:
-                return original(*args, **kwargs)
-            # Below the first restored layer the corrupted rows are the corrupted run.
-            h = self.corrupted[j][:, p.offset:].repeat(p.repeats, 1, 1)
-            return h if self.block_tail is None else (h,) + self.block_tail
-
-        return forward
-
-    def _restore(self, h: Tensor, j: int) -> None:
-        patch = self.plan.patches.get(j)
-        if patch is not None:
-            rows, pos, values = patch
-            h[rows, pos] = values.to(h.dtype)
-
-    def _block_hook(self, j: int) -> Any:
-        def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            p = self.plan
-            h = _first(out)
-            if p.record_blocks is not None:
-                p.record_blocks[j] = h.detach().clone()
-                if j == 0:
-                    self._note_structure(out)
-            if self.kind == "hidden":
-                if p.record_sites is not None:
-                    p.record_sites[j] = h.detach().clone()
-                self._restore(h, j)
-
-        return hook
-
-    def _site_hook(self, j: int) -> Any:
-        def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            p = self.plan
-            h = _states(out, p.rows)
-            if p.record_sites is not None:
-                p.record_sites[j] = h.detach().clone()
-            self._restore(h, j)
-
-        return hook
-
-    def _note_structure(self, out: Any) -> None:
-        # Blocks that return (hidden, extra, ...) with real extras cannot be skipped safely.
-        if isinstance(out, tuple):
-            self.block_tail = tuple(out[1:]) if all(x is None for x in out[1:]) else False  # type: ignore[assignment]
-        else:
-            self.block_tail = None
+    ids: Int[Tensor, "1 pos"]
+    noise: Float[Tensor, "samples subject d_model"]
+    subject_range: tuple[int, int]
+    paths: tuple[str, ...]  # restored module per layer
+    clean: list[Tensor]  # per layer: the clean state [pos, d]
+    answer: int
+    high: float
+    low: float
+    corrupted: list[Any] | None = None  # per block: its raw output in the corrupted run (fast executor)
+    cache: Any = None  # the corrupted run's key/value cache (fast executor)
 
     @property
-    def can_skip(self) -> bool:
-        return self.block_tail is not False
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
 
-
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _logits(out: Any) -> Tensor:
-    logits = getattr(out, "logits", None)
-    return logits if isinstance(logits, Tensor) else _first(out)
-
-
-def _answer_probs(logits: Float[Tensor, "rows pos vocab"], answer: int) -> Float[Tensor, " rows"]:
-    return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer]
-
-
-def _head_share(root: nn.Module, sites: TraceSites) -> float:
-    """The output head's size in blocks (it runs once per forward, on the last position)."""
-    get = getattr(root, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    w = getattr(head, "weight", None)
-    block = sum(p.numel() for p in sites.blocks[0].parameters())
-    return float(w.numel()) / block if isinstance(w, Tensor) and block else 0.0
-
-
-class _Tracer:
-    """One prompt's trace: clean run, corrupted run, then the restored cells."""
-
-    def __init__(self, sites: TraceSites, kind: str, window: int, batch_size: int, merge: bool | None,
-                 reuse_prefix: bool):
-        self.sites, self.kind, self.window = sites, kind, window
-        self.batch_size, self.merge, self.reuse_prefix = batch_size, merge, reuse_prefix
-        root = sites.root
-        self.root = root
-        self.device = input_device(root)
-        self.kw_logits = {"logits_to_keep": 1} if _accepts(root.forward, "logits_to_keep") else {}
-        self.cache_arg = _compat.cache_argument(root)
-        self.stats = {"forwards": 0, "token_block_evals": 0, "cells": 0, "cells_before_subject": 0}
-        self.head_share = _head_share(root, sites)
-
-    def _forward(self, ids: Tensor, rows: int, skip: int, **kw: Any) -> Any:
-        self._hooks.plan.rows = rows
-        self.stats["forwards"] += 1
-        self.stats["token_block_evals"] += rows * ids.shape[1] * (self.sites.n_layers - skip)
-        if ids.shape[0] != rows:
-            ids = ids.expand(rows, -1)
-        if self.cache_arg is not None and self.cache_arg not in kw:
-            kw["use_cache"] = False
-        return self.root(input_ids=ids, **kw, **self.kw_logits)
-
-    def run(self, ids: list[int], s_range: tuple[int, int], noise: Tensor, answer: int | None,
-            token_idx: list[int], layers: list[int], progress: bool) -> dict[str, Any]:
-        S = noise.shape[0]
-        T = len(ids)
-        s0, s1 = s_range
-        L = self.sites.n_layers
-        x = torch.tensor([ids], device=self.device)
-        noise = noise.to(self.device)
-        timings: dict[str, float] = {}
-        with _Hooks(self.sites, self.kind) as hooks:
-            self._hooks = hooks
-            plan = hooks.plan
-            # Clean run: the answer, high_score, and the states to restore.
-            t0 = time.perf_counter()
-            plan.record_blocks, plan.record_sites = [None] * L, [None] * L
-            out = self._forward(x, 1, 0)
-            clean = plan.record_sites
-            plan.record_blocks = plan.record_sites = None
-            probs = torch.softmax(_logits(out)[0, -1].float(), dim=-1)
-            if answer is None:
-                answer = int(probs.argmax())
-            high = float(probs[answer])
-            timings["clean"] = time.perf_counter() - t0
-
-            # Corrupted run: low_score, each block's output and the key/value cache.
-            t0 = time.perf_counter()
-            plan.noise, plan.noise_at = noise, (s0, s1)
-            plan.record_blocks = [None] * L
-            kv = None
-            kw: dict[str, Any] = {}
-            why = None
-            if self.reuse_prefix:
-                kw = self._fresh_cache()
-                if not kw:
-                    why = f"{type(self.root).__name__}'s forward takes no key/value cache"
-            out = self._forward(x, S, 0, **kw)
-            hooks.corrupted = plan.record_blocks  # type: ignore[assignment]
-            plan.record_blocks = None
-            low = float(_answer_probs(_logits(out), answer).mean())
-            if kw:
-                kv, why = self._cached_kv(_compat.returned_cache(out), T)
-            if why is not None:
-                warnings.warn(f"causal_trace: prefix reuse is off ({why}): every forward recomputes the positions "
-                              f"before the restored token, which is slower; the scores are the same", stacklevel=4)
-            del out
-            timings["corrupted"] = time.perf_counter() - t0
-
-            # The cells.
-            t0 = time.perf_counter()
-            scores = torch.full((len(token_idx), len(layers)), low, dtype=torch.float32)
-            cells = self._cells(token_idx, layers, s0, hooks.can_skip)
-            self.stats["cells"] = len(token_idx) * len(layers)
-            self.stats["cells_before_subject"] = self.stats["cells"] - len(cells)
-            chunks = self._chunks(cells, S, T, kv is not None)
-            from tqdm.auto import tqdm
-
-            for chunk in tqdm(chunks, desc=f"causal trace ({self.kind})", disable=not progress, leave=False):
-                p = self._run_chunk(chunk, hooks, x, noise, clean, kv, (s0, s1), answer, T)
-                for c, v in zip(chunk, p.tolist()):
-                    scores[c.row, c.col] = v
-            plan.noise = None
-            timings["cells"] = time.perf_counter() - t0
-        rome_rows = S + 1
-        self.stats["prefix_cache"] = int(kv is not None)
-        # ROME: one forward of 1 clean + S corrupted rows per cell, plus its clean
-        # prediction and its low_score run, each on the same batch.
-        self.stats["rome_forwards"] = self.stats["cells"] + 2
-        self.stats["rome_token_block_evals"] = (self.stats["cells"] + 2) * rome_rows * T * L
-        return {"scores": scores, "low": low, "high": high, "answer": answer, "timings": timings}
-
-    # ----------------------------------------------------------- cache
-
-    def _fresh_cache(self) -> dict[str, Any]:
-        cache = _compat.new_cache(self.root) if self.cache_arg else None
-        return {} if cache is None else {self.cache_arg: cache, "use_cache": True}
-
-    def _cached_kv(self, cache: Any, T: int) -> tuple[Any, str | None]:
-        """The corrupted run's key/value cache if it holds all ``T`` positions of every
-        layer (else ``None`` and the reason: prefixes are then recomputed)."""
-        if cache is None or not hasattr(cache, "get_seq_length"):
-            return None, f"{type(self.root).__name__}'s forward returned no key/value cache"
-        for layer in range(self.sites.n_layers):
-            try:
-                n = int(cache.get_seq_length(layer))
-            except (TypeError, IndexError, AttributeError):
-                return None, "its key/value cache does not report a length per layer"
-            if n != T:
-                return None, (f"its key/value cache holds {n} of the prompt's {T} positions at layer {layer} "
-                              f"(a sliding window shorter than the prompt?)")
-        return cache, None
-
-    def _prefix_cache(self, cache: Any, o: int, S: int, repeats: int) -> Any:
-        return _compat.prefix_cache(cache, o, torch.arange(S, device=self.device).repeat(repeats))
-
-    # ----------------------------------------------------------- cells
-
-    def _cells(self, token_idx: list[int], layers: list[int], s0: int, can_skip: bool) -> list[_Cell]:
-        L = self.sites.n_layers
-        cells = []
-        for r, t in enumerate(token_idx):
-            if t < s0:
-                continue  # the noise cannot reach a state before the subject: restoring it is a no-op
-            for c, l in enumerate(layers):
-                if self.kind == "hidden":
-                    sites, first = [l], l + 1
-                else:
-                    sites = list(window_layers(l, self.window, L))
-                    first = sites[0]
-                cells.append(_Cell(r, c, t, first if can_skip else 0, sites))
-        return cells
-
-    def _chunks(self, cells: list[_Cell], S: int, T: int, prefix: bool) -> list[list[_Cell]]:
-        """Split the cells into forwards of at most ``batch_size`` rows, minimising a
-        cost model: a forward that runs blocks ``f..L-1`` on ``R`` rows of ``P``
-        positions costs ``(L - f) * (K + R * P)`` plus the output head's share, where
-        ``K`` (the fixed per-block cost - reading the weights, launching kernels - in
-        row-position units) is 48 on CPU and 2048 on accelerators. Merging cells saves
-        the fixed cost; it costs blocks below a cell's first restored layer and positions
-        before its token, both recomputed. Exact over contiguous runs of the cells
-        sorted by (token, first block) or (first block, token), whichever is cheaper."""
-        if not cells:
-            return []
-        merge = self.merge
-        if merge is None:
-            fixed = _FIXED_COST_CPU if self.device.type == "cpu" else _FIXED_COST_ACCELERATOR
-        else:
-            fixed = 1e9 if merge else 0.0
-        L, per = self.sites.n_layers, max(1, self.batch_size // S)
-        head = self.head_share
-
-        def cost(first: int, token: int, n: int) -> float:
-            rows, pos = n * S, T - (token if prefix else 0)
-            return (L - first) * (fixed + rows * pos) + head * (fixed + rows) + 1e-6  # ties: fewer forwards
-
-        best: tuple[float, list[list[_Cell]]] | None = None
-        for key in (lambda c: (c.token, c.first_block, c.col), lambda c: (c.first_block, c.token, c.col)):
-            order = sorted(cells, key=key)
-            n = len(order)
-            total, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
-            for i in range(1, n + 1):
-                f, t = L, T
-                for j in range(i - 1, max(-1, i - 1 - per), -1):
-                    f, t = min(f, order[j].first_block), min(t, order[j].token)
-                    c = total[j] + cost(f, t, i - j)
-                    if c < total[i]:
-                        total[i], cut[i] = c, j
-            chunks, i = [], n
-            while i > 0:
-                chunks.append(order[cut[i]:i])
-                i = cut[i]
-            if best is None or total[n] < best[0]:
-                best = (total[n], chunks[::-1])
-        return best[1]  # type: ignore[index]
-
-    def _run_chunk(self, chunk: list[_Cell], hooks: _Hooks, x: Tensor, noise: Tensor, clean: list[Tensor],
-                   kv: Any, s_range: tuple[int, int], answer: int,
-                   T: int) -> Float[Tensor, " cells"]:
-        S, C = noise.shape[0], len(chunk)
-        s0, s1 = s_range
-        o = min(c.token for c in chunk) if kv is not None else 0
-        plan = hooks.plan
-        plan.offset, plan.repeats = o, C
-        plan.skip_below = min(c.first_block for c in chunk)
-        # Noise on the subject positions inside this forward's window of positions.
-        a = max(s0, o)
-        plan.noise_at = (a - o, max(a, s1) - o)
-        plan.noise = noise[:, a - s0:max(a, s1) - s0].repeat(C, 1, 1)
-        plan.patches = self._patches(chunk, clean, S, o)
-        kw = {} if o == 0 else {self.cache_arg: self._prefix_cache(kv, o, S, C), "use_cache": True}  # type: ignore[dict-item]
-        out = self._forward(x[:, o:], C * S, plan.skip_below, **kw)
-        plan.patches = {}
-        return _answer_probs(_logits(out), answer).view(C, S).mean(dim=1).cpu()
-
-    def _patches(self, chunk: list[_Cell], clean: list[Tensor], S: int, o: int) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-        """Per restored layer: (rows, positions, clean values) to write."""
+    def patches(self, cells: Sequence[Cell], offset: int = 0) -> dict[str, Patch]:
+        """Per restored module: the clean states at each cell's token, written into all
+        ``samples`` rows of that cell (rows ``i*S .. i*S + S - 1`` for the i-th cell)."""
+        S = self.samples
         by_layer: dict[int, list[tuple[int, int]]] = {}
-        for i, c in enumerate(chunk):
+        for i, c in enumerate(cells):
             for j in c.sites:
                 by_layer.setdefault(j, []).append((i, c.token))
-        patches = {}
+        out = {}
         for j, items in by_layer.items():
             cell_i = torch.tensor([i for i, _ in items])
             tok = torch.tensor([t for _, t in items])
             rows = (cell_i[:, None] * S + torch.arange(S)).reshape(-1)
             src = tok.repeat_interleave(S)
-            values = clean[j][0, src.to(clean[j].device)]
-            patches[j] = (rows.to(self.device), (src - o).to(self.device), values)
-        return patches
+            out[self.paths[j]] = Patch(rows, src - offset, self.clean[j][src.to(self.clean[j].device)])
+        return out
 
 
-# --------------------------------------------------------------------------- public
+def last_probs(h: Handles, out: Any, answer: int | None = None) -> Float[Tensor, "rows vocab"]:
+    """The next-token distribution at each row's last position, from a forward run under
+    :func:`last_only` (or, for a model without an output-embedding head, full logits);
+    with ``answer``, only that token's probability per row."""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, tuple) else out
+    last = logits[0] if h.head is not None else logits[:, -1]
+    p = torch.softmax(last.float(), dim=-1)
+    return p if answer is None else p[:, answer]
 
 
-def _token_indices(tokens: Any, T: int) -> list[int]:
-    if tokens is None:
-        return list(range(T))
-    return validate_indices(tokens, T, "token position", f"the prompt has {T} tokens")
+def last_only(h: Handles, rows: int, width: int) -> Any:
+    """The head at each row's last position only: one ``[1, rows, d]`` matmul."""
+    if h.head is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return head_at(h, torch.arange(rows), torch.full((rows,), width - 1))
 
 
-def _trace(sites: TraceSites, tok: Any, model: Any, prompt: str, subject: str, *, kind: str, samples: int | None,
-           noise: Any, std: float | None, seed: int, window: int, answer: Any, tokens: Any, layers: Any,
-           batch_size: int, merge: bool | None, reuse_prefix: bool, progress: bool) -> TraceResult:
+def setup(h: Handles, tp: TracePrompt, kind: str, noise: Tensor, answer: int | None, *,
+          record_blocks: bool = False, cache_kw: dict[str, Any] | None = None) -> Setup:
+    """The clean run (answer, ``high_score``, the states to restore) and the corrupted
+    run (``low_score``; with ``record_blocks`` every block's output, with ``cache_kw``
+    the key/value cache) of one prompt."""
+    paths = site_paths(h, kind)
+    dev = input_device(h.root)
+    ids = torch.tensor([list(tp.ids)], device=dev)
+    T, S = ids.shape[1], noise.shape[0]
+    with capture(h, paths, detach=True) as cap, last_only(h, 1, T):
+        out = run(h, input_ids=ids, **no_cache(h.root))
+    clean = [states(cap.outputs[p], 1)[0] for p in paths]
+    probs = last_probs(h, out)[0]
+    answer = int(probs.argmax()) if answer is None else answer
+    blocks = list(h.block_paths) if record_blocks else []
+    with noised(h, noise, tp.subject_range[0]), capture(h, blocks, detach=True) as cor, last_only(h, S, T):
+        out = run(h, input_ids=ids.expand(S, -1), **(cache_kw or no_cache(h.root)))
+    low = float(last_probs(h, out, answer).mean())
+    from gradlocate import _compat
+
+    return Setup(ids, noise, tp.subject_range, paths, clean, answer, float(probs[answer]), low,
+                 [cor.raw[p] for p in blocks] if record_blocks else None,
+                 _compat.returned_cache(out) if cache_kw else None)
+
+
+def cells_of(h: Handles, kind: str, window: int, token_idx: Sequence[int], layers: Sequence[int],
+             subject_start: int) -> list[Cell]:
+    """Every cell of the grid that needs a forward: tokens before the subject, which the
+    noise cannot reach, score ``low_score`` without one."""
+    out = []
+    for r, t in enumerate(token_idx):
+        if t < subject_start:
+            continue
+        for c, l in enumerate(layers):
+            sites = (l,) if kind == "hidden" else tuple(window_layers(l, window, h.n_layers))
+            out.append(Cell(r, c, t, sites, l + 1 if kind == "hidden" else sites[0]))
+    return out
+
+
+def reference_scores(h: Handles, s: Setup, cells: Sequence[Cell], batch_size: int) -> list[float]:
+    """ROME's ``trace_with_patch`` for batches of cells: one forward per batch, the S
+    corrupted rows of each cell with its clean states restored; the answer's mean
+    probability per cell."""
+    S, T = s.samples, s.ids.shape[1]
+    per = max(1, batch_size // S)
+    out: list[float] = []
+    for k in range(0, len(cells), per):
+        chunk = cells[k:k + per]
+        rows = len(chunk) * S
+        with noised(h, s.noise.repeat(len(chunk), 1, 1), s.subject_range[0]), \
+                restored(h, s.patches(chunk), rows=rows), last_only(h, rows, T):
+            o = run(h, input_ids=s.ids.expand(rows, -1), **no_cache(h.root))
+        out += last_probs(h, o, s.answer).view(len(chunk), S).mean(1).tolist()
+    return out
+
+
+def trace_prompt(h: Handles, tp: TracePrompt, *, kind: str = "hidden", samples: int | None = None,
+                 noise: Any = 3.0, std: float | None = None, seed: int = 0, window: int = 10, answer: Any = None,
+                 tokens: Any = None, layers: Any = None, batch_size: int = 256, fast: bool = True,
+                 merge: bool | None = None, reuse_prefix: bool = True, progress: bool | None = None) -> TraceResult:
+    """:func:`causal_trace` of a prompt already tokenized (:class:`TracePrompt`)."""
+    from gradlocate.trace_plan import FastTrace
+
     t_start = time.perf_counter()
-    _check_kind(kind)
-    window_layers(0, window, 1)  # validates window
+    site_paths(h, kind)  # a clear error if the model has no module of this kind
+    if h.embed is None or getattr(h.embed, "weight", None) is None:
+        raise HandleError(f"{type(h.root).__name__} has no get_input_embeddings() with a weight: causal tracing adds "
+                          f"noise to the input embeddings and needs that module")
+    window_layers(0, window, 1)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
-    sites.paths(kind)  # clear error if the model has no module of this kind
-    ids, offsets = _encode(tok, prompt)
-    ctx = context_length(sites.root)
-    if ctx is not None and len(ids) > ctx:
-        raise ValueError(f"prompt {prompt[:60]!r}... is {len(ids)} tokens, longer than the model's context of {ctx}; "
-                         f"shorten the prompt")
-    s_range = _subject_range(tok, prompt, subject, ids, offsets)
-    hs_layers = sites.handles.layer_indices(layers)
-    token_idx = _token_indices(tokens, len(ids))
-    d_model = int(sites.embed.weight.shape[1]) if hasattr(sites.embed, "weight") else None
-    if d_model is None:
-        raise HandleError("the input embedding has no 2-D weight: cannot size the noise")
-    n_vocab = int(getattr(getattr(sites.root, "config", None), "vocab_size", 0) or sites.embed.weight.shape[0])
-    answer_id = _answer_id(tok, prompt, answer, n_vocab)
-    noise_t, noise_info = _make_noise(noise, samples, s_range[1] - s_range[0], d_model, std, seed, model)
-    tracer = _Tracer(sites, kind, window, batch_size, merge, reuse_prefix)
-    with preserved(sites.root), torch.no_grad():
-        out = tracer.run(ids, s_range, noise_t.to(sites.embed.weight.dtype), answer_id, token_idx, hs_layers,
-                         progress)
-    if not (math.isfinite(out["high"]) and math.isfinite(out["low"]) and bool(torch.isfinite(out["scores"]).all())):
-        raise NonFiniteLossError(
-            f"causal trace of {prompt!r}: the answer's probability is not finite (clean {out['high']}, corrupted "
-            f"{out['low']}): the model outputs NaN/inf; check its weights, or its dtype for overflow"
-        )
-    timings = out["timings"]
+    T = len(tp.ids)
+    token_idx = list(range(T)) if tokens is None else validate_indices(tokens, T, "token position",
+                                                                        f"the prompt has {T} tokens")
+    layer_idx = h.layer_indices(layers)
+    noise_t, info = make_noise(noise, samples, tp.subject_range[1] - tp.subject_range[0], h.d_model, std, seed, h)
+    noise_t = noise_t.to(device=input_device(h.root), dtype=h.embed.weight.dtype)
+    answer_id = _answer_id(h, tp.prompt, answer)
+    cells = cells_of(h, kind, window, token_idx, layer_idx, tp.subject_range[0])
+    stats = {"cells": len(token_idx) * len(layer_idx), "cells_before_subject": len(token_idx) * len(layer_idx) - len(cells)}
+    with using(h), torch.no_grad():
+        if fast:
+            engine = FastTrace(h, kind, batch_size, merge, reuse_prefix)
+            s, timings = engine.setup(tp, noise_t, answer_id)
+            t0 = time.perf_counter()
+            values = engine.scores(s, cells, progress)
+            stats.update(engine.stats)
+        else:
+            t0 = time.perf_counter()
+            s = setup(h, tp, kind, noise_t, answer_id)
+            timings = {"setup": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            values = reference_scores(h, s, cells, batch_size)
+            stats.update(forwards=2 + math.ceil(len(cells) / max(1, batch_size // s.samples)), prefix_cache=0)
+        timings["cells"] = time.perf_counter() - t0
+    scores = torch.full((len(token_idx), len(layer_idx)), s.low, dtype=torch.float32)
+    for c, v in zip(cells, values):
+        scores[c.row, c.col] = v
+    if not (math.isfinite(s.high) and math.isfinite(s.low) and bool(torch.isfinite(scores).all())):
+        raise NonFiniteLossError(f"causal trace of {tp.prompt!r}: the answer's probability is not finite (clean "
+                                 f"{s.high}, corrupted {s.low}): the model outputs NaN/inf; check its weights, or its "
+                                 f"dtype for overflow")
+    # ROME: one forward of 1 clean + S corrupted rows per cell, plus its clean prediction and low_score run.
+    stats["rome_forwards"] = stats["cells"] + 2
+    stats["rome_token_block_evals"] = (stats["cells"] + 2) * (s.samples + 1) * T * h.n_layers
     timings["total"] = time.perf_counter() - t_start
-    return TraceResult(
-        scores=out["scores"], low_score=out["low"], high_score=out["high"], subject_range=s_range,
-        tokens=[tok.decode([i]) for i in ids], token_indices=token_idx, layers=hs_layers, kind=kind,
-        answer=out["answer"], answer_text=tok.decode([out["answer"]]), prompt=prompt, subject=_clean_subject(subject),
-        window=window, samples=int(noise_t.shape[0]),
-        params={**noise_info, "batch_size": batch_size, "reuse_prefix": reuse_prefix},
-        stats=tracer.stats, timings=timings,
-    )
+    return TraceResult(scores=scores, low_score=s.low, high_score=s.high, subject_range=tp.subject_range,
+                       tokens=list(tp.tokens), token_indices=token_idx, layers=layer_idx, kind=kind, answer=s.answer,
+                       answer_text=h.tokenizer.decode([s.answer]), prompt=tp.prompt, subject=tp.subject,
+                       window=window, samples=s.samples,
+                       params={**info, "batch_size": batch_size, "fast": fast, "reuse_prefix": reuse_prefix},
+                       stats=stats, timings=timings)
 
 
 def causal_trace(model: Any, prompt: str, subject: str, *, tokenizer: Any = None, kind: str = "hidden",
                  samples: int | None = None, noise: float | Float[Tensor, "samples subject_tokens d_model"] = 3.0,
                  std: float | None = None, seed: int = 0, window: int = 10, answer: int | str | None = None,
                  tokens: Sequence[int] | int | None = None, layers: Sequence[int] | int | None = None,
-                 batch_size: int = 256, merge: bool | None = None, reuse_prefix: bool = True,
-                 progress: bool = True) -> TraceResult:
+                 batch_size: int = 256, fast: bool = True, merge: bool | None = None, reuse_prefix: bool = True,
+                 progress: bool | None = None) -> TraceResult:
     """ROME's causal trace of ``prompt`` with ``subject`` corrupted.
 
     Args:
-        model: a transformers causal LM, an nnsight wrapper or a TransformerLens bridge.
+        model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
+            :class:`~gradlocate.handles.Handles`.
         prompt: the prompt, e.g. ``"The Eiffel Tower is in"``.
         subject: the subject inside the prompt (its first occurrence is noised).
         tokenizer: defaults to the one the model carries.
@@ -932,21 +598,22 @@ def causal_trace(model: Any, prompt: str, subject: str, *, tokenizer: Any = None
         std: the embedding std the multiple applies to; default :func:`embedding_std`
             of the whole vocabulary (pass ``embedding_std(model, subjects)`` for ROME's
             std over a set of subjects).
-        seed: seed of the noise (``torch.Generator``); the same noise serves every cell.
+        seed: seeds the noise (``torch.Generator``); the same noise serves every cell.
         window: layers restored per cell for mlp/attn (default 10).
         answer: ``None`` (the clean run's argmax next token), a token id, or a target
             string (its first token).
         tokens: the token positions to trace (rows; default all).
         layers: the layers to trace (columns; default all).
         batch_size: at most this many rows (cells x samples) per forward.
-        merge: how cells are grouped into forwards. ``None``: by a cost model that
-            weighs a forward's fixed cost (weights read, kernels launched) against the
-            blocks and positions merging recomputes - few merges on CPU, many on
-            accelerators; ``True``: as many cells per forward as ``batch_size`` allows;
-            ``False``: only cells that need exactly the same blocks and positions.
-        reuse_prefix: take positions before the restored token from the corrupted
-            run's key/value cache (where the model supports one).
-        progress: show a progress bar.
+        fast: use the optimised executor (:mod:`gradlocate.trace_plan`: fewer, smaller
+            forwards, the same scores to 1e-6); ``False``: the reference path, ROME's
+            ``trace_with_patch`` for batches of cells.
+        merge: fast executor: how cells are grouped into forwards. ``None``: by a cost
+            model; ``True``: as many cells per forward as ``batch_size`` allows; ``False``:
+            only cells that need exactly the same blocks and positions.
+        reuse_prefix: fast executor: take positions before the restored token from the
+            corrupted run's key/value cache (where the model has one; else a warning).
+        progress: a progress bar (``None``: on a terminal only).
 
     Returns:
         :class:`TraceResult`.
@@ -964,116 +631,7 @@ def causal_trace(model: Any, prompt: str, subject: str, *, tokenizer: Any = None
         >>> bool(torch.allclose(r.scores, torch.tensor(r.high_score), atol=1e-6))  # no noise: nothing to restore
         True
     """
-    sites = find_trace_sites(model)
-    tok = find_tokenizer(model, tokenizer)
-    return _trace(sites, tok, model, prompt, subject, kind=kind, samples=samples, noise=noise, std=std, seed=seed,
-                  window=window, answer=answer, tokens=tokens, layers=layers, batch_size=batch_size, merge=merge,
-                  reuse_prefix=reuse_prefix, progress=progress)
-
-
-def _edit_answer(e: EditRequest, answer: str) -> str | None:
-    if answer == "predicted":
-        return None
-    if answer == "new":
-        return e.target_new
-    if answer == "old":
-        if e.old_answer is None:
-            raise ValueError(f"answer='old' but edit {e.prompt!r} has no ground_truth or pred")
-        return e.old_answer
-    raise ValueError(f"answer must be 'predicted', 'old' or 'new', got {answer!r}")
-
-
-def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | None = None,
-              noise: float | Sequence[Tensor] = 3.0, std: float | None = None, seed: int = 0, window: int = 10,
-              layers: Sequence[int] | int | None = None, answer: str = "predicted", batch_size: int = 256,
-              merge: bool | None = None, progress: bool = True) -> LayerScores:
-    """The CMA layer choice: the layer whose MLPs (restored in a window of ``window``
-    layers centred on it) at the last subject token have the largest average indirect
-    effect ``score - low_score`` over ``edits``.
-
-    Only the last subject token's row of the ``kind="mlp"`` trace is computed.
-
-    Args:
-        model: a transformers causal LM, an nnsight wrapper or a TransformerLens bridge.
-        edits: :class:`~gradlocate.data.EditRequest` objects or dicts; each needs a
-            ``subject`` that occurs in its ``prompt``.
-        noise: a multiple of ``std``, or one explicit tensor
-            ``[samples, n_subject_tokens, d_model]`` per edit.
-        std: the embedding std; default ROME's: :func:`embedding_std` over the edits' subjects.
-        seed: seed of the noise (the same seed for every edit, as ROME).
-        answer: whose probability is traced: ``"predicted"`` (the clean argmax, as
-            ROME), ``"old"`` (the edit's ground truth) or ``"new"`` (its target).
-        samples: as in :func:`causal_trace`.
-        window: as in :func:`causal_trace`.
-        layers: as in :func:`causal_trace`.
-        batch_size: as in :func:`causal_trace`.
-        merge: as in :func:`causal_trace`.
-        progress: show a progress bar over the edits.
-
-    Returns:
-        :class:`~gradlocate.results.LayerScores` with ``method="cma"``, ``scores`` the
-        mean indirect effect per layer; extras ``"ie_std"`` (its std over the edits) and
-        ``"mean_prob"`` (the mean restored probability); ``params["low_score"]`` /
-        ``["high_score"]`` the means over the edits.
-
-    Example:
-        >>> from gradlocate.models import tiny
-        >>> model, tok = tiny("llama", n_layers=4, d_model=32)
-        >>> edits = [{"prompt": "Paris is the capital of", "target_new": "Italy", "subject": "Paris"},
-        ...          {"prompt": "The Nile flows through", "target_new": "Peru", "subject": "The Nile"}]
-        >>> r = cma_layer(model, edits, samples=3, window=2, progress=False)
-        >>> r.method, len(r.scores), r.selected == r.layers[max(range(4), key=r.scores.__getitem__)]
-        ('cma', 4, True)
-    """
-    t_start = time.perf_counter()
-    edits = as_edits(edits)
-    warn_duplicates(edits)
-    for i, e in enumerate(edits):
-        if e.subject is None:
-            raise ValueError(f"edit {i} ({e.prompt!r}) has no subject: cma_layer traces the subject's tokens")
-        if _clean_subject(e.subject) not in e.prompt:
-            raise ValueError(f"edit {i}: subject {e.subject!r} does not occur in its prompt {e.prompt!r}")
-    if isinstance(noise, Tensor):
-        raise TypeError("cma_layer takes a multiple of the embedding std, or a list with one noise tensor per edit "
-                        "(subjects differ in length), not one tensor")
-    explicit = not isinstance(noise, (int, float)) or isinstance(noise, bool)
-    if explicit:
-        noise = list(noise)  # type: ignore[arg-type]
-        if len(noise) != len(edits):
-            raise ValueError(f"{len(noise)} explicit noise tensors for {len(edits)} edits: give one per edit")
-    sites = find_trace_sites(model)
-    tok = find_tokenizer(model, tokenizer)
-    t0 = time.perf_counter()
-    if std is None and not explicit:
-        std = embedding_std(model, [e.subject for e in edits], tokenizer=tok)  # type: ignore[misc]
-    t_std = time.perf_counter() - t0
-    from tqdm.auto import tqdm
-
-    ies, scores, lows, highs = [], [], [], []
-    layer_idx: list[int] = []
-    for i, e in enumerate(tqdm(edits, desc="cma_layer", disable=not progress)):
-        s_range = subject_token_range(tok, e.prompt, e.subject)  # type: ignore[arg-type]
-        r = _trace(sites, tok, model, e.prompt, e.subject, kind="mlp", samples=samples,  # type: ignore[arg-type]
-                   noise=noise[i] if explicit else noise, std=std, seed=seed, window=window,  # type: ignore[index]
-                   answer=_edit_answer(e, answer), tokens=[s_range[1] - 1], layers=layers, batch_size=batch_size,
-                   merge=merge, reuse_prefix=True, progress=False)
-        layer_idx = r.layers
-        scores.append(r.scores[0])
-        ies.append(r.scores[0] - r.low_score)
-        lows.append(r.low_score)
-        highs.append(r.high_score)
-    ie = torch.stack(ies).double()
-    mean = ie.mean(0)
-    best = int(mean.argmax())
-    return LayerScores(
-        method="cma", scores=mean.tolist(), eligible=[True] * len(layer_idx), selected=layer_idx[best],
-        params={"kind": "mlp", "token": "last_subject", "samples": r.samples,
-                "noise": "explicit" if explicit else float(noise), "std": std, "seed": seed,  # type: ignore[arg-type]
-                "window": window, "answer": answer, "n_edits": len(edits),
-                "low_score": float(sum(lows) / len(lows)), "high_score": float(sum(highs) / len(highs))},
-        extras={"ie_std": (ie.std(0) if len(ies) > 1 else torch.zeros_like(mean)).tolist(),
-                "mean_prob": torch.stack(scores).double().mean(0).tolist()},
-        timings={"noise_std": t_std, "trace": time.perf_counter() - t0 - t_std,
-                 "setup": t0 - t_start},
-        layers=layer_idx,
-    )
+    h = resolve(model, tokenizer)
+    return trace_prompt(h, TracePrompt.of(h, prompt, subject), kind=kind, samples=samples, noise=noise, std=std,
+                        seed=seed, window=window, answer=answer, tokens=tokens, layers=layers, batch_size=batch_size,
+                        fast=fast, merge=merge, reuse_prefix=reuse_prefix, progress=progress)

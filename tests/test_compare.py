@@ -53,14 +53,15 @@ def test_compare_end_to_end():
                   selector_kwargs={"gradratio": {"min_layer": 0}, "cma": {"samples": 3, "progress": False}})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert (cmp.n_proxy, cmp.n_test) == (2, 3)
-    assert [r["selector"] for r in cmp.rows] == ["gradratio", "lga", "cma"]
+    assert [r.selector for r in cmp.rows] == ["gradratio", "lga", "cma"]
     overall = dict(zip(cmp.sweep.layers, cmp.sweep.overall))
     for r in cmp.rows:
-        sel = cmp.selections[r["selector"]]
-        assert r["layer"] == sel.selected and r["layer"] in cmp.sweep.layers
-        assert r["regret"] == pytest.approx(overall[cmp.golden] - overall[r["layer"]])
-        assert r["regret"] >= 0
-        assert r["time_s"] > 0 and r["time_vs_sweep"] == pytest.approx(r["time_s"] / cmp.sweep_time_s)
+        sel = cmp.selections[r.selector]
+        assert r.error is None
+        assert r.layer == sel.selected and r.layer in cmp.sweep.layers
+        assert r.regret == pytest.approx(overall[cmp.golden] - overall[r.layer])
+        assert r.regret >= 0
+        assert r.time_s > 0 and r.time_vs_sweep == pytest.approx(r.time_s / cmp.sweep_time_s)
     md = cmp.to_markdown()
     assert md.count("\n") == 2 + len(cmp.rows) and "golden (sweep)" in md
     assert cmp.plot().axes

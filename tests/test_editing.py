@@ -8,8 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from gradlocate import EditTrainingError, LocFTBF, evaluate
-from gradlocate.editing import _FusedHeadNLL, auto_batch_size
+from gradlocate import EditTrainingError, LocFTBF, down_projections, evaluate
+from gradlocate.executors import Executor, probe_additive
+from gradlocate.gradients import edit_batch
+from gradlocate.interventions import using
+from gradlocate.editing import auto_edits_per_step
+from gradlocate.losses import head_nll
 from gradlocate.models import tiny
 
 EDITS = [
@@ -118,16 +122,32 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
-@pytest.mark.parametrize("cache,head", [(True, "fused"), (True, "select"), (True, "full"), (False, "fused"),
-                                        (False, "full")])
-def test_losses_equal_plain_forward(request, arch, cache, head):
+@pytest.mark.parametrize("cache", ["none", "down_input", "residual"])
+@pytest.mark.parametrize("head", ["full", "select", "fused"])
+def test_every_executor_equals_the_plain_forward(request, arch, cache, head):
+    """The activation cache and the selective / fused head change how a loss is
+    computed, never its value: each against one unpadded full forward per edit."""
     model, tok = _models(request, arch)
-    ft = LocFTBF(model, 2, cache=cache, head=head, progress=False)
-    got = ft.losses(EDITS)
-    with torch.no_grad():
-        want = torch.tensor([float(plain_row_loss(model, p, t)) for p, t in plain_rows(tok, EDITS)])
-    assert ft.head_mode == head
+    h = down_projections(model)
+    if cache == "down_input" and arch == "gemma3_text":
+        with torch.no_grad(), using(h):  # Gemma's post-feed-forward norm: not residual-additive
+            assert probe_additive(h, 2, edit_batch(h, [EDITS[0]["prompt"]], [EDITS[0]["target_new"]], True)) == \
+                (False, True)
+        return
+    batch = edit_batch(h, [e["prompt"] for e in EDITS], [e["target_new"] for e in EDITS], True)
+    rows = torch.tensor([4, 0, 2])  # an unsorted subset: rows index the cached activations
+    with torch.no_grad(), using(h), Executor(h, 2, batch, cache, head) as ex:
+        got = ex.losses(rows)
+        assert (ex.cache_bytes > 0) == (cache != "none")
+        want = torch.tensor([float(plain_row_loss(model, *plain_rows(tok, EDITS)[i])) for i in rows.tolist()])
     assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,want", [("gpt2", ("down_input", "fused")), ("gemma3_text", ("residual", "fused"))])
+def test_auto_picks_the_fast_executor(request, arch, want):
+    model, _ = _models(request, arch)
+    r = LocFTBF(model, 2, epochs=1, progress=False).fit(EDITS[:2])
+    assert (r.cache_mode, r.head_mode) == want
 
 
 def test_fused_head_nll_and_gradient_match_autograd():
@@ -138,7 +158,12 @@ def test_fused_head_nll_and_gradient_match_autograd():
     target = torch.randint(0, 50, (7,), generator=g)
     scale = torch.randn(7, generator=g, dtype=torch.float64)
     for bias in (None, b):
-        nll = _FusedHeadNLL.apply(h, w, bias, target, 8)  # 8 does not divide 50: a ragged last chunk
+        head = nn.Linear(16, 50, bias=bias is not None, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            if bias is not None:
+                head.bias.copy_(bias)
+        nll = head_nll(h, head, target, chunk=8)  # 8 does not divide 50: a ragged last chunk
         (gh,) = torch.autograd.grad((nll * scale).sum(), h)
         logits = h @ w.T + (0 if bias is None else bias)
         ref = -torch.log_softmax(logits, -1)[torch.arange(7), target]
@@ -154,19 +179,19 @@ def test_fused_head_nll_and_gradient_match_autograd():
 @pytest.mark.parametrize("cache", [True, False])
 def test_fit_matches_plain_loop(request, arch, layer, cache):
     model, tok = _models(request, arch)
-    ft = LocFTBF(model, layer, lr=1e-2, batch_size=2, epochs=4, seed=3, loss_threshold=0.0, cache=cache,
+    ft = LocFTBF(model, layer, lr=1e-2, edits_per_step=2, epochs=4, seed=3, loss_threshold=0.0, cache=cache,
                  progress=False)
     weight = ft.handle.parameter
     w0 = weight.detach().clone()
-    ft.fit(EDITS)
+    r = ft.fit(EDITS)
     got = weight.detach().clone()
     ft.restore()
     hist, orders = plain_locft(model, tok, EDITS, weight, lr=1e-2, batch_size=2, epochs=4, seed=3, threshold=0.0)
     want = weight.detach().clone()
     weight.data.copy_(w0)
-    assert ft.orders == orders
-    assert ft.steps == [3, 3, 3, 3]
-    assert ft.history == pytest.approx(hist, rel=1e-5)
+    assert r.orders == orders
+    assert r.steps == [3, 3, 3, 3] and not r.converged
+    assert r.history == pytest.approx(hist, rel=1e-5)
     assert _rel(got - w0, want - w0) < 1e-4  # the update itself agrees
     assert _rel(got, want) < 1e-5
 
@@ -179,9 +204,10 @@ def test_cached_equals_uncached_and_thresholds_apply(sharp):
              {"prompt": "Water boils at", "target_new": "fifty"}]
     runs = {}
     for cache in (True, False):
-        ft = LocFTBF(model, 3, lr=0.05, batch_size=1, epochs=60, cache=cache, progress=False)
-        ft.fit(edits)
-        runs[cache] = (ft.handle.parameter.detach().clone(), list(ft.history), list(ft.steps))
+        ft = LocFTBF(model, 3, lr=0.05, edits_per_step=1, epochs=60, cache=cache, progress=False)
+        r = ft.fit(edits)
+        assert r.converged
+        runs[cache] = (ft.handle.parameter.detach().clone(), list(r.history), list(r.steps))
         ft.restore()
     hist, _ = plain_locft(model, tok, edits, ft.handle.parameter, lr=0.05, batch_size=1, epochs=60, seed=0,
                           threshold=1e-2)
@@ -207,19 +233,19 @@ def test_learns_edits_quickly(sharp):
     pre = evaluate(model, EDITS[:3], generation=False)
     assert pre.teacher_forced["reliability"] < 0.5
     with LocFTBF(model, 3, lr=0.05, progress=False) as ft:
-        ft.fit(EDITS[:3])
+        r = ft.fit(EDITS[:3])
         ev = evaluate(model, EDITS[:3], generation=True)
         assert ev.teacher_forced["reliability"] == 1.0
         assert ev.generation["reliability"] == 1.0
-        assert ft.batch_size_used == auto_batch_size(3) == 1
-        assert ft.history[-1] < ft.history[0]
+        assert r.edits_per_step == auto_edits_per_step(3) == 1
+        assert r.history[-1] < r.history[0]
     assert not ft.edited
 
 
-def test_auto_batch_size():
-    assert [auto_batch_size(n) for n in (1, 8, 16, 80, 799, 800, 3000)] == [1, 1, 2, 10, 99, 100, 100]
+def test_auto_edits_per_step():
+    assert [auto_edits_per_step(n) for n in (1, 8, 16, 80, 799, 800, 3000)] == [1, 1, 2, 10, 99, 100, 100]
     with pytest.raises(ValueError):
-        auto_batch_size(0)
+        auto_edits_per_step(0)
 
 
 # --------------------------------------------------------------------------- undo and faults
@@ -240,7 +266,7 @@ def _changed(model, before):
 def _clean(model):
     """No forward left patched, no hook left installed."""
     for m in model.modules():
-        assert "forward" not in m.__dict__
+        assert "forward" not in m.__dict__ and "__nnsight__" not in m.__dict__
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
@@ -290,7 +316,7 @@ def test_exception_during_fit_restores(gpt2, exc):
             raise exc
 
     before = _tensors(model)
-    ft = LocFTBF(model, 2, lr=1e-2, batch_size=2, epochs=5, progress=False, callback=callback)
+    ft = LocFTBF(model, 2, lr=1e-2, edits_per_step=2, epochs=5, progress=False, callback=callback)
     with pytest.raises(type(exc)):
         ft.fit(EDITS)
     assert _changed(model, before) == []
@@ -306,7 +332,7 @@ def test_nan_loss_stops_restores_and_names_the_edits(llama):
     with torch.no_grad():
         norm.fill_(float("nan"))
     try:
-        ft = LocFTBF(model, 1, batch_size=5, progress=False)
+        ft = LocFTBF(model, 1, edits_per_step=5, progress=False)
         with pytest.raises(EditTrainingError, match="Water boils at") as info:
             ft.fit(EDITS)
         assert "nan" in str(info.value)
@@ -328,10 +354,10 @@ def test_cache_modes(gpt2, gemma):
     for model, layer, cache, budget, want in cases:
         kw = {} if budget is None else {"cache_budget": budget}
         ft = LocFTBF(model, layer, cache=cache, epochs=1, progress=False, **kw)
-        ft.fit(EDITS[:2])
+        r = ft.fit(EDITS[:2])
         ft.restore()
-        assert ft.cache_mode == want, (layer, cache, budget)
-        assert (ft.cache_bytes > 0) == (want != "none")
+        assert r.cache_mode == want, (layer, cache, budget)
+        assert (r.cache_bytes > 0) == (want != "none")
 
 
 def test_bad_input(gpt2):
@@ -340,7 +366,7 @@ def test_bad_input(gpt2):
         LocFTBF(model, 4)
     with pytest.raises(TypeError, match="one layer"):
         LocFTBF(model, [1, 2])
-    for kw, word in [({"lr": 0}, "lr"), ({"lr": float("nan")}, "lr"), ({"batch_size": 0}, "batch_size"),
+    for kw, word in [({"lr": 0}, "lr"), ({"lr": float("nan")}, "lr"), ({"edits_per_step": 0}, "edits_per_step"),
                      ({"epochs": 0}, "epochs"), ({"cache": "yes"}, "cache"), ({"head": "x"}, "head"),
                      ({"loss_threshold": -1}, "loss_threshold"), ({"cache_budget": -1}, "cache_budget")]:
         with pytest.raises(ValueError, match=word):
@@ -360,17 +386,19 @@ def test_negative_layer_nnsight_wrapper_and_display(gpt2):
     model, tok = gpt2
     wrapped = NNsight(model)
     ft = LocFTBF(wrapped, -2, tokenizer=tok, lr=1e-2, epochs=3, progress=False)
-    ft.fit(EDITS[:2])
-    assert ft.layer == 2 and len(ft.history) == 3
-    d = ft.to_dict()
-    assert d["history"] == ft.history and d["layer"] == 2 and d["cache_mode"] == "down_input"
+    r = ft.fit(EDITS[:2])
+    assert ft.layer == 2 and r.epochs == 3 and len(r.history) == 3
+    d = r.to_dict()
+    assert d["history"] == r.history and d["layer"] == 2 and d["cache_mode"] == "down_input"
+    assert d["converged"] is False and d["final_loss"] == r.history[-1]
     assert "LocFTBF(layer=2" in repr(ft) and "edited" in repr(ft)
+    assert "3 epoch(s)" in repr(r) and "did not converge" in repr(r)
     assert ft.delta.shape == (32, 128)
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = ft.plot()
+    ax = r.plot()
     assert len(ax.lines[0].get_xdata()) == 3
     ft.restore()
-    assert not ft.edited and math.isfinite(ft.history[-1])
-    assert isinstance(ft.root, nn.Module)
+    assert not ft.edited and math.isfinite(r.history[-1])
+    assert isinstance(ft.h.root, nn.Module)

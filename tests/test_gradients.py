@@ -20,11 +20,11 @@ from gradlocate.gradients import (
     LayerGradients,
     edit_gradients,
     ghost_inner_products,
-    greedy_answers,
     per_sample_inner_products,
     retain_gradients,
 )
 from gradlocate.models import tiny
+from gradlocate.selectors import greedy_answers
 
 matplotlib.use("Agg")
 
@@ -47,9 +47,11 @@ def ref_weights(model):
     return [b.mlp.down_proj.weight for b in model.model.layers], False
 
 
-def ref_ids(tok, prompt, target):
+def ref_ids(tok, prompt, target, eos=True):
+    """The prompt's ids; the target's with a leading space, then EOS (the edit loss scores
+    the EOS by default, as LocFT-BF trains)."""
     p = tok(prompt)["input_ids"]
-    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
     return p, t
 
 
@@ -112,7 +114,7 @@ def test_edit_gradients_match_autograd(model_tok):
     model, tok = model_tok
     g = edit_gradients(model, EDITS, keep=True, batch_size=2)
     ref, loss = ref_edit_grads(model, tok, pairs(EDITS))
-    assert g.kind == "edit" and g.n_sequences == 3 and g.layers == [0, 1, 2, 3]
+    assert g.loss_kind == "edit" and g.n_sequences == 3 and g.layers == [0, 1, 2, 3]
     assert close(g.loss, loss)
     assert close(g.sq_norms, [float((r.double() ** 2).sum()) for r in ref])
     for mine, r in zip(g.grads, ref):
@@ -129,12 +131,11 @@ def test_edit_gradients_layer_subset_and_norms_only(tiny_llama):
     assert close(g.sq_norms, [float((ref[i].double() ** 2).sum()) for i in (3, 1)])
 
 
-def test_append_eos_scores_the_eos_token(tiny_gpt2):
+def test_append_eos_false_scores_the_bare_target(tiny_gpt2):
     model, tok = tiny_gpt2
-    g = edit_gradients(model, EDITS[:1], append_eos=True, keep=True)
+    g = edit_gradients(model, EDITS[:1], append_eos=False, keep=True)
     ws, tr = ref_weights(model)
-    p, t = ref_ids(tok, "The capital of France is", "Rome")
-    t = t + [tok.eos_token_id]
+    p, t = ref_ids(tok, "The capital of France is", "Rome", eos=False)
     logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
     loss = -logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean()
     ref = torch.autograd.grad(loss, ws)
@@ -351,8 +352,8 @@ def test_layer_gradients_result_api(tiny_llama):
         assert close(x, float((a.double() * b.double()).sum()))
     assert close(e.norms, [math.sqrt(s) for s in e.sq_norms])
     d = e.to_dict()
-    assert d["kind"] == "edit" and "grads" not in d and len(d["sq_norms"]) == 4
-    assert "LayerGradients(kind='edit'" in repr(e)
+    assert d["loss_kind"] == "edit" and "grads" not in d and len(d["sq_norms"]) == 4
+    assert "LayerGradients(loss_kind='edit'" in repr(e)
     ax = e.plot()
     assert len(ax.patches) == 4
     with pytest.raises(ValueError, match="keep=True"):

@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlocate.gradients import LayerGradients, greedy_answers, retain_gradients
+from gradlocate.gradients import LayerGradients, retain_gradients
 from gradlocate.models import tiny
-from gradlocate.selectors import adaptive_min_layer, gradratio, lga, tukey_fences
+from gradlocate.selectors import adaptive_min_layer, gradratio, greedy_answers, lga, tukey_fences
 
 matplotlib.use("Agg")
 
@@ -55,8 +55,9 @@ def ref_weights(model):
 
 
 def ref_target_nll(model, tok, prompt, target):
+    """The edit loss: the target's tokens (after a space) and EOS, given the prompt."""
     p = tok(prompt)["input_ids"]
-    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
     return -logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean()
 

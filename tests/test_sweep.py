@@ -46,10 +46,10 @@ def test_sweep_metrics_golden_and_restore(model):
     with LocFTBF(model, 2, progress=False, **TRAINER) as ft:
         ft.fit(EDITS)
         ev = evaluate(model, EDITS, pre=pre, generation=False)
-    assert res.at(2)["teacher_forced"] == ev.teacher_forced
+    assert res.at(2).teacher_forced == ev.teacher_forced
     # Overall = mean of reliability, generalization and locality; golden = its argmax.
     for r in res.records:
-        tf = r["teacher_forced"]
+        tf = r.teacher_forced
         expect = (tf["reliability"] + tf["generalization"] + tf["locality"]) / 3
         assert overall_score(tf) == pytest.approx(expect)
     ov = res.overall
@@ -88,12 +88,12 @@ def test_interrupted_sweep_restores_and_resumes(model, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sweep(model, EDITS, layers=[0, 1], trainer={**TRAINER, "batch_size": 1, "callback": boom},
+        sweep(model, EDITS, layers=[0, 1], trainer={**TRAINER, "edits_per_step": 1, "callback": boom},
               generation=False, progress=False, out=out)
     assert _same(before, _state(model))
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert [l["layer"] for l in lines] == [0]
-    res = sweep(model, EDITS, layers=[0, 1], trainer={**TRAINER, "batch_size": 1}, generation=False,
+    res = sweep(model, EDITS, layers=[0, 1], trainer={**TRAINER, "edits_per_step": 1}, generation=False,
                 progress=False, out=out)
     assert res.layers == [0, 1]
 

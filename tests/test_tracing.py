@@ -12,17 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradlocate import HandleError
+from gradlocate import HandleError, down_projections
 from gradlocate.models import byte_tokenizer, tiny
-from gradlocate.tracing import (
-    TraceResult,
-    causal_trace,
-    cma_layer,
-    embedding_std,
-    find_trace_sites,
-    subject_token_range,
-    window_layers,
-)
+from gradlocate.selectors import cma_layer
+from gradlocate.tracing import TraceResult, causal_trace, embedding_std, subject_token_range, window_layers
 
 # Each family's module names, written by hand (the oracle does not use the library's discovery).
 PATHS = {
@@ -196,7 +189,7 @@ class _Toy(nn.Module):
 
 def test_plain_torch_model_without_cache_or_attention():
     model, tok = _Toy(), byte_tokenizer()
-    sites = find_trace_sites(model)
+    sites = down_projections(model, tokenizer=tok)
     assert sites.attn_paths is None and sites.mlp_paths[0] == "layers.0.mlp"
     s_range = subject_token_range(tok, PROMPT, SUBJECT)
     noise = _noise(s_range[1] - s_range[0], d=16, scale=2.0)
@@ -378,7 +371,7 @@ def test_errors(models):
         causal_trace(model, PROMPT, SUBJECT, answer=10**6, progress=False)
     with pytest.raises(ValueError, match="no subject"):
         cma_layer(model, [{"prompt": PROMPT, "target_new": "x"}], progress=False)
-    with pytest.raises(ValueError, match="does not occur in its prompt"):
+    with pytest.raises(ValueError, match="does not occur in the prompt"):
         cma_layer(model, [{"prompt": PROMPT, "target_new": "x", "subject": "Rome"}], progress=False)
     edit = {"prompt": PROMPT, "target_new": "x", "subject": SUBJECT}
     with pytest.raises(TypeError, match="one noise tensor per edit"):

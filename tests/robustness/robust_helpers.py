@@ -16,7 +16,8 @@ import gradlocate as gl
 from gradlocate.compare import compare
 from gradlocate.handles import unwrap_model
 from gradlocate.sweep import sweep
-from gradlocate.tracing import causal_trace, cma_layer
+from gradlocate.selectors import cma_layer
+from gradlocate.tracing import causal_trace
 
 # Every per-module hook dictionary torch keeps.
 HOOK_DICTS = (
@@ -157,14 +158,14 @@ def numbers(result: Any) -> list[float]:
         return [float(result.selected), *result.scores]
     if isinstance(result, TraceResult):
         return [*result.scores.flatten().tolist(), result.low_score, result.high_score]
-    if isinstance(result, gl.LocFTBF):
+    if isinstance(result, gl.FitResult):
         return list(result.history)
     if isinstance(result, EditEvaluation):
         return [v for d in (result.teacher_forced, result.generation or {}) for v in d.values() if v is not None]
     if isinstance(result, SweepResult):
-        return [v for v in result.overall if v is not None] + [r["train"]["final_loss"] for r in result.records]
+        return [v for v in result.overall if v is not None] + [r.train["final_loss"] for r in result.records]
     if isinstance(result, Comparison):
-        return ([float(r["layer"]) for r in result.rows] + numbers(result.sweep)
+        return ([float(r.layer) for r in result.rows] + numbers(result.sweep)
                 + [x for sel in result.selections.values() for x in numbers(sel)])
     return []
 
@@ -185,7 +186,7 @@ EDITS = [
 ]
 TEXTS = ["The sky was grey all morning, and then it rained.", "A short text about trains and stations.",
          "Bread is baked from flour, water and yeast."]
-TRAINER = {"epochs": 2, "lr": 1e-2, "batch_size": 2}
+TRAINER = {"epochs": 2, "lr": 1e-2, "edits_per_step": 2}
 
 
 def call(name: str, model: Any, *, tokenizer: Any = None, edits: Any = None, texts: Any = None,
@@ -213,8 +214,7 @@ def call(name: str, model: Any, *, tokenizer: Any = None, edits: Any = None, tex
     if name == "LocFTBF.fit":
         layer = -1 if layers is None else layers
         with gl.LocFTBF(model, layer, tokenizer=tokenizer, progress=False, **{**TRAINER, **kw}) as ft:
-            ft.fit(edits)
-        return ft
+            return ft.fit(edits)
     if name == "evaluate":
         return gl.evaluate(model, edits, tokenizer=tokenizer, max_new_tokens=3, **kw)
     if name == "sweep":

@@ -188,10 +188,10 @@ def test_non_string_fields_elsewhere(guarded):
     # a list whose first item is a string is read as that string (ZsRE's answers lists)
     assert gl.as_edits([NON_STRINGS[2][0]])[0].subject == "Paris"
     _raises(TypeError, "edit 1 is a str", gl.as_edits, [EDITS[0], "Paris is in France"])
-    _raises(TypeError, "use load_edits", gl.as_edits, "edits.json")
+    _raises(FileNotFoundError, "no edits file", gl.as_edits, "edits.json")
     _raises(TypeError, "text 1 is a int", gl.retain_gradients, model, ["a text", 5], tokenizer=tok)
     _raises(TypeError, "prompt and target must be strings", gl.tokenize_edits, tok, ["a"], [5])
-    _raises(TypeError, "edit 0: prompt and target must be strings", gl.LocFTBF(model, 0, tokenizer=tok).fit,
+    _raises(TypeError, "edit 0: prompt must be a string", gl.LocFTBF(model, 0, tokenizer=tok).fit,
             [gl.EditRequest(5, "x")])
     _raises(TypeError, "prompt must be a string", gl.causal_trace, model, 5, "Paris", tokenizer=tok)
     _raises(TypeError, "subject must be a string", gl.causal_trace, model, "Paris is", 5, tokenizer=tok)

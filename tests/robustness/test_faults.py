@@ -141,7 +141,7 @@ def test_fit_fault_at_any_step_restores(model_tok, kind, data):
     interrupt, or a NaN written into the trained weight (the next loss is NaN, or - at
     the last step - the trained weight itself is checked)."""
     model, tok = model_tok
-    n_steps = TRAINER["epochs"] * (len(EDITS) // TRAINER["batch_size"])
+    n_steps = TRAINER["epochs"] * (len(EDITS) // TRAINER["edits_per_step"])
     k = data.draw(st.integers(1, n_steps), label="step")
     ft = gl.LocFTBF(model, 2, tokenizer=tok, progress=False, **TRAINER)
     calls = []
@@ -240,5 +240,5 @@ def test_interrupted_sweep_resumes_without_redoing_layers(model_tok, tmp_path, m
     fresh = call("sweep", model, tokenizer=tok, layers=layers)
     assert trained == layers
     for a, b in zip(resumed.records, fresh.records):
-        assert a["layer"] == b["layer"] and a["teacher_forced"] == pytest.approx(b["teacher_forced"])
+        assert a.layer == b.layer and a.teacher_forced == pytest.approx(b.teacher_forced)
     assert SweepResult.load(out).layers == layers

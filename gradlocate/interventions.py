@@ -1,0 +1,461 @@
+"""Interventions: the one place gradlocate intercepts a model (after ROME's
+``util/nethook.py``).
+
+Every tool is a context manager over a resolved model (:class:`~gradlocate.handles.Handles`)
+that puts everything back when its block ends. The tools that change a forward only
+register an intervention; :func:`run` makes one forward through nnsight - the same
+``Envoy`` s the handles give users - and applies every intervention active in this
+thread at its module, in the order the forward reaches them.
+
+    using(h, params=())        own the model for the block: one thread at a time, eval mode,
+                               grad only on ``params``, their ``.grad`` kept; all restored
+    capture(h, paths)          record modules' outputs (and inputs) in the forwards inside
+    replaced(h, path, fn)      a module's output becomes ``fn(output)``
+    noised(h, noise, start)    add ``noise`` to the input embeddings from position ``start`` on
+    restored(h, patches)       write given states at (row, position) of modules' outputs
+    from_layer(h, layer, fn)   blocks below ``layer`` are skipped: the stream entering it is ``fn()``
+    head_at(h, rows, pos)      the LM head runs only at these (row, position) pairs
+    stop_after(h, path)        end the forward once a module has run
+    run(h, **inputs)           one forward applying every active intervention
+    instrumented(model)        a bare nnsight wrapper for the block, taken off afterwards
+
+Example:
+    >>> import torch
+    >>> from gradlocate import down_projections
+    >>> from gradlocate.models import tiny
+    >>> model, tok = tiny("llama", n_layers=2, d_model=16)
+    >>> h = down_projections(model)
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> with using(h), capture(h, [h[1].path], inputs=True) as cap, head_at(h, torch.tensor([0]), torch.tensor([3])):
+    ...     out = run(h, input_ids=ids)
+    >>> tuple(cap.inputs[h[1].path].shape), tuple(out.logits.shape)   # the head ran at one position
+    ((1, 4, 64), (1, 1, 258))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from gradlocate import _compat
+
+__all__ = [
+    "ModelBusyError",
+    "using",
+    "capture",
+    "Capture",
+    "replaced",
+    "noised",
+    "restored",
+    "from_layer",
+    "head_at",
+    "stop_after",
+    "run",
+    "instrumented",
+    "states",
+    "rewrap",
+    "rewrappable",
+    "no_cache",
+    "Patch",
+]
+
+
+class ModelBusyError(RuntimeError):
+    """Another thread is running a gradlocate function on this model: gradlocate
+    changes a model's state while it computes, so it takes one caller at a time."""
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+@dataclass
+class _Session:
+    thread: int
+    depth: int = 0
+    envoy: Any = None
+    had: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+
+
+_sessions: weakref.WeakKeyDictionary[nn.Module, _Session] = weakref.WeakKeyDictionary()
+_sessions_lock = threading.Lock()
+
+
+def _session(h: Any) -> _Session:
+    s = _sessions.get(h.root)
+    if s is None or s.thread != threading.get_ident():
+        raise RuntimeError("gradlocate.interventions: run() and the tools need an active `with using(h):` block "
+                           "in this thread")
+    return s
+
+
+@contextlib.contextmanager
+def using(h: Any, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+    """Own ``h``'s model for the block: eval mode (no dropout), gradients only for
+    ``params`` (their ``.grad`` set aside and put back), nnsight's instrumentation on;
+    every flag, mode, ``.grad`` and attribute is restored on exit, also on errors.
+
+    Re-entrant in one thread. A second thread gets :class:`ModelBusyError` at once,
+    before anything is changed: two callers on one model would each see the other's
+    changes.
+    """
+    root, me = h.root, threading.get_ident()
+    with _sessions_lock:
+        s = _sessions.get(root)
+        if s is not None and s.thread != me:
+            raise ModelBusyError(
+                f"{type(root).__name__} is in use by another thread (a gradlocate function is running on it): "
+                f"gradlocate changes a model's state while it computes, so it serves one caller at a time. "
+                f"Wait for that call to finish, or give each thread its own copy of the model")
+        if s is None:
+            s = _sessions[root] = _Session(me)
+        s.depth += 1
+    flags = [(p, p.requires_grad) for p in root.parameters()]
+    modes = [(m, m.training) for m in root.modules()]
+    keep = {id(p) for p in params}
+    grads = [(p, p.grad) for p in params]
+    try:
+        if s.envoy is None:
+            from nnsight import NNsight
+
+            s.had = _compat.instrumentation(root)
+            s.envoy = NNsight(root)
+        root.eval()
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, g in grads:
+            p.grad = g
+        for p, f in flags:
+            p.requires_grad_(f)
+        for m, t in modes:
+            m.training = t
+        with _sessions_lock:
+            s.depth -= 1
+            if s.depth == 0:
+                if s.envoy is not None:
+                    _compat.uninstrument(root, s.had)
+                del _sessions[root]
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass(eq=False)
+class _Event:
+    path: str
+    phase: str  # "input" | "skip" (before the module runs) | "output" | "stop" (after)
+    fn: Callable[..., Any]
+
+    @property
+    def before(self) -> bool:
+        return self.phase in ("input", "skip")
+
+
+@contextlib.contextmanager
+def _registered(h: Any, events: list[_Event]) -> Iterator[None]:
+    s = _session(h)
+    s.events.extend(events)
+    try:
+        yield
+    finally:
+        for e in events:
+            s.events.remove(e)
+
+
+def _order(h: Any) -> dict[str, tuple[tuple, tuple]]:
+    """For each module path interventions can touch, the keys of its call's start and
+    end in the forward's order: embedding, then each block (within a block a module's
+    children run between its start and end, attention before the MLP), then the head."""
+    cache = h._cache.get("order")
+    if cache is not None:
+        return cache
+    keys: dict[str, tuple[tuple, tuple]] = {}
+    if h.embed is not None:
+        keys[_path_of(h, h.embed)] = ((0,), (0, 1))
+    template: dict[str, tuple[int, int]] = {}
+    counter = [0]
+
+    def visit(module: nn.Module, rel: str) -> None:
+        start = counter[0]
+        counter[0] += 1
+        children = list(module.named_children())
+        children.sort(key=lambda nc: 0 if any(w in nc[0].lower() for w in ("attn", "attention")) else 1)
+        for name, child in children:
+            visit(child, f"{rel}.{name}" if rel else name)
+        template[rel] = (start, counter[0])
+        counter[0] += 1
+
+    visit(h.blocks[0], "")
+    for j, bp in enumerate(h.block_paths):
+        for rel, (start, end) in template.items():
+            keys[f"{bp}.{rel}" if rel else bp] = ((1, j, start), (1, j, end))
+    if h.head is not None:
+        keys[_path_of(h, h.head)] = ((2,), (2, 1))
+    h._cache["order"] = keys
+    return keys
+
+
+def _path_of(h: Any, module: nn.Module) -> str:
+    paths = h._cache.setdefault("paths", {})
+    if id(module) not in paths:
+        paths[id(module)] = next((n for n, m in h.root.named_modules() if m is module), "")
+    return paths[id(module)]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run(h: Any, **inputs: Any) -> Any:
+    """One forward of ``h``'s model on ``inputs`` (keyword arguments of its forward),
+    applying every intervention active in this thread. Returns the model's output, or
+    ``None`` when a :func:`stop_after` ended it early. Without interventions it is a
+    plain call."""
+    s = _session(h)
+    if not s.events:
+        return h.root(**inputs)
+    order = _order(h)
+    groups: dict[tuple[str, bool], list[_Event]] = {}
+    for e in s.events:
+        if e.path not in order:
+            raise ValueError(f"no module {e.path!r} in the forward's order (embedding, blocks, head)")
+        groups.setdefault((e.path, e.before), []).append(e)
+    steps = sorted(groups.items(), key=lambda kv: order[kv[0][0]][0 if kv[0][1] else 1])
+    stops = any(e.phase == "stop" for e in s.events)
+    env = s.envoy
+    out = None
+    # nnsight compiles this block's body and runs it beside the forward, which waits at
+    # each module the body asks for: the steps are in the forward's order.
+    with env.trace(**inputs) as tracer:
+        for (path, before), evs in steps:
+            _apply(env.get(path), before, evs, tracer)
+        if not stops:
+            out = env.output.save()
+    return out
+
+
+def _apply(m: Any, before: bool, evs: list[_Event], tracer: Any) -> None:
+    if before:
+        args, kwargs = m.inputs
+        for e in evs:
+            if e.phase == "input":
+                args, kwargs = e.fn(args, kwargs)
+        m.inputs = (args, kwargs)
+        skips = [e for e in evs if e.phase == "skip"]
+        if skips:
+            m.skip(skips[-1].fn(args, kwargs))
+        return
+    value, changed = m.output, False
+    for e in evs:
+        if e.phase == "output":
+            new = e.fn(value)
+            if new is not None:
+                value, changed = new, True
+    if changed:
+        m.output = value
+    if any(e.phase == "stop" for e in evs):
+        tracer.stop()
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def no_cache(root: nn.Module) -> dict[str, Any]:
+    """``{"use_cache": False}`` for a model whose forward takes a key/value cache (one
+    forward does not need one), else ``{}`` (a plain torch LM may take neither)."""
+    return {"use_cache": False} if _compat.cache_argument(root) else {}
+
+
+def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos d"]:
+    """The state tensor of a module's output as ``[rows, pos, d]`` (a view: writing into
+    it edits the output). Blocks return a tensor or a tuple led by it; OPT's MLP works on
+    flattened ``[rows * pos, d]`` states, reshaped with ``rows``."""
+    t = output[0] if isinstance(output, (tuple, list)) else output
+    if t.dim() == 2 and rows is not None:
+        return t.view(rows, -1, t.shape[-1])
+    return t
+
+
+def rewrappable(output: Any) -> bool:
+    """Whether a block output is something a skipped block can stand in for: a tensor,
+    or a tuple led by one whose other items are ``None`` (real extras, e.g. attention
+    weights, cannot be reproduced)."""
+    return isinstance(output, Tensor) or (isinstance(output, tuple) and bool(output)
+                                          and isinstance(output[0], Tensor) and all(x is None for x in output[1:]))
+
+
+def rewrap(like: Any, hidden: Tensor) -> Any:
+    """``hidden`` in the structure of the block output ``like`` (see :func:`rewrappable`)."""
+    return hidden if isinstance(like, Tensor) else (hidden, *like[1:])
+
+
+@dataclass
+class Capture:
+    """What :func:`capture` recorded: per module path, its output states (``outputs``)
+    and first inputs (``inputs``) of the last forward, attached to the autograd graph
+    unless ``detach``."""
+
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def grads(self, loss: Tensor, paths: Sequence[str]) -> list[Tensor]:
+        """``d loss / d output`` of each path's captured output (``torch.autograd.grad``
+        into the activations only: no weight gets a ``.grad``)."""
+        return list(torch.autograd.grad(loss, [self.outputs[p] for p in paths]))
+
+
+@contextlib.contextmanager
+def capture(h: Any, paths: Sequence[str], *, inputs: bool = False, outputs: bool = True,
+            detach: bool = False) -> Iterator[Capture]:
+    """Record the outputs (and with ``inputs=True`` the first inputs) of the modules at
+    ``paths`` in every forward run inside the block; the last forward's are kept. A
+    module returning a tuple is recorded by its first item (``raw`` keeps the whole
+    output). States stay as the module made them: OPT's MLP works on flattened
+    ``[rows * pos, d]`` states (see :func:`states`)."""
+    cap = Capture()
+
+    def take(t: Tensor) -> Tensor:
+        return t.detach().clone() if detach else t
+
+    def rec_out(p: str) -> Callable[[Any], None]:
+        def fn(o: Any) -> None:
+            cap.raw[p] = o
+            cap.outputs[p] = take(states(o))
+        return fn
+
+    def rec_in(p: str) -> Callable[[tuple, dict], tuple]:
+        def fn(args: tuple, kwargs: dict) -> tuple:
+            x = args[0] if args else next(iter(kwargs.values()))
+            cap.inputs[p] = take(x)
+            return args, kwargs
+        return fn
+
+    events = [_Event(p, "output", rec_out(p)) for p in paths if outputs]
+    events += [_Event(p, "input", rec_in(p)) for p in paths if inputs]
+    with _registered(h, events):
+        yield cap
+
+
+@contextlib.contextmanager
+def replaced(h: Any, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
+    """The output of the module at ``path`` becomes ``fn(output)`` in the forwards
+    inside the block (``fn`` may also edit the output in place and return ``None``)."""
+    with _registered(h, [_Event(path, "output", fn)]):
+        yield
+
+
+@contextlib.contextmanager
+def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
+    """Add ``noise`` to the input embeddings at positions ``start .. start + n``
+    (causal tracing's corruption of the subject tokens)."""
+    def add(out: Tensor) -> Tensor:
+        out = out.clone()
+        out[:, start:start + noise.shape[1]] += noise.to(out.dtype)
+        return out
+
+    with replaced(h, _path_of(h, h.embed), add):
+        yield
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Clean states to write into one module's output: ``values[k]`` at row ``rows[k]``,
+    position ``pos[k]``."""
+
+    rows: Int[Tensor, " k"]
+    pos: Int[Tensor, " k"]
+    values: Float[Tensor, "k d"]
+
+
+@contextlib.contextmanager
+def restored(h: Any, patches: dict[str, Patch], rows: int | None = None) -> Iterator[None]:
+    """Write ``patches[path].values`` at (row, position) of each module's output in the
+    forwards inside the block (ROME's restoration of clean states)."""
+    def write(p: Patch) -> Callable[[Any], None]:
+        def fn(out: Any) -> None:
+            st = states(out, rows)
+            st[p.rows.to(st.device), p.pos.to(st.device)] = p.values.to(st.dtype)
+        return fn
+
+    with _registered(h, [_Event(path, "output", write(p)) for path, p in patches.items()]):
+        yield
+
+
+@contextlib.contextmanager
+def from_layer(h: Any, layer: int, state: Callable[[], Any]) -> Iterator[None]:
+    """Blocks ``0 .. layer - 1`` do not run: block ``layer - 1`` returns ``state()`` (the
+    residual stream entering block ``layer``, shaped like a block's output) and the ones
+    below pass their input through. Layers that never change need not be recomputed."""
+    if layer <= 0:
+        yield
+        return
+
+    def passthrough(args: tuple, kwargs: dict) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+    events = [_Event(h.block_paths[j], "skip", passthrough) for j in range(layer - 1)]
+    events.append(_Event(h.block_paths[layer - 1], "skip", lambda args, kwargs: state()))
+    with _registered(h, events):
+        yield
+
+
+@contextlib.contextmanager
+def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
+            skip: Callable[[Tensor], Any] | None = None) -> Iterator[None]:
+    """The LM head sees only the hidden states at ``(rows, pos)``, as one row
+    ``[1, k, d]``: the model's logits come out ``[1, k, vocab]``. An edit scores a few
+    target tokens of a longer sequence; the rest of the vocabulary projection is waste.
+    With ``skip``, the head does not run at all: ``skip(states)`` gets those states and
+    returns what stands in for the logits (a fused loss reads the head's weight itself)."""
+    def gather(args: tuple, kwargs: dict) -> tuple:
+        x = args[0] if args else kwargs.pop("input")
+        x = x[rows.to(x.device), pos.to(x.device)][None]
+        return (x, *args[1:]), kwargs
+
+    path = _path_of(h, h.head)
+    events = [_Event(path, "input", gather)]
+    if skip is not None:
+        events.append(_Event(path, "skip", lambda args, kwargs: skip(args[0][0])))
+    with _registered(h, events):
+        yield
+
+
+@contextlib.contextmanager
+def stop_after(h: Any, path: str) -> Iterator[None]:
+    """The forward ends once the module at ``path`` has run (:func:`run` returns ``None``)."""
+    with _registered(h, [_Event(path, "stop", lambda o: None)]):
+        yield
+
+
+@contextlib.contextmanager
+def instrumented(model: nn.Module) -> Iterator[Any]:
+    """A plain nnsight wrapper of ``model`` for the block, then every forward nnsight
+    installed is removed, so the model is exactly as before.
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, _ = tiny("gpt2", n_layers=1)
+        >>> with instrumented(model) as traced:
+        ...     pass
+        >>> any("forward" in m.__dict__ for m in model.modules())
+        False
+    """
+    from nnsight import NNsight
+
+    had = _compat.instrumentation(model)
+    try:
+        yield NNsight(model)
+    finally:
+        _compat.uninstrument(model, had)

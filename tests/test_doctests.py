@@ -1,0 +1,22 @@
+"""Every docstring example in the package runs and prints what it says (the examples
+in the API reference are code a reader will paste)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import gradlocate
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(gradlocate.__path__, "gradlocate.") if m.name != "gradlocate.__main__")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed (run " \
+                               f"`python -m pytest --doctest-modules gradlocate/{name.split('.')[-1]}.py` to see them)"
