@@ -155,9 +155,37 @@ def test_transformer_lens_bridge(tiny_llama):
     assert len(hs) == 2 and tuple(hs[0].weight.shape) == (16, 40)
     ids = torch.tensor([tok("hello").input_ids])
     before = bridge(ids).detach().clone()
+    saved = hs[1].parameter.detach().clone()
     with torch.no_grad():
         hs[1].weight.mul_(2.0)
     assert not torch.allclose(before, bridge(ids))
+    with torch.no_grad():
+        hs[1].parameter.copy_(saved)
+
+
+def test_bridge_input_convention_is_the_bridges_tokenizer_everywhere():
+    """A bridge means what TransformerLens feeds it (its tokenizer prepends BOS): its
+    scores are the HF model's fed those ids; tokenizer= feeds others, and says so."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from gradlocate import gradratio
+
+    model, tok = tiny("llama", n_layers=4, d_model=16, d_mlp=40, seed=3)
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=model, tokenizer=tok)
+    assert bridge.tokenizer("hi")["input_ids"] != tok("hi")["input_ids"]  # TransformerLens prepends BOS
+    edits = [{"prompt": "Paris is in", "target_new": "Rome"}]
+    texts = ["A general text about rivers."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bridge's own tokenizer: nothing to say
+        via_bridge = gradratio(bridge, edits, texts, min_layer=0)
+    assert via_bridge.scores == pytest.approx(gradratio(model, edits, texts, tokenizer=bridge.tokenizer,
+                                                        min_layer=0).scores, rel=1e-6)
+    with pytest.warns(UserWarning, match="differs from the TransformerBridge's own tokenizer"):
+        own = gradratio(bridge, edits, texts, tokenizer=tok, min_layer=0)
+    assert own.scores == pytest.approx(gradratio(model, edits, texts, tokenizer=tok, min_layer=0).scores, rel=1e-6)
+    assert own.scores != pytest.approx(via_bridge.scores, rel=1e-3)
 
 
 def test_override(tiny_llama):
