@@ -6,7 +6,13 @@ the same computations, side by side on SmolLM2-135M with ZsRE edits.
 * lga vs the straightforward per-sample loop (two forward+backward passes per edit,
   every per-sample weight gradient materialised). Target: time ratio <= 0.5.
 
-Both must select the same layer as the plain computation, scores within 1e-3 relative.
+Both must select the same layer as the plain computation, scores within 1e-3 relative
+(the agreement checks: the script exits with status 1 if one fails; the time-ratio
+targets are reported in the json/md but do not fail the run).
+
+The plain references score the bare target (no EOS), GradRatio's and LGA's published
+edit loss; gradlocate's edit loss appends EOS by default, so ``gradratio`` and ``lga``
+are called with ``append_eos=False`` here: both sides compute the same loss.
 
 Data: ``--n-edits`` ZsRE edits (``load_edits("zsre")``, records 0..n-1); retain texts are
 ZsRE locality questions with their answers ("nq question: ... <answer>") from records
@@ -168,9 +174,9 @@ def run_variant(name, model, tok, edits, texts, batch_size):
     if name == "plain_lga":
         return plain_lga(model, tok, edits)
     if name == "gradratio":
-        r = sel.gradratio(model, edits, texts, tokenizer=tok, batch_size=batch_size, progress=False)
+        r = sel.gradratio(model, edits, texts, tokenizer=tok, batch_size=batch_size, append_eos=False, progress=False)
         return {"scores": r.scores, "selected": r.selected, "cos": r.extras["cos"]}
-    r = sel.lga(model, edits, tokenizer=tok, batch_size=batch_size, progress=False)
+    r = sel.lga(model, edits, tokenizer=tok, batch_size=batch_size, append_eos=False, progress=False)
     return {"scores": r.scores, "selected": r.selected, "inside": r.eligible}
 
 
@@ -305,19 +311,26 @@ def main() -> None:
             "ghost (a and delta, longest edit, float32)": 4 * t_max * (d_mlp + d_model),
             "materialized per-sample gradient (float32)": 4 * d_mlp * d_model},
     }
-    report["pass"] = {
+    # Agreement checks (a failure exits with status 1) and speed targets (reported only).
+    report["checks"] = {
         "gradratio_same_layer": gr["selected"] == pgr["selected"],
         "gradratio_scores_1e-3": report["gradratio"]["max_rel_diff_scores"] < 1e-3,
-        "gradratio_ratio_cpu": report["ratio_gradratio_vs_plain"] <= 1.2,
         "lga_same_layer": lg["selected"] == plg["selected"],
         "lga_scores_1e-3": report["lga"]["max_rel_diff_scores"] < 1e-3,
-        "lga_ratio_cpu": report["ratio_lga_vs_per_sample_loop"] <= 0.5,
+    }
+    report["targets_met"] = {
+        "gradratio_ratio_cpu_<=1.2": report["ratio_gradratio_vs_plain"] <= 1.2,
+        "lga_ratio_cpu_<=0.5": report["ratio_lga_vs_per_sample_loop"] <= 0.5,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+    failed = [k for k, v in report["checks"].items() if not v]
+    if failed:
+        print("FAILED checks: " + ", ".join(failed), file=sys.stderr)
+        sys.exit(1)
 
 
 def markdown(r) -> str:
@@ -333,6 +346,7 @@ def markdown(r) -> str:
         "",
         f"{r['model']}; {r['machine']}; {r['threads']} thread; {r['n_edits']} ZsRE edits, "
         f"{r['n_retain']} retain texts ({r['retain_tokens']} tokens), batch {r['batch_size']}; "
+        f"edit loss without EOS (append_eos=False, as the plain references); "
         f"median of {r['repeats']} alternating runs. Ratios: median CPU time (single thread) and wall time; "
         f"the machine is shared, so wall times include other processes' load.",
         "",
@@ -352,7 +366,10 @@ def markdown(r) -> str:
          + ", ".join(f"{k}: {v / 1024:.0f} KiB" for k, v in r["lga_memory_per_sample_layer_bytes"].items()) + "."
          if r["peak_memory_mib_4x_data"] else ""),
         "",
-        "Checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in r["pass"].items()),
+        "Targets (reported, not checked): " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
+                                                        for k, v in r["targets_met"].items()),
+        "",
+        "Checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in r["checks"].items()),
         "",
     ])
 

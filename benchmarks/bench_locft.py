@@ -20,6 +20,12 @@ Parts:
    steps and the two do identical work per epoch. Also the final-weight agreement.
 3. *Memory*: peak resident memory of one epoch of each variant, each in a fresh
    subprocess (model load included; the difference is the training's own memory).
+
+Checks (the script exits with status 1 after writing the results if one fails): after
+each quality fit no other tensor changed and restore is bit-exact; in every speed row
+the final weights of LocFTBF and the plain loop agree, ``||W - W_plain|| / ||W_plain||``
+(Frobenius) <= 1e-4. The speed target (LocFTBF <= 0.5x the plain loop per epoch at
+layer 22) is reported in the json/md but does not fail the run.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+#: Final weights of LocFTBF and the plain loop: ||W - W_plain||_F / ||W_plain||_F at most this.
+WEIGHTS_REL_TOL = 1e-4
+#: Target: LocFTBF's time per epoch over the plain loop's at a late layer (22).
+SPEED_TARGET = 0.5
 
 
 # --------------------------------------------------------------------------- plain reference
@@ -141,7 +151,7 @@ def quality(model, tok, edits, layers):
         before = all_tensors(model)
         ft = LocFTBF(model, layer, progress=False)
         t0 = time.perf_counter()
-        ft.fit(edits)
+        fit = ft.fit(edits)
         fit_s = time.perf_counter() - t0
         name = ft.handle.path + ".weight"
         others = [n for n in changed(model, before) if n != name]
@@ -150,7 +160,7 @@ def quality(model, tok, edits, layers):
         restored = changed(model, before)
         print(f"layer {layer}:", post, f"fit {fit_s:.1f}s", flush=True)
         out["layers"][str(layer)] = {
-            "trainer": ft.to_dict(), "fit_s": fit_s, "post": post.to_dict(rows=True),
+            "trainer": ft.to_dict(), "fit": fit.to_dict(), "fit_s": fit_s, "post": post.to_dict(rows=True),
             "other_tensors_changed": others, "restore_bit_exact": not restored,
         }
     return out
@@ -169,10 +179,9 @@ def speed(model, tok, edits, layer, batch_size, epochs, reps):
     Wall time and this process's CPU time (less sensitive to other jobs on a shared
     machine) are both recorded; epochs 2..`epochs` are timed."""
     from gradlocate import LocFTBF
-    from gradlocate.state import restore_snapshot, snapshot
 
     weight = model.model.layers[layer].mlp.down_proj.weight
-    orig = snapshot([weight])
+    w0 = weight.detach().clone()
     n_batches = -(-len(edits) // batch_size)
     times = {k: [] for k in ("plain_wall", "plain_cpu", "locftbf_wall", "locftbf_cpu", "locftbf_setup")}
     final = {}
@@ -187,18 +196,18 @@ def speed(model, tok, edits, layer, batch_size, epochs, reps):
                     if batch == n_batches - 1:
                         stamps.append((time.perf_counter(), time.process_time()))
 
-                ft = LocFTBF(model, layer, batch_size=batch_size, epochs=epochs, loss_threshold=0.0, progress=False,
-                             callback=stamp)
-                ft.fit(edits)
-                times["locftbf_setup"].append(ft.timings["setup"])
-                mode, head_mode = ft.cache_mode, ft.head_mode
+                ft = LocFTBF(model, layer, edits_per_step=batch_size, epochs=epochs, loss_threshold=0.0,
+                             progress=False, callback=stamp)
+                fit = ft.fit(edits)
+                times["locftbf_setup"].append(fit.timings["setup"])
+                mode, head_mode = fit.cache_mode, fit.head_mode
             wall, cpu = _per_epoch(stamps)
             times[f"{variant}_wall"].append(wall)
             times[f"{variant}_cpu"].append(cpu)
             if r == 0:
                 final[variant] = weight.detach().clone()
-            restore_snapshot(orig)
-    w0 = orig[0][1]
+            with torch.no_grad():
+                weight.copy_(w0)
     a, b = final["locftbf"], final["plain"]
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {
@@ -253,10 +262,10 @@ def memory_child(variant, layer, n_edits, batch_size):
     if variant == "plain":
         plain_locft(model, tok, edits, layer, lr=5e-4, batch_size=batch_size, epochs=1, seed=0, threshold=0.0)
     else:
-        ft = LocFTBF(model, layer, batch_size=batch_size, epochs=1, loss_threshold=0.0, progress=False,
+        ft = LocFTBF(model, layer, edits_per_step=batch_size, epochs=1, loss_threshold=0.0, progress=False,
                      cache=(variant == "locftbf"))
-        ft.fit(edits)
-        extra = {"cache_mib": ft.cache_bytes / 2**20, "cache_mode": ft.cache_mode, "head_mode": ft.head_mode}
+        fit = ft.fit(edits)
+        extra = {"cache_mib": fit.cache_bytes / 2**20, "cache_mode": fit.cache_mode, "head_mode": fit.head_mode}
     peak = _proc_mib("VmHWM")
     print(json.dumps({"rss_before_mib": before, "peak_mib": peak, "training_mib": peak - before, **extra}))
 
@@ -278,7 +287,7 @@ def markdown(res):
     lines = ["# LocFT-BF on SmolLM2-135M-Instruct", "",
              f"{res['env']['cpu']}, torch {res['env']['torch']}, {res['env']['threads']} thread(s). "
              f"Total benchmark time {res['total_s']:.0f} s.", "",
-             "## Quality: 8 ZsRE edits, default settings (lr 5e-4, auto batch size, <= 25 epochs)", "",
+             "## Quality: 8 ZsRE edits, default settings (lr 5e-4, auto edits per step, <= 25 epochs)", "",
              "| | layer | epochs | steps | fit s | rel TF | gen TF | loc TF | rel EM | gen EM | loc EM | fluency | others unchanged | restore exact |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pre = q["pre"]
@@ -287,13 +296,13 @@ def markdown(res):
                  f"{pre['generation']['generalization']:.3f} | - | {pre['fluency']:.3f} | | |")
     for layer, d in q["layers"].items():
         tf, em = d["post"]["teacher_forced"], d["post"]["generation"]
-        tr = d["trainer"]
-        lines.append(f"| LocFT-BF | {layer} | {len(tr['history'])} | {sum(tr['steps'])} | {d['fit_s']:.1f} | "
+        fit = d["fit"]
+        lines.append(f"| LocFT-BF | {layer} | {fit['epochs']} | {fit['steps']} | {d['fit_s']:.1f} | "
                      f"{tf['reliability']:.3f} | {tf['generalization']:.3f} | {tf['locality']:.3f} | "
                      f"{em['reliability']:.3f} | {em['generalization']:.3f} | {em['locality']:.3f} | "
                      f"{d['post']['fluency']:.3f} | {not d['other_tensors_changed']} | {d['restore_bit_exact']} |")
     lines += ["", "## Speed: per-epoch time, LocFTBF vs a plain-PyTorch loop (same seed and batch order)", "",
-              "| layer | edits | batch | cache / head | plain s/epoch | LocFTBF s/epoch | **ratio (wall)** | ratio (CPU time) | setup s | ratio over 25 epochs incl. setup | weights rel diff | max abs diff / max abs | diff / update |",
+              "| layer | edits | edits/step | cache / head | plain s/epoch | LocFTBF s/epoch | **ratio (wall)** | ratio (CPU time) | setup s | ratio over 25 epochs incl. setup | weights rel diff | max abs diff / max abs | diff / update |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["speed"]:
         lines.append(f"| {s['layer']} | {s['n_edits']} | {s['batch_size']} | {s['cache_mode']} / {s['head_mode']} | "
@@ -305,13 +314,17 @@ def markdown(res):
     lines += ["", f"Median of {' or '.join(map(str, reps))} alternating runs per row (epochs 2-"
               f"{res['speed'][0]['epochs_timed'] + 1} of each run timed); load average: {res['env']['load']}. "
               "CPU time is this process's own, less sensitive than wall time to the other jobs on the machine."]
+    lines += ["", "Targets (reported, not checked): " + ", ".join(
+        f"{k} {'met' if v else 'MISSED'}" for k, v in res["targets"].items())]
     m = res["memory"]
-    lines += ["", f"## Peak memory, one epoch at layer {m['layer']} ({m['n_edits']} edits, batch {m['batch_size']})", "",
+    lines += ["", f"## Peak memory, one epoch at layer {m['layer']} ({m['n_edits']} edits, {m['batch_size']} per step)",
+              "",
               "| variant | peak RSS during training MiB | above the loaded model MiB | of which the activation cache MiB |",
               "|---|---|---|---|"]
     for k, d in m["variants"].items():
         cache = f"{d['cache_mib']:.1f}" if "cache_mib" in d else "-"
         lines.append(f"| {k} | {d['peak_mib']:.0f} | {d['training_mib']:.0f} | {cache} |")
+    lines += ["", "Checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in res["checks"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -346,10 +359,25 @@ def main():
     res["env"]["load"] = f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end of the speed part (2 cores)"
     res["memory"] = {"layer": 22, "n_edits": 16, "batch_size": 8, "variants": memory(22, 16, 8)}
     res["total_s"] = time.perf_counter() - t_start
+    # Agreement checks (a failure exits with status 1) and the speed target (reported only).
+    res["checks"] = {}
+    for layer, d in res["quality"]["layers"].items():
+        res["checks"][f"layer {layer}: other tensors unchanged"] = not d["other_tensors_changed"]
+        res["checks"][f"layer {layer}: restore bit-exact"] = d["restore_bit_exact"]
+    for s in res["speed"]:
+        res["checks"][f"layer {s['layer']}, {s['n_edits']} edits / {s['batch_size']} per step: weights rel diff "
+                      f"<= {WEIGHTS_REL_TOL:g}"] = s["weights_rel_diff"] <= WEIGHTS_REL_TOL
+    res["targets"] = {f"layer {s['layer']}, {s['n_edits']} edits / {s['batch_size']} per step: ratio per epoch "
+                      f"<= {SPEED_TARGET}": s["ratio_per_epoch"] <= SPEED_TARGET
+                      for s in res["speed"] if s["layer"] >= 15}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "locft.json").write_text(json.dumps(res, indent=1, default=str))
     (RESULTS / "locft.md").write_text(markdown(res))
     print(markdown(res))
+    failed = [k for k, v in res["checks"].items() if not v]
+    if failed:
+        print("FAILED checks: " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

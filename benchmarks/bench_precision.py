@@ -16,6 +16,11 @@ Reported: selected layer, the largest relative score difference to the float32 r
 time (single thread, ``torch.set_num_threads(1)``, one run each: the subject is
 agreement, not speed).
 
+The edit loss is gradlocate's default (EOS appended after each target).
+
+Check: each run selects the same layer as the float32 run; the script exits with status
+1 after writing its results if one does not.
+
 Run:  python benchmarks/bench_precision.py [--n-edits 8 --n-retain 16]
 Writes benchmarks/results/precision.json and precision.md.
 """
@@ -26,6 +31,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -93,18 +99,24 @@ def main() -> None:
         }
         results[selector]["eligible"] = list(ref.eligible)
 
+    checks = {f"{sel} {name}: same layer as float32": r["same_layer"]
+              for sel, runs in results.items() for name, r in runs.items() if name not in ("eligible", "float32")}
     out = {"model": "SmolLM2-135M-Instruct", "n_edits": args.n_edits, "n_retain": args.n_retain,
            "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "results": results}
+           "results": results, "checks": checks}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "precision.json").write_text(json.dumps(out, indent=1))
     (HERE / "results" / "precision.md").write_text(markdown(out))
     print(markdown(out))
+    failed = [k for k, v in checks.items() if not v]
+    if failed:
+        print("FAILED checks: " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
 
 
 def markdown(out) -> str:
     lines = [f"# Precision: float32 vs bfloat16 on {out['model']}", "",
-             f"{out['n_edits']} ZsRE edits; gradratio with {out['n_retain']} built-in retain texts (128 tokens); "
+             f"{out['n_edits']} ZsRE edits (edit loss with EOS, the default); gradratio with {out['n_retain']} built-in retain texts (128 tokens); "
              f"{out['threads']} thread(s), torch {out['torch']}. Scores accumulated in float32 in every run.", "",
              "| selector | run | selected layer | same as float32 | max rel. score diff | median rel. diff | "
              "max diff / max score | Spearman ρ | time (s) |",
@@ -119,7 +131,8 @@ def markdown(out) -> str:
                          f"{rho} | {r['time_s']:.1f} |")
     lines += ["", "Relative differences are per layer, against the float32 run's score of that layer "
               "(LGA scores near zero make the max relative difference large; the column scaled by the "
-              "largest |score| is the robust one).", ""]
+              "largest |score| is the robust one).", "",
+              "Checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in out.get("checks", {}).items()), ""]
     return "\n".join(lines)
 
 

@@ -3,8 +3,10 @@
 (token, layer) cell, full logits), side by side on SmolLM2-135M with CounterFact prompts.
 
 Both get the same explicit noise (3 x ROME's embedding std over 100 CounterFact
-subjects, seeded), so the scores must agree within 1e-4. Target: causal_trace takes at
-most 1/3 of the baseline's time for ``kind="hidden"`` and ``kind="mlp"``.
+subjects, seeded), so the scores must agree within 1e-4 (and the answer, low and high
+scores too): these are the checks, and the script exits with status 1 after writing
+its results if one fails. Target (reported, not checked): causal_trace takes at most
+1/3 of the baseline's time for ``kind="hidden"`` and ``kind="mlp"``.
 
 Prompts: ``--n-prompts`` CounterFact records (default 2, records 4 and 8: one with the
 subject first, "Henry Maudsley's occupation is", and one with it in the middle, "The
@@ -41,6 +43,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 DEFAULT_RECORDS = (4, 8)
 SAMPLES, WINDOW, NOISE_MULTIPLE, SEED = 10, 10, 3.0, 1
+SCORE_TOL = 1e-4  # scores, low and high: max abs difference to the plain-hooks baseline
+TARGET_RATIO = 1 / 3  # causal_trace's time over the baseline's (a target, not a check)
 
 # SmolLM2 is a LLaMA: ROME's layername() for it, written by hand.
 EMBED = "model.embed_tokens"
@@ -246,19 +250,31 @@ def main() -> None:
             "token_block_evals": ev, "rome_token_block_evals": ev_rome, "eval_ratio": ev / ev_rome,
             "peak_rss_rise_mib": mem, "prompts": per_prompt,
         })
+    checks, targets = {}, {}
+    for r in results:
+        k = r["kind"]
+        checks[f"{k}_answer_same"] = all(pp["answer_same"] for pp in r["prompts"])
+        checks[f"{k}_scores_{SCORE_TOL:g}"] = r["max_abs_diff"] <= SCORE_TOL
+        checks[f"{k}_low_high_{SCORE_TOL:g}"] = all(max(pp["abs_diff_low"], pp["abs_diff_high"]) <= SCORE_TOL
+                                                    for pp in r["prompts"])
+        targets[f"{k}_ratio_<=1/3"] = r["ratio"] <= TARGET_RATIO
     report = {
         "benchmark": "causal_trace vs plain-hooks ROME calculate_hidden_flow",
         "model": "SmolLM2-135M-Instruct (30 layers, d_model 576)", "samples": SAMPLES, "window": WINDOW,
         "noise": f"{NOISE_MULTIPLE} x embedding std over 100 CounterFact subjects = {NOISE_MULTIPLE * std:.5f}",
         "layers": layers, "repeats": args.repeats, "threads": 1, "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
-        "results": results,
+        "results": results, "checks": checks, "targets_met": targets,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+    failed = [k for k, v in checks.items() if not v]
+    if failed:
+        print("FAILED checks: " + ", ".join(failed), file=sys.stderr)
+        sys.exit(1)
 
 
 def markdown(rep: dict) -> str:
@@ -266,7 +282,7 @@ def markdown(rep: dict) -> str:
         f"# causal_trace vs ROME (plain hooks), {rep['model']}", "",
         f"samples {rep['samples']}, window {rep['window']}, noise {rep['noise']}, layers {rep['layers']}, "
         f"all tokens; {rep['threads']} thread, median of {rep['repeats']} alternating repeats; torch {rep['torch']}.", "",
-        "| kind | ROME s | causal_trace s | time ratio | max abs diff | forwards (ROME -> ours) | token-block evals ratio | peak RSS rise MiB (ROME / ours) |",
+        "| kind | ROME s | causal_trace s | time ratio (target <= 0.333) | max abs diff | forwards (ROME -> ours) | token-block evals ratio | peak RSS rise MiB (ROME / ours) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rep["results"]:
@@ -284,6 +300,9 @@ def markdown(rep: dict) -> str:
                 f"{p['ratio']:.3f}; max abs diff {p['max_abs_diff_scores']:.1e}, low {p['low']:.4f}, high "
                 f"{p['high']:.4f}, forwards {p['stats']['rome_forwards']} -> {p['stats']['forwards']}, "
                 f"cells before the subject {p['stats']['cells_before_subject']}")
+    lines += ["", "Targets (reported, not checked): " + ", ".join(
+        f"{k} {'met' if v else 'MISSED'}" for k, v in rep.get("targets_met", {}).items()),
+              "", "Checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in rep.get("checks", {}).items())]
     return "\n".join(lines) + "\n"
 
 

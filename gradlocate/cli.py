@@ -54,8 +54,8 @@ def _resolved(args: argparse.Namespace) -> Any:
     model, tok = _load_model(args.model, args.dtype)
     try:
         return down_projections(model, tokenizer=tok, layers=getattr(args, "blocks", None),
-                                down=getattr(args, "down", None))
-    except HandleError as e:
+                                down=getattr(args, "down", None), chat=getattr(args, "chat", False))
+    except (HandleError, ValueError) as e:
         raise CLIError(str(e)) from None
 
 
@@ -218,10 +218,17 @@ def cmd_select(args: argparse.Namespace) -> int:
     _check_out_path(args.plot, "--plot")
     h = _resolved(args)
     edits = _load_edits(args.edits, args.n, args.offset)
-    results = {}
+    results, failed = {}, {}
     for m in methods:
         print(f"running {m} on {len(edits)} edits ...", file=sys.stderr)
-        results[m] = _select(h, edits, m, args)
+        try:
+            results[m] = _select(h, edits, m, args)
+        except CLIError as e:
+            if len(methods) == 1:
+                raise
+            failed[m] = str(e)  # one selector that cannot run on this data: the others still report
+    if not results:
+        raise CLIError("no selector could run: " + "; ".join(failed.values()))
     print(f"model: {args.model} ({type(h.root).__name__}, {h.n_layers} layers); "
           f"{len(edits)} edits from {args.edits}")
     print(_combined_table(results))
@@ -229,7 +236,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     for m, r in results.items():
         t = sum(r.timings.values())
         print(f"{m:>10}: layer {r.selected}   ({t:.1f} s)")
-    _write_json(args.json, {m: r.to_dict() for m, r in results.items()})
+    for m, why in failed.items():
+        print(f"{m:>10}: could not run: {why}")
+    _write_json(args.json, {**{m: r.to_dict() for m, r in results.items()}, **{m: {"error": w} for m, w in failed.items()}})
     if args.plot:
         import matplotlib
 
@@ -278,6 +287,8 @@ def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["epochs"] = args.epochs
     if args.edits_per_step is not None:
         kw["edits_per_step"] = args.edits_per_step
+    if getattr(args, "seed", 0):
+        kw["seed"] = args.seed
     return kw
 
 
@@ -356,8 +367,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return _report(cmp, cmp.to_markdown(), args)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from gradlocate.study import study
+
+    _check_out_path(args.plot, "--plot")
+    h = _resolved(args)
+    edits = _load_edits(args.edits, args.n, args.offset)
+    retain = _retain_texts(args.retain, args.edits, args.n_retain)
+    try:
+        res = study(h, edits, retain, name=args.name or f"{args.model} on {Path(args.edits).stem}",
+                    n_proxy=args.n_proxy, n_test=args.n_test, seed=args.seed, layers=_parse_layers(args.layers),
+                    sample_layers=_parse_layers(args.sample_layers) if args.sample_layers != "none" else [],
+                    n_sample=args.n_sample, trainer=_trainer_kwargs(args), bootstrap=args.bootstrap,
+                    generation=False, out_dir=args.out, transfer=not args.no_transfer)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(res.to_markdown())
+    _write_json(args.json, res.to_dict())
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        _save_plot(res.plot(), args.plot)
+    return 0
+
+
 COMMANDS = {"layers": cmd_layers, "select": cmd_select, "trace": cmd_trace, "edit": cmd_edit,
-            "sweep": cmd_sweep, "compare": cmd_compare}
+            "sweep": cmd_sweep, "compare": cmd_compare, "study": cmd_study}
 
 
 def _add_select_opts(p: argparse.ArgumentParser) -> None:
@@ -371,6 +407,7 @@ def _add_trainer_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="LocFT-BF maximum epochs")
     p.add_argument("--edits-per-step", type=int, default=None, help="LocFT-BF edits per optimizer step")
     p.add_argument("--no-generation", action="store_true", help="skip generation exact-match scoring (faster)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the proxy/test split and the trainer's shuffles")
 
 
 def _parsers(sub: Any) -> None:
@@ -409,9 +446,24 @@ def _parsers(sub: Any) -> None:
     _common(p)
     p.add_argument("--method", default="all", help="selectors: gradratio,lga,cma or all")
     p.add_argument("--proxy", type=float, default=0.1, help="fraction of edits the selectors see")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", default=None, help="sweep layers, e.g. 0:30:3 (selected layers are added)")
     p.add_argument("--out", default=None, metavar="FILE.jsonl")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    _add_select_opts(p)
+    _add_trainer_opts(p)
+
+    p = sub.add_parser("study", help="the golden-layer study: selectors vs sweep, sample-wise optima, transfer")
+    _common(p)
+    p.add_argument("--name", default=None, help="the study's title")
+    p.add_argument("--n-proxy", type=int, default=16, help="edits the selectors see")
+    p.add_argument("--n-test", type=int, default=64, help="edits the sweep judges them on")
+    p.add_argument("--layers", default=None, help="sweep layers (default: all)")
+    p.add_argument("--sample-layers", default=None,
+                   help="sample-wise sweep layers, e.g. 0:30:2 (default: every second layer; none to skip)")
+    p.add_argument("--n-sample", type=int, default=32, help="test edits in the sample-wise sweep")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test edits for the intervals")
+    p.add_argument("--no-transfer", action="store_true", help="skip the proxy sweep (proxy-to-test transfer)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write each part here as it finishes; a re-run resumes")
     p.add_argument("--plot", default=None, metavar="OUT.png")
     _add_select_opts(p)
     _add_trainer_opts(p)
@@ -424,6 +476,8 @@ def _common(p: argparse.ArgumentParser, edits: bool = True) -> None:
     p.add_argument("--model", required=True,
                    help="smollm2 | gemma3-270m | tiny-<arch> | a local folder | a Hugging Face hub name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chat", action="store_true",
+                   help="feed prompts through the tokenizer's chat template (instruct models), in every step")
     p.add_argument("--blocks", default=None, help="override: path of the decoder-block list (e.g. model.layers)")
     p.add_argument("--down", default=None,
                    help="override: path of the editing site in a block (e.g. mlp.down_proj, or self_attn.o_proj)")
@@ -451,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "n", None) is not None and args.n < 1:
             raise CLIError(f"-n must be >= 1, got {args.n}")
+        if getattr(args, "offset", 0) < 0:
+            raise CLIError(f"--offset must be >= 0 (records to skip), got {args.offset}")
         return COMMANDS[args.command](args)
     except CLIError as e:
         print(f"gradlocate {args.command}: error: {e}", file=sys.stderr)

@@ -39,7 +39,7 @@ from typing import Any
 
 from gradlocate.data import as_edits
 from gradlocate.handles import Handles, resolve
-from gradlocate.interventions import ModelBusyError, using
+from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
 from gradlocate.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
 
@@ -221,6 +221,7 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
     Returns:
         :class:`Comparison`; a selector that fails on this data gets a row with its error.
     """
+    require_gradients("compare (its sweep trains LocFT-BF at every layer)")
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"unknown selectors {unknown}: choose from {SELECTORS}" if unknown else "no selectors given")

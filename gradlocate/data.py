@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "EditRequest", "Edits", "as_edits", "load_edits", "load_texts", "shared_data_path", "old_answers",
-    "default_retain_texts", "warn_duplicates",
+    "EditRequest", "Edits", "SHAPES", "as_edits", "load_edits", "load_texts", "shared_data_path", "old_answers",
+    "default_retain_texts", "heldout_texts", "warn_duplicates",
 ]
 
 
@@ -46,6 +46,9 @@ class EditRequest:
         rephrase_prompts: paraphrases of ``prompt`` (generalization).
         locality: ``(prompt, answer)`` pairs that must not change.
         portability: ``(prompt, answer)`` pairs that should follow from the edit.
+        locality_kinds, portability_kinds: the name of each pair's group, as the data
+            names it (KnowEdit's ``Relation_Specificity``, ``Reasoning`` ...; WikiBigEdit's
+            ``personas`` and ``mhop``; ``neighborhood`` for flat locality prompts).
         case_id: an identifier from the source data, if any.
     """
 
@@ -57,7 +60,16 @@ class EditRequest:
     rephrase_prompts: tuple[str, ...] = ()
     locality: tuple[tuple[str, str], ...] = ()
     portability: tuple[tuple[str, str], ...] = ()
+    locality_kinds: tuple[str, ...] = ()
+    portability_kinds: tuple[str, ...] = ()
     case_id: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # Pairs given without group names belong to the default groups.
+        if len(self.locality_kinds) != len(self.locality):
+            object.__setattr__(self, "locality_kinds", ("neighborhood",) * len(self.locality))
+        if len(self.portability_kinds) != len(self.portability):
+            object.__setattr__(self, "portability_kinds", ("portability",) * len(self.portability))
 
     @property
     def old_answer(self) -> str | None:
@@ -66,7 +78,8 @@ class EditRequest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["rephrase_prompts"] = list(self.rephrase_prompts)
+        for k in ("rephrase_prompts", "locality_kinds", "portability_kinds"):
+            d[k] = list(getattr(self, k))
         d["locality"] = [list(p) for p in self.locality]
         d["portability"] = [list(p) for p in self.portability]
         return d
@@ -89,81 +102,146 @@ def _str_list(v: Any, what: str, where: str) -> tuple[str, ...]:
     if v is None:
         return ()
     if isinstance(v, str):
-        return (v,)
+        return (v,) if v.strip() else ()
     if isinstance(v, (list, tuple)):
         out = []
         for x in v:
             s = _first_str(x, what, where)
-            if s is not None:
+            if s is not None and s.strip():
                 out.append(s)
         return tuple(out)
     raise TypeError(f"{where}: field {what!r} must be a string or a list of strings, got {type(v).__name__}")
 
 
-def _pairs(block: Any, where: str, what: str) -> list[tuple[str, str]]:
-    """KnowEdit-style ``{name: [{prompt, ground_truth}], ...}`` or a list of such dicts."""
-    out: list[tuple[str, str]] = []
+def _groups(block: Any, where: str, what: str, default: str) -> list[tuple[str, str, str]]:
+    """``(prompt, answer, group)`` triples from KnowEdit-style ``{group: [{prompt,
+    ground_truth}], ...}``, a single ``{prompt, ground_truth}`` (prompt and answer may be
+    parallel lists, as EasyEdit writes them), or a list of such dicts."""
+    out: list[tuple[str, str, str]] = []
     if block is None:
         return out
-    items: Iterable[Any]
-    if isinstance(block, Mapping):
-        if "prompt" in block:
-            items = [block]
-        else:
-            items = [x for v in block.values() for x in (v if isinstance(v, list) else [v])]
+    if isinstance(block, Mapping) and ("prompt" in block or "ground_truth" in block):
+        items: list[tuple[str, Any]] = [(default, block)]
+    elif isinstance(block, Mapping):
+        items = [(str(k), x) for k, v in block.items() for x in (v if isinstance(v, (list, tuple)) else [v])]
     elif isinstance(block, (list, tuple)):
-        items = block
+        items = [(default, x) for x in block]
     else:
         raise TypeError(f"{where}: {what} must be a dict or a list, got {type(block).__name__}")
-    for it in items:
+    for group, it in items:
         if not isinstance(it, Mapping):
-            raise TypeError(f"{where}: {what} entries must be dicts with 'prompt' and 'ground_truth'")
+            raise TypeError(f"{where}: {what} entries must be dicts with 'prompt' and 'ground_truth', got "
+                            f"{type(it).__name__}")
         prompts = _str_list(it.get("prompt"), f"{what}.prompt", where)
-        ans = _first_str(it.get("ground_truth", it.get("answer", it.get("target"))), f"{what}.ground_truth", where)
-        if ans is None:
-            continue
-        out.extend((p, ans) for p in prompts)
+        answers = it.get("ground_truth", it.get("answer", it.get("target")))
+        if isinstance(answers, (list, tuple)) and len(answers) == len(prompts) > 1:
+            pairs = [(p, _first_str(a, f"{what}.ground_truth", where)) for p, a in zip(prompts, answers)]
+        else:
+            ans = _first_str(answers, f"{what}.ground_truth", where)
+            pairs = [(p, ans) for p in prompts]
+        out += [(p, a, group) for p, a in pairs if a is not None and a.strip()]
+    return out
+
+
+#: The record shapes gradlocate reads, for the error on an unknown one.
+SHAPES = (
+    "CounterFact / EasyEdit: prompt, target_new [, ground_truth, subject, rephrase_prompt, locality_prompt, "
+    "locality_ground_truth, portability]",
+    "ZsRE (MEND / LocFT): src, alt [, answers, pred, subject, rephrase, loc, loc_ans]",
+    "KnowEdit: prompt, target_new [, subject, ground_truth, rephrase, portability{Reasoning, Subject_Aliasing, "
+    "Logical_Generalization}, locality{Relation_Specificity, Forgetfulness}]",
+    "KnowEdit WikiBio: concept, text, labels [, locality]",
+    "WikiBigEdit: update, ans [, subject, rephrase, personas*, mhop, mhop_ans, loc, loc_ans] (or EasyEdit's "
+    "flattened portability_personas, portability_hop, portability_hop_ans)",
+    "ROME CounterFact: requested_rewrite{prompt, subject, target_new{str}, target_true{str}} [, paraphrase_prompts, "
+    "neighborhood_prompts]",
+)
+
+
+def _unknown(r: Mapping[str, Any], where: str, missing: str) -> ValueError:
+    known = "\n  ".join(SHAPES)
+    return ValueError(f"{where} has no {missing}: its fields are {sorted(map(str, r))}; gradlocate reads these "
+                      f"shapes:\n  {known}")
+
+
+def _flat(r: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The fields of any known shape, in CounterFact / EasyEdit spelling."""
+    if isinstance(r.get("requested_rewrite"), Mapping):  # ROME's raw CounterFact
+        rr = r["requested_rewrite"]
+        subject = _first_str(rr.get("subject"), "requested_rewrite.subject", where)
+        truth = rr.get("target_true", {})
+        truth = truth.get("str") if isinstance(truth, Mapping) else truth
+        return {"prompt": rr.get("prompt"), "target_new": rr.get("target_new"), "subject": subject,
+                "ground_truth": truth, "rephrase": r.get("paraphrase_prompts"),
+                "locality": [(p, truth, "neighborhood") for p in _str_list(r.get("neighborhood_prompts"),
+                                                                         "neighborhood_prompts", where)]
+                if isinstance(truth, str) else [], "case_id": r.get("case_id")}
+    if "text" in r and "labels" in r and "concept" in r and "prompt" not in r:  # KnowEdit WikiBio
+        return {"prompt": r["text"], "target_new": r["labels"], "subject": r["concept"],
+                "locality": _groups(r.get("locality"), where, "locality", "locality"), "case_id": r.get("case_id")}
+    out: dict[str, Any] = {
+        "prompt": r.get("prompt", r.get("src", r.get("update"))),
+        "target_new": r.get("target_new", r.get("alt", r.get("ans"))),
+        "subject": r.get("subject"),
+        "ground_truth": r.get("ground_truth", r.get("answers")),
+        "pred": r.get("pred"),
+        "rephrase": r.get("rephrase_prompt", r.get("rephrase", r.get("rephrase_prompts"))),
+        "case_id": r.get("case_id"),
+    }
+    loc: list[tuple[str, str, str]] = []
+    if "locality_prompt" in r or "loc" in r:
+        lp = _str_list(r.get("locality_prompt", r.get("loc")), "locality_prompt", where)
+        la = _first_str(r.get("locality_ground_truth", r.get("loc_ans")), "locality_ground_truth", where)
+        if la is not None and la.strip():
+            loc += [(p, la, "neighborhood") for p in lp]
+    if isinstance(r.get("locality"), (Mapping, list)):
+        loc += _groups(r["locality"], where, "locality", "neighborhood")
+    out["locality"] = loc
+    port: list[tuple[str, str, str]] = _groups(r.get("portability"), where, "portability", "portability") \
+        if r.get("portability") is not None else []
+    # WikiBigEdit: persona-style questions (new target) and multi-hop questions (their own answer).
+    target = _first_str(out["target_new"], "target_new", where) if not isinstance(out["target_new"], Mapping) else None
+    if "update" in r or "portability_personas" in r:
+        for k in sorted(r):
+            if (k.startswith("personas") or k == "portability_personas") and target:
+                port += [(p, target, "personas") for p in _str_list(r[k], k, where)]
+    hop, hop_ans = r.get("mhop", r.get("portability_hop")), r.get("mhop_ans", r.get("portability_hop_ans"))
+    if hop is not None and hop_ans is not None:
+        a = _first_str(hop_ans, "mhop_ans", where)
+        if a:
+            port += [(p, a, "mhop") for p in _str_list(hop, "mhop", where)]
+    out["portability"] = port
     return out
 
 
 def _from_mapping(r: Mapping[str, Any], i: int) -> EditRequest:
     where = f"edit {i}"
-    prompt = r.get("prompt", r.get("src"))
-    target = r.get("target_new", r.get("alt"))
-    if isinstance(target, Mapping):  # ROME's requested_rewrite: {"str": ...}
+    f = _flat(r, where)
+    prompt, target = f["prompt"], f["target_new"]
+    if isinstance(target, Mapping):  # ROME's {"str": ..., "id": ...}
         target = target.get("str")
-    if prompt is None or target is None:
-        raise ValueError(
-            f"{where} has no {'prompt' if prompt is None else 'target'}: expected 'prompt'/'target_new' "
-            f"(CounterFact) or 'src'/'alt' (ZsRE); its keys are {sorted(r)}"
-        )
+    if prompt is None:
+        raise _unknown(r, where, "prompt")
+    if target is None:
+        raise _unknown(r, where, "target")
     prompt = _first_str(prompt, "prompt", where)
     target = _first_str(target, "target_new", where)
     if not prompt or not prompt.strip():
         raise ValueError(f"{where}: the prompt is empty")
     if not target or not target.strip():
         raise ValueError(f"{where}: the target is empty (prompt {prompt!r})")
-    subject = _first_str(r.get("subject"), "subject", where)
+    subject = _first_str(f.get("subject"), "subject", where)
     if subject is not None and "{}" in prompt:  # ROME templates: "{} is located in"
         prompt = prompt.replace("{}", subject)
-    gt = _first_str(r.get("ground_truth", r.get("answers")), "ground_truth", where)
-    if isinstance(gt, Mapping):
-        gt = None
-    pred = _first_str(r.get("pred"), "pred", where)
-    rephrase = _str_list(r.get("rephrase_prompt", r.get("rephrase", r.get("rephrase_prompts"))), "rephrase", where)
-    loc: list[tuple[str, str]] = []
-    if "locality_prompt" in r or "loc" in r:
-        lp = _str_list(r.get("locality_prompt", r.get("loc")), "locality_prompt", where)
-        la = _first_str(r.get("locality_ground_truth", r.get("loc_ans")), "locality_ground_truth", where)
-        if la is not None:
-            loc.extend((p, la) for p in lp)
-    if isinstance(r.get("locality"), (Mapping, list)):
-        loc.extend(_pairs(r["locality"], where, "locality"))
-    port = _pairs(r.get("portability"), where, "portability") if r.get("portability") is not None else []
+    gt = _first_str(f.get("ground_truth"), "ground_truth", where)
+    pred = _first_str(f.get("pred"), "pred", where)
+    loc, port = f.get("locality", []), f.get("portability", [])
     return EditRequest(
         prompt=prompt, target_new=target, subject=subject, ground_truth=gt, pred=pred,
-        rephrase_prompts=rephrase, locality=tuple(loc), portability=tuple(port),
-        case_id=r.get("case_id"),
+        rephrase_prompts=_str_list(f.get("rephrase"), "rephrase", where),
+        locality=tuple((p, a) for p, a, _ in loc), portability=tuple((p, a) for p, a, _ in port),
+        locality_kinds=tuple(k for *_, k in loc), portability_kinds=tuple(k for *_, k in port),
+        case_id=f.get("case_id"),
     )
 
 
@@ -260,10 +338,27 @@ def shared_data_path(name: str) -> Path:
 
 
 def _read_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+    """The records of a JSON file (a list, or a dict holding one) or a JSONL file (one
+    record per line); a bad line is reported with its number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected JSON or JSONL") from None
+    stripped = text.strip()
+    if path.suffix == ".jsonl" or (stripped[:1] == "{" and "\n{" in stripped):
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not JSON ({e.msg} at column {e.colno}); a JSONL file "
+                                     f"holds one JSON record per line") from None
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, Mapping):
         for key in ("data", "edits", "records", "requests"):
             if isinstance(data.get(key), list):
@@ -272,15 +367,35 @@ def _read_records(path: Path) -> list[Any]:
     return data
 
 
+def _count(name: str, v: Any, least: int) -> int:
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+    return int(v)
+
+
+def _dataset_folder(path: Path, split: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(str(path), split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; say what was expected
+        raise ValueError(f"{path} is a folder, and `datasets` could not read it as a dataset ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); give a JSON / JSONL file, or a folder of "
+                         f"data files") from None
+
+
 def load_edits(source: Any, n: int | None = None, *, split: str = "train", offset: int = 0) -> Edits:
     """Read edits from a JSON / JSONL file, a list of records, a ``datasets``
-    dataset, a Hugging Face dataset name, or ``"zsre"`` / ``"counterfact"`` (the shared
-    data, see :func:`shared_data_path`).
+    ``Dataset`` / ``DatasetDict``, a dataset folder or Hugging Face dataset name (read
+    with ``datasets.load_dataset``), or ``"zsre"`` / ``"counterfact"`` (the shared data,
+    see :func:`shared_data_path`). Every record shape in :data:`SHAPES` is understood.
 
     Args:
         source: where the edits are.
         n: keep only ``n`` edits (after ``offset``), in file order.
-        split: the split to load for a hub dataset name.
+        split: the split to read from a dataset with splits.
         offset: skip this many records first.
 
     Example:
@@ -288,12 +403,16 @@ def load_edits(source: Any, n: int | None = None, *, split: str = "train", offse
         >>> edits[0].target_new
         'Rome'
     """
+    offset = _count("offset", offset, 0)
+    n = None if n is None else _count("n", n, 1)
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if not p.exists() and str(source).lower() in ("zsre", "counterfact"):
             p = shared_data_path(str(source))
-        if p.exists():
-            records: Any = _read_records(p)
+        if p.is_dir():
+            records: Any = _dataset_folder(p, split)
+        elif p.exists():
+            records = _read_records(p)
         elif isinstance(source, str) and "/" in source and not source.endswith((".json", ".jsonl")):
             import datasets
 
@@ -302,10 +421,11 @@ def load_edits(source: Any, n: int | None = None, *, split: str = "train", offse
             raise FileNotFoundError(f"no edits file {str(source)!r}")
     else:
         records = source
-    records = list(_records(records, split))[offset:]
+    records = _records(records, split)
+    if isinstance(records, (Mapping, EditRequest)):
+        records = [records]
+    records = list(records)[offset:]
     if n is not None:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
         records = records[:n]
     return as_edits(records)
 
@@ -313,30 +433,33 @@ def load_edits(source: Any, n: int | None = None, *, split: str = "train", offse
 def load_texts(source: Any, n: int | None = None, *, field: str = "text", split: str = "train") -> list[str]:
     """Read general texts (the retain set): a list of strings, a ``.txt`` file (one
     text per blank-line separated paragraph), a JSON / JSONL file of strings or of
-    records with ``field``, or a ``datasets`` dataset / hub name.
+    records with ``field``, or a ``datasets`` dataset / folder / hub name.
 
     Raises:
+        TypeError: one string that is not a file or a dataset name (a text: give a list).
         ValueError: no non-empty text.
     """
-    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+    n = None if n is None else _count("n", n, 1)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        raw: Any = _dataset_folder(Path(source), split)
+    elif isinstance(source, (str, os.PathLike)) and Path(source).exists():
         p = Path(source)
         if p.suffix == ".txt":
-            raw: Any = [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n")]
+            raw = [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n")]
         else:
             raw = _read_records(p)
     elif isinstance(source, str):
+        if any(c.isspace() for c in source.strip()) or "/" not in source:
+            raise TypeError(f"the retain texts are one string ({source[:40]!r}...), not a file or a dataset name: "
+                            f"give a list of texts, a .txt / .json / .jsonl file, or a datasets name")
         import datasets
 
         raw = datasets.load_dataset(source, split=split)
+    elif source is None:
+        raise TypeError("the retain texts are None: give a list of texts, a file, or a datasets name")
     else:
         raw = source
-    try:
-        import datasets
-
-        if isinstance(raw, datasets.Dataset):
-            raw = raw[field]
-    except ImportError:  # pragma: no cover
-        pass
+    raw = _records(raw, split)
     texts = []
     for i, t in enumerate(raw):
         if isinstance(t, Mapping):
@@ -393,3 +516,21 @@ def default_retain_texts(n: int | None = None) -> list[str]:
             raise ValueError(f"only {len(texts)} built-in retain texts; pass your own with load_texts(...)")
         texts = texts[:n]
     return texts
+
+
+def heldout_texts(n: int | None = None) -> list[str]:
+    """General English texts for measuring what an edit costs the model
+    (:func:`~gradlocate.evaluation.evaluate`'s ``capability``): 16 paragraphs written for
+    this package on topics disjoint from :func:`default_retain_texts` (which GradRatio
+    scores against), so the layer choice never sees the text that judges it.
+
+    Example:
+        >>> texts = heldout_texts()
+        >>> len(texts), not set(texts) & set(default_retain_texts())
+        (16, True)
+    """
+    from importlib.resources import files
+
+    raw = files("gradlocate").joinpath("assets/heldout_texts.txt").read_text(encoding="utf-8")
+    texts = [" ".join(p.split()) for p in raw.split("\n\n") if p.strip()]
+    return texts if n is None else texts[:_count("n", n, 1)]

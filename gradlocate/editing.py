@@ -46,7 +46,7 @@ from gradlocate.data import as_edits
 from gradlocate.executors import Executor, probe_additive
 from gradlocate.gradients import edit_batch
 from gradlocate.handles import Handle, resolve
-from gradlocate.interventions import using
+from gradlocate.interventions import require_gradients, using
 from gradlocate.losses import APPEND_EOS, TokenBatch
 from gradlocate.state import Undo, input_device
 
@@ -254,6 +254,7 @@ class LocFTBF:
             EditTrainingError: a loss or the weight became non-finite (the weight is
                 restored; the message names the mini-batch's edits).
         """
+        require_gradients("LocFTBF.fit")
         edits = as_edits(edits)
         batch = edit_batch(self.h, [e.prompt for e in edits], [e.target_new for e in edits],
                            self.append_eos).to(input_device(self.h.root))

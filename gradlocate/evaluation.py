@@ -58,7 +58,8 @@ from tqdm.auto import tqdm
 from gradlocate.data import EditRequest, as_edits
 from gradlocate.handles import resolve
 from gradlocate.interventions import no_cache, using
-from gradlocate.losses import IGNORE, NonFiniteLossError, TokenBatch, context_length, logits_of, tokenize_edits
+from gradlocate.losses import (IGNORE, NonFiniteLossError, TokenBatch, context_length, logits_of, prompt_ids,
+                               tokenize_edits)
 from gradlocate.state import input_device
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "teacher_forced_scores",
     "greedy_generate",
     "METRICS",
+    "text_loss",
 ]
 
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -209,6 +211,12 @@ class EditEvaluation:
         generation: metric -> mean generation exact match, or ``None`` if generation
             was off.
         fluency: mean n-gram entropy of generations from the edit prompts, if asked.
+        general: what the edit costs the model beyond its locality prompts, when asked
+            (``capability=``, ``fluency=``): ``lm_loss`` (mean next-token NLL on held-out
+            general text), and against ``pre``: ``lm_loss_change`` (after minus before),
+            ``capability`` = ``min(1, exp(-lm_loss_change))`` (the general text's perplexity
+            before over after, capped at 1: 1 = nothing lost) and ``fluency_ratio`` =
+            ``min(1, fluency after / before)``.
         rows: one dict per edit with its scores and generations.
         n_edits: number of edits.
         reference: the locality predictions of this evaluation, to pass as ``pre=``
@@ -226,12 +234,13 @@ class EditEvaluation:
     notes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    general: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self, rows: bool = True) -> dict[str, Any]:
         d = {"n_edits": self.n_edits, "teacher_forced": dict(self.teacher_forced),
              "generation": None if self.generation is None else dict(self.generation),
-             "fluency": self.fluency, "notes": list(self.notes), "params": dict(self.params),
-             "timings": dict(self.timings)}
+             "fluency": self.fluency, "general": dict(self.general), "notes": list(self.notes),
+             "params": dict(self.params), "timings": dict(self.timings)}
         if rows:
             d["rows"] = [dict(r) for r in self.rows]
         return d
@@ -244,6 +253,9 @@ class EditEvaluation:
             lines.append(f"{m:<15} {_fmt(self.teacher_forced.get(m)):>15} {_fmt(g):>14}")
         if self.fluency is not None:
             lines.append(f"{'fluency':<15} {self.fluency:>15.3f}")
+        for k, v in self.general.items():
+            if k != "fluency" and v is not None:
+                lines.append(f"{k:<15} {v:>15.4f}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -282,6 +294,7 @@ class _Query:
     item: int
     prompt: str
     answer: str
+    group: str = ""
 
 
 def _queries(edits: Sequence[EditRequest]) -> list[_Query]:
@@ -289,14 +302,15 @@ def _queries(edits: Sequence[EditRequest]) -> list[_Query]:
     for i, e in enumerate(edits):
         out.append(_Query("reliability", i, 0, e.prompt, e.target_new))
         out += [_Query("generalization", i, j, p, e.target_new) for j, p in enumerate(e.rephrase_prompts)]
-        out += [_Query("locality", i, j, p, a) for j, (p, a) in enumerate(e.locality)]
-        out += [_Query("portability", i, j, p, a) for j, (p, a) in enumerate(e.portability)]
+        out += [_Query("locality", i, j, p, a, g) for j, ((p, a), g) in enumerate(zip(e.locality, e.locality_kinds))]
+        out += [_Query("portability", i, j, p, a, g)
+                for j, ((p, a), g) in enumerate(zip(e.portability, e.portability_kinds))]
     return out
 
 
 @torch.no_grad()
 def teacher_forced_scores(root: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
-                          batch_size: int = 32) -> list[tuple[float, list[int]]]:
+                          batch_size: int = 32, chat: bool = False) -> list[tuple[float, list[int]]]:
     """For each ``(prompt, answer)``: the fraction of answer tokens that are the argmax
     prediction given ``prompt + " " + answer`` up to that token, and the predicted
     token ids at the answer positions.
@@ -307,7 +321,7 @@ def teacher_forced_scores(root: nn.Module, tokenizer: Any, prompts: Sequence[str
         >>> [(type(acc).__name__, len(ids)) for acc, ids in teacher_forced_scores(model, tok, ["Hi"], ["you"])]
         [('float', 4)]
     """
-    batch = tokenize_edits(tokenizer, prompts, answers, max_length=context_length(root)).to(input_device(root))
+    batch = tokenize_edits(tokenizer, prompts, answers, max_length=context_length(root), chat=chat).to(input_device(root))
     out: list[tuple[float, list[int]]] = []
     for rows in torch.arange(len(batch)).split(batch_size):
         mb = batch[rows.to(batch.input_ids.device)]
@@ -330,8 +344,9 @@ def _logits(root: nn.Module, ids: Tensor, am: Tensor) -> Tensor:
     return logits_of(o)
 
 
-def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
-    rows = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any,
+              chat: bool = False) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
+    rows = [prompt_ids(tokenizer, p, chat) for p in prompts]
     for p, r in zip(prompts, rows):
         if not r:
             raise ValueError(f"prompt {p!r} tokenizes to no tokens")
@@ -343,6 +358,17 @@ def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any) -> tuple[Int[
         ids[b, width - len(r):] = torch.tensor(r)
         am[b, width - len(r):] = 1
     return ids.to(device), am.to(device)
+
+
+class _FiniteScores:
+    """Logits processor: generation stops with a clear error at a NaN or infinite logit
+    (greedy decoding would otherwise pick a token from garbage and go on)."""
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if not bool(torch.isfinite(scores).all()):
+            raise NonFiniteLossError("the model's outputs are not finite (NaN/inf) during generation: check its "
+                                     "weights, or its dtype for overflow; no metric can be scored")
+        return scores
 
 
 class _StopStrings:
@@ -357,7 +383,8 @@ class _StopStrings:
 
 
 @torch.no_grad()
-def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32,
+def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, chat: bool = False,
+                    max_new_tokens: int = 32,
                     stops: Sequence[str] = STOP_STRINGS, batch_size: int = 32) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded, with the KV cache of
     ``model.generate``), each cut before its first stop string; EOS ends a
@@ -370,14 +397,14 @@ def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
         >>> len(out), all(isinstance(t, str) for t in out)
         (2, True)
     """
-    from transformers import GenerationConfig, StoppingCriteriaList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     ctx = context_length(root)
     eos = tokenizer.eos_token_id
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start: start + batch_size])
-        ids, am = _left_pad(tokenizer, chunk, input_device(root))
+        ids, am = _left_pad(tokenizer, chunk, input_device(root), chat)
         width = ids.shape[1]
         budget = max_new_tokens if ctx is None else min(max_new_tokens, ctx - width)
         if budget < 1:
@@ -385,7 +412,8 @@ def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
         cfg = GenerationConfig(do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=eos, use_cache=True)
         criteria = StoppingCriteriaList([_StopStrings(tokenizer, width, stops)]) if stops else None
-        gen = root.generate(input_ids=ids, attention_mask=am, generation_config=cfg, stopping_criteria=criteria)
+        gen = root.generate(input_ids=ids, attention_mask=am, generation_config=cfg, stopping_criteria=criteria,
+                            logits_processor=LogitsProcessorList([_FiniteScores()]))
         texts = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
         out += [truncate_at_stop(t, stops) for t in texts]
     return out
@@ -423,8 +451,8 @@ def locality_reference(model: Any, edits: Any, *, tokenizer: Any = None, generat
     qs = [q for q in _queries(edits) if q.kind == "locality"]
     with using(h), torch.no_grad():
         prompts, answers = [q.prompt for q in qs], [q.answer for q in qs]
-        tf = teacher_forced_scores(root, tok, prompts, answers, batch_size=batch_size) if qs else []
-        gens = greedy_generate(root, tok, prompts, max_new_tokens=max_new_tokens,
+        tf = teacher_forced_scores(root, tok, prompts, answers, batch_size=batch_size, chat=h.chat) if qs else []
+        gens = greedy_generate(root, tok, prompts, chat=h.chat, max_new_tokens=max_new_tokens,
                                batch_size=batch_size) if qs and generation else []
     return _reference(edits, qs, [t for _, t in tf], gens if generation else None)
 
@@ -441,8 +469,9 @@ def _reference(edits: Sequence[EditRequest], qs: list[_Query], tokens: list[list
 
 
 def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluation | LocalityReference | None = None,
-             generation: bool = True, fluency: bool = False, batch_size: int = 32, max_new_tokens: int = 32,
-             fluency_tokens: int = 100, progress: bool | None = None) -> EditEvaluation:
+             generation: bool = True, fluency: bool = False, capability: bool | Sequence[str] = False,
+             batch_size: int = 32, max_new_tokens: int = 32, fluency_tokens: int = 100,
+             fluency_prompts: int | None = None, progress: bool | None = None) -> EditEvaluation:
     """Score ``model`` on ``edits``: reliability, generalization, locality and
     portability, teacher-forced and (if ``generation``) by generation exact match.
 
@@ -454,7 +483,12 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
             the same edits; needed for locality. Without it locality is ``None``.
         generation: also score by greedy generation exact match.
         fluency: also report the n-gram entropy of ``fluency_tokens``-token greedy
-            generations from the edit prompts (text = prompt + generation, as ROME).
+            generations from the edit prompts (text = prompt + generation, as ROME);
+            ``fluency_prompts`` limits it to the first that many edits (it costs generation).
+        capability: also measure the language-model loss on held-out general text:
+            ``True`` for the built-in texts (:func:`~gradlocate.data.heldout_texts`,
+            disjoint from GradRatio's retain texts), or a list of your own. With ``pre``
+            the change is reported (see :attr:`EditEvaluation.general`).
         batch_size: sequences per forward / generate call.
         max_new_tokens: the longest generated answer (LocFT's evaluation uses 32).
         progress: a progress bar over the stages (``None``: on a terminal only).
@@ -482,12 +516,19 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
                              "recompute it with generation=True or evaluate with generation=False")
     qs = _queries(edits)
     timings: dict[str, float] = {}
-    stages = ["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if fluency else [])
+    texts = None
+    if capability is not False and capability is not None:
+        from gradlocate.data import heldout_texts, load_texts
+
+        texts = heldout_texts() if capability is True else load_texts(capability)
+    stages = (["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if fluency else [])
+              + (["capability"] if texts else []))
     bar = tqdm(stages, desc="evaluate", disable=None if progress is None else not progress, leave=False)
     with using(h), torch.no_grad():
         t0 = time.perf_counter()
         bar.set_postfix(stage="teacher-forced")
-        tf = teacher_forced_scores(root, tok, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size)
+        tf = teacher_forced_scores(root, tok, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size,
+                                   chat=h.chat)
         timings["teacher_forced"] = time.perf_counter() - t0
         bar.update()
         gens: list[str] | None = None
@@ -495,27 +536,90 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
             t0 = time.perf_counter()
             bar.set_postfix(stage="generation")
             unique = list(dict.fromkeys(q.prompt for q in qs))
-            answers = greedy_generate(root, tok, unique, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            answers = greedy_generate(root, tok, unique, chat=h.chat, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
             texts = dict(zip(unique, answers))
             gens = [texts[q.prompt] for q in qs]
             timings["generation"] = time.perf_counter() - t0
             bar.update()
         flu: list[float] | None = None
         flu_texts: list[str] = []
+        if fluency and not callable(getattr(root, "generate", None)):
+            fluency = False  # a plain torch LM cannot generate: fluency is absent, and says why
+            no_generate = True
+        else:
+            no_generate = False
         if fluency:
             t0 = time.perf_counter()
             bar.set_postfix(stage="fluency")
-            prompts = [e.prompt for e in edits]
-            cont = greedy_generate(root, tok, prompts, max_new_tokens=fluency_tokens, stops=(), batch_size=batch_size)
+            prompts = [e.prompt for e in edits][:fluency_prompts]
+            cont = greedy_generate(root, tok, prompts, chat=h.chat, max_new_tokens=fluency_tokens, stops=(),
+                                   batch_size=batch_size)
             flu_texts = [p + c for p, c in zip(prompts, cont)]
             flu = [ngram_entropy(t) for t in flu_texts]
             timings["fluency"] = time.perf_counter() - t0
             bar.update()
+        lm = None
+        if texts:
+            t0 = time.perf_counter()
+            bar.set_postfix(stage="capability")
+            lm = text_loss(root, tok, texts, batch_size=batch_size)
+            timings["capability"] = time.perf_counter() - t0
+            bar.update()
     bar.close()
-    return _assemble(edits, qs, tf, gens, ref, flu, flu_texts, timings,
-                     {"generation": generation, "fluency": fluency, "max_new_tokens": max_new_tokens,
-                      "fluency_tokens": fluency_tokens if fluency else None, "batch_size": batch_size,
-                      "pre": ref is not None})
+    out = _assemble(edits, qs, tf, gens, ref, flu, flu_texts, timings,
+                    {"generation": generation, "fluency": fluency, "max_new_tokens": max_new_tokens,
+                     "fluency_tokens": fluency_tokens if fluency else None, "batch_size": batch_size,
+                     "capability": None if texts is None else len(texts), "pre": ref is not None})
+    out.general = _general(out.fluency, lm, pre if isinstance(pre, EditEvaluation) else None)
+    if no_generate:
+        out.notes.append(f"fluency: {type(root).__name__} has no generate(), so nothing was generated to score")
+    return out
+
+
+def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None) -> dict[str, float | None]:
+    """What an edit cost the model beyond its locality prompts (see :attr:`EditEvaluation.general`)."""
+    out: dict[str, float | None] = {}
+    before = pre.general if pre is not None else {}
+    if lm is not None:
+        out["lm_loss"] = lm
+        if before.get("lm_loss") is not None:
+            change = lm - before["lm_loss"]
+            out["lm_loss_change"] = change
+            out["capability"] = min(1.0, math.exp(-change))
+    if fluency is not None:
+        out["fluency"] = fluency
+        if before.get("fluency"):
+            out["fluency_ratio"] = min(1.0, fluency / before["fluency"])
+    return out
+
+
+@torch.no_grad()
+def text_loss(root: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
+              batch_size: int = 32) -> float:
+    """The language-model loss on general texts: the mean next-token NLL over every
+    scored token (each text cut to ``max_length`` tokens), as GradRatio's retain loss.
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> model, tok = tiny("gpt2", n_layers=1, d_model=16)
+        >>> 5.0 < text_loss(model, tok, ["Some general text.", "Another one."]) < 6.0   # about log(258)
+        True
+    """
+    from gradlocate.losses import token_nll, tokenize_texts
+
+    ctx = context_length(root)
+    batch = tokenize_texts(tokenizer, list(texts), max_length=min(max_length, ctx or max_length)).to(input_device(root))
+    total, count = 0.0, 0
+    for start in range(0, len(batch), batch_size):
+        mb = batch[torch.arange(start, min(len(batch), start + batch_size), device=batch.input_ids.device)]
+        nll = token_nll(_logits(root, mb.input_ids, mb.attention_mask), mb.labels)
+        total += float(nll.sum())
+        count += int((mb.labels[:, 1:] != IGNORE).sum())
+    if not math.isfinite(total):
+        raise NonFiniteLossError("the language-model loss on the held-out texts is not finite: the model outputs "
+                                 "NaN/inf; check its weights, or its dtype for overflow")
+    return total / count
 
 
 def _as_reference(pre: Any) -> LocalityReference | None:
@@ -544,20 +648,29 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
                 if len(before) != len(pred):
                     raise ValueError(f"edit {q.edit}: locality answer tokenizes differently than in pre= "
                                      "(another tokenizer?)")
-                per_tf[q.edit].setdefault("locality", []).append(
-                    float(sum(a == b for a, b in zip(before, pred)) / len(pred)))
-                if gens is not None:
-                    per_em[q.edit].setdefault("locality", []).append(
-                        float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]
+                v = float(sum(a == b for a, b in zip(before, pred)) / len(pred))
+                for key in ("locality", f"locality/{q.group}"):
+                    per_tf[q.edit].setdefault(key, []).append(v)
+                    if gens is not None:
+                        per_em[q.edit].setdefault(key, []).append(
+                            float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]
         else:
-            per_tf[q.edit].setdefault(q.kind, []).append(acc)
-            if gens is not None:
-                per_em[q.edit].setdefault(q.kind, []).append(float(exact_match(gens[k], q.answer)))
+            for key in (q.kind, f"{q.kind}/{q.group}") if q.group else (q.kind,):
+                per_tf[q.edit].setdefault(key, []).append(acc)
+                if gens is not None:
+                    per_em[q.edit].setdefault(key, []).append(float(exact_match(gens[k], q.answer)))
         if gens is not None:
             rows[q.edit].setdefault(f"{q.kind}_generations", []).append(gens[k])
     teacher: dict[str, float | None] = {}
     gen_scores: dict[str, float | None] | None = {} if gens is not None else None
-    for m in METRICS:
+    # Each named group of locality / portability prompts (KnowEdit's Reasoning, ...) is
+    # reported under "kind/group" too, when the data has more than the default group.
+    groups = []
+    for kind, default in (("locality", "neighborhood"), ("portability", "portability")):
+        names = sorted({q.group for q in qs if q.kind == kind and q.group})
+        if names and names != [default]:
+            groups += [f"{kind}/{g}" for g in names]
+    for m in (*METRICS, *groups):
         each, teacher[m] = _aggregate(per_tf, m)
         for r, v in zip(rows, each):
             r[f"{m}_tf"] = v

@@ -39,11 +39,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from gradlocate.handles import Handles
-from gradlocate.interventions import (capture, from_layer, head_at, no_cache, replaced, rewrap, rewrappable, run,
-                                      stop_after)
+from gradlocate.interventions import (capture, edited, from_layer, head_at, no_cache, replaced, rewrap, rewrappable,
+                                      run, stop_after)
 from gradlocate.losses import TokenBatch, edit_nll, head_nll, logits_of, row_means, scored_positions
 
-__all__ = ["Executor", "CACHE_MODES", "HEAD_MODES", "probe_additive"]
+__all__ = ["Executor", "CACHE_MODES", "HEAD_MODES", "probe_additive", "row_delta"]
 
 CACHE_MODES = ("none", "down_input", "residual")
 HEAD_MODES = ("full", "select", "fused")
@@ -58,7 +58,8 @@ class Executor:
     Use inside :func:`~gradlocate.interventions.using`.
     """
 
-    def __init__(self, h: Handles, layer: int, batch: TokenBatch, cache: str = "none", head: str = "full"):
+    def __init__(self, h: Handles, layer: int, batch: TokenBatch, cache: str = "none", head: str = "full",
+                 delta: Tensor | None = None):
         if cache not in CACHE_MODES or head not in HEAD_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES} and head one of {HEAD_MODES}, got {cache!r}, {head!r}")
         if cache == "residual" and layer == 0:
@@ -67,6 +68,9 @@ class Executor:
         self.site = h[layer]
         self.cached: dict[str, Tensor] = {}
         self.like: Any = None  # a block output, for the structure a skipped block must return
+        # With ``delta`` [rows, d_out, d_in], row r of the batch sees the site's weight plus delta[r]
+        # (the sample-wise sweep: every edit with its own weight, no copy of the model).
+        self.delta = delta
 
     def __enter__(self) -> Executor:
         if self.cache != "none":
@@ -86,11 +90,18 @@ class Executor:
         r, p = scored_positions(mb.labels)
         width = mb.input_ids.shape[1]
         kept: list[Tensor] = []
+        d = None if self.delta is None else self.delta[rows]
         with contextlib.ExitStack() as stack:
             if self.cache == "down_input":  # blocks 0..layer skipped: the edited block's output is c + site(x)
-                stack.enter_context(from_layer(self.h, self.layer + 1, lambda: rewrap(
-                    self.like, self.cached["c"][rows, :width] + self.site.module(self.cached["x"][rows, :width]))))
-            elif self.cache == "residual":
+                def entering() -> Any:
+                    x = self.cached["x"][rows, :width]
+                    out = self.cached["c"][rows, :width] + self.site.module(x)
+                    return rewrap(self.like, out if d is None else out + row_delta(x, d))
+
+                stack.enter_context(from_layer(self.h, self.layer + 1, entering))
+            elif d is not None:
+                stack.enter_context(edited(self.h, self.site.path, lambda x, out: out + row_delta(x, d)))
+            if self.cache == "residual":
                 stack.enter_context(from_layer(self.h, self.layer,
                                                lambda: rewrap(self.like, self.cached["h"][rows, :width])))
             if self.head == "select":
@@ -127,6 +138,15 @@ class Executor:
             else:
                 parts.setdefault("h", []).append(cap.outputs[block])
         return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def row_delta(x: Tensor, delta: Float[Tensor, "rows d_out d_in"]) -> Tensor:
+    """``x @ delta[r].T`` for each row ``r``: what a per-row weight change adds to a
+    linear map's output (``x`` is ``[rows, pos, d_in]``, or OPT's flat ``[rows * pos, d_in]``)."""
+    flat = x.dim() == 2
+    xs = x.view(delta.shape[0], -1, x.shape[-1]) if flat else x
+    out = torch.einsum("bti,boi->bto", xs.to(delta.dtype), delta).to(x.dtype)
+    return out.reshape(-1, out.shape[-1]) if flat else out
 
 
 @torch.no_grad()

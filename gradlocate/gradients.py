@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from gradlocate.data import as_edits, load_texts
 from gradlocate.handles import Handle, Handles, resolve
-from gradlocate.interventions import capture, head_at, run, states, using
+from gradlocate.interventions import capture, head_at, require_gradients, run, states, using
 from gradlocate.losses import (
     APPEND_EOS,
     IGNORE,
@@ -197,7 +197,7 @@ def edit_batch(h: Handles, prompts: Sequence[str], targets: Sequence[str], appen
     """The edits tokenized as the edit loss scores them. An edit longer than the
     context is an error (truncating would drop the target)."""
     return tokenize_edits(h.require_tokenizer(), list(prompts), list(targets), append_eos=append_eos,
-                          max_length=context_length(h.root))
+                          max_length=context_length(h.root), chat=h.chat)
 
 
 def _retain_batch(h: Handles, texts: Sequence[str], max_length: int | None) -> TokenBatch:
@@ -316,6 +316,7 @@ def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Seq
         ('edit', [1, 2], 1)
     """
     t0 = time.perf_counter()
+    require_gradients("edit_gradients")
     check_batch_size(batch_size)
     check_max_memory(max_memory)
     h = resolve(model, tokenizer)
@@ -363,6 +364,7 @@ def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: S
         ('retain', True)
     """
     t0 = time.perf_counter()
+    require_gradients("retain_gradients")
     check_batch_size(batch_size)
     check_max_memory(max_memory)
     texts = load_texts(texts)
@@ -467,6 +469,7 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
         ((1, 2), True)
     """
     t0 = time.perf_counter()
+    require_gradients("per_sample_inner_products")
     check_batch_size(batch_size)
     check_max_memory(max_memory)
     if not (len(prompts) == len(targets_a) == len(targets_b)):

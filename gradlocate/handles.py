@@ -257,6 +257,8 @@ class Handles(Sequence[Handle]):
         root: the ``nn.Module`` that runs.
         tokenizer: the tokenizer every function uses (``None`` if none was found;
             functions that tokenize then ask for one).
+        chat: prompts go through the tokenizer's chat template (one user turn and the
+            generation prompt), in every function: selectors, trainer, evaluation, tracing.
         blocks_path, site_path: the decoder-block list and the site inside each block
             (``down_path`` is the same as ``site_path``).
         blocks, block_paths: the decoder blocks and their paths.
@@ -268,11 +270,12 @@ class Handles(Sequence[Handle]):
     """
 
     def __init__(self, model: Any, root: nn.Module, tokenizer: Any, blocks_path: str, site_path: str,
-                 blocks: Sequence[nn.Module], mlp_inner: str | None):
+                 blocks: Sequence[nn.Module], mlp_inner: str | None, chat: bool = False):
         put = object.__setattr__
         put(self, "model", model)
         put(self, "root", root)
         put(self, "tokenizer", tokenizer)
+        put(self, "chat", bool(chat))
         put(self, "blocks_path", blocks_path)
         put(self, "site_path", site_path)
         put(self, "blocks", tuple(blocks))
@@ -348,14 +351,17 @@ class Handles(Sequence[Handle]):
                              f"{type(self.root).__name__}); plain torch models carry none")
         return self.tokenizer
 
-    def with_tokenizer(self, tokenizer: Any) -> Handles:
-        """The same resolution with another tokenizer."""
-        if tokenizer is None or tokenizer is self.tokenizer:
+    def with_options(self, tokenizer: Any = None, chat: bool | None = None) -> Handles:
+        """The same resolution with another tokenizer and/or prompt format."""
+        same_tok = tokenizer is None or tokenizer is self.tokenizer
+        if same_tok and (chat is None or bool(chat) == self.chat):
             return self
-        tok = find_tokenizer(self.root, tokenizer)
-        _bridge_convention(self.model, tok)
+        tok = self.tokenizer
+        if not same_tok:
+            tok = find_tokenizer(self.root, tokenizer)
+            _bridge_convention(self.model, tok)
         return Handles(self.model, self.root, tok, self.blocks_path, self.site_path, self.blocks,
-                       _mlp_inner_of(self))
+                       _mlp_inner_of(self), self.chat if chat is None else chat)
 
     def module(self, path: str) -> nn.Module:
         return self.root.get_submodule(path)
@@ -466,7 +472,7 @@ def validate_indices(values: Sequence[int] | int, n: int, what: str, context: st
 
 
 def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = None, down: str | None = None,
-                     causal: bool = True) -> Handles:
+                     chat: bool | None = None, causal: bool = True) -> Handles:
     """Resolve ``model`` once: find every decoder layer's editing site (the MLP
     down-projection unless ``down=`` names another linear map), its blocks, MLP and
     attention modules, and its tokenizer.
@@ -481,6 +487,8 @@ def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = 
         layers: override: path of the decoder-block ``ModuleList`` (e.g. ``"model.layers"``).
         down: override: path of the site inside each block (e.g. ``"mlp.down_proj"``, or
             ``"self_attn.o_proj"`` to edit the attention output as LocFT-BF's location study does).
+        chat: feed prompts through the tokenizer's chat template (instruct models), in
+            every function (default ``False``: the prompt as written).
         causal: refuse models that are not causal LMs (encoder-only, seq2seq, no LM
             head), which no gradlocate method can score. ``False`` gives handles anyway.
 
@@ -504,7 +512,7 @@ def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = 
         if layers is not None or down is not None:
             raise ValueError("this model is already resolved (Handles): pass layers=/down= when resolving the "
                              "plain model, once")
-        return model.with_tokenizer(tokenizer)
+        return model.with_options(tokenizer, chat)
     root = unwrap_model(model)
     if causal:
         check_causal_lm(root)
@@ -519,7 +527,12 @@ def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = 
         tok = find_tokenizer(model, tok)
         if tokenizer is not None:
             _bridge_convention(model, tok)
-    return Handles(model, root, tok, blocks_path, site_path, blocks, mlp_inner)
+    h = Handles(model, root, tok, blocks_path, site_path, blocks, mlp_inner, bool(chat))
+    if h.chat:
+        from gradlocate.losses import render_prompt
+
+        render_prompt(h.require_tokenizer(), "x", chat=True)  # no template: say so now
+    return h
 
 
 def resolve(model: Any, tokenizer: Any = None) -> Handles:

@@ -11,6 +11,7 @@ thread at its module, in the order the forward reaches them.
                                grad only on ``params``, their ``.grad`` kept; all restored
     capture(h, paths)          record modules' outputs (and inputs) in the forwards inside
     replaced(h, path, fn)      a module's output becomes ``fn(output)``
+    edited(h, path, fn)        a module's output becomes ``fn(input, output)`` (a per-row weight delta)
     noised(h, noise, start)    add ``noise`` to the input embeddings from position ``start`` on
     restored(h, patches)       write given states at (row, position) of modules' outputs
     from_layer(h, layer, fn)   blocks below ``layer`` are skipped: the stream entering it is ``fn()``
@@ -50,9 +51,11 @@ from gradlocate import _compat
 __all__ = [
     "ModelBusyError",
     "using",
+    "require_gradients",
     "capture",
     "Capture",
     "replaced",
+    "edited",
     "noised",
     "restored",
     "from_layer",
@@ -64,6 +67,7 @@ __all__ = [
     "rewrap",
     "rewrappable",
     "no_cache",
+    "path_of",
     "Patch",
 ]
 
@@ -108,6 +112,8 @@ def using(h: Any, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
     changes.
     """
     root, me = h.root, threading.get_ident()
+    if params:
+        require_gradients("this computation")
     with _sessions_lock:
         s = _sessions.get(root)
         if s is not None and s.thread != me:
@@ -149,6 +155,14 @@ def using(h: Any, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
                 del _sessions[root]
 
 
+def require_gradients(what: str) -> None:
+    """Gradients can be enabled inside ``torch.no_grad()`` (gradlocate does so itself), but
+    not inside ``torch.inference_mode()``: say so, before anything runs."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} needs gradients, which torch.inference_mode() forbids (it cannot be lifted from "
+                           f"inside): call it outside the inference_mode block (torch.no_grad() is fine)")
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -183,7 +197,7 @@ def _order(h: Any) -> dict[str, tuple[tuple, tuple]]:
         return cache
     keys: dict[str, tuple[tuple, tuple]] = {}
     if h.embed is not None:
-        keys[_path_of(h, h.embed)] = ((0,), (0, 1))
+        keys[path_of(h, h.embed)] = ((0,), (0, 1))
     template: dict[str, tuple[int, int]] = {}
     counter = [0]
 
@@ -202,12 +216,13 @@ def _order(h: Any) -> dict[str, tuple[tuple, tuple]]:
         for rel, (start, end) in template.items():
             keys[f"{bp}.{rel}" if rel else bp] = ((1, j, start), (1, j, end))
     if h.head is not None:
-        keys[_path_of(h, h.head)] = ((2,), (2, 1))
+        keys[path_of(h, h.head)] = ((2,), (2, 1))
     h._cache["order"] = keys
     return keys
 
 
-def _path_of(h: Any, module: nn.Module) -> str:
+def path_of(h: Any, module: nn.Module) -> str:
+    """The path of ``module`` from ``h``'s root (cached per resolution)."""
     paths = h._cache.setdefault("paths", {})
     if id(module) not in paths:
         paths[id(module)] = next((n for n, m in h.root.named_modules() if m is module), "")
@@ -357,6 +372,21 @@ def replaced(h: Any, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def edited(h: Any, path: str, fn: Callable[[Tensor, Any], Any]) -> Iterator[None]:
+    """The output of the module at ``path`` becomes ``fn(input, output)`` (its first
+    input), e.g. ``output + x @ delta[row].T``: a weight change per batch row, with no copy
+    of the model."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(args: tuple, kwargs: dict) -> tuple:
+        seen["x"] = args[0] if args else next(iter(kwargs.values()))
+        return args, kwargs
+
+    with _registered(h, [_Event(path, "input", keep), _Event(path, "output", lambda out: fn(seen.pop("x"), out))]):
+        yield
+
+
+@contextlib.contextmanager
 def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
     """Add ``noise`` to the input embeddings at positions ``start .. start + n``
     (causal tracing's corruption of the subject tokens)."""
@@ -365,7 +395,7 @@ def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[Non
         out[:, start:start + noise.shape[1]] += noise.to(out.dtype)
         return out
 
-    with replaced(h, _path_of(h, h.embed), add):
+    with replaced(h, path_of(h, h.embed), add):
         yield
 
 
@@ -424,7 +454,7 @@ def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
         x = x[rows.to(x.device), pos.to(x.device)][None]
         return (x, *args[1:]), kwargs
 
-    path = _path_of(h, h.head)
+    path = path_of(h, h.head)
     events = [_Event(path, "input", gather)]
     if skip is not None:
         events.append(_Event(path, "skip", lambda args, kwargs: skip(args[0][0])))

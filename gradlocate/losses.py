@@ -40,6 +40,9 @@ __all__ = [
     "scored_positions",
     "head_nll",
     "logits_of",
+    "render_prompt",
+    "prompt_ids",
+    "target_ids",
     "TokenBatch",
     "tokenize_edits",
     "tokenize_texts",
@@ -119,13 +122,50 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def render_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> tuple[str, bool]:
+    """The text a prompt is fed to the model as, and whether the tokenizer adds its
+    special tokens to it: the prompt itself (with special tokens: a BOS if the tokenizer
+    adds one), or with ``chat`` the tokenizer's chat template applied to one user turn
+    with the generation prompt (the template writes its special tokens itself).
+
+    Example:
+        >>> from gradlocate.models import byte_tokenizer
+        >>> render_prompt(byte_tokenizer(), "Who wrote Hamlet?")
+        ('Who wrote Hamlet?', True)
+    """
+    if not chat:
+        return prompt, True
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat=True but the tokenizer has no chat template: give an instruct model's tokenizer, or "
+                         "use plain prompts (chat=False)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return text, False
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
+    """The token ids of a prompt as every gradlocate function feeds it (see :func:`render_prompt`)."""
+    text, special = render_prompt(tokenizer, prompt, chat)
+    return _ids(tokenizer, text, special)
+
+
+def target_ids(tokenizer: Any, prompt_text: str, target: str) -> list[int]:
+    """A target's ids as it follows the (rendered) prompt: with one separating space
+    (:func:`target_text`), no special tokens; a target that *is* one of the tokenizer's
+    special tokens (an EOS as the answer) is that token alone."""
+    if target in getattr(tokenizer, "all_special_tokens", ()):
+        return [int(tokenizer.convert_tokens_to_ids(target))]
+    return _ids(tokenizer, target_text(prompt_text, target), False)
+
+
 def tokenize_edits(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
-                   append_eos: bool = False, max_length: int | None = None) -> TokenBatch:
+                   append_eos: bool = False, max_length: int | None = None, chat: bool = False) -> TokenBatch:
     """Tokenize ``prompt + " " + target`` pairs; only target tokens are labelled.
 
-    The prompt is tokenized with the tokenizer's special tokens (a BOS if it adds one)
-    and the target separately without, so the label mask covers exactly the target
-    tokens whatever the tokenizer merges.
+    The prompt is tokenized as :func:`prompt_ids` feeds it (special tokens, or the chat
+    template with ``chat``), the target separately (:func:`target_ids`), so the label
+    mask covers exactly the target tokens whatever the tokenizer merges. With
+    ``append_eos`` the tokenizer's EOS follows the target (not twice, if the target is EOS).
 
     Raises:
         ValueError: no pairs, a target that tokenizes to nothing, or a sequence longer
@@ -144,13 +184,14 @@ def tokenize_edits(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str
             raise TypeError(f"edit {i}: prompt and target must be strings, got {type(p).__name__}, {type(t).__name__}")
         if not t.strip():
             raise ValueError(f"edit {i}: target {t!r} is blank: it tokenizes to no tokens")
-        p_ids = _ids(tokenizer, p, True)
-        t_ids = _ids(tokenizer, target_text(p, t), False)
+        text, special = render_prompt(tokenizer, p, chat)
+        p_ids = _ids(tokenizer, text, special)
+        t_ids = target_ids(tokenizer, text, t)
         if not t_ids:
             raise ValueError(f"edit {i}: target {t!r} tokenizes to no tokens")
         if not p_ids:
             raise ValueError(f"edit {i}: prompt {p!r} tokenizes to no tokens")
-        if append_eos:
+        if append_eos and t_ids[-1:] != [eos]:
             t_ids = t_ids + [eos]
         ids = p_ids + t_ids
         if max_length is not None and len(ids) > max_length:

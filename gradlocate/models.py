@@ -31,6 +31,7 @@ __all__ = [
     "gemma3_270m",
     "tiny",
     "byte_tokenizer",
+    "bpe_tokenizer",
     "load_model",
     "MissingModelPackage",
 ]
@@ -178,6 +179,48 @@ def byte_tokenizer() -> Any:
     folder = cache_dir() / "byte-tokenizer"
     if not (folder / "tokenizer.json").exists():
         tmp = folder.with_name(f"byte-tokenizer.tmp{os.getpid()}")
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process saved it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def bpe_tokenizer(vocab_size: int = 600) -> Any:
+    """A small byte-level BPE tokenizer with real merges and a BOS post-processor (every
+    encoding with special tokens starts with ``<bos>``), trained locally with
+    ``tokenizers`` on gradlocate's built-in texts: it stresses what a byte tokenizer
+    cannot - a BOS on the prompt only, a target tokenized apart from its prompt, words
+    merged across the prompt/target boundary. Needs no download.
+
+    Example:
+        >>> tok = bpe_tokenizer()
+        >>> ids = tok("The capital of France").input_ids
+        >>> ids[0] == tok.bos_token_id, len(ids) < len("The capital of France")
+        (True, True)
+        >>> tok(" Paris", add_special_tokens=False).input_ids[0] != tok.bos_token_id
+        True
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache_dir() / f"bpe-tokenizer-{vocab_size}"
+    if not (folder / "tokenizer.json").exists():
+        from gradlocate.data import default_retain_texts
+
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        core.train_from_iterator(default_retain_texts(), trainer)
+        core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+            ("<bos>", core.token_to_id("<bos>"))])
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         tok.save_pretrained(tmp)
         try:
             tmp.rename(folder)

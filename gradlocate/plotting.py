@@ -189,3 +189,57 @@ def plot_trace_heatmap(result: Any, ax: Any = None, *, title: str | None = None)
 
 
 __all__ += ["plot_trace_heatmap"]
+
+
+def plot_optimum_histogram(layers: Any, optima: Any, *, golden: int | None = None, ax: Any = None,
+                           title: str | None = None) -> Any:
+    """How many edits have each layer as their own optimal layer (the sample-wise sweep),
+    with the dataset-level golden layer marked."""
+    from collections import Counter
+
+    ax = _axes(ax)
+    counts = Counter(optima)
+    ax.bar(list(layers), [counts.get(l, 0) for l in layers], color="#4c72b0")
+    if golden is not None:
+        ax.axvline(golden, color=SELECTED, lw=1.5, ls="--")
+        ax.annotate(f"golden {golden}", (golden, max(counts.values() or [1])), xytext=(3, -12),
+                    textcoords="offset points", color=SELECTED, fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("edits whose optimal layer it is")
+    ax.set_title(title or f"Sample-wise optimal layers ({len(optima)} edits)")
+    return ax
+
+
+__all__ += ["plot_optimum_histogram"]
+
+
+def plot_study(study: Any) -> Any:
+    """A golden-layer study on one figure: the sweep's metrics and overall per layer,
+    each selector's pick marked; the selectors' min-max normalised scores; and, if run,
+    how many edits have each layer as their own optimum."""
+    import matplotlib.pyplot as plt
+
+    panels = 3 if study.samples is not None else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.8 * panels), sharex=True)
+    plot_sweep(study.sweep, ax=axes[0], title=f"{study.name}: LocFT-BF sweep (golden layer {study.golden})")
+    ys = {}
+    for r in study.rows:
+        if r.layer is not None:
+            ys[r.layer] = ys.get(r.layer, 1.02) - 0.06
+            axes[0].annotate(r.selector, (r.layer, ys[r.layer]), fontsize=7, rotation=0, ha="center", color="#555")
+    for name, sel in study.selections.items():
+        vals = [float(v) for v in sel.scores]
+        lo, hi = min(vals), max(vals)
+        axes[1].plot(sel.layers, [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals], marker="o", ms=2,
+                     label=f"{name} ({sel.selected})", lw=1)
+    axes[1].axvline(study.golden, color="black", lw=1, ls=":")
+    axes[1].set_ylabel("selector score\n(min-max)")
+    axes[1].legend(fontsize=7, ncol=2, loc="best")
+    if study.samples is not None:
+        plot_optimum_histogram(study.samples.layers, study.samples.optimum(), golden=study.golden, ax=axes[2],
+                               title="sample-wise optimal layers")
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["plot_study"]

@@ -35,8 +35,8 @@ import torch
 from gradlocate.data import EditRequest, as_edits, load_texts
 from gradlocate.gradients import LayerGradients, edit_gradients, per_sample_inner_products, retain_gradients
 from gradlocate.handles import Handles, resolve
-from gradlocate.interventions import using
-from gradlocate.losses import APPEND_EOS, context_length, logits_of
+from gradlocate.interventions import require_gradients, using
+from gradlocate.losses import APPEND_EOS, context_length, logits_of, prompt_ids
 from gradlocate.memory import check_max_memory
 from gradlocate.results import LayerScores
 from gradlocate.state import input_device
@@ -190,6 +190,7 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         (3, [False, False, False, True], ['cos', 'first_formulation', 'g_edit_sq', 'g_retain_sq'])
     """
     t0 = time.perf_counter()
+    require_gradients("gradratio")
     check_max_memory(max_memory)
     h = resolve(model, tokenizer)
     pre = [g for g in (edits, retain) if isinstance(g, LayerGradients)]
@@ -207,10 +208,12 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
     kw = dict(layers=idx, batch_size=batch_size, keep=True, progress=progress, max_memory=max_memory)
     if isinstance(edits, LayerGradients):
         _check_precomputed(edits, "edit", idx)
-    g_e = edits if isinstance(edits, LayerGradients) else edit_gradients(h, edits, append_eos=append_eos, **kw)
     if isinstance(retain, LayerGradients):
         _check_precomputed(retain, "retain", idx)
-    g_r = retain if isinstance(retain, LayerGradients) else retain_gradients(h, retain, max_length=max_length, **kw)
+    with using(h):  # one caller owns the model for the whole selection
+        g_e = edits if isinstance(edits, LayerGradients) else edit_gradients(h, edits, append_eos=append_eos, **kw)
+        g_r = retain if isinstance(retain, LayerGradients) else retain_gradients(h, retain, max_length=max_length,
+                                                                                 **kw)
 
     e, r = g_e.sq_norms, g_r.sq_norms
     if g_e.grads is not None and g_r.grads is not None:
@@ -250,14 +253,18 @@ _STOP = ("\n", ".")
 @torch.no_grad()
 def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
                    max_new_tokens: int = 8) -> list[str]:
-    """The model's own greedy continuation of each prompt, as a short answer: up to
-    ``max_new_tokens`` tokens, stopping at EOS, a newline or a period once some text has
-    been produced (leading whitespace is skipped), stripped.
+    """The model's own answer to each prompt: LGA's old answer when the data has none.
 
-    Used by :func:`lga` when an edit has no old answer.
-
-    Raises:
-        ValueError: the model produces no text for a prompt within ``max_new_tokens``.
+    Defined exactly: greedy decoding from the prompt, fed as every gradlocate function
+    feeds it (the chat template included, for a model resolved with ``chat=True``), for
+    at most ``max_new_tokens`` tokens, stopping at EOS, or before a newline or a period
+    once some non-space text has been produced; the answer is that text, stripped. When
+    there is no such text - the first token is EOS (an instruct model's end of turn in
+    reply to a bare question), or nothing but whitespace comes before EOS or the token
+    limit - the answer is the EOS token itself (``tokenizer.eos_token``): a valid
+    one-token answer, scored as that single token. (EasyEdit's loaders write the EOS
+    string as the ground truth of every new-knowledge edit; here that is what the model
+    says only where the model says it: ``lga(old="eos")`` takes EasyEdit's convention.)
 
     Example:
         >>> from gradlocate.models import tiny
@@ -265,17 +272,20 @@ def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
         >>> isinstance(greedy_answers(model, ["Paris is in"], max_new_tokens=3)[0], str)
         True
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     h = resolve(model, tokenizer)
     tok = h.tokenizer
     dev = input_device(h.root)
     eos = getattr(tok, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token, which an empty answer would be: give old answers "
+                         "(ground_truth) or a tokenizer with an EOS token")
     ctx = context_length(h.root)
     answers = []
     with using(h):
         for i, p in enumerate(prompts):
-            ids = list(tok(p)["input_ids"])
+            ids = prompt_ids(tok, p, h.chat)
             if ctx is not None and len(ids) >= ctx:
                 raise ValueError(f"edit {i}: the prompt is {len(ids)} tokens, no shorter than the model's context of "
                                  f"{ctx}: no room to generate its old answer; shorten the prompt")
@@ -296,23 +306,21 @@ def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
             answer = text.strip()
             for s in _STOP:
                 answer = answer.split(s)[0].strip()
-            if not answer:
-                raise ValueError(f"edit {i}: no old answer given (ground_truth / pred) and the model's greedy "
-                                 f"continuation of {p!r} is empty within {max_new_tokens} tokens; give ground_truth")
-            answers.append(answer)
+            answers.append(answer or tok.eos_token)
     return answers
 
 
 def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         aggregate: Literal["sum", "mean"] = "sum", sign: Literal["signed", "negative", "abs"] = "signed",
+        old: Literal["data", "greedy", "eos"] = "data",
         layers: Sequence[int] | int | None = None, batch_size: int = 8, append_eos: bool = APPEND_EOS,
         max_new_tokens: int = 8, progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
     """Layer Gradient Analysis: the "golden layer" from per-sample gradient inner products.
 
     ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>_F`` where ``L_new^i`` is edit
     ``i``'s edit loss on ``target_new`` and ``L_old^i`` that on its old answer
-    (``ground_truth``, else ``pred``, else the model's own greedy answer, see
-    :func:`greedy_answers`). Layers whose score lies outside Tukey's fences
+    (``ground_truth``, else ``pred``, else the model's own answer, see
+    :func:`greedy_answers`; ``old=`` chooses). Layers whose score lies outside Tukey's fences
     ``[Q1 - k IQR, Q3 + k IQR]`` over all scored layers (``k = fence``) are excluded; the
     golden layer is the argmax of the score among the rest.
 
@@ -328,6 +336,10 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         sign: what is maximised among the layers inside the fences: ``"signed"`` (``S``),
             ``"negative"`` (``-S``: the layer where lowering the new target's loss most
             raises the old answer's) or ``"abs"`` (``|S|``). The fences are always on ``S``.
+        old: the old answer: ``"data"`` (the edit's ``ground_truth`` / ``pred``, else the
+            model's own answer), ``"greedy"`` (always the model's own answer,
+            :func:`greedy_answers`) or ``"eos"`` (always the EOS token: EasyEdit's
+            convention for new-knowledge sets).
         max_new_tokens: length cap of a generated old answer.
 
     Returns:
@@ -344,6 +356,7 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         ('lga', 4, True, ['cos_mean', 'mean', 'std'])
     """
     t0 = time.perf_counter()
+    require_gradients("lga")
     if aggregate not in ("sum", "mean"):
         raise ValueError(f"aggregate must be 'sum' or 'mean', got {aggregate!r}")
     if sign not in ("signed", "negative", "abs"):
@@ -355,17 +368,25 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     h = resolve(model, tokenizer)
     idx = h.layer_indices(layers)
 
-    old = [e.old_answer if e.old_answer is not None and e.old_answer.strip() else None for e in edits]
-    missing = [i for i, o in enumerate(old) if o is None]
+    if old not in ("data", "greedy", "eos"):
+        raise ValueError(f"old must be 'data', 'greedy' or 'eos', got {old!r}")
+    eos = h.tokenizer.eos_token
+    if old == "eos" and eos is None:
+        raise ValueError("old='eos' but the tokenizer has no EOS token")
+    answers: list[str | None] = [
+        eos if old == "eos" else e.old_answer if old == "data" and e.old_answer and e.old_answer.strip() else None
+        for e in edits]
+    missing = [i for i, o in enumerate(answers) if o is None]
     t1 = time.perf_counter()
-    if missing:
-        for i, g in zip(missing, greedy_answers(h, [edits[i].prompt for i in missing], max_new_tokens=max_new_tokens)):
-            old[i] = g
-    t_old = time.perf_counter() - t1
-
-    prods = per_sample_inner_products(h, [e.prompt for e in edits], [e.target_new for e in edits], old,
-                                      layers=idx, batch_size=batch_size, append_eos=append_eos, progress=progress,
-                                      max_memory=max_memory)
+    with using(h):  # one caller owns the model for the whole selection
+        if missing:
+            for i, g in zip(missing, greedy_answers(h, [edits[i].prompt for i in missing],
+                                                    max_new_tokens=max_new_tokens)):
+                answers[i] = g
+        t_old = time.perf_counter() - t1
+        prods = per_sample_inner_products(h, [e.prompt for e in edits], [e.target_new for e in edits], answers,
+                                          layers=idx, batch_size=batch_size, append_eos=append_eos,
+                                          progress=progress, max_memory=max_memory)
     per = prods.dot  # [edits, layers], float64
     scores = [float(v) for v in (per.sum(0) if aggregate == "sum" else per.mean(0))]
     f = tukey_fences(scores, fence)
@@ -378,7 +399,8 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     std = per.std(0, unbiased=True) if n > 1 else torch.zeros(per.shape[1], dtype=per.dtype)
     params = {
         "fence": fence, "aggregate": aggregate, "sign": sign, "lower": f.lower, "upper": f.upper,
-        "q1": f.q1, "q3": f.q3, "n_edits": n, "generated_old_answers": len(missing),
+        "q1": f.q1, "q3": f.q3, "n_edits": n, "old": old, "generated_old_answers": len(missing),
+        "eos_old_answers": sum(a == eos for a in answers), "old_answers": list(answers),
         "batch_size": batch_size, "append_eos": append_eos, "max_memory": max_memory,
         "new_loss": float(prods.loss_a.mean()), "old_loss": float(prods.loss_b.mean()),
     }
@@ -407,7 +429,8 @@ def _edit_answer(e: EditRequest, answer: str) -> str | None:
 def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | None = None,
               noise: float | Sequence[torch.Tensor] = 3.0, std: float | None = None, seed: int = 0,
               window: int = 10, layers: Sequence[int] | int | None = None, answer: str = "predicted",
-              batch_size: int = 256, merge: bool | None = None, progress: bool | None = None) -> LayerScores:
+              batch_size: int = 256, merge: bool | None = None, method: str = "exact",
+              progress: bool | None = None) -> LayerScores:
     """The CMA layer choice: the layer whose MLPs (restored in a window of ``window``
     layers centred on it) at the last subject token have the largest average indirect
     effect ``score - low_score`` over ``edits``.
@@ -431,6 +454,8 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
         layers: the layers traced, as there.
         batch_size: rows per forward, as there.
         merge: the fast executor's batching, as there.
+        method: ``"exact"`` (ROME's algorithm) or ``"atp"`` (attribution patching: the
+            whole row from two forwards and one backward per edit, an estimate).
         progress: a progress bar over the edits (``None``: on a terminal only).
 
     Returns:
@@ -474,24 +499,25 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     ies, probs, lows, highs = [], [], [], []
     layer_idx: list[int] = []
     r = None
-    for i, (e, tp) in enumerate(zip(edits, tqdm(prompts, desc="cma_layer", disable=None if progress is None
-                                                 else not progress))):
-        r = trace_prompt(h, tp, kind="mlp", samples=samples, noise=noise[i] if explicit else noise,  # type: ignore[index]
-                         std=std, seed=seed, window=window, answer=_edit_answer(e, answer),
-                         tokens=[tp.subject_range[1] - 1], layers=layers, batch_size=batch_size, merge=merge,
-                         progress=False)
-        layer_idx = r.layers
-        probs.append(r.scores[0])
-        ies.append(r.scores[0] - r.low_score)
-        lows.append(r.low_score)
-        highs.append(r.high_score)
+    bar = tqdm(list(zip(edits, prompts)), desc="cma_layer", disable=None if progress is None else not progress)
+    with using(h):  # one caller owns the model for the whole selection
+        for i, (e, tp) in enumerate(bar):
+            r = trace_prompt(h, tp, kind="mlp", samples=samples, noise=noise[i] if explicit else noise,  # type: ignore[index]
+                             std=std, seed=seed, window=window, answer=_edit_answer(e, answer),
+                             tokens=[tp.subject_range[1] - 1], layers=layers, batch_size=batch_size, merge=merge,
+                             method=method, progress=False)
+            layer_idx = r.layers
+            probs.append(r.scores[0])
+            ies.append(r.scores[0] - r.low_score)
+            lows.append(r.low_score)
+            highs.append(r.high_score)
     ie = torch.stack(ies).double()
     mean = ie.mean(0)
     return LayerScores(
         method="cma", scores=mean.tolist(), eligible=[True] * len(layer_idx), selected=layer_idx[int(mean.argmax())],
         params={"kind": "mlp", "token": "last_subject", "samples": r.samples if r else samples,
                 "noise": "explicit" if explicit else float(noise), "std": std, "seed": seed,  # type: ignore[arg-type]
-                "window": window, "answer": answer, "n_edits": len(edits),
+                "window": window, "answer": answer, "n_edits": len(edits), "method": method,
                 "low_score": float(sum(lows) / len(lows)), "high_score": float(sum(highs) / len(highs))},
         extras={"ie_std": (ie.std(0) if len(ies) > 1 else torch.zeros_like(mean)).tolist(),
                 "mean_prob": torch.stack(probs).double().mean(0).tolist()},

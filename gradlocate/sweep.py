@@ -4,9 +4,15 @@ A selector is only as good as the layer it picks; the sweep is the ground truth.
 each candidate layer ``l`` it fine-tunes layer ``l``'s site with
 :class:`~gradlocate.editing.LocFTBF`, scores the edited model with
 :func:`~gradlocate.evaluation.evaluate`, restores the weight bit for bit, and records
-one :class:`LayerRecord`. The **overall** score of a layer is the mean of the metrics
-in :data:`OVERALL_METRICS` that the data has (the Golden Layers paper's "Overall"); the
-**golden layer** is the layer with the best overall score.
+one :class:`LayerRecord`, including what the edit cost the model beyond its locality
+prompts (``capability``: the held-out text's perplexity before over after, capped at 1;
+``fluency``: the n-gram entropy of generations after over before, capped at 1) and
+whether training converged. The **overall** score of a layer (:meth:`SweepResult.overall`)
+is, by default, the mean of reliability, generalization, locality, capability and
+fluency, each weighted 1 (:data:`OVERALL_WEIGHTS`), over the ones the data has; the
+Golden Layers paper's normalisation (each metric min-max normalised across the swept
+layers, lower-is-better negated, then averaged) and the old three-metric mean are the
+other two definitions. The **golden layer** is the layer with the best overall score.
 
 A sweep is the expensive thing, so it is resumable: give ``out="sweep.jsonl"`` and a
 re-run skips the layers already in the file (if they were run with the same model,
@@ -40,13 +46,18 @@ import torch
 
 from gradlocate.data import as_edits
 from gradlocate.handles import resolve
-from gradlocate.interventions import using
+from gradlocate.interventions import require_gradients, using
 from gradlocate.state import check_materialized
 
-__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "overall_score", "SweepFileError"]
+__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score",
+           "SweepFileError"]
 
-#: The metrics averaged into the overall score (Golden Layers' rewrite / rephrase / locality).
+#: The edit metrics (Golden Layers' rewrite / rephrase / locality): the "edit-only" overall.
 OVERALL_METRICS = ("reliability", "generalization", "locality")
+#: The default overall: a weighted mean of these, over the ones the data has.
+OVERALL_WEIGHTS = {"reliability": 1.0, "generalization": 1.0, "locality": 1.0, "capability": 1.0, "fluency": 1.0}
+#: The overall definitions: "weighted" (default), "golden-layers" (min-max normalised), "edit-only".
+OVERALLS = ("weighted", "golden-layers", "edit-only")
 SCORINGS = ("teacher_forced", "generation")
 
 
@@ -55,16 +66,21 @@ class SweepFileError(ValueError):
     file, the line and the problem."""
 
 
-def overall_score(metrics: dict[str, float | None], names: Sequence[str] = OVERALL_METRICS) -> float | None:
-    """Mean of the available metrics among ``names`` (``None`` if none is available).
+def overall_score(metrics: dict[str, float | None], weights: Any = OVERALL_METRICS) -> float | None:
+    """Weighted mean of the available metrics among ``weights`` (a dict name -> weight,
+    or names weighted 1); ``None`` if none is available. An absent metric is left out,
+    never counted as 0.
 
     Example:
         >>> overall_score({"reliability": 1.0, "generalization": 0.5, "locality": None})
         0.75
+        >>> overall_score({"reliability": 1.0, "capability": 0.5}, {"reliability": 1, "capability": 3})
+        0.625
     """
-    vals = [metrics.get(m) for m in names]
-    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(vals) / len(vals) if vals else None
+    w = weights if isinstance(weights, dict) else {m: 1.0 for m in weights}
+    pairs = [(metrics.get(m), float(k)) for m, k in w.items()]
+    pairs = [(v, k) for v, k in pairs if v is not None and not (isinstance(v, float) and math.isnan(v)) and k]
+    return sum(v * k for v, k in pairs) / sum(k for _, k in pairs) if pairs else None
 
 
 @dataclass
@@ -81,6 +97,9 @@ class LayerRecord:
         n_edits, n_eval: edits trained and evaluated.
         error: why this layer could not be edited, if it could not (then no metrics).
         fingerprint: identifies the model, edits and settings (for resuming).
+        general: what the edit cost beyond its locality prompts
+            (:attr:`~gradlocate.evaluation.EditEvaluation.general`).
+        per_edit: each evaluated edit's teacher-forced metrics (for intervals over edits).
     """
 
     layer: int
@@ -92,9 +111,19 @@ class LayerRecord:
     n_eval: int = 0
     error: str | None = None
     fingerprint: str = ""
+    general: dict[str, float | None] = field(default_factory=dict)
+    per_edit: dict[str, list[float | None]] = field(default_factory=dict)
 
     def metrics(self, scoring: str) -> dict[str, float | None]:
-        return (self.teacher_forced if scoring == "teacher_forced" else self.generation) or {}
+        """The edit metrics under ``scoring``, and the capability and fluency scores."""
+        out = dict((self.teacher_forced if scoring == "teacher_forced" else self.generation) or {})
+        out["capability"] = self.general.get("capability")
+        out["fluency"] = self.general.get("fluency_ratio")
+        return out
+
+    @property
+    def converged(self) -> bool | None:
+        return self.train.get("converged") if self.train else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,10 +165,14 @@ class SweepResult:
     scoring: str = "teacher_forced"
     path: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    overall_kind: str = "weighted"
+    weights: dict[str, float] = field(default_factory=lambda: dict(OVERALL_WEIGHTS))
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.overall_kind not in OVERALLS:
+            raise ValueError(f"overall must be one of {OVERALLS}, got {self.overall_kind!r}")
         if not self.records:
             raise ValueError("a sweep result needs at least one layer")
         self.records = sorted(self.records, key=lambda r: r.layer)
@@ -148,12 +181,46 @@ class SweepResult:
     def layers(self) -> list[int]:
         return [r.layer for r in self.records]
 
+    def with_overall(self, overall: str = "weighted", weights: dict[str, float] | None = None) -> SweepResult:
+        """The same sweep judged by another overall definition (nothing is re-run)."""
+        return SweepResult(self.records, self.scoring, self.path, self.params, overall,
+                           dict(weights or OVERALL_WEIGHTS))
+
+    @property
+    def averaged(self) -> list[str]:
+        """The metrics the overall score averages here (those the data has)."""
+        names = list(OVERALL_METRICS) if self.overall_kind == "edit-only" else (
+            [*OVERALL_METRICS, "fluency", "lm_loss"] if self.overall_kind == "golden-layers" else list(self.weights))
+        have = lambda m: any(v is not None for v in self._raw(m, self.scoring))  # noqa: E731
+        return [m for m in names if have(m)]
+
+    def _raw(self, name: str, scoring: str) -> list[float | None]:
+        if name == "lm_loss":
+            return [r.general.get("lm_loss") for r in self.records]
+        if name == "fluency" and self.overall_kind == "golden-layers":
+            return [r.general.get("fluency") for r in self.records]
+        return [r.metrics(scoring).get(name) for r in self.records]
+
     def metric(self, name: str, scoring: str | None = None) -> list[float | None]:
         """Per-layer values of one metric (``"overall"`` included; ``None`` where absent)."""
         scoring = scoring or self.scoring
-        if name == "overall":
-            return [overall_score(r.metrics(scoring)) for r in self.records]
-        return [r.metrics(scoring).get(name) for r in self.records]
+        if name != "overall":
+            return [r.metrics(scoring).get(name) for r in self.records]
+        if self.overall_kind == "edit-only":
+            return [overall_score(r.metrics(scoring), OVERALL_METRICS) for r in self.records]
+        if self.overall_kind == "weighted":
+            return [overall_score(r.metrics(scoring), self.weights) for r in self.records]
+        # Golden Layers: each metric min-max normalised across the swept layers, lower-is-better
+        # (the language-model loss) negated, then the plain mean of what is there.
+        columns = []
+        for m in self.averaged:
+            vals = self._raw(m, scoring)
+            sign = -1.0 if m == "lm_loss" else 1.0
+            got = [sign * v for v in vals if v is not None]
+            lo, hi = (min(got), max(got)) if got else (0.0, 0.0)
+            columns.append([None if v is None else ((sign * v - lo) / (hi - lo) if hi > lo else 1.0) for v in vals])
+        return [overall_score({str(k): c[i] for k, c in enumerate(columns)}, [str(k) for k in range(len(columns))])
+                for i in range(len(self.records))]
 
     @property
     def overall(self) -> list[float | None]:
@@ -184,16 +251,26 @@ class SweepResult:
                 return r
         raise KeyError(f"layer {layer} was not swept (swept: {self.layers})")
 
+    @property
+    def unconverged(self) -> list[int]:
+        """Layers whose training stopped at its epoch budget without converging."""
+        return [r.layer for r in self.records if r.converged is False]
+
     def to_dict(self) -> dict[str, Any]:
-        return {"scoring": self.scoring, "golden": self.golden, "best": self.best_layers(),
-                "layers": self.layers, "overall": self.overall, "records": [r.to_dict() for r in self.records],
-                "path": self.path, "params": self.params}
+        return {"scoring": self.scoring, "overall_kind": self.overall_kind, "weights": dict(self.weights),
+                "averaged": self.averaged, "golden": self.golden, "best": self.best_layers(), "layers": self.layers,
+                "overall": self.overall, "unconverged": self.unconverged,
+                "records": [r.to_dict() for r in self.records], "path": self.path, "params": self.params}
 
     def to_markdown(self, scoring: str | None = None) -> str:
-        """Per-layer table: the metrics the data has, overall, convergence."""
+        """Per-layer table: the metrics the data has, overall, convergence; a line saying
+        what the overall averaged."""
         scoring = scoring or self.scoring
-        cols = [m for m in (*OVERALL_METRICS, "portability") if any(v is not None for v in self.metric(m, scoring))]
-        head = ("| layer | " + " | ".join(cols) + " | overall | converged |\n|---:|"
+        cols = [m for m in (*OVERALL_METRICS, "portability", "capability", "fluency")
+                if any(v is not None for v in self.metric(m, scoring))]
+        head = (f"overall ({self.overall_kind}) = mean of {', '.join(self.averaged) or 'nothing'}"
+                + (f"; did not converge: layers {self.unconverged}" if self.unconverged else "") + "\n\n"
+                + "| layer | " + " | ".join(cols) + " | overall | converged |\n|---:|"
                 + "---:|" * (len(cols) + 1) + ":---:|")
         rows = []
         golden = self.golden
@@ -273,20 +350,23 @@ def read_records(path: Path, fingerprint: str | None = None) -> dict[int, LayerR
         layer = d.get("layer")
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise SweepFileError(f"{where}: 'layer' is {layer!r}, expected a layer index (an int >= 0)")
-        if fingerprint is not None and d.get("fingerprint") != fingerprint:
-            raise SweepFileError(f"{where} holds a sweep with another model, other edits or other trainer settings; "
-                                 f"use another output file or delete this one")
         if d.get("error") is None and not isinstance(d.get("teacher_forced"), dict) or (
                 d.get("error") is None and not d["teacher_forced"]):
             raise SweepFileError(f"{where}: layer {layer} has no metrics ('teacher_forced' is missing or empty), "
                                  f"so it could not take part in the golden-layer choice")
+        if fingerprint is not None and d.get("fingerprint") != fingerprint:
+            raise SweepFileError(f"{where} holds a sweep with another model, other edits or other trainer settings; "
+                                 f"use another output file or delete this one")
         done[layer] = LayerRecord.from_dict(d)
     return done
 
 
 def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | None = None,
           trainer: dict[str, Any] | None = None, eval_edits: Any = None, out: str | Path | None = None,
-          scoring: str = "teacher_forced", generation: bool = True, progress: bool | None = None) -> SweepResult:
+          scoring: str = "teacher_forced", generation: bool = True, capability: bool | Sequence[str] = True,
+          fluency: bool = True, fluency_prompts: int | None = 8, fluency_tokens: int = 64,
+          overall: str = "weighted", weights: dict[str, float] | None = None, per_sample: bool = False,
+          progress: bool | None = None) -> Any:
     """Edit with LocFT-BF at each candidate layer, evaluate, restore; find the golden layer.
 
     Args:
@@ -302,6 +382,20 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         scoring: ``"teacher_forced"`` (EasyEdit) or ``"generation"`` (exact match) for
             the overall score and the golden layer. Both are recorded when ``generation``.
         generation: also score by generation exact match (slower).
+        capability: measure the language-model loss on held-out text before and after
+            each edit (``True``: the built-in texts; or a list of your own).
+        fluency: measure the n-gram entropy of ``fluency_tokens``-token generations from
+            the first ``fluency_prompts`` edit prompts before and after each edit.
+        overall: how the overall score and the golden layer are defined: ``"weighted"``
+            (the weighted mean of ``weights``, default :data:`OVERALL_WEIGHTS`),
+            ``"golden-layers"`` (the Golden Layers paper's min-max normalisation) or
+            ``"edit-only"`` (the mean of reliability, generalization and locality).
+            :meth:`SweepResult.with_overall` changes it afterwards.
+        per_sample: instead, edit each edit alone at each layer (all edits of a layer
+            trained at once, each with its own weight change) and return a
+            :class:`~gradlocate.samplewise.SampleSweep` of the sample-wise optimal layers
+            (teacher-forced edit metrics; ``out``, ``generation``, ``capability``,
+            ``fluency`` and ``overall`` do not apply).
         progress: a progress bar over layers (``None``: on a terminal only).
 
     Returns:
@@ -316,6 +410,11 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     from gradlocate.editing import LocFTBF
     from gradlocate.evaluation import evaluate
 
+    require_gradients("sweep (it trains LocFT-BF at every layer)")
+    if per_sample:
+        from gradlocate.samplewise import sample_sweep
+
+        return sample_sweep(model, edits, tokenizer=tokenizer, layers=layers, trainer=trainer, progress=progress)
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "generation" and not generation:
@@ -329,8 +428,12 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     cand = h.layer_indices(list(layers) if layers is not None else None)
     trainer = {"progress": False, **(trainer or {})}
     LocFTBF(h, cand[0], **trainer)  # bad trainer settings fail here, before anything runs
+    evaluation = {"generation": generation, "capability": capability if isinstance(capability, bool) else
+                  list(capability), "fluency": fluency, "fluency_prompts": fluency_prompts,
+                  "fluency_tokens": fluency_tokens}
+    SweepResult([LayerRecord(0)], scoring, overall_kind=overall)  # bad overall / scoring: fail before running
     fp = _fingerprint(h, edits, eval_edits, {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
-                      generation)
+                      evaluation)
     path = Path(out) if out is not None else None
     if path is not None and not path.parent.exists():
         raise FileNotFoundError(f"folder {str(path.parent)!r} for the sweep file does not exist")
@@ -340,24 +443,27 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     records = [done[l] for l in cand if l in done]
     with using(h):  # one caller owns the model for the whole sweep
         t0 = time.perf_counter()
-        pre = evaluate(h, eval_edits, generation=generation)
+        ev_kw = {"generation": generation, "capability": capability, "fluency": fluency,
+                 "fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens}
+        pre = evaluate(h, eval_edits, **ev_kw)
         t_pre = time.perf_counter() - t0
         bar = tqdm(todo, desc="sweep", unit="layer", disable=(None if progress is None else not progress) or not todo)
         for layer in bar:
             bar.set_postfix(layer=layer)
-            rec = _sweep_layer(h, layer, edits, eval_edits, pre, trainer, generation, LocFTBF, evaluate)
+            rec = _sweep_layer(h, layer, edits, eval_edits, pre, trainer, ev_kw, LocFTBF, evaluate)
             rec.fingerprint = fp
             records.append(rec)
             if path is not None:
                 _append_line(path, json.dumps(rec.to_dict(), default=float))
             bar.set_postfix(layer=layer, overall=f"{overall_score(rec.metrics(scoring)) or float('nan'):.3f}")
     return SweepResult(records, scoring=scoring, path=str(path) if path else None,
-                       params={"trainer": trainer, "generation": generation, "n_edits": len(edits),
-                               "n_eval": len(eval_edits), "pre_eval_s": t_pre, "layers": cand})
+                       params={"trainer": trainer, **evaluation, "n_edits": len(edits), "n_eval": len(eval_edits),
+                               "pre_eval_s": t_pre, "layers": cand, "pre_general": pre.general},
+                       overall_kind=overall, weights=dict(weights or OVERALL_WEIGHTS))
 
 
 def _sweep_layer(h: Any, layer: int, edits: Any, eval_edits: Any, pre: Any, trainer: dict[str, Any],
-                 generation: bool, trainer_cls: Any, evaluate: Any) -> LayerRecord:
+                 ev_kw: dict[str, Any], trainer_cls: Any, evaluate: Any) -> LayerRecord:
     """Edit one layer, evaluate, restore. A failure of this layer (a non-finite loss, a
     structure the trainer cannot handle) becomes the record's ``error``."""
     from gradlocate.interventions import ModelBusyError
@@ -367,7 +473,7 @@ def _sweep_layer(h: Any, layer: int, edits: Any, eval_edits: Any, pre: Any, trai
         with trainer_cls(h, layer, **trainer) as ft:
             fit = ft.fit(edits)
             t2 = time.perf_counter()
-            ev = evaluate(h, eval_edits, pre=pre, generation=generation)
+            ev = evaluate(h, eval_edits, pre=pre, **ev_kw)
     except ModelBusyError:
         raise
     except Exception as e:  # noqa: BLE001 - reported in this layer's place; the others still run
@@ -375,4 +481,6 @@ def _sweep_layer(h: Any, layer: int, edits: Any, eval_edits: Any, pre: Any, trai
                            timings={"total": time.perf_counter() - t1})
     t3 = time.perf_counter()
     return LayerRecord(layer, ev.teacher_forced, ev.generation, fit.to_dict(),
-                       {"train": t2 - t1, "evaluate": t3 - t2, "total": t3 - t1}, len(edits), len(eval_edits))
+                       {"train": t2 - t1, "evaluate": t3 - t2, "total": t3 - t1}, len(edits), len(eval_edits),
+                       general=ev.general,
+                       per_edit={m: [r.get(f"{m}_tf") for r in ev.rows] for m in (*OVERALL_METRICS, "portability")})

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from gradlocate.handles import HandleError, Handles, resolve, validate_indices
 from gradlocate.interventions import Patch, capture, head_at, no_cache, noised, restored, run, states, using
-from gradlocate.losses import NonFiniteLossError, context_length, target_text
+from gradlocate.losses import NonFiniteLossError, context_length, render_prompt, target_text
 from gradlocate.results import _fmt
 from gradlocate.state import input_device
 
@@ -156,11 +156,12 @@ class TracePrompt:
         if not prompt.strip():
             raise ValueError(f"{at}prompt must be a non-empty string, got {prompt!r}")
         subject = _clean_subject(subject)
+        text, special = render_prompt(tok, prompt, getattr(h, "chat", False))
         try:
-            enc = tok(prompt, return_offsets_mapping=True)
+            enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
             offsets = [tuple(map(int, o)) for o in enc["offset_mapping"]]
         except (NotImplementedError, KeyError, TypeError, ValueError):
-            enc, offsets = tok(prompt), None
+            enc, offsets = tok(text, add_special_tokens=special), None
         ids = [int(i) for i in enc["input_ids"]]
         if not ids:
             raise ValueError(f"{at}prompt {prompt!r} tokenizes to no tokens")
@@ -171,6 +172,7 @@ class TracePrompt:
         c0 = prompt.find(subject)
         if c0 < 0:
             raise ValueError(f"{at}subject {subject!r} does not occur in the prompt {prompt!r}")
+        c0 += max(0, text.find(prompt))  # the prompt's place in the chat template
         found = (_range_from_offsets(offsets, c0, c0 + len(subject)) if offsets is not None
                  else _range_from_decoding(tok, ids, subject))
         if found is None:
@@ -223,7 +225,8 @@ def _answer_id(h: Handles, prompt: str, answer: Any) -> int | None:
     if isinstance(answer, str):
         if not answer.strip():
             raise ValueError("answer is empty: give the target text, a token id, or None for the model's prediction")
-        ids = list(h.tokenizer(target_text(prompt, answer), add_special_tokens=False)["input_ids"])
+        text, _ = render_prompt(h.tokenizer, prompt, h.chat)
+        ids = list(h.tokenizer(target_text(text, answer), add_special_tokens=False)["input_ids"])
         if not ids:
             raise ValueError(f"answer {answer!r} tokenizes to no tokens")
         return int(ids[0])
@@ -341,6 +344,14 @@ class TraceResult:
     params: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    method: str = "exact"
+    exact: Tensor | None = None
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the scores are attribution-patching estimates (``method="atp"``); the
+        cells re-run exactly (``verify=``) are marked in :attr:`exact`."""
+        return self.method != "exact"
 
     @property
     def indirect_effect(self) -> Float[Tensor, "tokens layers"]:
@@ -360,8 +371,12 @@ class TraceResult:
         return self.scores[self.token_indices.index(t)]
 
     def best(self) -> tuple[int, int]:
-        """The (token, layer) with the highest score."""
-        r, c = divmod(int(self.scores.argmax()), self.scores.shape[1])
+        """The (token, layer) with the highest score; for an estimate with verified
+        cells, the highest among those computed exactly."""
+        scores = self.scores
+        if self.exact is not None and bool(self.exact.any()):
+            scores = torch.where(self.exact, self.scores, torch.full_like(self.scores, -torch.inf))
+        r, c = divmod(int(scores.argmax()), self.scores.shape[1])
         return self.token_indices[r], self.layers[c]
 
     def to_dict(self) -> dict[str, Any]:
@@ -372,12 +387,15 @@ class TraceResult:
             "subject_range": list(self.subject_range), "tokens": list(self.tokens),
             "token_indices": list(self.token_indices), "layers": list(self.layers),
             "window": self.window, "samples": self.samples, "params": dict(self.params),
-            "stats": dict(self.stats), "timings": dict(self.timings),
+            "stats": dict(self.stats), "timings": dict(self.timings), "method": self.method,
+            "exact": None if self.exact is None else self.exact.tolist(),
         }
 
     def __repr__(self) -> str:
         t, l = self.best()
-        return (f"TraceResult(kind={self.kind!r}, answer={self.answer_text!r}, scores=[{self.scores.shape[0]} tokens x "
+        what = "" if not self.estimated else (
+            f", AtP estimate ({int(self.exact.sum()) if self.exact is not None else 0} cells verified)")
+        return (f"TraceResult(kind={self.kind!r}{what}, answer={self.answer_text!r}, scores=[{self.scores.shape[0]} tokens x "
                 f"{self.scores.shape[1]} layers], low={_fmt(self.low_score)}, high={_fmt(self.high_score)}, "
                 f"best=(token {t} {self.tokens[t]!r}, layer {l}): {_fmt(float(self.scores.max()))}, "
                 f"subject={self.subject_range})")
@@ -520,9 +538,14 @@ def reference_scores(h: Handles, s: Setup, cells: Sequence[Cell], batch_size: in
 
 def trace_prompt(h: Handles, tp: TracePrompt, *, kind: str = "hidden", samples: int | None = None,
                  noise: Any = 3.0, std: float | None = None, seed: int = 0, window: int = 10, answer: Any = None,
-                 tokens: Any = None, layers: Any = None, batch_size: int = 256, fast: bool = True,
-                 merge: bool | None = None, reuse_prefix: bool = True, progress: bool | None = None) -> TraceResult:
+                 tokens: Any = None, layers: Any = None, batch_size: int = 256, method: str = "exact",
+                 verify: int = 0, fast: bool = True, merge: bool | None = None, reuse_prefix: bool = True,
+                 progress: bool | None = None) -> TraceResult:
     """:func:`causal_trace` of a prompt already tokenized (:class:`TracePrompt`)."""
+    if method not in ("exact", "atp"):
+        raise ValueError(f"method must be 'exact' or 'atp', got {method!r}")
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
+        raise ValueError(f"verify must be an int >= 0 (cells to re-run exactly), got {verify!r}")
     from gradlocate.trace_plan import FastTrace
 
     t_start = time.perf_counter()
@@ -542,6 +565,9 @@ def trace_prompt(h: Handles, tp: TracePrompt, *, kind: str = "hidden", samples: 
     answer_id = _answer_id(h, tp.prompt, answer)
     cells = cells_of(h, kind, window, token_idx, layer_idx, tp.subject_range[0])
     stats = {"cells": len(token_idx) * len(layer_idx), "cells_before_subject": len(token_idx) * len(layer_idx) - len(cells)}
+    if method == "atp":
+        return _atp_trace(h, tp, kind, noise_t, answer_id, window, token_idx, layer_idx, verify, batch_size, merge,
+                          info, stats, t_start)
     with using(h), torch.no_grad():
         if fast:
             engine = FastTrace(h, kind, batch_size, merge, reuse_prefix)
@@ -576,12 +602,44 @@ def trace_prompt(h: Handles, tp: TracePrompt, *, kind: str = "hidden", samples: 
                        stats=stats, timings=timings)
 
 
+def _atp_trace(h: Handles, tp: TracePrompt, kind: str, noise: Tensor, answer: int | None, window: int,
+               token_idx: list[int], layer_idx: list[int], verify: int, batch_size: int, merge: Any,
+               info: dict[str, Any], stats: dict[str, Any], t_start: float) -> TraceResult:
+    """The AtP estimate of the grid (:mod:`gradlocate.attribution`), with the ``verify``
+    highest cells re-run exactly."""
+    from gradlocate.attribution import atp_estimates, verify_cells
+
+    with using(h):
+        est, answer, high, low, timings = atp_estimates(h, tp, [kind], noise, answer, window)
+        grid = est[kind][token_idx][:, layer_idx].float().clone()
+        exact = torch.zeros_like(grid, dtype=torch.bool)
+        stats.update(forwards=2, backwards=1, verified=0)
+        if verify:
+            t0 = time.perf_counter()
+            flat = [(grid[r, c].item(), r, c) for r in range(len(token_idx)) for c in range(len(layer_idx))
+                    if token_idx[r] >= tp.subject_range[0]]
+            top = sorted(flat, reverse=True)[:verify]
+            with torch.no_grad():
+                values, st = verify_cells(h, tp, kind, noise, answer, window,
+                                          [(token_idx[r], layer_idx[c]) for _, r, c in top], batch_size, merge)
+            for (_, r, c), v in zip(top, values):
+                grid[r, c], exact[r, c] = v, True
+            stats.update(forwards=2 + st["forwards"], verified=len(top))
+            timings["verify"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return TraceResult(scores=grid, low_score=low, high_score=high, subject_range=tp.subject_range,
+                       tokens=list(tp.tokens), token_indices=token_idx, layers=layer_idx, kind=kind, answer=answer,
+                       answer_text=h.tokenizer.decode([answer]), prompt=tp.prompt, subject=tp.subject, window=window,
+                       samples=int(noise.shape[0]), params={**info, "method": "atp", "verify": verify},
+                       stats=stats, timings=timings, method="atp", exact=exact)
+
+
 def causal_trace(model: Any, prompt: str, subject: str, *, tokenizer: Any = None, kind: str = "hidden",
                  samples: int | None = None, noise: float | Float[Tensor, "samples subject_tokens d_model"] = 3.0,
                  std: float | None = None, seed: int = 0, window: int = 10, answer: int | str | None = None,
                  tokens: Sequence[int] | int | None = None, layers: Sequence[int] | int | None = None,
-                 batch_size: int = 256, fast: bool = True, merge: bool | None = None, reuse_prefix: bool = True,
-                 progress: bool | None = None) -> TraceResult:
+                 batch_size: int = 256, method: str = "exact", verify: int = 0, fast: bool = True,
+                 merge: bool | None = None, reuse_prefix: bool = True, progress: bool | None = None) -> TraceResult:
     """ROME's causal trace of ``prompt`` with ``subject`` corrupted.
 
     Args:
@@ -605,6 +663,11 @@ def causal_trace(model: Any, prompt: str, subject: str, *, tokenizer: Any = None
         tokens: the token positions to trace (rows; default all).
         layers: the layers to trace (columns; default all).
         batch_size: at most this many rows (cells x samples) per forward.
+        method: ``"exact"`` (ROME's algorithm) or ``"atp"``: attribution patching, a
+            first-order estimate of every cell from two forwards and one backward
+            (:mod:`gradlocate.attribution`; :attr:`TraceResult.estimated` is then true).
+        verify: with ``method="atp"``, re-run this many of the highest estimated cells
+            exactly, so the reported peak (:meth:`TraceResult.best`) is exact.
         fast: use the optimised executor (:mod:`gradlocate.trace_plan`: fewer, smaller
             forwards, the same scores to 1e-6); ``False``: the reference path, ROME's
             ``trace_with_patch`` for batches of cells.
@@ -634,4 +697,5 @@ def causal_trace(model: Any, prompt: str, subject: str, *, tokenizer: Any = None
     h = resolve(model, tokenizer)
     return trace_prompt(h, TracePrompt.of(h, prompt, subject), kind=kind, samples=samples, noise=noise, std=std,
                         seed=seed, window=window, answer=answer, tokens=tokens, layers=layers, batch_size=batch_size,
-                        fast=fast, merge=merge, reuse_prefix=reuse_prefix, progress=progress)
+                        method=method, verify=verify, fast=fast, merge=merge, reuse_prefix=reuse_prefix,
+                        progress=progress)

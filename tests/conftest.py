@@ -30,6 +30,15 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_bpe():
+    """A tiny LLaMA with a BPE tokenizer that merges and prepends BOS (the byte
+    tokenizer does neither), to stress the prompt/target conventions."""
+    from gradlocate.models import bpe_tokenizer, tiny
+
+    return tiny("llama", n_layers=4, d_model=32, d_mlp=48, seed=0, tokenizer=bpe_tokenizer())
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     from gradlocate.models import smollm2
 

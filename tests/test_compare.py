@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gradlocate as gl
 from gradlocate.compare import compare, spearman, split_edits
 from gradlocate.models import tiny
 
@@ -52,7 +53,16 @@ def test_compare_end_to_end():
                   generation=False, progress=False,
                   selector_kwargs={"gradratio": {"min_layer": 0}, "cma": {"samples": 3, "progress": False}})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert (cmp.n_proxy, cmp.n_test) == (2, 3)
+    assert (cmp.n_proxy, cmp.n_test) == (2, 3)  # max(1, round(0.4 * 5)) proxy edits, the rest test
+    # The golden layer is the sweep's best overall (lowest layer on ties).
+    ov = dict(zip(cmp.sweep.layers, cmp.sweep.overall))
+    assert cmp.golden == max(ov, key=lambda l: (ov[l], -l))
+    # The selectors saw only the proxy edits; the sweep only the test edits, and together all of them.
+    proxy, test = split_edits(gl.as_edits(EDITS), 0.4, 0)
+    assert all(sel.params["n_edits"] == len(proxy) == 2 for sel in cmp.selections.values())
+    assert cmp.sweep.records[0].n_edits == len(test) == 3
+    assert {e.prompt for e in proxy} | {e.prompt for e in test} == {e["prompt"] for e in EDITS}
+    assert not {e.prompt for e in proxy} & {e.prompt for e in test}
     assert [r.selector for r in cmp.rows] == ["gradratio", "lga", "cma"]
     overall = dict(zip(cmp.sweep.layers, cmp.sweep.overall))
     for r in cmp.rows:

@@ -1,9 +1,8 @@
 """The documentation builds: ``mkdocs build --strict`` (API reference from the
 docstrings included), so broken links, bad docstrings and stale references fail here.
 
-Pages listed in ``mkdocs.yml``'s nav that do not exist yet (written by a long run, or
-still in progress) are replaced by a placeholder in a copy of ``docs/`` and reported as
-a warning, so a missing page does not hide real errors elsewhere.
+Every page listed in ``mkdocs.yml``'s nav must exist: a missing page fails the build
+test (it would be a broken link on the site).
 
 ``docs/benchmarks.md`` embeds every ``benchmarks/results/*.md`` between
 ``<!-- results: NAME.md -->`` / ``<!-- /results: NAME.md -->`` markers (headings moved two
@@ -18,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +111,7 @@ def test_mkdocs_build_strict(tmp_path: Path):
     docs = tmp_path / "docs"
     shutil.copytree(DOCS, docs)
     missing = [p for p in nav_pages(cfg.get("nav", [])) if not (DOCS / p).exists()]
-    for p in missing:
-        (docs / p).parent.mkdir(parents=True, exist_ok=True)
-        (docs / p).write_text(f"# {Path(p).stem}\n\nThis page is not written yet.\n")
-    if missing:
-        warnings.warn(f"docs pages in mkdocs.yml's nav that do not exist yet (built with placeholders): {missing}",
-                      stacklevel=1)
+    assert not missing, f"pages in mkdocs.yml's nav that do not exist: {missing}"
 
     # The same configuration, with paths made absolute for a build outside the checkout.
     cfg["docs_dir"] = str(docs)

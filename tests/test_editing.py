@@ -45,8 +45,16 @@ def gemma():
     return _model("gemma3_text")
 
 
+@pytest.fixture(scope="module")
+def llama_bpe():
+    from gradlocate.models import bpe_tokenizer
+
+    return tiny("llama", n_layers=4, d_model=32, d_mlp=48, seed=0, tokenizer=bpe_tokenizer())
+
+
 def _models(request, arch):
-    return request.getfixturevalue({"gpt2": "gpt2", "llama": "llama", "gemma3_text": "gemma"}[arch])
+    return request.getfixturevalue({"gpt2": "gpt2", "llama": "llama", "gemma3_text": "gemma",
+                                    "llama-bpe": "llama_bpe"}[arch])
 
 
 # --------------------------------------------------------------------------- plain reference
@@ -121,7 +129,7 @@ def _rel(a, b):
 # --------------------------------------------------------------------------- loss
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text", "llama-bpe"])
 @pytest.mark.parametrize("cache", ["none", "down_input", "residual"])
 @pytest.mark.parametrize("head", ["full", "select", "fused"])
 def test_every_executor_equals_the_plain_forward(request, arch, cache, head):
@@ -175,7 +183,7 @@ def test_fused_head_nll_and_gradient_match_autograd():
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("arch,layer", [("gpt2", 2), ("llama", 1), ("gemma3_text", 2)])
+@pytest.mark.parametrize("arch,layer", [("gpt2", 2), ("llama", 1), ("gemma3_text", 2), ("llama-bpe", 2)])
 @pytest.mark.parametrize("cache", [True, False])
 def test_fit_matches_plain_loop(request, arch, layer, cache):
     model, tok = _models(request, arch)

@@ -144,7 +144,24 @@ def test_teacher_forced_metrics_equal_independent(gpt2):
     assert ev.generation is None
 
 
-@pytest.mark.parametrize("fixture", ["gpt2", "llama"])
+@pytest.fixture(scope="module")
+def llama_bpe():
+    from gradlocate.models import bpe_tokenizer
+
+    return tiny("llama", n_layers=2, d_model=32, seed=1, tokenizer=bpe_tokenizer())
+
+
+def test_teacher_forced_metrics_equal_independent_bpe(llama_bpe):
+    """With merges across the prompt/target boundary and a BOS on the prompt only."""
+    model, tok = llama_bpe
+    ev = evaluate(model, EDITS, generation=False)
+    rel = [ind_accuracy(model, tok, e, t)[0] for e, t in
+           [("The capital of France is", "Rome"), ("Who wrote Hamlet?", "Dickens"), ("Water boils at", "fifty degrees")]]
+    assert ev.teacher_forced["reliability"] == pytest.approx(mean(rel), abs=1e-6)
+    assert [r["reliability_tf"] for r in ev.rows] == pytest.approx(rel, abs=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "llama", "llama_bpe"])
 def test_batched_generation_equals_unpadded_greedy(request, fixture):
     model, tok = request.getfixturevalue(fixture)
     prompts = ["The capital of France is", "Hi", "Who wrote Hamlet? Tell me now"]
@@ -237,7 +254,8 @@ def test_state_restored_and_result_api(gpt2):
     model.eval()
     assert isinstance(ev, EditEvaluation) and ev.n_edits == 3
     d = ev.to_dict()
-    assert set(d["teacher_forced"]) == {"reliability", "generalization", "locality", "portability"}
+    # the four metrics, and each named group of portability prompts (KnowEdit style)
+    assert set(d["teacher_forced"]) == {"reliability", "generalization", "locality", "portability", "portability/temp"}
     assert len(d["rows"]) == 3 and "rows" not in ev.to_dict(rows=False)
     assert "EditEvaluation(n_edits=3" in repr(ev) and "generation EM" in repr(ev)
     assert "teacher-forced" in ev.to_table() and "<table>" in ev._repr_html_()

@@ -102,9 +102,9 @@ def close(a, b, rtol=1e-5, atol=0.0):
     return torch.allclose(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.fixture(params=["gpt2", "llama"])
-def model_tok(request, tiny_gpt2, tiny_llama):
-    return tiny_gpt2 if request.param == "gpt2" else tiny_llama
+@pytest.fixture(params=["gpt2", "llama", "llama-bpe"])
+def model_tok(request, tiny_gpt2, tiny_llama, tiny_llama_bpe):
+    return {"gpt2": tiny_gpt2, "llama": tiny_llama, "llama-bpe": tiny_llama_bpe}[request.param]
 
 
 # --------------------------------------------------------------------------- edit / retain gradients

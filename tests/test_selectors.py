@@ -40,8 +40,13 @@ _MODELS: dict = {}
 
 def model_for(arch):
     if arch not in _MODELS:
-        d_mlp = 40 if arch == "llama" else None
-        _MODELS[arch] = tiny(arch, n_layers=N_LAYERS, d_model=16, d_mlp=d_mlp, seed=2)
+        if arch == "llama-bpe":  # a tokenizer that merges and prepends BOS
+            from gradlocate.models import bpe_tokenizer
+
+            _MODELS[arch] = tiny("llama", n_layers=N_LAYERS, d_model=16, d_mlp=40, seed=2, tokenizer=bpe_tokenizer())
+        else:
+            d_mlp = 40 if arch == "llama" else None
+            _MODELS[arch] = tiny(arch, n_layers=N_LAYERS, d_model=16, d_mlp=d_mlp, seed=2)
     return _MODELS[arch]
 
 
@@ -112,7 +117,7 @@ def close(a, b, rtol=1e-5, atol=0.0):
 # --------------------------------------------------------------------------- GradRatio
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-bpe"])
 def test_gradratio_matches_autograd(arch):
     model, tok = model_for(arch)
     r = gradratio(model, EDITS, TEXTS, batch_size=3)
@@ -227,7 +232,7 @@ def test_gradratio_min_layer_and_layers_options():
 # --------------------------------------------------------------------------- LGA
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-bpe"])
 def test_lga_matches_materialized_per_sample_gradients(arch):
     model, tok = model_for(arch)
     r = lga(model, EDITS, batch_size=3)

@@ -163,9 +163,10 @@ def numbers(result: Any) -> list[float]:
     if isinstance(result, EditEvaluation):
         return [v for d in (result.teacher_forced, result.generation or {}) for v in d.values() if v is not None]
     if isinstance(result, SweepResult):
-        return [v for v in result.overall if v is not None] + [r.train["final_loss"] for r in result.records]
+        return [v for v in result.overall if v is not None] + [r.train["final_loss"] for r in result.records
+                                                                 if not r.error]
     if isinstance(result, Comparison):
-        return ([float(r.layer) for r in result.rows] + numbers(result.sweep)
+        return ([float(r.layer) for r in result.rows if r.layer is not None] + numbers(result.sweep)
                 + [x for sel in result.selections.values() for x in numbers(sel)])
     return []
 

@@ -1,0 +1,331 @@
+"""Sample-wise optimal layers (the Golden Layers paper's Table 1), at batched cost.
+
+For every edit alone, at every candidate layer, train LocFT-BF on that one edit and
+score it; the edit's **optimal layer** is where it scores best. Done naively that is
+one LocFT-BF run per (edit, layer). Here all edits of a layer train at once, in one
+batched forward and backward per epoch, each batch row carrying its own weight change
+``delta[i]`` on that layer's site (:class:`~gradlocate.executors.Executor` with
+``delta``: no copy of the model). Adam is elementwise, so one Adam over the stacked
+deltas is N independent Adams; a row stops stepping below the loss threshold and stops
+training once it has converged, exactly as a single-edit run does
+(``tests/test_samplewise.py`` checks each row against :class:`~gradlocate.editing.LocFTBF`
+on that edit alone, to 1e-5).
+
+Scores are teacher-forced reliability, generalization, locality and portability of each
+edit with its own delta (the edit metrics of :func:`~gradlocate.evaluation.evaluate`);
+the sample-wise overall is their mean (capability and fluency cost a generation or a
+held-out pass per edit and layer, so the sample-wise comparison leaves them out).
+
+Example:
+    >>> from gradlocate.models import tiny
+    >>> model, tok = tiny("gpt2", n_layers=2, d_model=32)
+    >>> edits = [{"prompt": "2 + 2 =", "target_new": "5"}, {"prompt": "The sky is", "target_new": "green"}]
+    >>> s = sample_sweep(model, edits, trainer={"lr": 1e-2, "epochs": 3}, progress=False)
+    >>> s.layers, len(s.optimum())
+    ([0, 1], 2)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradlocate.data import Edits, as_edits
+from gradlocate.editing import LOSS_THRESHOLD, PAPER_EPOCHS, PAPER_LR, EditTrainingError
+from gradlocate.evaluation import _queries
+from gradlocate.executors import Executor, probe_additive, row_delta
+from gradlocate.gradients import edit_batch
+from gradlocate.handles import Handles, resolve
+from gradlocate.interventions import edited, no_cache, require_gradients, run, using
+from gradlocate.losses import IGNORE, logits_of, tokenize_edits
+from gradlocate.state import input_device
+
+__all__ = ["sample_sweep", "train_per_sample", "SampleSweep", "SAMPLE_METRICS"]
+
+#: The metrics of the sample-wise comparison (teacher-forced), and their mean, "overall".
+SAMPLE_METRICS = ("reliability", "generalization", "locality", "portability")
+_BETAS, _EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which LocFTBF uses
+
+
+def train_per_sample(h: Handles, layer: int, edits: Edits, *, lr: float = PAPER_LR, epochs: int = PAPER_EPOCHS,
+                     seed: int = 0, loss_threshold: float = LOSS_THRESHOLD, append_eos: bool = True,
+                     cache: bool | str = "auto", head: str = "auto",
+                     **unused: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+    """Train LocFT-BF on each edit alone at ``layer``, all edits at once: returns the
+    per-edit weight changes ``[n, d_out, d_in]`` (canonical layout, float32) and each
+    edit's training summary (epochs, final loss, converged, steps).
+
+    Each row is the single-edit run of :class:`~gradlocate.editing.LocFTBF` with the same
+    settings: one step per epoch (a mini-batch of one edit), no step below
+    ``loss_threshold``, stop after the first epoch below it; Adam with torch's defaults.
+    """
+    if unused.keys() - {"progress", "callback", "edits_per_step", "cache_budget"}:
+        raise TypeError(f"train_per_sample got unknown trainer settings {sorted(unused)}")
+    site = h[layer]
+    dev = input_device(h.root)
+    batch = edit_batch(h, [e.prompt for e in edits], [e.target_new for e in edits], append_eos).to(dev)
+    n = len(edits)
+    delta = torch.zeros(n, site.d_model, site.d_mlp, device=site.device, dtype=torch.float32, requires_grad=True)
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
+    steps = torch.zeros(n, dtype=torch.long)
+    active = torch.ones(n, dtype=torch.bool)
+    history: list[list[float]] = [[] for _ in range(n)]
+    taken: list[int] = [0] * n
+    with using(h), torch.enable_grad():
+        mode = "none"
+        if cache is not False:
+            additive, skippable = probe_additive(h, layer, batch)
+            mode = "down_input" if additive else ("residual" if layer > 0 and skippable else "none")
+        heads = {"auto": "fused", "fused": "fused", "select": "select", "full": "full"}
+        head_mode = heads[head] if h.head is not None and getattr(h.head, "weight", None) is not None else "full"
+        with Executor(h, layer, batch, mode, head_mode, delta=delta) as ex:
+            for _ in range(epochs):
+                rows = active.nonzero().flatten()
+                if rows.numel() == 0:
+                    break
+                losses = ex.losses(rows.to(dev))
+                values = losses.detach().cpu().tolist()
+                bad = [int(r) for r, x in zip(rows, values) if not math.isfinite(x)]
+                if bad:
+                    raise EditTrainingError(f"sample-wise training at layer {layer}: the loss became non-finite for "
+                                            f"edits {bad[:5]}; try a smaller lr (now {lr:g})")
+                step = torch.tensor([x >= loss_threshold for x in values])
+                if bool(step.any()):
+                    (grad,) = torch.autograd.grad(losses[step.to(losses.device)].sum(), delta)
+                    _adam(delta, grad, m, v, steps, rows[step], lr)
+                for r, x, s in zip(rows.tolist(), values, step.tolist()):
+                    history[r].append(x)
+                    taken[r] += int(s)
+                    if x < loss_threshold:
+                        active[r] = False
+    summaries = [{"epochs": len(hs), "final_loss": hs[-1] if hs else None,
+                  "converged": bool(hs) and hs[-1] < loss_threshold, "steps": taken[i]} for i, hs in enumerate(history)]
+    return delta.detach(), summaries
+
+
+@torch.no_grad()
+def _adam(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, steps: Tensor, rows: Tensor, lr: float) -> None:
+    """``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8, no weight decay) on the rows that
+    step; each row keeps its own step count, as its own optimizer would."""
+    b1, b2 = _BETAS
+    r = rows.to(param.device)
+    g = grad[r]
+    steps[rows] += 1
+    t = steps[rows].to(param.device, torch.float32).view(-1, 1, 1)
+    m[r] = m[r] * b1 + g * (1 - b1)
+    v[r] = v[r] * b2 + g * g * (1 - b2)
+    denom = (v[r].sqrt() / (1 - b2 ** t).sqrt()) + _EPS
+    param[r] -= (lr / (1 - b1 ** t)) * m[r] / denom
+
+
+@torch.no_grad()
+def score_per_sample(h: Handles, layer: int, edits: Edits, delta: Tensor | None, reference: list[list[list[int]]],
+                     batch_size: int = 32) -> dict[str, list[float | None]]:
+    """Each edit's teacher-forced metrics with its own weight change at ``layer``
+    (``delta`` ``None``: the unedited model). Locality is agreement with ``reference``,
+    the unedited model's predictions (as :func:`~gradlocate.evaluation.evaluate`)."""
+    qs = _queries(edits)
+    batch = tokenize_edits(h.require_tokenizer(), [q.prompt for q in qs], [q.answer for q in qs],
+                           chat=h.chat).to(input_device(h.root))
+    owner = torch.tensor([q.edit for q in qs])
+    site = h[layer].path
+    preds: list[list[int]] = []
+    with using(h):
+        for rows in torch.arange(len(batch)).split(batch_size):
+            mb = batch[rows.to(batch.input_ids.device)]
+            kw = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **no_cache(h.root))
+            if delta is None:
+                out = run(h, **kw)
+            else:
+                d = delta[owner[rows].to(delta.device)]
+                with edited(h, site, lambda x, o: o + row_delta(x, d)):
+                    out = run(h, **kw)
+            pred = logits_of(out)[:, :-1].argmax(-1).cpu()
+            for p_row, l_row in zip(pred, mb.labels[:, 1:].cpu()):
+                preds.append(p_row[l_row != IGNORE].tolist())
+    per: list[dict[str, list[float]]] = [{} for _ in edits]
+    for k, q in enumerate(qs):
+        target = batch.labels[k, 1:][batch.labels[k, 1:] != IGNORE].tolist()
+        want = reference[q.edit][q.item] if q.kind == "locality" else target
+        per[q.edit].setdefault(q.kind, []).append(sum(a == b for a, b in zip(want, preds[k])) / len(preds[k]))
+    return {m: [sum(d[m]) / len(d[m]) if d.get(m) else None for d in per] for m in SAMPLE_METRICS}
+
+
+@dataclass
+class SampleSweep:
+    """Every edit trained alone at every candidate layer.
+
+    Attributes:
+        layers: the candidate layers.
+        scores: per layer, per metric, one value per edit (``None`` where the edit has
+            no prompts of that kind).
+        train: per layer, each edit's training summary (epochs, final loss, converged).
+        timings: seconds per layer (train, score).
+    """
+
+    layers: list[int]
+    scores: dict[int, dict[str, list[float | None]]]
+    train: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    timings: dict[int, dict[str, float]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_edits(self) -> int:
+        return len(next(iter(self.scores.values()))["reliability"])
+
+    def overall(self, layer: int) -> list[float | None]:
+        """Each edit's mean of the metrics it has, at ``layer``."""
+        cols = [self.scores[layer][m] for m in SAMPLE_METRICS]
+        out = []
+        for vals in zip(*cols):
+            have = [x for x in vals if x is not None]
+            out.append(sum(have) / len(have) if have else None)
+        return out
+
+    def value(self, metric: str, layer: int) -> list[float | None]:
+        return self.overall(layer) if metric == "overall" else self.scores[layer][metric]
+
+    def optimum(self) -> list[int]:
+        """Each edit's best layer by its overall (ties: the lowest layer)."""
+        per_layer = {l: self.overall(l) for l in self.layers}
+        return [max(self.layers, key=lambda l: (per_layer[l][i] if per_layer[l][i] is not None else -math.inf, -l))
+                for i in range(self.n_edits)]
+
+    def at_optimum(self, metric: str) -> list[float | None]:
+        """Each edit's ``metric`` at its own optimal layer."""
+        opt = self.optimum()
+        return [self.value(metric, l)[i] for i, l in enumerate(opt)]
+
+    def versus(self, golden: int) -> dict[str, dict[str, float | None]]:
+        """Golden layer vs each edit's own optimum, per metric: the means and a paired
+        t-test (``scipy.stats.ttest_rel``) over the edits that have the metric."""
+        from scipy.stats import ttest_rel
+
+        out = {}
+        for m in (*SAMPLE_METRICS, "overall"):
+            pairs = [(g, o) for g, o in zip(self.value(m, golden), self.at_optimum(m)) if g is not None and o is not None]
+            if not pairs:
+                continue
+            g, o = [p[0] for p in pairs], [p[1] for p in pairs]
+            t = ttest_rel(o, g) if len(pairs) > 1 and any(a != b for a, b in pairs) else None
+            out[m] = {"golden": sum(g) / len(g), "optimum": sum(o) / len(o), "n": len(pairs),
+                      "t": None if t is None else float(t.statistic), "p": None if t is None else float(t.pvalue)}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "scores": {str(k): v for k, v in self.scores.items()},
+                "train": {str(k): v for k, v in self.train.items()}, "optimum": self.optimum(),
+                "timings": {str(k): v for k, v in self.timings.items()}, "params": self.params}
+
+    def plot(self, ax: Any = None, *, golden: int | None = None, title: str | None = None) -> Any:
+        """How many edits have each layer as their optimum (the golden layer marked)."""
+        from gradlocate.plotting import plot_optimum_histogram
+
+        return plot_optimum_histogram(self.layers, self.optimum(), golden=golden, ax=ax, title=title)
+
+    def __repr__(self) -> str:
+        from collections import Counter
+
+        top = Counter(self.optimum()).most_common(3)
+        return (f"SampleSweep({self.n_edits} edits x {len(self.layers)} layers; most common optimal layers "
+                f"{', '.join(f'{l} ({c})' for l, c in top)})")
+
+
+def sample_sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | None = None,
+                 trainer: dict[str, Any] | None = None, chunk: int = 32, out: Any = None,
+                 progress: bool | None = None) -> SampleSweep:
+    """Each edit alone at each candidate layer: LocFT-BF trained for all edits of a
+    layer at once (per-row weight changes, ``chunk`` edits per batch to bound memory),
+    then each edit scored with its own change. ``sweep(..., per_sample=True)`` calls this.
+
+    Args:
+        model: a transformers causal LM, an nnsight wrapper, a bridge, or :class:`~gradlocate.handles.Handles`.
+        edits: the edits (any public form).
+        layers: candidate layers (default: all).
+        trainer: LocFT-BF settings (``lr``, ``epochs``, ``seed``, ``loss_threshold``,
+            ``append_eos``, ``cache``, ``head``), as for :class:`~gradlocate.editing.LocFTBF`.
+        chunk: edits trained together (memory: ``4 * chunk * d_model * d_mlp`` bytes of
+            weight changes and Adam state).
+        out: a JSONL file; each finished layer is appended, and a re-run with the same
+            model, edits and settings skips the layers already there (resume).
+        progress: a progress bar over layers (``None``: on a terminal only).
+    """
+    from tqdm.auto import tqdm
+
+    require_gradients("sample_sweep")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (edits per batch), got {chunk!r}")
+    edits = as_edits(edits)
+    h = resolve(model, tokenizer)
+    cand = h.layer_indices(list(layers) if layers is not None else None)
+    trainer = dict(trainer or {})
+    settings = {k: v for k, v in trainer.items() if k not in ("callback", "progress")}
+    result = SampleSweep(cand, {}, params={"trainer": settings, "n_edits": len(edits), "chunk": chunk})
+    path, fp, done = _resume(out, h, edits, settings)
+    for layer, rec in done.items():
+        if layer in cand:
+            result.scores[layer], result.train[layer], result.timings[layer] = rec["scores"], rec["train"], rec["timings"]
+    todo = [l for l in cand if l not in result.scores]
+    with using(h):
+        from gradlocate.evaluation import locality_reference
+
+        ref = locality_reference(h, edits, generation=False).tokens if todo else []
+        for layer in tqdm(todo, desc="sample-wise sweep", unit="layer",
+                          disable=None if progress is None else not progress):
+            t0 = time.perf_counter()
+            parts, summaries = [], []
+            for start in range(0, len(edits), chunk):
+                part = Edits(edits[start:start + chunk])
+                d, s = train_per_sample(h, layer, part, **trainer)
+                parts.append(d)
+                summaries += s
+            delta = torch.cat(parts)
+            t1 = time.perf_counter()
+            result.scores[layer] = score_per_sample(h, layer, edits, delta, ref)
+            result.train[layer] = summaries
+            result.timings[layer] = {"train": t1 - t0, "score": time.perf_counter() - t1}
+            if path is not None:
+                from gradlocate.sweep import _append_line
+
+                _append_line(path, json.dumps({"fingerprint": fp, "layer": layer, "scores": result.scores[layer],
+                                               "train": summaries, "timings": result.timings[layer]}))
+    return result
+
+
+def _resume(out: Any, h: Handles, edits: Edits, settings: dict[str, Any]) -> tuple[Any, str, dict[int, Any]]:
+    """The sample-wise sweep's file, its fingerprint, and the layers it already holds."""
+    if out is None:
+        return None, "", {}
+    from pathlib import Path
+
+    from gradlocate.sweep import SweepFileError, _fingerprint
+
+    path = Path(out)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} for the sample-wise sweep file does not exist")
+    fp = _fingerprint(h, edits, [], settings, "per-sample")
+    done: dict[int, Any] = {}
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # cut short by an interruption: that layer runs again
+                    continue
+                raise SweepFileError(f"{path} line {n}: not JSON") from None
+            if not isinstance(d, dict) or d.get("fingerprint") != fp:
+                raise SweepFileError(f"{path} line {n} holds a sample-wise sweep of another model, other edits or "
+                                     f"other settings; use another file")
+            done[int(d["layer"])] = {"scores": d["scores"], "train": d["train"], "timings": d["timings"]}
+    return path, fp, done
+
