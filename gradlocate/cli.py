@@ -260,7 +260,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     h = _resolved(args)
     try:
         res = causal_trace(h, args.prompt, args.subject, kind=args.kind, samples=args.samples, window=args.window,
-                           noise=args.noise)
+                           noise=args.noise, method=args.trace_method, verify=args.verify)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     return _report(res, _trace_table(res), args)
@@ -271,7 +271,8 @@ def _trace_table(res: Any) -> str:
     s0, s1 = res.subject_range
     width = max(8, max(len(repr(res.tokens[t])) for t in res.token_indices) + 2)
     head = f"{'token':<{width}}" + "".join(f"{l:>7}" for l in res.layers)
-    lines = [f"P({res.answer_text!r}) with the {res.kind} state restored; low {res.low_score:.4f}, "
+    what = " (AtP estimate)" if res.estimated else ""
+    lines = [f"P({res.answer_text!r}) with the {res.kind} state restored{what}; low {res.low_score:.4f}, "
              f"high {res.high_score:.4f}; * = subject token", head]
     for i, t in enumerate(res.token_indices):
         name = repr(res.tokens[t]) + ("*" if s0 <= t < s1 else "")
@@ -425,6 +426,9 @@ def _parsers(sub: Any) -> None:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--noise", type=float, default=3.0, help="noise scale, in multiples of the embedding std")
+    p.add_argument("--method", dest="trace_method", default="exact", choices=["exact", "atp"],
+                   help="exact (ROME) or atp (attribution patching: an estimate from two forwards and one backward)")
+    p.add_argument("--verify", type=int, default=0, help="with --method atp: re-run the K highest cells exactly")
     p.add_argument("--plot", default=None, metavar="OUT.png")
 
     p = sub.add_parser("edit", help="edit one layer with LocFT-BF and evaluate")
