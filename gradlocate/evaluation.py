@@ -361,11 +361,13 @@ def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any,
 
 
 class _FiniteScores:
-    """Logits processor: generation stops with a clear error at a NaN or infinite logit
-    (greedy decoding would otherwise pick a token from garbage and go on)."""
+    """Logits processor: generation stops with a clear error at a NaN or +inf logit, or a
+    row with no finite logit (greedy decoding would otherwise pick a token from garbage
+    and go on). A -inf logit is a masked token (e.g. EOS under ``min_new_tokens``)."""
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if not bool(torch.isfinite(scores).all()):
+        if bool(torch.isnan(scores).any() or torch.isposinf(scores).any()
+                or not torch.isfinite(scores).any(-1).all()):
             raise NonFiniteLossError("the model's outputs are not finite (NaN/inf) during generation: check its "
                                      "weights, or its dtype for overflow; no metric can be scored")
         return scores
@@ -384,11 +386,13 @@ class _StopStrings:
 
 @torch.no_grad()
 def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, chat: bool = False,
-                    max_new_tokens: int = 32,
-                    stops: Sequence[str] = STOP_STRINGS, batch_size: int = 32) -> list[str]:
+                    max_new_tokens: int = 32, stops: Sequence[str] = STOP_STRINGS, batch_size: int = 32,
+                    fixed_length: bool = False) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded, with the KV cache of
     ``model.generate``), each cut before its first stop string; EOS ends a
-    continuation too. ``stops=()`` generates ``max_new_tokens`` tokens (or up to EOS).
+    continuation too. ``stops=()`` generates ``max_new_tokens`` tokens (or up to EOS);
+    ``fixed_length=True`` never ends at EOS (its logit is masked until
+    ``max_new_tokens`` tokens exist), as ROME / EasyEdit generate for fluency.
 
     Example:
         >>> from gradlocate.models import tiny
@@ -410,7 +414,7 @@ def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
         if budget < 1:
             raise ValueError(f"a prompt of {width} tokens leaves no room to generate in the model's context of {ctx}")
         cfg = GenerationConfig(do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=eos, use_cache=True)
+                               eos_token_id=eos, use_cache=True, min_new_tokens=budget if fixed_length else None)
         criteria = StoppingCriteriaList([_StopStrings(tokenizer, width, stops)]) if stops else None
         gen = root.generate(input_ids=ids, attention_mask=am, generation_config=cfg, stopping_criteria=criteria,
                             logits_processor=LogitsProcessorList([_FiniteScores()]))
@@ -483,7 +487,8 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
             the same edits; needed for locality. Without it locality is ``None``.
         generation: also score by greedy generation exact match.
         fluency: also report the n-gram entropy of ``fluency_tokens``-token greedy
-            generations from the edit prompts (text = prompt + generation, as ROME);
+            generations from the edit prompts (text = prompt + generation, as ROME; EOS is
+            masked so every generation has that length, as in ROME / EasyEdit);
             ``fluency_prompts`` limits it to the first that many edits (it costs generation).
         capability: also measure the language-model loss on held-out general text:
             ``True`` for the built-in texts (:func:`~gradlocate.data.heldout_texts`,
@@ -553,8 +558,10 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
             t0 = time.perf_counter()
             bar.set_postfix(stage="fluency")
             prompts = [e.prompt for e in edits][:fluency_prompts]
+            # Fixed length: an edit trained with EOS after its target ends generation
+            # there, and every edited layer would score the same text.
             cont = greedy_generate(root, tok, prompts, chat=h.chat, max_new_tokens=fluency_tokens, stops=(),
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, fixed_length=True)
             flu_texts = [p + c for p, c in zip(prompts, cont)]
             flu = [ngram_entropy(t) for t in flu_texts]
             timings["fluency"] = time.perf_counter() - t0

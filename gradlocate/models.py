@@ -193,8 +193,9 @@ def bpe_tokenizer(vocab_size: int = 600) -> Any:
     """A small byte-level BPE tokenizer with real merges and a BOS post-processor (every
     encoding with special tokens starts with ``<bos>``), trained locally with
     ``tokenizers`` on gradlocate's built-in texts: it stresses what a byte tokenizer
-    cannot - a BOS on the prompt only, a target tokenized apart from its prompt, words
-    merged across the prompt/target boundary. Needs no download.
+    cannot - a BOS on the prompt only, a target tokenized apart from its prompt (after
+    a prompt that ends in a space, tokenizing the two together would merge the space
+    into the target's first word). Needs no download.
 
     Example:
         >>> tok = bpe_tokenizer()

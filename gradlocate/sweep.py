@@ -138,8 +138,13 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+#: Bumped whenever a metric's definition changes (2: fluency generates a fixed length, EOS
+#: masked), so a resumed sweep never mixes records made under two definitions.
+METRICS_VERSION = 2
+
+
 def _fingerprint(h: Any, edits: Sequence[Any], eval_edits: Sequence[Any], trainer: dict[str, Any],
-                 generation: bool) -> str:
+                 generation: Any) -> str:
     # A cheap checksum of the editable weights tells a different checkpoint apart.
     with torch.no_grad():
         weights = [float(x.parameter.detach().double().sum()) for x in h]
@@ -147,6 +152,7 @@ def _fingerprint(h: Any, edits: Sequence[Any], eval_edits: Sequence[Any], traine
         "model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
         "site": h.site_path, "weights": [f"{w:.10e}" for w in weights], "edits": [e.to_dict() for e in edits],
         "eval": [e.to_dict() for e in eval_edits], "trainer": trainer, "generation": generation,
+        "metrics_version": METRICS_VERSION,
     })
 
 

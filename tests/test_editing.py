@@ -65,7 +65,7 @@ def plain_rows(tok, edits):
     rows = []
     for e in edits:
         p = tok(e["prompt"])["input_ids"]
-        t = tok(" " + e["target_new"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        t = tok(("" if e["prompt"][-1:].isspace() else " ") + e["target_new"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((p, t))
     return rows
 

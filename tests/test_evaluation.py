@@ -50,20 +50,24 @@ def llama():
 def ind_accuracy(model, tok, prompt, answer):
     """(accuracy, predicted ids) of one unpadded prompt + " " + answer."""
     p = tok(prompt)["input_ids"]
-    a = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    a = tok(("" if prompt[-1:].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p + a])).logits[0]
     pred = [int(logits[len(p) + k - 1].argmax()) for k in range(len(a))]
     return sum(x == y for x, y in zip(pred, a)) / len(a), pred
 
 
-def ind_greedy(model, tok, prompt, max_new, stops=(".", "\n")):
-    """Greedy decoding without padding or cache: recompute the whole sequence each step."""
+def ind_greedy(model, tok, prompt, max_new, stops=(".", "\n"), no_eos=False):
+    """Greedy decoding without padding or cache: recompute the whole sequence each step
+    (``no_eos``: EOS is never chosen)."""
     ids = tok(prompt)["input_ids"]
     new = []
     for _ in range(max_new):
         with torch.no_grad():
-            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
+        if no_eos:
+            logits[tok.eos_token_id] = -float("inf")
+        nxt = int(logits.argmax())
         if nxt == tok.eos_token_id:
             break
         new.append(nxt)
@@ -152,11 +156,19 @@ def llama_bpe():
 
 
 def test_teacher_forced_metrics_equal_independent_bpe(llama_bpe):
-    """With merges across the prompt/target boundary and a BOS on the prompt only."""
+    """With merges, a BOS on the prompt only, and a prompt ending in a space (the target is
+    tokenized apart: " fifty" must not merge). One target is the model's own greedy next
+    word, so the scores are not all zero and a misaligned target would show."""
     model, tok = llama_bpe
-    ev = evaluate(model, EDITS, generation=False)
-    rel = [ind_accuracy(model, tok, e, t)[0] for e, t in
-           [("The capital of France is", "Rome"), ("Who wrote Hamlet?", "Dickens"), ("Water boils at", "fifty degrees")]]
+    with torch.no_grad():
+        first = tok.decode([int(model(**tok("Water boils at", return_tensors="pt")).logits[0, -1].argmax())])
+    assert first.startswith(" ") and first.strip().isalpha()  # a word: " to" with this seed
+    edits = [{"prompt": "The capital of France is", "target_new": "Rome"},
+             {"prompt": "Water boils at", "target_new": f"{first.strip()} fifty degrees"},
+             {"prompt": "Water boils at ", "target_new": "fifty degrees"}]
+    ev = evaluate(model, edits, generation=False)
+    rel = [ind_accuracy(model, tok, e["prompt"], e["target_new"])[0] for e in edits]
+    assert 0 < mean(rel) < 1  # scores that can tell a wrong implementation
     assert ev.teacher_forced["reliability"] == pytest.approx(mean(rel), abs=1e-6)
     assert [r["reliability_tf"] for r in ev.rows] == pytest.approx(rel, abs=1e-6)
 
@@ -222,9 +234,49 @@ def test_locality_reference_function(llama):
 def test_fluency_option(gpt2):
     model, tok = gpt2
     ev = evaluate(model, EDITS[:2], generation=False, fluency=True, fluency_tokens=6)
-    texts = [p + ind_greedy(model, tok, p, 6, stops=()) for p in ("The capital of France is", "Who wrote Hamlet?")]
+    texts = [p + ind_greedy(model, tok, p, 6, stops=(), no_eos=True)
+             for p in ("The capital of France is", "Who wrote Hamlet?")]
     assert ev.fluency == pytest.approx(mean([ngram_entropy(t) for t in texts]))
     assert [r["fluency_text"] for r in ev.rows] == texts
+
+
+def test_fluency_generation_does_not_stop_at_eos(gpt2):
+    """An edit trained to end its target with EOS must not end the fluency text there:
+    else every edited layer scores the same text (prompt + target). With EOS always the
+    model's first choice, plain generation is empty and fluency's has its full length."""
+    model, tok = gpt2
+    def eos_first(module, args, out):
+        out = out.clone()
+        out[..., tok.eos_token_id] = out.max() + 10.0
+        return out
+    hook = model.lm_head.register_forward_hook(eos_first)
+    try:
+        assert greedy_generate(model, tok, ["The capital of France is"], max_new_tokens=6, stops=()) == [""]
+        prompt = "The capital of France is"
+        ev = evaluate(model, EDITS[:1], generation=False, fluency=True, fluency_tokens=6)
+        cont = ev.rows[0]["fluency_text"][len(prompt):]
+        assert cont == ind_greedy(model, tok, prompt, 6, stops=(), no_eos=True)
+        assert len(tok(cont)["input_ids"]) == 6
+    finally:
+        hook.remove()
+
+
+def test_generation_refuses_nan_logits(gpt2):
+    """NaN (or +inf) logits during generation are a clear error, not a token picked from
+    garbage; the model's weights are put back afterwards by the test."""
+    from gradlocate.losses import NonFiniteLossError
+
+    model, tok = gpt2
+    w = model.lm_head.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[tok.eos_token_id + 1:, 0] = float("nan")
+    try:
+        with pytest.raises(NonFiniteLossError, match="during generation"):
+            greedy_generate(model, tok, ["Hi"], max_new_tokens=2, stops=())
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
 
 
 def test_bad_input_and_mismatched_pre(gpt2):

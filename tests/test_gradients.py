@@ -32,6 +32,9 @@ EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "ground_truth": "Paris"},
     {"src": "Which river system contains Charity Creek?", "alt": "Chichester River", "answers": ["Parramatta River"]},
     {"prompt": "Q: who wrote Hamlet? A:", "target_new": "Christopher Marlowe", "ground_truth": "Shakespeare"},
+    # Ends in a space: the target is tokenized apart, with no space of its own - a BPE
+    # tokenizer would merge " fifty" if the two were tokenized together.
+    {"prompt": "Water boils at ", "target_new": "fifty degrees", "ground_truth": "100 degrees"},
 ]
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Water boils at 100 degrees.",
          "A much longer general text about rivers, mountains and the history of many small towns."]
@@ -51,7 +54,7 @@ def ref_ids(tok, prompt, target, eos=True):
     """The prompt's ids; the target's with a leading space, then EOS (the edit loss scores
     the EOS by default, as LocFT-BF trains)."""
     p = tok(prompt)["input_ids"]
-    t = tok(" " + target, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+    t = tok(("" if prompt[-1:].isspace() else " ") + target, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
     return p, t
 
 
@@ -114,7 +117,7 @@ def test_edit_gradients_match_autograd(model_tok):
     model, tok = model_tok
     g = edit_gradients(model, EDITS, keep=True, batch_size=2)
     ref, loss = ref_edit_grads(model, tok, pairs(EDITS))
-    assert g.loss_kind == "edit" and g.n_sequences == 3 and g.layers == [0, 1, 2, 3]
+    assert g.loss_kind == "edit" and g.n_sequences == len(EDITS) and g.layers == [0, 1, 2, 3]
     assert close(g.loss, loss)
     assert close(g.sq_norms, [float((r.double() ** 2).sum()) for r in ref])
     for mine, r in zip(g.grads, ref):
@@ -219,7 +222,7 @@ def test_per_sample_inner_products_match_materialized(model_tok):
     new, old = pairs(EDITS), pairs(EDITS, old=True)
     p = per_sample_inner_products(model, [x for x, _ in new], [t for _, t in new], [t for _, t in old], batch_size=2)
     ws, _ = ref_weights(model)
-    assert p.dot.shape == (3, 4)
+    assert p.dot.shape == (len(EDITS), 4)
     for i, ((prompt, t_new), (_, t_old)) in enumerate(zip(new, old)):
         g_new = torch.autograd.grad(ref_target_nll(model, tok, prompt, t_new), ws)
         g_old = torch.autograd.grad(ref_target_nll(model, tok, prompt, t_old), ws)

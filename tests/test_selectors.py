@@ -62,7 +62,7 @@ def ref_weights(model):
 def ref_target_nll(model, tok, prompt, target):
     """The edit loss: the target's tokens (after a space) and EOS, given the prompt."""
     p = tok(prompt)["input_ids"]
-    t = tok(" " + target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    t = tok(("" if prompt[-1:].isspace() else " ") + target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
     return -logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean()
 

@@ -108,6 +108,8 @@ def test_gradients_are_enabled_inside_no_grad(model_tok, name):
     with torch.no_grad():
         result = call(model)
     assert result is not None
+    if name == "sweep":  # a layer's failure would be reported in its place, not raised
+        assert [r.error for r in result.records] == [None]
     if name == "fit":  # fit keeps its edit: undo it before comparing
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -172,6 +174,17 @@ def test_a_record_without_metrics_is_refused_not_dropped(model_tok, tmp_path):
     out.write_text(json.dumps(rec) + "\n" + lines[1] + "\n")
     with pytest.raises(SweepFileError, match="line 1: layer 0 has no metrics"):
         gl.SweepResult.load(out)
+
+
+def test_damage_below_the_first_line_is_named_by_its_line(model_tok, tmp_path):
+    model, _ = model_tok
+    out = tmp_path / "sweep.jsonl"
+    _sweep(model, out)
+    first, second = out.read_text().splitlines()
+    out.write_text(first + "\n[1, 2]\n" + second + "\n")
+    with pytest.raises(SweepFileError, match="line 2: a list, expected a sweep record") as err:
+        _sweep(model, out)
+    assert str(out) in str(err.value)
 
 
 def test_a_damaged_last_line_is_dropped_and_its_layer_runs_again(model_tok, tmp_path, monkeypatch):
