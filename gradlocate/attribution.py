@@ -1,24 +1,28 @@
 """Causal tracing at gradient cost: attribution patching (AtP).
 
 ROME's causal trace restores one (token, layer) state per forward. Attribution patching
-(Nanda 2023; AtP*, Kramár et al. 2024, arXiv 2403.00745) estimates every cell at once to
-first order. With ``p_s`` the answer's probability in corrupted sample ``s`` and ``h`` a
-state (a block's output, or an MLP's or attention's output):
+(Nanda 2023; AtP*, Kramar et al. 2024, arXiv 2403.00745) estimates every cell at once to
+first order, from one clean forward, one corrupted forward of all ``samples`` rows and
+one backward. The metric linearised is the answer's **log**-probability in each
+corrupted sample ``s``, ``log p_s``: for a state ``h`` (a block's output, or an MLP's or
+attention's output) restored to its clean value,
 
-``p_s(h_s <- h_clean) ≈ p_s + (h_clean - h_s) · ∂p_s/∂h_s``
+``log p_s(h_s <- h_clean) ≈ log p_s + Δ_s,   Δ_s = (h_clean - h_s) · ∂ log p_s / ∂h_s``
 
-so from one clean forward, one corrupted forward of all ``samples`` rows and one
-backward, every cell of every kind is estimated:
-``score(t, l) ≈ low_score + mean_s Σ_{j ∈ window(l)} (h_clean - h_s)(t, j) · ∂p_s/∂h(t, j)``
-(the window sum for mlp/attn restores several layers at once, whose first-order effects
-add). Tokens before the subject are unaffected by the noise: their estimate is exactly
+and the cell's score, like the exact trace's, is the mean probability:
+``score(t, l) ≈ mean_s min(1, p_s · exp(Σ_{j ∈ window(l)} Δ_s(t, j)))`` (the window sum
+for mlp/attn restores several layers at once, whose first-order effects add). Why log:
+the corrupted probability is small, and there ``log p`` is nearly linear in the answer's
+logit while ``p`` is not: on SmolLM2 mlp traces the median Spearman against the exact
+trace rose from 0.37 (linearising ``p``, ``space="prob"``) to 0.52 on the same prompts.
+Tokens before the subject are unaffected by the noise: their estimate is exactly
 ``low_score``, as their exact score is.
 
-The estimate is linear; it is poor where restoring a state changes a lot at once - a
-whole residual stream (``kind="hidden"``), early layers, saturated probabilities - and
-good for the small writes of single MLPs. ``verify=k`` re-runs the ``k`` highest
-estimated cells exactly, so the reported peak is exact (among the cells checked).
-``docs/causal_tracing.md`` measures where it agrees with the exact trace and where not.
+The estimate is still first order; it is poor where restoring a state changes a lot at
+once - a whole residual stream (``kind="hidden"``), a window of ten MLPs, saturated
+probabilities. ``verify=k`` re-runs the ``k`` highest estimated cells exactly, so the
+reported peak is exact (among the cells checked). ``docs/causal_tracing.md`` measures
+where it agrees with the exact trace and where not.
 
 Example:
     >>> import torch
@@ -48,23 +52,29 @@ from gradlocate.tracing import KINDS, TracePrompt, last_only, last_probs, site_p
 __all__ = ["atp_estimates", "window_sum"]
 
 
-def window_sum(effects: Float[Tensor, "tokens layers"], window: int) -> Float[Tensor, "tokens layers"]:
-    """Column ``l`` of the result is the sum of ``effects`` over ``window_layers(l, window)``:
-    the first-order effect of restoring that whole window.
+def window_sum(effects: Float[Tensor, "*batch layers"], window: int) -> Float[Tensor, "*batch layers"]:
+    """Column ``l`` (last dimension) of the result is the sum of ``effects`` over
+    ``window_layers(l, window)``: the first-order effect of restoring that whole window.
 
     Example:
         >>> import torch
         >>> window_sum(torch.tensor([[1.0, 2.0, 4.0]]), 2).tolist()   # windows {0}, {0, 1}, {1, 2}
         [[1.0, 3.0, 6.0]]
     """
-    n = effects.shape[1]
-    return torch.stack([effects[:, list(window_layers(l, window, n))].sum(1) for l in range(n)], dim=1)
+    n = effects.shape[-1]
+    return torch.stack([effects[..., list(window_layers(l, window, n))].sum(-1) for l in range(n)], dim=-1)
 
 
 def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str], noise: Float[Tensor, "samples subject d"],
-                  answer: int | None, window: int) -> tuple[dict[str, Tensor], int, float, float, dict[str, float]]:
+                  answer: int | None, window: int, space: str = "log",
+                  ) -> tuple[dict[str, Tensor], int, float, float, dict[str, float]]:
     """AtP estimates of every (token, layer) cell of each kind in ``kinds``, from one
     clean forward, one corrupted forward of all samples and one backward.
+
+    ``space="log"`` linearises each sample's ``log p`` (the module docstring);
+    ``space="prob"`` linearises ``p`` itself (plain AtP on the probability:
+    ``score ≈ low_score + mean_s Σ_window (h_clean - h_s) · ∂p_s/∂h_s``), kept to measure
+    the difference.
 
     Returns ``(scores by kind [tokens, layers], answer, high_score, low_score, timings)``;
     ``scores`` are estimates of the answer's mean probability with the cell restored.
@@ -72,6 +82,8 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str], noise: Floa
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {k!r}")
+    if space not in ("log", "prob"):
+        raise ValueError(f"space must be 'log' or 'prob', got {space!r}")
     paths = {k: site_paths(h, k) for k in kinds}
     every = sorted({p for ps in paths.values() for p in ps})
     ids = torch.tensor([list(tp.ids)], device=noise.device)
@@ -96,18 +108,27 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str], noise: Floa
             last_only(h, S, T):
         out = run(h, input_ids=ids.expand(S, -1), **no_cache(h.root))
         p = last_probs(h, out, answer)  # [S]
-        grads = torch.autograd.grad(p.sum(), [cor.outputs[q] for q in every])  # rows are independent
-    low = float(p.detach().mean())
+        # A probability that underflowed to 0 would make log p -inf and its gradient NaN.
+        metric = p.double().clamp_min(1e-300).log() if space == "log" else p
+        grads = torch.autograd.grad(metric.sum(), [cor.outputs[q] for q in every])  # rows are independent
+    p = p.detach().double().cpu()
+    low = float(p.mean())
     t2 = time.perf_counter()
     effect = {}
     for q, g in zip(every, grads):
         clean = states(clean_cap.outputs[q], 1)  # [1, T, d]
         corrupted = states(cor.outputs[q].detach(), S)  # [S, T, d]
-        effect[q] = ((clean - corrupted) * states(g, S)).float().sum(-1).mean(0)  # [T]
+        effect[q] = ((clean - corrupted) * states(g, S)).double().sum(-1).cpu()  # [S, T]
     scores = {}
     for k in kinds:
-        cells = torch.stack([effect[q] for q in paths[k]], dim=1).cpu()  # [T, L]
-        scores[k] = low + (cells if k == "hidden" else window_sum(cells, window))
+        cells = torch.stack([effect[q] for q in paths[k]], dim=-1)  # [S, T, L]
+        delta = cells if k == "hidden" else window_sum(cells, window)
+        if space == "log":
+            # exp(80) > 1/p for any p the forward can produce: the clamp only avoids inf * 0.
+            est = (p[:, None, None] * delta.clamp(max=80.0).exp()).clamp(max=1.0).mean(0)
+        else:
+            est = low + delta.mean(0)
+        scores[k] = est.float()
     return scores, answer, high, low, {"clean": t1 - t0, "corrupted_and_backward": t2 - t1,
                                         "estimate": time.perf_counter() - t2}
 

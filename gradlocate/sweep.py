@@ -16,7 +16,7 @@ other two definitions. The **golden layer** is the layer with the best overall s
 
 A sweep is the expensive thing, so it is resumable: give ``out="sweep.jsonl"`` and a
 re-run skips the layers already in the file (if they were run with the same model,
-edits and trainer settings). A last line cut short by an interruption is dropped and
+edits, trainer settings and metric definitions, :data:`METRICS_VERSION`). A last line cut short by an interruption is dropped and
 its layer run again; any other damage is an error naming the file, the line and the
 problem. One layer that fails is recorded with its error and the others still run.
 
