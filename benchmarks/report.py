@@ -18,6 +18,10 @@ two at once with ``--only``)::
     python benchmarks/report.py --only gemma-counterfact
     python benchmarks/report.py --write            # docs/results.md from what has finished
 
+Quick-sized (about an hour per SmolLM2 study on one core; see :data:`QUICK`)::
+
+    nohup python benchmarks/report.py --quick --only smollm2-zsre > /tmp/quick1.log 2>&1 &
+
 GPU-sized (both models, >= 300 test edits, every layer, sample-wise included)::
 
     python benchmarks/report.py --gpu --device cuda
@@ -53,19 +57,29 @@ STUDIES = {
 }
 GPU = {k: (m, d, 320, 32, 64) for k, (m, d, *_) in STUDIES.items()} | {
     "gemma-zsre": ("gemma3-270m", "zsre", 320, 32, 64)}
+#: ``--quick``: a smaller study that fits about an hour per SmolLM2 study on one core - 24
+#: test / 12 proxy edits, every third layer (plus every layer a selector picks), 8 edits
+#: trained alone at every sixth layer. Written as ``<study>-quick``; too small to decide
+#: between selectors whose regrets are close (see the intervals), large enough to show
+#: what the full run is for.
+QUICK = {f"{k}-quick": (m, d, 24, 12, 8) for k, (m, d, *_) in STUDIES.items()}
+QUICK_STEP = {"layers": 3, "sample_layers": 6}
 #: The trainer every sweep uses: LocFT-BF's defaults with a learning rate and epoch budget
 #: at which training converges at the layers people edit (measured; see docs/results.md).
 TRAINER = {"lr": 5e-3, "epochs": 100}
 
 
-def run(name: str, spec: tuple, device: str, edits_offset: int) -> Study:
+def run(name: str, spec: tuple, device: str, edits_offset: int, step: dict[str, int] | None = None) -> Study:
     model_name, data, n_test, n_proxy, n_sample = spec
     model, tok = gl.models.load_model(model_name, device=device)
     h = gl.down_projections(model, tokenizer=tok)
+    step = step or {"layers": 1, "sample_layers": 2}
+    layers = list(range(0, h.n_layers, step["layers"]))
+    sample_layers = list(range(0, h.n_layers, step["sample_layers"]))
     edits = gl.load_edits(gl.shared_data_path(DATA[data]), n=n_test + n_proxy, offset=edits_offset)
     title = f"{type(model).__name__.replace('ForCausalLM', '')} ({model_name}), {data}"
     res = study(h, edits, name=title, n_proxy=n_proxy, n_test=n_test, n_sample=n_sample, trainer=TRAINER,
-                out_dir=OUT / name, progress=True)
+                layers=layers, sample_layers=sample_layers, out_dir=OUT / name, progress=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(res.to_dict(), default=float, indent=1))
     (RESULTS / f"{name}.md").write_text(res.to_markdown() + "\n")
@@ -80,7 +94,12 @@ def write_page(names: list[str]) -> None:
     parts = []
     for name in names:
         md = RESULTS / f"{name}.md"
-        if md.exists():
+        if not md.exists() and (RESULTS / f"{name}-quick.md").exists():
+            name, md = f"{name}-quick", RESULTS / f"{name}-quick.md"
+            parts.append(f"*{name}: the `--quick` size (not the full study; `python benchmarks/report.py --only "
+                         f"{name[:-6]}` runs that)*\n\n" + md.read_text().strip()
+                         + f"\n\n![{name}](figures/study_{name}.png)")
+        elif md.exists():
             parts.append(md.read_text().strip() + f"\n\n![{name}](figures/study_{name}.png)")
         else:
             parts.append(f"### {name}\n\nNot finished yet: `python benchmarks/report.py --only {name}` resumes it.")
@@ -115,23 +134,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None, help=f"comma list of studies: {', '.join(STUDIES)} (default: all)")
     ap.add_argument("--gpu", action="store_true", help="the GPU-sized studies (>= 300 test edits)")
+    ap.add_argument("--quick", action="store_true", help="the quick-sized studies (24 test edits, every 3rd layer)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per study process")
     ap.add_argument("--offset", type=int, default=1000, help="skip this many records (held out from the tests)")
     ap.add_argument("--write", action="store_true", help="only rewrite docs/results.md from finished studies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    specs = GPU if args.gpu else STUDIES
-    names = list(specs) if args.only is None else [n.strip() for n in args.only.split(",")]
+    specs = GPU if args.gpu else QUICK if args.quick else STUDIES
+    names = list(specs) if args.only is None else [n.strip() + ("-quick" if args.quick and not n.strip().endswith(
+        "-quick") else "") for n in args.only.split(",")]
     unknown = [n for n in names if n not in specs]
     if unknown:
         ap.error(f"unknown studies {unknown}: choose from {list(specs)}")
     if not args.write:
         for name in names:
             t0 = time.perf_counter()
-            res = run(name, specs[name], args.device, args.offset)
+            res = run(name, specs[name], args.device, args.offset, QUICK_STEP if args.quick else None)
             print(res, f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-    write_page(list(specs))
+    write_page(list(STUDIES if args.quick else specs))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ The public API, re-exported here, in the order data flows through it:
   :func:`tukey_fences`, :func:`adaptive_min_layer`
 * causal tracing: :func:`causal_trace` -> :class:`TraceResult`
 * editing and evaluation: :class:`LocFTBF` -> :class:`FitResult`, :func:`evaluate` -> :class:`EditEvaluation`
-* ground truth: :func:`sweep` -> :class:`SweepResult`, :func:`compare` -> :class:`Comparison`
+* ground truth: :func:`sweep` -> :class:`SweepResult`, :func:`compare` -> :class:`Comparison`;
+  each edit's own best layer: :func:`sample_sweep` -> :class:`SampleSweep`; the whole
+  golden-layer study: :func:`study` -> :class:`Study`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
 """
 from gradlocate import models
@@ -55,6 +57,8 @@ from gradlocate.editing import EditTrainingError, FitResult, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
 from gradlocate.sweep import LayerRecord, SweepFileError, SweepResult, overall_score, sweep
 from gradlocate.compare import Comparison, SelectorRow, compare, split_edits
+from gradlocate.samplewise import SampleSweep, sample_sweep
+from gradlocate.study import Study, StudyRow, study
 from gradlocate.state import check_materialized
 
 __version__ = "0.2.0"
@@ -74,6 +78,6 @@ __all__ = [
     "LocFTBF", "FitResult", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference",
     "locality_reference",
     "sweep", "SweepResult", "LayerRecord", "SweepFileError", "overall_score", "compare", "Comparison",
-    "SelectorRow", "split_edits",
+    "SelectorRow", "split_edits", "sample_sweep", "SampleSweep", "study", "Study", "StudyRow",
     "check_materialized",
 ]
