@@ -52,8 +52,11 @@ def new_knowledge(n: int, offset: int) -> list[dict]:
 
 
 def top(scores: gl.LayerScores, k: int = 3) -> list[int]:
+    """The k eligible layers ranked by what the selector maximises (LGA: its sign convention)."""
     layers = scores.layers or list(range(len(scores.scores)))
-    vals = [(v, l) for l, v, ok in zip(layers, scores.scores, scores.eligible) if ok and v is not None and v == v]
+    sign = scores.params.get("sign", "signed") if scores.method == "lga" else "signed"
+    key = {"signed": lambda v: v, "negative": lambda v: -v, "abs": abs}[sign]
+    vals = [(key(v), l) for l, v, ok in zip(layers, scores.scores, scores.eligible) if ok and v is not None and v == v]
     return [l for _, l in sorted(vals, reverse=True)[:k]]
 
 
@@ -89,7 +92,7 @@ def main() -> None:
         print(picks[-1], flush=True)
 
     for name, h in (("plain", plain), ("chat", chat)):
-        record("gradratio", name, lambda: gl.gradratio(h, proxy))
+        record("gradratio", name, lambda: gl.gradratio(h, proxy, gl.default_retain_texts(16)))
         for old in ("greedy", "eos"):
             for sign in ("signed", "negative", "abs"):
                 record(f"lga old={old} sign={sign}", name, lambda: gl.lga(h, proxy, old=old, sign=sign))
@@ -107,7 +110,7 @@ def main() -> None:
           f"answer removed; the selectors see the {len(proxy)} proxy edits (25%, seed 0) only.", "",
           f"The model's greedy answer (LGA's `old='greedy'`) is the EOS token for "
           f"{frac['plain']:.0%} of the proxy prompts without the chat template and {frac['chat']:.0%} with it.", "",
-          "| selector | template | layer | top 3 | CPU s |", "|---|---|---|---|---|"]
+          "| selector | template | layer | top 3 (by what it maximises, eligible layers) | CPU s |", "|---|---|---|---|---|"]
     for p in picks:
         if "error" in p:
             md.append(f"| {p['selector']} | {p['template']} | error: {p['error']} | | |")
@@ -118,7 +121,10 @@ def main() -> None:
                f"{RESULTS.name}/{COMPARE.name}): golden layer **{compare.get('golden')}**.", ""]
         md += ["| selector | layer | regret | Spearman |", "|---|---|---|---|"]
         for r in compare.get("rows", []):
-            md.append(f"| {r.get('selector')} | {r.get('layer')} | {r.get('regret')} | {r.get('spearman')} |")
+            def f(v):
+                return "n/a" if v is None else f"{v:.3f}"
+            md.append(f"| {r.get('selector')} | {r.get('layer') if r.get('error') is None else 'error: ' + r['error']} "
+                      f"| {f(r.get('regret'))} | {f(r.get('spearman'))} |")
     md += ["", "Greedy answers, proxy prompts (plain / chat):", ""]
     for p, a, c in zip(prompts, answers["plain"], answers["chat"]):
         md.append(f"- {p!r}: {a!r} / {c!r}")
