@@ -53,11 +53,7 @@ def new_knowledge(n: int, offset: int) -> list[dict]:
 
 def top(scores: gl.LayerScores, k: int = 3) -> list[int]:
     """The k eligible layers ranked by what the selector maximises (LGA: its sign convention)."""
-    layers = scores.layers or list(range(len(scores.scores)))
-    sign = scores.params.get("sign", "signed") if scores.method == "lga" else "signed"
-    key = {"signed": lambda v: v, "negative": lambda v: -v, "abs": abs}[sign]
-    vals = [(key(v), l) for l, v, ok in zip(layers, scores.scores, scores.eligible) if ok and v is not None and v == v]
-    return [l for _, l in sorted(vals, reverse=True)[:k]]
+    return scores.ranking()[:k]
 
 
 def main() -> None:
@@ -131,7 +127,7 @@ def main() -> None:
     (RESULTS / "new_knowledge.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"\nsweep: gradlocate compare --model smollm2 --edits {EDITS.relative_to(ROOT)} --method all "
-          f"--proxy 0.25 --layers 0:30:3 --no-generation --json {COMPARE.relative_to(ROOT)}")
+          f"--proxy 0.25 --layers 0:30:6 --no-generation --lr 5e-3 --epochs 100 --json {COMPARE.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
             rows.append(SelectorRow(name, None, time_s=times[name], error=errors[name]))
             continue
         sel = selections[name]
-        scores = dict(zip(sel.layers, sel.scores))
+        scores = dict(zip(sel.layers, sel.maximised))  # what it ranks by (LGA's sign convention)
         common = [l for l in sweep.layers if l in scores]
         got, best = overall[sel.selected], overall[golden]
         rows.append(SelectorRow(

@@ -143,7 +143,7 @@ def plot_comparison(cmp: Any, *, title: str | None = None) -> Any:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     colors = {"gradratio": "#d62728", "lga": "#9467bd", "cma": "#8c564b"}
     for name, sel in cmp.selections.items():
-        s = [float(v) for v in sel.scores]
+        s = [float(v) for v in sel.maximised]
         lo, hi = min(s), max(s)
         norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in s]
         c = colors.get(name, None)
@@ -228,7 +228,7 @@ def plot_study(study: Any) -> Any:
             ys[r.layer] = ys.get(r.layer, 1.02) - 0.06
             axes[0].annotate(r.selector, (r.layer, ys[r.layer]), fontsize=7, rotation=0, ha="center", color="#555")
     for name, sel in study.selections.items():
-        vals = [float(v) for v in sel.scores]
+        vals = [float(v) for v in sel.maximised]
         lo, hi = min(vals), max(vals)
         axes[1].plot(sel.layers, [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals], marker="o", ms=2,
                      label=f"{name} ({sel.selected})", lw=1)

@@ -53,9 +53,27 @@ class LayerScores:
     def n_layers(self) -> int:
         return len(self.scores)
 
+    @property
+    def maximised(self) -> list[float]:
+        """Per layer, the value the selection maximises: ``scores``, except for LGA with
+        ``sign="negative"`` (``-S``) or ``"abs"`` (``|S|``), whose ``scores`` stay the
+        signed ``S``. Rankings and rank correlations with a sweep use this.
+
+        Example:
+            >>> r = LayerScores("lga", [1.0, -3.0, 2.0], [True] * 3, 1, params={"sign": "negative"})
+            >>> r.maximised, r.ranking()
+            ([-1.0, 3.0, -2.0], [1, 0, 2])
+        """
+        sign = self.params.get("sign", "signed") if self.method == "lga" else "signed"
+        if sign == "negative":
+            return [-s for s in self.scores]
+        if sign == "abs":
+            return [abs(s) for s in self.scores]
+        return list(self.scores)
+
     def ranking(self) -> list[int]:
-        """Eligible layers from best to worst score."""
-        pairs = [(s, l) for s, l, e in zip(self.scores, self.layers, self.eligible) if e]
+        """Eligible layers from best to worst (by :attr:`maximised`)."""
+        pairs = [(s, l) for s, l, e in zip(self.maximised, self.layers, self.eligible) if e]
         return [l for s, l in sorted(pairs, key=lambda p: -p[0])]
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +100,8 @@ class LayerScores:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        best = sorted(range(self.n_layers), key=lambda i: -self.scores[i] if self.eligible[i] else math.inf)[:3]
+        key = self.maximised
+        best = sorted(range(self.n_layers), key=lambda i: -key[i] if self.eligible[i] else math.inf)[:3]
         top = ", ".join(f"{self.layers[i]}: {_fmt(self.scores[i])}" for i in best)
         t = sum(self.timings.values())
         return (

@@ -232,7 +232,7 @@ def _judge(sw: SweepResult, selections: dict[str, LayerScores], bootstrap: int, 
         golden = max(have, key=lambda l: (have[l], -l)) if have else None
         res = {}
         for name, s in selections.items():
-            scores = dict(zip(s.layers, s.scores))
+            scores = dict(zip(s.layers, s.maximised))
             common = [l for l in sw.layers if l in scores]
             got = overall.get(s.selected)
             res[name] = {"regret": None if golden is None or got is None else have[golden] - got,

@@ -261,6 +261,9 @@ def test_lga_sign_and_fence_options(sign, fence):
     key = {"signed": lambda v: v, "negative": lambda v: -v, "abs": abs}[sign]
     assert r.selected == max((l for l in range(N_LAYERS) if inside[l]), key=lambda l: key(s[l]))
     assert r.params["fence"] == fence and r.params["sign"] == sign
+    # rankings (and the rank correlations compare/study report) follow the same key
+    assert r.maximised == [key(v) for v in s]
+    assert r.ranking() == sorted((l for l in range(N_LAYERS) if inside[l]), key=lambda l: -key(s[l]))
 
 
 def test_lga_generated_old_answer_equals_given_one():

@@ -38,7 +38,10 @@ def test_judgements_equal_a_recomputation_from_the_sweep(result):
         sel = s.selections[r.selector]
         assert r.layer == sel.selected
         assert r.regret == pytest.approx(overall[golden] - overall[r.layer])
-        scores = [dict(zip(sel.layers, sel.scores))[l] for l in s.sweep.layers]
+        # judged by what the selector maximises: LGA's sign convention flips or folds S
+        sign = sel.params.get("sign", "signed") if sel.method == "lga" else "signed"
+        key = {"signed": lambda v: v, "negative": lambda v: -v, "abs": abs}[sign]
+        scores = [key(dict(zip(sel.layers, sel.scores))[l]) for l in s.sweep.layers]
         ov = [overall[l] for l in s.sweep.layers]
         if len(set(scores)) > 1 and len(set(ov)) > 1:
             assert r.spearman == pytest.approx(spearmanr(scores, ov).statistic)
