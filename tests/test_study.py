@@ -80,6 +80,8 @@ def test_resume_runs_nothing_again(result, monkeypatch):
                   progress=False)
     assert calls == []
     assert again.golden == s.golden and [r.layer for r in again.rows] == [r.layer for r in s.rows]
+    # the parts' times are what the work took, read back from the files, not the re-read's
+    assert again.timings == pytest.approx(s.timings) and all(v > 0 for v in s.timings.values())
 
 
 def test_a_selector_that_cannot_run_is_a_row_and_the_rest_runs():
