@@ -8,7 +8,7 @@ plain-PyTorch implementation of exactly the same interventions (written below, u
 nowhere else), in the three places where gradlocate spends its time:
 
 (a) *LocFT-BF training step* at layer 22 with the activation cache: gradlocate's
-    :class:`~gradlocate.executors.Executor` (``cache="down_input"``: blocks 0..22 skipped
+    :class:`~gradlocate.editors.executors.Executor` (``cache="down_input"``: blocks 0..22 skipped
     through ``from_layer``, block 22's output rebuilt as ``c + down_proj(x)``; the LM head
     only at the scored positions through ``head_at``), forward + backward into the
     down-projection weight, for 1 edit per step (an epoch of the 8 edits, one at a time)
@@ -130,7 +130,7 @@ def locft_case(h, batch, rows_list, head_mode):
     """Both paths of a LocFT-BF training step (forward + backward into the site weight)
     over the mini-batches ``rows_list``; returns (ours, plain, teardown) callables that
     each run all the mini-batches once and return their losses and the last gradient."""
-    from gradlocate.executors import Executor
+    from gradlocate.editors.executors import Executor
     from gradlocate.interventions import using
     from gradlocate.losses import edit_nll, head_nll, row_means, scored_positions
 

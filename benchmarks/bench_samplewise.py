@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradlocate as gl  # noqa: E402
-from gradlocate.samplewise import train_per_sample  # noqa: E402
+from gradlocate.editors.locft_rows import train_per_sample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -53,7 +53,7 @@ from gradlocate.gradients import (
 )
 from gradlocate.selectors import TukeyFences, adaptive_min_layer, cma_layer, gradratio, greedy_answers, lga, tukey_fences
 from gradlocate.tracing import TraceResult, causal_trace, embedding_std, subject_token_range
-from gradlocate.editing import EditTrainingError, FitResult, LocFTBF
+from gradlocate.editors.locft import EditTrainingError, FitResult, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
 from gradlocate.sweep import LayerRecord, SweepFileError, SweepResult, overall_score, sweep
 from gradlocate.compare import Comparison, SelectorRow, compare, split_edits

@@ -294,7 +294,7 @@ def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from gradlocate.editing import LocFTBF
+    from gradlocate.editors.locft import LocFTBF
     from gradlocate.evaluation import evaluate
 
     if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()):

@@ -2,7 +2,7 @@
 
 A selector is only as good as the layer it picks; the sweep is the ground truth. For
 each candidate layer ``l`` it fine-tunes layer ``l``'s site with
-:class:`~gradlocate.editing.LocFTBF`, scores the edited model with
+:class:`~gradlocate.editors.locft.LocFTBF`, scores the edited model with
 :func:`~gradlocate.evaluation.evaluate`, restores the weight bit for bit, and records
 one :class:`LayerRecord`, including what the edit cost the model beyond its locality
 prompts (``capability``: the held-out text's perplexity before over after, capped at 1;
@@ -91,7 +91,7 @@ class LayerRecord:
         layer: the edited layer.
         teacher_forced, generation: metric -> score under each scoring (``generation``
             is ``None`` when generation scoring was off).
-        train: the trainer's :meth:`~gradlocate.editing.FitResult.to_dict` summary
+        train: the trainer's :meth:`~gradlocate.editors.locft.FitResult.to_dict` summary
             (epochs, final loss, converged, steps ...).
         timings: seconds (train, evaluate, total).
         n_edits, n_eval: edits trained and evaluated.
@@ -381,7 +381,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         edits: the edits to make (any public form, see :func:`~gradlocate.data.as_edits`).
         tokenizer: defaults to the one the model carries.
         layers: candidate layers (default: all).
-        trainer: keyword arguments for :class:`~gradlocate.editing.LocFTBF`.
+        trainer: keyword arguments for :class:`~gradlocate.editors.locft.LocFTBF`.
         eval_edits: the edits to evaluate on (default: ``edits``).
         out: a JSONL file; each finished layer is appended as it comes, and layers
             already there are skipped (resume).
@@ -413,7 +413,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     """
     from tqdm.auto import tqdm
 
-    from gradlocate.editing import LocFTBF
+    from gradlocate.editors.locft import LocFTBF
     from gradlocate.evaluation import evaluate
 
     require_gradients("sweep (it trains LocFT-BF at every layer)")

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from gradlocate import EditTrainingError, LocFTBF, down_projections, evaluate
-from gradlocate.executors import Executor, probe_additive
+from gradlocate.editors.executors import Executor, probe_additive
 from gradlocate.gradients import edit_batch
 from gradlocate.interventions import using
-from gradlocate.editing import auto_edits_per_step
+from gradlocate.editors.locft import auto_edits_per_step
 from gradlocate.losses import head_nll
 from gradlocate.models import tiny
 

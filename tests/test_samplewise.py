@@ -8,7 +8,8 @@ import torch
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.samplewise import SampleSweep, sample_sweep, train_per_sample
+from gradlocate.editors.locft_rows import train_per_sample
+from gradlocate.samplewise import SampleSweep, sample_sweep
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",

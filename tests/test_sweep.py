@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gradlocate.editing import LocFTBF
+from gradlocate.editors.locft import LocFTBF
 from gradlocate.evaluation import evaluate
 from gradlocate.models import tiny
 from gradlocate.sweep import SweepResult, overall_score, sweep

@@ -12,7 +12,7 @@ ICT-STAR/LocFT) edits a model by plain fine-tuning of one weight matrix with Ada
 
 :class:`LocFTBF` is that loop (:meth:`LocFTBF.fit`), editing the weight you hold
 through its handle, with an undo that puts it back bit for bit. How a mini-batch's
-losses are computed is the :class:`~gradlocate.executors.Executor`'s business: the
+losses are computed is the :class:`~gradlocate.editors.executors.Executor`'s business: the
 activation cache and the selective head make it faster, never different.
 
 Example:
@@ -43,7 +43,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import as_edits
-from gradlocate.executors import Executor, probe_additive
+from gradlocate.editors.executors import Executor, probe_additive
 from gradlocate.gradients import edit_batch
 from gradlocate.handles import Handle, resolve
 from gradlocate.interventions import require_gradients, using

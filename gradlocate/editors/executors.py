@@ -1,6 +1,6 @@
 """How the LocFT-BF trainer computes a mini-batch's losses: one executor, three options.
 
-The trainer's loop (:class:`~gradlocate.editing.LocFTBF`) asks an :class:`Executor` for
+The trainer's loop (:class:`~gradlocate.editors.locft.LocFTBF`) asks an :class:`Executor` for
 the edit loss of each edit in a mini-batch. The plain executor runs the whole model
 and reads the loss off its full logits - the reference. Two optional speed-ups plug in,
 each proven equal to the plain executor by ``tests/test_editing.py``:
