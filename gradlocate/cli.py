@@ -1,8 +1,9 @@
 """The ``gradlocate`` command line.
 
 Human-readable tables go to stdout, progress bars to stderr, ``--json`` writes the
-machine-readable result. Bad arguments, missing files and unknown models end with a
-one-line error and exit code 2; a failure inside a computation exits with 1.
+machine-readable result. Bad arguments, missing files, unknown models and any argument the library refuses end
+with a one-line error and exit code 2, as argparse's own do; a failure inside a
+computation prints one line and exits with 1 (``GRADLOCATE_DEBUG=1`` shows its traceback).
 
 Examples::
 
@@ -82,7 +83,13 @@ def _retain_texts(spec: str | None, edits_spec: str, n: int) -> list[str]:
             raise CLIError(f"bad retain file {spec!r}: {e}") from None
     from gradlocate.data import default_retain_texts
 
-    return default_retain_texts(n)
+    if n < 1:
+        raise CLIError(f"--n-retain must be >= 1 (retain texts for GradRatio), got {n}")
+    try:
+        return default_retain_texts(n)
+    except ValueError:
+        raise CLIError(f"--n-retain {n}: gradlocate ships {len(default_retain_texts(None))} retain texts; "
+                       f"give more with --retain FILE") from None
 
 
 def _parse_layers(spec: str | None) -> list[int] | None:
@@ -513,11 +520,25 @@ def main(argv: list[str] | None = None) -> int:
             raise CLIError(f"--offset must be >= 0 (records to skip), got {args.offset}")
         return COMMANDS[args.command](args)
     except CLIError as e:
-        print(f"gradlocate {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, f"error: {e}", 2)
+    except (ValueError, TypeError) as e:  # the library refused an argument: a usage error, as argparse's are
+        return _fail(args.command, f"error: {_first_line(e)}", 2)
     except KeyboardInterrupt:
-        print(f"gradlocate {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args.command, "interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - one line; GRADLOCATE_DEBUG=1 shows the traceback
+        if os.environ.get("GRADLOCATE_DEBUG"):
+            raise
+        return _fail(args.command, f"failed: {type(e).__name__}: {_first_line(e)} (GRADLOCATE_DEBUG=1 for the "
+                                   f"traceback)", 1)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"gradlocate {command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,12 +88,19 @@ def test_compare(tmp_path):
     (("sweep", "--model", "tiny-gpt2", "--edits", FIXTURE, "--layers", "a:b"), "--layers"),
     (("trace", "--model", "tiny-gpt2", "--prompt", "Hello there", "--subject", "Paris"), "does not occur"),
     (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "--plot", "/nonexistent/dir/x.png"), "does not exist"),
+    (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "--method", "gradratio", "--n-retain", "0"),
+     "--n-retain must be >= 1"),
+    (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "--method", "gradratio", "--n-retain", "1000"),
+     "--retain FILE"),
+    # an argument the library (not the CLI) refuses is a usage error too: one line, exit 2
+    (("trace", "--model", "tiny-gpt2", "--prompt", "Hello there", "--subject", "Hello", "--samples", "0"), "samples"),
 ])
 def test_errors_are_one_line_exit_2(args, msg):
     p = run(*args, ok=False)
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(f"gradlocate {args[0]}: error:") and msg in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
 def test_usage_error_exit_2():
