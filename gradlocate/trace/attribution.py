@@ -127,6 +127,7 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str],
 
 
 def _check(kinds: Sequence[str], space: str) -> None:
+    """An error naming what is allowed for an unknown kind or space."""
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {k!r}")
