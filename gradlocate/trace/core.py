@@ -12,7 +12,7 @@ the same prompt, noise, clean run and corrupted run:
   :func:`subject_token_range`, :func:`answer_id`;
 * the noise: :func:`embedding_std`, :func:`make_noise`;
 * the runs: :func:`setup` (the clean and corrupted runs, as a :class:`Setup`),
-  :func:`cells_of` (the grid's :class:`Cell` s that need a forward), :func:`last_only`
+  :func:`cells_of` (the grid's cells that need a forward, each a :class:`Cell`), :func:`last_only`
   and :func:`last_probs` (the answer's probability at the last position).
 
 This module imports nothing from the rest of :mod:`gradlocate.trace`: the executors
@@ -31,10 +31,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from gradlocate import _compat
-from gradlocate.handles import HandleError, Handles, resolve
+from gradlocate.handles import HandleError, Handles, down_projections, resolve
 from gradlocate.interventions import Patch, capture, head_at, no_cache, noised, run, states
 from gradlocate.losses import context_length, render_prompt, target_text
 from gradlocate.state import input_device
@@ -265,7 +264,7 @@ def embedding_std(model: Any, subjects: Sequence[str] | None = None, *, tokenize
         (0.02, 0.019)
     """
     h = resolve(model, tokenizer) if subjects is not None else (
-        model if isinstance(model, Handles) else resolve(model, tokenizer) if tokenizer else _embed_only(model))
+        model if isinstance(model, Handles) else resolve(model, tokenizer) if tokenizer else down_projections(model))
     emb = h.embed
     dev = input_device(h.root)
     with torch.no_grad():
@@ -286,12 +285,6 @@ def embedding_std(model: Any, subjects: Sequence[str] | None = None, *, tokenize
         if len(ids) < 2:
             raise ValueError("embedding_std needs subjects with at least two tokens in all")
         return float(emb(torch.tensor(ids, device=dev)).double().std().item())
-
-
-def _embed_only(model: Any) -> Handles:
-    from gradlocate.handles import down_projections
-
-    return down_projections(model)
 
 
 def make_noise(noise: float | Float[Tensor, "samples subject d_model"], samples: int | None, n_subj: int,
@@ -388,7 +381,7 @@ def last_only(h: Handles, rows: int, width: int) -> AbstractContextManager[Any]:
     """The head at each row's last position only: one ``[1, rows, d_model]`` matmul (a
     no-op for a model without an output-embedding head)."""
     if h.head is None:
-        return contextlib.nullcontext()
+        return nullcontext()
     return head_at(h, torch.arange(rows), torch.full((rows,), width - 1))
 
 
