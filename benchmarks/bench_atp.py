@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradlocate as gl  # noqa: E402
-from gradlocate.attribution import atp_estimates  # noqa: E402
+from gradlocate.trace.attribution import atp_estimates  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "atp.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,7 +50,7 @@ def cpu() -> float:
 
 
 def one(h, e, kind, std, seed):
-    tp = gl.tracing.TracePrompt.of(h, e.prompt, e.subject)
+    tp = gl.trace.core.TracePrompt.of(h, e.prompt, e.subject)
     n = tp.subject_range[1] - tp.subject_range[0]
     noise = 3 * std * torch.randn(10, n, h.d_model, generator=torch.Generator().manual_seed(seed))
     kw = dict(kind=kind, noise=noise, window=10, progress=False)

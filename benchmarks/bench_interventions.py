@@ -20,7 +20,7 @@ nowhere else), in the three places where gradlocate spends its time:
 (b) *Causal-tracing forward*: 10 corrupted rows, noise on the subject's embeddings
     (``noised``), clean MLP outputs restored at the last subject token at 3 layers
     (``restored``, layers 14-16) and the head at the last position (``head_at``), under
-    ``torch.no_grad``, as :func:`gradlocate.tracing.reference_scores` runs a cell. Plain
+    ``torch.no_grad``, as :func:`gradlocate.trace.reference.reference_scores` runs a cell. Plain
     path: ROME's ``trace_with_patch`` with forward hooks, the head's input gathered by a
     pre-hook.
 (c) *LGA capture*: the inputs of the 30 down-projections and the gradients of the loss
@@ -205,7 +205,7 @@ def locft_case(h, batch, rows_list, head_mode):
 def trace_case(h, tok):
     from gradlocate import load_edits
     from gradlocate.interventions import Patch, head_at, no_cache, noised, restored, run, using
-    from gradlocate.tracing import embedding_std, subject_token_range
+    from gradlocate.trace.core import embedding_std, subject_token_range
 
     model = h.root
     e = load_edits("counterfact", n=TRACE_RECORD + 1)[TRACE_RECORD]

@@ -112,7 +112,7 @@ def rome_hidden_flow(model, tok, prompt, s_range, noise, kind, layers, window=WI
 def setup(n_prompts: int):
     from gradlocate import load_edits
     from gradlocate.models import smollm2
-    from gradlocate.tracing import embedding_std, subject_token_range
+    from gradlocate.trace.core import embedding_std, subject_token_range
 
     model, tok = smollm2(verbose=False)
     pool = load_edits("counterfact", n=100)
@@ -130,7 +130,7 @@ def setup(n_prompts: int):
 
 
 def run_variant(name, model, tok, p, kind, layers):
-    from gradlocate.tracing import causal_trace
+    from gradlocate.trace import causal_trace
 
     if name == "rome":
         return rome_hidden_flow(model, tok, p["prompt"], p["s_range"], p["noise"], kind, layers)

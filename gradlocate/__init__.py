@@ -52,7 +52,9 @@ from gradlocate.gradients import (
     retain_gradients,
 )
 from gradlocate.selectors import TukeyFences, adaptive_min_layer, cma_layer, gradratio, greedy_answers, lga, tukey_fences
-from gradlocate.tracing import TraceResult, causal_trace, embedding_std, subject_token_range
+from gradlocate.trace import causal_trace
+from gradlocate.trace.core import embedding_std, subject_token_range
+from gradlocate.trace.result import TraceResult
 from gradlocate.editors.locft import EditTrainingError, FitResult, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
 from gradlocate.sweep import LayerRecord, SweepFileError, SweepResult, overall_score, sweep

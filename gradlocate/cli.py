@@ -261,7 +261,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from gradlocate.tracing import causal_trace
+    from gradlocate.trace import causal_trace
 
     _check_out_path(args.plot, "--plot")
     h = _resolved(args)

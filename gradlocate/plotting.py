@@ -162,7 +162,7 @@ _TRACE_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 
 
 def plot_trace_heatmap(result: Any, ax: Any = None, *, title: str | None = None) -> Any:
-    """ROME's causal-trace heatmap of a :class:`~gradlocate.tracing.TraceResult`:
+    """ROME's causal-trace heatmap of a :class:`~gradlocate.trace.result.TraceResult`:
     tokens down (subject tokens marked ``*``), layers across, colour = the answer's
     probability with that state restored, from ``low_score`` up."""
     ax = _axes(ax, figsize=(0.35 * len(result.layers) + 2.5, 0.25 * len(result.token_indices) + 1.2))

@@ -8,7 +8,7 @@
   fences (:func:`tukey_fences`) are excluded, the golden layer is the argmax of the
   signed score among the rest.
 * :func:`cma_layer` (causal mediation analysis, ROME): the layer whose MLPs at the last
-  subject token carry the most of the fact, from :func:`~gradlocate.tracing.causal_trace`.
+  subject token carry the most of the fact, from :func:`~gradlocate.trace.causal_trace`.
 
 The exact definitions and the choices made are in ``docs/methods.md``.
 
@@ -436,7 +436,7 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     effect ``score - low_score`` over ``edits``.
 
     Only the last subject token's row of each edit's ``kind="mlp"`` causal trace is
-    computed (:func:`~gradlocate.tracing.causal_trace`).
+    computed (:func:`~gradlocate.trace.causal_trace`).
 
     Args:
         model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
@@ -444,12 +444,12 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
         edits: edits in any public form; each needs a ``subject`` that occurs in its ``prompt``.
         noise: a multiple of ``std``, or one explicit tensor
             ``[samples, n_subject_tokens, d_model]`` per edit.
-        std: the embedding std; default ROME's: :func:`~gradlocate.tracing.embedding_std`
+        std: the embedding std; default ROME's: :func:`~gradlocate.trace.core.embedding_std`
             over the edits' subjects.
         seed: seed of the noise (the same seed for every edit, as ROME).
         answer: whose probability is traced: ``"predicted"`` (the clean argmax, as
             ROME), ``"old"`` (the edit's ground truth) or ``"new"`` (its target).
-        samples: corrupted rows per cell, as in :func:`~gradlocate.tracing.causal_trace`.
+        samples: corrupted rows per cell, as in :func:`~gradlocate.trace.causal_trace`.
         window: layers restored per cell, as there.
         layers: the layers traced, as there.
         batch_size: rows per forward, as there.
@@ -475,7 +475,8 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     """
     from tqdm.auto import tqdm
 
-    from gradlocate.tracing import TracePrompt, embedding_std, trace_prompt
+    from gradlocate.trace import trace_prompt
+    from gradlocate.trace.core import TracePrompt, embedding_std
 
     t_start = time.perf_counter()
     edits = as_edits(edits)

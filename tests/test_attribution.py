@@ -10,7 +10,7 @@ import torch
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.tracing import subject_token_range
+from gradlocate.trace.core import subject_token_range
 
 PROMPT, SUBJECT, S = "So Paris is in", "Paris", 3
 
@@ -98,15 +98,15 @@ def test_mlp_window_estimate_is_the_first_order_change_of_the_window(model_tok):
     r = gl.causal_trace(model, PROMPT, SUBJECT, kind="mlp", window=3, noise=noise, method="atp", progress=False)
     clean = _clean_outputs(model, tok, "mlp")
     for t, l in [(s_range[1] - 1, 0), (s_range[1] - 1, 2), (len(r.tokens) - 1, 3)]:
-        layers = set(gl.tracing.window_layers(l, 3, 4))
+        layers = set(gl.trace.core.window_layers(l, 3, 4))
         want = _first_order(model, tok, noise, s_range, r.answer, clean, t, layers, site="mlp")
         assert float(r.scores[t, l]) == pytest.approx(want, rel=2e-2, abs=1e-6), (t, l, layers)
 
 
 def test_prob_space_is_plain_atp(model_tok):
     """space="prob": low_score plus the mean first-order change of p itself."""
-    from gradlocate.attribution import atp_estimates
-    from gradlocate.tracing import TracePrompt
+    from gradlocate.trace.attribution import atp_estimates
+    from gradlocate.trace.core import TracePrompt
 
     model, tok = model_tok
     noise, s_range = _noise(tok)
@@ -135,12 +135,12 @@ def test_tokens_before_the_subject_estimate_low(model_tok):
 
 
 def test_window_sum():
-    from gradlocate.attribution import window_sum
+    from gradlocate.trace.attribution import window_sum
 
     x = torch.arange(24.0).view(2, 3, 4)  # [samples, tokens, layers]
     got = window_sum(x, 3)
     for l in range(4):
-        js = list(gl.tracing.window_layers(l, 3, 4))
+        js = list(gl.trace.core.window_layers(l, 3, 4))
         torch.testing.assert_close(got[..., l], x[..., js].sum(-1))
 
 

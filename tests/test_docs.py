@@ -133,7 +133,7 @@ def test_mkdocs_build_strict(tmp_path: Path):
     site = tmp_path / "site"
     api = (site / "api" / "index.html").read_text()
     # The API reference was generated from the docstrings, and doctests render as code.
-    for obj in ("handles.down_projections", "selectors.gradratio", "selectors.lga", "tracing.causal_trace",
+    for obj in ("handles.down_projections", "selectors.gradratio", "selectors.lga", "trace.causal_trace",
                 "editors.locft.LocFTBF", "evaluation.evaluate"):
         assert f'id="gradlocate.{obj}"' in api, f"gradlocate.{obj} is missing from the API reference"
     assert 'class="gp">&gt;&gt;&gt;' in api, "doctest examples did not render as code"

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
 
 import gradlocate
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(gradlocate.__path__, "gradlocate.") if m.name != "gradlocate.__main__")
+# Subpackages too (gradlocate.trace and its modules): walk_packages imports each package to list its modules.
+MODULES = sorted(m.name for m in pkgutil.walk_packages(gradlocate.__path__, "gradlocate.")
+                 if m.name != "gradlocate.__main__")
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -19,4 +22,4 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed (run " \
-                               f"`python -m pytest --doctest-modules gradlocate/{name.split('.')[-1]}.py` to see them)"
+                               f"`python -m pytest --doctest-modules {importlib.util.find_spec(name).origin}` to see them)"

@@ -15,7 +15,9 @@ from torch import nn
 from gradlocate import HandleError, down_projections
 from gradlocate.models import byte_tokenizer, tiny
 from gradlocate.selectors import cma_layer
-from gradlocate.tracing import TraceResult, causal_trace, embedding_std, subject_token_range, window_layers
+from gradlocate.trace import causal_trace
+from gradlocate.trace.core import embedding_std, subject_token_range, window_layers
+from gradlocate.trace.result import TraceResult
 
 # Each family's module names, written by hand (the oracle does not use the library's discovery).
 PATHS = {

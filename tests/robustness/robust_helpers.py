@@ -17,7 +17,7 @@ from gradlocate.compare import compare
 from gradlocate.handles import unwrap_model
 from gradlocate.sweep import sweep
 from gradlocate.selectors import cma_layer
-from gradlocate.tracing import causal_trace
+from gradlocate.trace import causal_trace
 
 # Every per-module hook dictionary torch keeps.
 HOOK_DICTS = (
@@ -150,7 +150,7 @@ def numbers(result: Any) -> list[float]:
     from gradlocate.gradients import LayerGradients
     from gradlocate.results import LayerScores
     from gradlocate.sweep import SweepResult
-    from gradlocate.tracing import TraceResult
+    from gradlocate.trace.result import TraceResult
 
     if isinstance(result, LayerGradients):
         return [*result.sq_norms, result.loss]

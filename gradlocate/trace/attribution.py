@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
 
 import torch
 from jaxtyping import Float
@@ -48,9 +48,10 @@ from torch import Tensor
 
 from gradlocate.handles import Handles
 from gradlocate.interventions import capture, no_cache, path_of, replaced, run, states
-from gradlocate.tracing import KINDS, TracePrompt, last_only, last_probs, site_paths, window_layers
+from gradlocate.trace.core import KINDS, TracePrompt, cells_of, last_only, last_probs, site_paths, window_layers
+from gradlocate.trace.fast import FastTrace
 
-__all__ = ["atp_estimates", "window_sum"]
+__all__ = ["atp_estimates", "verify_cells", "window_sum"]
 
 
 def window_sum(effects: Float[Tensor, "*batch layers"], window: int) -> Float[Tensor, "*batch layers"]:
@@ -66,9 +67,9 @@ def window_sum(effects: Float[Tensor, "*batch layers"], window: int) -> Float[Te
     return torch.stack([effects[..., list(window_layers(l, window, n))].sum(-1) for l in range(n)], dim=-1)
 
 
-def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str], noise: Float[Tensor, "samples subject d"],
-                  answer: int | None, window: int, space: str = "log",
-                  ) -> tuple[dict[str, Tensor], int, float, float, dict[str, float]]:
+def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str],
+                  noise: Float[Tensor, "samples subject d_model"], answer: int | None, window: int, space: str = "log",
+                  ) -> tuple[dict[str, Float[Tensor, "pos layers"]], int, float, float, dict[str, float]]:
     """AtP estimates of every (token, layer) cell of each kind in ``kinds``, from one
     clean forward, one corrupted forward of all samples and one backward.
 
@@ -77,14 +78,11 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str], noise: Floa
     ``score ≈ low_score + mean_s Σ_window (h_clean - h_s) · ∂p_s/∂h_s``), kept to measure
     the difference.
 
-    Returns ``(scores by kind [tokens, layers], answer, high_score, low_score, timings)``;
-    ``scores`` are estimates of the answer's mean probability with the cell restored.
+    Returns ``(scores by kind [pos, layers], answer, high_score, low_score, timings)``,
+    the scores at every prompt position and layer: estimates of the answer's mean
+    probability with the cell restored.
     """
-    for k in kinds:
-        if k not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {k!r}")
-    if space not in ("log", "prob"):
-        raise ValueError(f"space must be 'log' or 'prob', got {space!r}")
+    _check(kinds, space)
     paths = {k: site_paths(h, k) for k in kinds}
     every = sorted({p for ps in paths.values() for p in ps})
     ids = torch.tensor([list(tp.ids)], device=noise.device)
@@ -123,26 +121,37 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str], noise: Floa
     scores = {}
     for k in kinds:
         cells = torch.stack([effect[q] for q in paths[k]], dim=-1)  # [S, T, L]
-        delta = cells if k == "hidden" else window_sum(cells, window)
-        if space == "log":
-            # exp(80) > 1/p for any p the forward can produce: the clamp only avoids inf * 0.
-            est = (p[:, None, None] * delta.clamp(max=80.0).exp()).clamp(max=1.0).mean(0)
-        else:
-            est = low + delta.mean(0)
-        scores[k] = est.float()
+        scores[k] = _estimate(cells if k == "hidden" else window_sum(cells, window), p, low, space)
     return scores, answer, high, low, {"clean": t1 - t0, "corrupted_and_backward": t2 - t1,
                                         "estimate": time.perf_counter() - t2}
 
 
-def verify_cells(h: Handles, tp: TracePrompt, kind: str, noise: Tensor, answer: int, window: int,
-                 cells: Sequence[tuple[int, int]], batch_size: int, merge: Any) -> tuple[list[float], dict[str, int]]:
+def _check(kinds: Sequence[str], space: str) -> None:
+    """An error naming what is allowed for an unknown kind or space."""
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {k!r}")
+    if space not in ("log", "prob"):
+        raise ValueError(f"space must be 'log' or 'prob', got {space!r}")
+
+
+def _estimate(delta: Float[Tensor, "samples pos layers"], p: Float[Tensor, " samples"], low: float,
+              space: str) -> Float[Tensor, "pos layers"]:
+    """The cells' scores from each sample's first-order effect ``delta`` (in ``space``)
+    and its corrupted probability ``p``."""
+    if space == "log":
+        # exp(80) > 1/p for any p the forward can produce: the clamp only avoids inf * 0.
+        est = (p[:, None, None] * delta.clamp(max=80.0).exp()).clamp(max=1.0).mean(0)
+    else:
+        est = low + delta.mean(0)
+    return est.float()
+
+
+def verify_cells(h: Handles, tp: TracePrompt, kind: str, noise: Float[Tensor, "samples subject d_model"], answer: int,
+                 window: int, cells: Sequence[tuple[int, int]], batch_size: int, merge: bool | None,
+                 ) -> tuple[list[float], dict[str, int]]:
     """The exact scores of the ``(token, layer)`` cells (with the fast executor), and
     its forward counts."""
-    from dataclasses import replace
-
-    from gradlocate.trace_plan import FastTrace
-    from gradlocate.tracing import cells_of
-
     engine = FastTrace(h, kind, batch_size, merge, True)
     s, _ = engine.setup(tp, noise, answer)
     todo = [replace(c, row=i) for i, (t, l) in enumerate(cells)

@@ -1,6 +1,6 @@
 """The optimised executor of causal tracing: ROME's scores with fewer, smaller forwards.
 
-:func:`~gradlocate.tracing.reference_scores` runs every cell's corrupted rows through
+:func:`~gradlocate.trace.reference.reference_scores` runs every cell's corrupted rows through
 the whole model. Most of that work repeats itself, and :class:`FastTrace` skips it:
 
 * **Skipped blocks.** Below a cell's first restored layer the corrupted rows are
@@ -17,7 +17,8 @@ the whole model. Most of that work repeats itself, and :class:`FastTrace` skips 
 Example:
     >>> from gradlocate import down_projections
     >>> from gradlocate.models import tiny
-    >>> from gradlocate.tracing import TracePrompt, trace_prompt
+    >>> from gradlocate.trace import trace_prompt
+    >>> from gradlocate.trace.core import TracePrompt
     >>> h = down_projections(tiny("llama", n_layers=4, d_model=32)[0])
     >>> tp = TracePrompt.of(h, "The Eiffel Tower is in", "Eiffel Tower")
     >>> fast = trace_prompt(h, tp, samples=3)
@@ -35,13 +36,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate import _compat
 from gradlocate.handles import Handles
 from gradlocate.interventions import from_layer, noised, restored, rewrap, rewrappable, run, states
 from gradlocate.state import input_device
-from gradlocate.tracing import Cell, Setup, TracePrompt, last_only, last_probs, setup
+from gradlocate.trace.core import Cell, Setup, TracePrompt, last_only, last_probs, setup
 
 __all__ = ["FastTrace", "FIXED_COST_CPU", "FIXED_COST_ACCELERATOR"]
 
@@ -62,7 +64,8 @@ class FastTrace:
         self.head_share = float(w.numel()) / block if isinstance(w, Tensor) and block else 0.0
         self.stats = {"forwards": 0, "token_block_evals": 0, "prefix_cache": 0, "skipped_blocks": 0}
 
-    def setup(self, tp: TracePrompt, noise: Tensor, answer: int | None) -> tuple[Setup, dict[str, float]]:
+    def setup(self, tp: TracePrompt, noise: Float[Tensor, "samples subject d_model"],
+              answer: int | None) -> tuple[Setup, dict[str, float]]:
         """The clean and corrupted runs, recording every block's corrupted output and,
         if asked, the corrupted key/value cache."""
         t0 = time.perf_counter()
