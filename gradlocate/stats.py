@@ -409,13 +409,20 @@ class NullBias(_Result):
 
 
 def _double_centre(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Layer means, and residuals with row and layer effects removed (NaN kept)."""
+    """Layer means, and residuals with row and layer effects removed (NaN kept), each row
+    scaled by ``sqrt(k / (k - 1))`` (``k`` its finite cells).
+
+    Centring a row of ``k`` i.i.d. errors leaves their differences intact but shrinks each
+    one's variance by ``(k - 1) / k``; once the cells are permuted into different rows the
+    differences would shrink by that too. The scale restores them, so that on pure noise
+    the null's gain matches the observed gain in expectation."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         col = np.nanmean(s, axis=0)
         r = s - col[None, :]
         r = r - np.nanmean(r, axis=1, keepdims=True)
-    return col, r
+    k = np.sum(~np.isnan(s), axis=1, keepdims=True).astype(np.float64)
+    return col, r * np.sqrt(np.where(k > 1, k / np.maximum(k - 1, 1), 1.0))
 
 
 def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any = None,
@@ -426,13 +433,17 @@ def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any =
     The null: ``score[i, l] = row_i + layer_l + e[i, l]`` with the residuals of each
     layer exchangeable across rows. Each null matrix keeps the layer means and permutes
     each column's double-centred residuals across rows **independently per column**
-    (row effects cancel inside a row's argmax and are dropped). This keeps every layer's
+    (row effects cancel inside a row's argmax and are dropped; residuals are rescaled so
+    that centring does not shrink their within-row differences). This keeps every layer's
     mean and residual distribution (heteroscedastic layers, ceiling effects of [0, 1]
     scores, skew) and destroys only which rows do well at which layers - exactly the
     row-specific information an own optimum claims. The gain of the own optimum over the
-    golden layer in such a matrix is pure winner's curse. The null also breaks residual
-    correlation between neighbouring layers, which adds effective candidates, so its bias
-    errs large: the corrected gain is conservative. (A sign-flip null is wrong here - the
+    golden layer in such a matrix is pure winner's curse; on pure noise its mean equals
+    the observed gain in expectation. Where real row-specific optima exist, their spread
+    is in the residuals too and the null treats it as noise, and the null also breaks
+    residual correlation between neighbouring layers (more effective candidates): both
+    make ``null_mean`` err large, so ``corrected`` is a lower bound of the real gain (one
+    observation per cell cannot separate signal from noise) and ``p_value`` the test. (A sign-flip null is wrong here - the
     residuals are not symmetric at a [0, 1] ceiling - and a Gaussian null assumes what
     the permutation does not.) Prefer :func:`held_out_optimum` when a replicate exists:
     it measures the bias instead of modelling it; use this when it does not.
@@ -641,6 +652,11 @@ class Transfer(_Result):
             mean minus the test mean at the proxy's layer).
         regret_interval: its percentile interval over splits.
         proxy_freq: per layer, how often the proxy picks it.
+        null_agreement: the agreement with the same split sizes on ``n_null`` matrices
+            whose rows are permuted across layers (no layer better than another): the
+            chance level *for this matrix* (NaN when ``n_null=0``).
+        p_null: ``(1 + #{null matrices' agreement >= agreement}) / (1 + n_null)``: the
+            chance agreement scatters as widely as the observed, so judge by this.
         n_proxy, n_test, n_splits: split sizes and count.
     """
 
@@ -648,17 +664,39 @@ class Transfer(_Result):
     regret_mean: float
     regret_interval: tuple[float, float]
     proxy_freq: np.ndarray
+    null_agreement: float
+    p_null: float
     n_proxy: int
     n_test: int
     n_splits: int
 
 
+def _splits(s: np.ndarray, n_proxy: int, n_splits: int, rng: np.random.Generator,
+            mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per random split: (proxy golden == test golden, test regret of the proxy's, proxy's pick)."""
+    agree, regret, picks = np.empty(n_splits, bool), np.empty(n_splits), np.empty(n_splits, int)
+    for k in range(n_splits):
+        order = rng.permutation(len(s))
+        proxy, test = s[order[:n_proxy]], s[order[n_proxy:]]
+        picks[k], g_test = golden_layer(proxy, mask), golden_layer(test, mask)
+        tm = _layer_means(test)
+        agree[k], regret[k] = picks[k] == g_test, tm[g_test] - tm[picks[k]]
+    return agree, regret, picks
+
+
 def transfer(score: Any, n_proxy: int, n_splits: int = 200, seed: int = 0, allowed: Any = None,
-             level: float = 0.95) -> Transfer:
+             level: float = 0.95, n_null: int = 0) -> Transfer:
     """Split the rows at random ``n_splits`` times into ``n_proxy`` proxy edits and the
     rest as test edits; on each split compare the proxy's golden layer with the test's.
-    If every edit has the same best layer, agreement is 1; on pure noise it is about
-    ``1 / L``. Use at least 200 splits (the default) for a stable rate.
+    Use at least 200 splits (the default) for a stable rate.
+
+    If every edit has the same best layer, agreement is 1. On pure noise it is ``1 / L``
+    in expectation over noise matrices, but **not for one matrix**: proxy and test are
+    complementary parts of a fixed whole (``proxy sum + test sum`` is fixed per layer),
+    so a layer high in the proxy tends to be low in the test, and one matrix's rate
+    scatters widely around ``1 / L`` (from near 0 to well above). Judge a rate by
+    ``p_null`` (``n_null > 0``): ``n_null`` matrices made from this one by permuting each
+    row's scores across the allowed layers, split the same way.
 
     Raises:
         ValueError: ``n_proxy`` not in ``1 .. edits - 1``, or ``n_splits < 1``.
@@ -673,19 +711,22 @@ def transfer(score: Any, n_proxy: int, n_splits: int = 200, seed: int = 0, allow
     n_rows, n_layers = s.shape
     if not 1 <= n_proxy < n_rows:
         raise ValueError(f"n_proxy must be in 1..{n_rows - 1} (the test split needs an edit), got {n_proxy}")
-    if n_splits < 1:
-        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+    if n_splits < 1 or n_null < 0:
+        raise ValueError(f"n_splits must be >= 1 and n_null >= 0, got {n_splits} and {n_null}")
     mask = _mask(allowed, n_layers)
     rng = _rng(seed)
-    agree, regret, picks = np.empty(n_splits, bool), np.empty(n_splits), np.empty(n_splits, int)
-    for k in range(n_splits):
-        order = rng.permutation(n_rows)
-        proxy, test = s[order[:n_proxy]], s[order[n_proxy:]]
-        picks[k], g_test = golden_layer(proxy, mask), golden_layer(test, mask)
-        tm = _layer_means(test)
-        agree[k], regret[k] = picks[k] == g_test, tm[g_test] - tm[picks[k]]
-    return Transfer(float(agree.mean()), float(np.nanmean(regret)), _interval(regret, level),
-                    np.bincount(picks, minlength=n_layers) / n_splits, n_proxy, n_rows - n_proxy, n_splits)
+    agree, regret, picks = _splits(s, n_proxy, n_splits, rng, mask)
+    null = []
+    for _ in range(n_null):
+        shuffled = s.copy()
+        cols = np.flatnonzero(mask)
+        shuffled[:, cols] = np.take_along_axis(s[:, cols], np.argsort(rng.random((n_rows, cols.size)), 1), 1)
+        null.append(_splits(shuffled, n_proxy, n_splits, rng, mask)[0].mean())
+    rate = float(agree.mean())
+    p = float((1 + sum(x >= rate - 1e-12 for x in null)) / (1 + n_null)) if null else math.nan
+    return Transfer(rate, float(np.nanmean(regret)), _interval(regret, level),
+                    np.bincount(picks, minlength=n_layers) / n_splits, float(np.mean(null)) if null else math.nan,
+                    p, n_proxy, n_rows - n_proxy, n_splits)
 
 
 # --------------------------------------------------------------------------- rank agreement
