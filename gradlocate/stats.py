@@ -605,10 +605,14 @@ def bootstrap(metrics: Mapping[str, Any], definition: str = "edit-only", *, weig
     selector's regret are recomputed on every resample.
 
     Args:
-        metrics, definition, weights: as in :func:`overall`.
+        metrics: name -> ``[edits, layers]`` (or ``[layers]``), as in :func:`overall`.
+        definition: the overall's definition, as in :func:`overall`.
+        weights: the ``"weighted"`` overall's weights, as in :func:`overall`.
         selectors: name -> the column a selector chose; its regret is reported.
         allowed: layers eligible as golden (e.g. :attr:`DamageGate.allowed`).
-        n: resamples; seed: their seed; level: the percentile intervals' level.
+        n: resamples.
+        seed: the resampling seed.
+        level: the percentile intervals' level.
 
     Example:
         >>> rel = np.tile([0.2, 0.9, 0.4], (30, 1))
