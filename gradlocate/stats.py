@@ -359,7 +359,8 @@ def held_out_optimum(select_scores: Any, eval_scores: Any, allowed: Any = None) 
     second replicate: same edits, another seed or prompt), with the golden layer treated
     the same way (chosen on one, scored on the other). Selection and evaluation noise are
     independent, so ``held_out`` carries no winner's curse; it is a lower bound of the
-    true per-edit optimum (a noisy choice can miss), ``in_sample`` an upper bound.
+    true per-edit optimum (a noisy choice can miss), ``in_sample`` an upper bound. With
+    two replicates, run it both ways and average (cross-fitting) to use all the data.
 
     Raises:
         ValueError: shapes differ, or NaN-only rows.
@@ -462,11 +463,13 @@ def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any =
     observed = selection_gain(s, allowed)
     col, r = _double_centre(s)
     rng = _rng(seed)
+    mask = _mask(allowed, s.shape[1])
     gains = np.empty(n)
     for k in range(n):
         perm = np.argsort(rng.random(r.shape), axis=0)  # an independent permutation per column
         null = col[None, :] + np.take_along_axis(r, perm, axis=0)
-        gains[k] = selection_gain(null, allowed)
+        scored = ~np.isnan(null[:, mask]).all(axis=1)  # NaN cells move: a null row may get none
+        gains[k] = selection_gain(null[scored], mask)
     mean = float(gains.mean())
     p = float((1 + np.sum(gains >= observed - 1e-12)) / (1 + n))
     return NullBias(observed, mean, _interval(gains, level), observed - mean, p, n)
@@ -482,7 +485,7 @@ class PairedTests(_Result):
     Attributes:
         n: pairs used (both finite); dropped: pairs with a NaN.
         mean_diff: mean of ``a - b``.
-        t, p_t: paired t-test (``scipy.stats.ttest_rel``).
+        t, p_t: paired t-test (``scipy.stats.ttest_rel``; NaN if the differences are all equal).
         w, p_wilcoxon, n_zero: Wilcoxon signed-rank (zero differences dropped, Wilcoxon's
             own treatment; ``n_zero`` of them) - ``w`` is the smaller signed-rank sum.
         p_permutation: sign-flip permutation test of the mean difference.

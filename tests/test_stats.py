@@ -200,6 +200,15 @@ def test_null_selection_bias_ignores_row_effects():
     assert b.null_mean == pytest.approx(a.null_mean, rel=1e-6)
 
 
+def test_null_selection_bias_with_absent_cells():
+    rng = np.random.default_rng(18)
+    s = rng.normal(size=(60, 4))
+    s[rng.random(s.shape) < 0.6] = NAN  # many absent cells: null rows can end up empty
+    s[np.isnan(s).all(1), 0] = 0.0  # every observed row has a score
+    b = st.null_selection_bias(s, n=50)
+    assert b.observed == pytest.approx(st.selection_gain(s)) and np.isfinite(b.null_mean) and b.null_mean > 0
+
+
 def test_null_selection_bias_errors():
     with pytest.raises(ValueError, match="at least 2 rows"):
         st.null_selection_bias([[0.1, 0.2]])
