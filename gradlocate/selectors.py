@@ -7,12 +7,12 @@
   ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>``; layers outside Tukey's
   fences (:func:`tukey_fences`, ``k = 1.5``) are excluded, the golden layer is the argmax
   of the signed score among the rest.
+* :func:`cma_layer` (causal mediation analysis, ROME): the layer whose MLPs at the last
+  subject token carry the most of the fact, from :func:`~gradlocate.tracing.causal_trace`.
 
 Both gradient selectors score the answer tokens only (``append_eos=False``,
 :data:`~gradlocate.losses.SELECTOR_APPEND_EOS`), as their papers define the losses;
 LocFT-BF, the trainer, appends EOS.
-* :func:`cma_layer` (causal mediation analysis, ROME): the layer whose MLPs at the last
-  subject token carry the most of the fact, from :func:`~gradlocate.tracing.causal_trace`.
 
 The exact definitions and the choices made are in ``docs/methods.md``.
 
@@ -188,8 +188,9 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         append_eos: score EOS after each target in ``L_edit``. Default ``False``: the
             answer tokens only: GradRatio-Select's edit loss (eq. 1) is the NLL of the
             target given the prompt, with no end-of-sequence term, and EasyEdit's
-            fine-tuning loss (``ft_main.py``) scores the target tokens alone. ``True`` scores LocFT-BF's training
-            loss (which appends EOS); ``gradlocate edit --layer auto`` selects with that.
+            fine-tuning loss (``ft_main.py``) scores the target tokens alone. ``True``
+            scores LocFT-BF's training loss (which appends EOS); ``gradlocate edit
+            --layer auto`` selects with that.
         progress: progress bars (``None``: on a terminal only).
         max_memory: a byte budget for activations; micro-batches shrink to fit it.
 
@@ -365,8 +366,8 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, k: float = 1.5,
             editors through EasyEdit on the KnowEdit sets, whose fine-tuning loss scores
             the target tokens alone; the copies of the paper we could read do not add an
             EOS term. With EOS, a one-token CounterFact answer's loss is half EOS, and
-            the EOS terms of ``L_new`` and ``L_old`` (the same token after the same kind
-            of prompt) push their gradients together.
+            the EOS terms of ``L_new`` and ``L_old`` (the same token, predicted after
+            similar contexts) tend to align their gradients, adding a shared term to ``S``.
 
     Returns:
         :class:`~gradlocate.results.LayerScores` with ``scores`` = ``S`` (aggregated as asked),

@@ -96,7 +96,8 @@ class _Result:
         return {k: _plain(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
     def __repr__(self) -> str:
-        body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in fields(self) if f.repr)  # type: ignore[arg-type]
+        shown = [f for f in fields(self) if f.repr]  # type: ignore[arg-type]
+        body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in shown)
         return f"{type(self).__name__}({body})"
 
 
@@ -444,9 +445,9 @@ def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any =
     is in the residuals too and the null treats it as noise, and the null also breaks
     residual correlation between neighbouring layers (more effective candidates): both
     make ``null_mean`` err large, so ``corrected`` is a lower bound of the real gain (one
-    observation per cell cannot separate signal from noise) and ``p_value`` the test. (A sign-flip null is wrong here - the
-    residuals are not symmetric at a [0, 1] ceiling - and a Gaussian null assumes what
-    the permutation does not.) Prefer :func:`held_out_optimum` when a replicate exists:
+    observation per cell cannot separate signal from noise) and ``p_value`` the test.
+    (A sign-flip null is wrong here - the residuals are not symmetric at a [0, 1]
+    ceiling - and a Gaussian null assumes what the permutation does not.) Prefer :func:`held_out_optimum` when a replicate exists:
     it measures the bias instead of modelling it; use this when it does not.
 
     Example:
