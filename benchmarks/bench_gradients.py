@@ -144,7 +144,7 @@ def plain_gradratio(model, tok, edits, texts, batch_size, l_min):
     return {"scores": scores, "selected": sel, "cos": cos}
 
 
-def plain_lga(model, tok, edits, fence=1.0):
+def plain_lga(model, tok, edits, fence=1.5):  # lga's default k
     with only_down_grads(model) as ws:
         per = []
         for e in edits:

@@ -186,10 +186,10 @@ def _methods(spec: str) -> list[str]:
 def _select(h: Any, edits: list[Any], method: str, args: argparse.Namespace, append_eos: bool | None = None) -> Any:
     from gradlocate.compare import run_selector
     from gradlocate.handles import HandleError
-    from gradlocate.losses import APPEND_EOS
 
-    eos = APPEND_EOS if append_eos is None else append_eos
-    kw: dict[str, Any] = {"cma": {"samples": args.samples}}.get(method, {"append_eos": eos})
+    # append_eos=None: the selector's own default (the papers' answer-tokens-only loss).
+    eos = {} if append_eos is None else {"append_eos": append_eos}
+    kw: dict[str, Any] = {"cma": {"samples": args.samples}}.get(method, eos)
     retain = _retain_texts(args.retain, args.edits, args.n_retain) if method == "gradratio" else None
     try:
         return run_selector(method, h, edits, retain, **kw)
@@ -311,7 +311,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     trainer = _trainer_kwargs(args)
     if args.layer == "auto":
         # The selector scores the loss the trainer then minimises (the same append_eos).
-        sel = _select(h, edits, args.method, args, append_eos=trainer.get("append_eos"))
+        from gradlocate.losses import APPEND_EOS
+
+        sel = _select(h, edits, args.method, args, append_eos=trainer.get("append_eos", APPEND_EOS))
         layer = sel.selected
         print(f"{args.method} selects layer {layer}")
     else:

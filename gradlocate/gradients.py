@@ -45,8 +45,8 @@ from gradlocate.data import as_edits, load_texts
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import capture, head_at, require_gradients, run, states, using
 from gradlocate.losses import (
-    APPEND_EOS,
     IGNORE,
+    SELECTOR_APPEND_EOS,
     NonFiniteLossError,
     TokenBatch,
     context_length,
@@ -276,13 +276,13 @@ def _finish(loss_kind: str, handles: Sequence[Handle], bufs: list[Tensor], loss:
 
 
 def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
-                   batch_size: int = 8, append_eos: bool = APPEND_EOS, keep: bool = False,
+                   batch_size: int = 8, append_eos: bool = SELECTOR_APPEND_EOS, keep: bool = False,
                    progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the edit loss w.r.t. every selected layer's site weight.
 
     The edit loss (GradRatio eq. 1, :func:`~gradlocate.losses.edit_nll`) is, for each
-    edit, the mean negative log-likelihood of the target tokens (and EOS, by default)
-    given the prompt, averaged over edits:
+    edit, the mean negative log-likelihood of the target tokens (and EOS with
+    ``append_eos=True``) given the prompt, averaged over edits:
     ``L_edit = (1/N) sum_i (1/|y_i|) sum_t -log p(y_i,t | x_i, y_i,<t)``.
 
     One forward and one backward per micro-batch of ``batch_size`` edits gives every
@@ -297,7 +297,9 @@ def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Seq
         tokenizer: the model's tokenizer (found on the model if omitted).
         layers: layer indices (default: all).
         batch_size: sequences per forward/backward (memory only; same result).
-        append_eos: score EOS after each target (default :data:`~gradlocate.losses.APPEND_EOS`).
+        append_eos: score EOS after each target (default
+            :data:`~gradlocate.losses.SELECTOR_APPEND_EOS`: the answer tokens only, as the
+            selectors' papers define the loss; ``True`` scores LocFT-BF's training loss).
         keep: also return the gradients (``[d_model, d_mlp]`` float32 per layer).
         progress: show a progress bar (``None``: only on a terminal).
         max_memory: a byte budget for activations: micro-batches shrink below
@@ -442,7 +444,7 @@ def _capture_rows(h: Handles, handles: Sequence[Handle], mb: TokenBatch) -> tupl
 def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Sequence[str],
                               targets_b: Sequence[str], *, tokenizer: Any = None,
                               layers: Sequence[int] | int | None = None, batch_size: int = 8,
-                              append_eos: bool = APPEND_EOS, progress: bool | None = None,
+                              append_eos: bool = SELECTOR_APPEND_EOS, progress: bool | None = None,
                               max_memory: int | None = None) -> SampleProducts:
     """``<grad_{W_l} L_a^i, grad_{W_l} L_b^i>_F`` for every sample ``i`` and layer ``l``,
     where ``L_a^i`` is the edit loss of ``targets_a[i]`` after ``prompts[i]`` (same for
@@ -455,7 +457,8 @@ def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Seq
     products and squared norms follow from :func:`ghost_inner_products`. No per-sample
     weight gradient is materialised: memory per sample and layer is
     ``O(T (d_mlp + d_model))``, and only one chunk is held. ``max_memory`` (bytes) lowers
-    ``batch_size`` until a chunk's estimated activations fit.
+    ``batch_size`` until a chunk's estimated activations fit. ``append_eos`` is as in
+    :func:`edit_gradients` (default: the answer tokens only).
 
     Raises:
         NonFiniteLossError: a sample's loss or inner product is NaN or infinite (the

@@ -2,10 +2,12 @@
 
 * **Edit loss** (:func:`edit_nll`; GradRatio eq. 1): for each edit, the mean negative
   log-likelihood of the target tokens given the prompt (prompt and padding masked; a
-  space between prompt and target; EOS appended by default, as LocFT-BF trains). The
-  selectors, the trainer and ``gradlocate edit --layer auto`` all score this one loss,
-  so a layer is selected with the loss it is then trained with
-  (``append_eos=``:data:`APPEND_EOS` everywhere; ``False`` gives the paper's bare target).
+  space between prompt and target). Whether the tokenizer's EOS follows the target is
+  ``append_eos``: the trainer (LocFT-BF) appends it (:data:`APPEND_EOS`, as the LocFT
+  code does); the selectors' losses score the answer tokens only
+  (:data:`SELECTOR_APPEND_EOS`, as the papers define them). ``gradlocate edit --layer
+  auto`` selects with the trainer's setting, so that layer is chosen for the loss it is
+  then trained with.
 * **Retain loss** (GradRatio eq. 2): the language-model loss over general texts: the
   mean next-token NLL over every non-padding token.
 
@@ -35,6 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "APPEND_EOS",
+    "SELECTOR_APPEND_EOS",
     "NonFiniteLossError",
     "edit_nll",
     "scored_positions",
@@ -55,9 +58,15 @@ __all__ = [
 ]
 
 IGNORE = -100
-#: The edit loss scores the target followed by the tokenizer's EOS token (LocFT-BF's
-#: training loss), in every function that takes ``append_eos``.
+#: LocFT-BF's training loss scores the target followed by the tokenizer's EOS token
+#: (the LocFT code appends it): the trainer's default.
 APPEND_EOS = True
+#: The selectors' edit losses (GradRatio's ``L_edit``, LGA's ``L_new`` / ``L_old``) score the
+#: answer tokens only, as both papers and EasyEdit's fine-tuning loss do: the default of
+#: :func:`~gradlocate.gradients.edit_gradients`,
+#: :func:`~gradlocate.gradients.per_sample_inner_products` and the selectors. On a
+#: one-token CounterFact target an appended EOS would be half the loss.
+SELECTOR_APPEND_EOS = False
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -5,10 +5,14 @@
   (:func:`adaptive_min_layer`).
 * :func:`lga` (Layer Gradient Analysis, "Golden Layers", arXiv 2602.20207):
   ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>``; layers outside Tukey's
-  fences (:func:`tukey_fences`) are excluded, the golden layer is the argmax of the
-  signed score among the rest.
+  fences (:func:`tukey_fences`, ``k = 1.5``) are excluded, the golden layer is the argmax
+  of the signed score among the rest.
 * :func:`cma_layer` (causal mediation analysis, ROME): the layer whose MLPs at the last
   subject token carry the most of the fact, from :func:`~gradlocate.trace.causal_trace`.
+
+Both gradient selectors score the answer tokens only (``append_eos=False``,
+:data:`~gradlocate.losses.SELECTOR_APPEND_EOS`), as their papers define the losses;
+LocFT-BF, the trainer, appends EOS.
 
 The exact definitions and the choices made are in ``docs/methods.md``.
 
@@ -36,7 +40,7 @@ from gradlocate.data import EditRequest, as_edits, load_texts
 from gradlocate.gradients import LayerGradients, edit_gradients, per_sample_inner_products, retain_gradients
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import require_gradients, using
-from gradlocate.losses import APPEND_EOS, context_length, logits_of, prompt_ids
+from gradlocate.losses import SELECTOR_APPEND_EOS, context_length, logits_of, prompt_ids
 from gradlocate.memory import check_max_memory
 from gradlocate.results import LayerScores
 from gradlocate.state import input_device
@@ -81,11 +85,18 @@ class TukeyFences(NamedTuple):
     inside: list[bool]
 
 
-def tukey_fences(scores: Sequence[float], k: float = 1.0) -> TukeyFences:
-    """Tukey's fences of ``scores`` with multiplier ``k`` and which scores lie inside.
+def tukey_fences(scores: Sequence[float], k: float = 1.5) -> TukeyFences:
+    """Tukey's fences ``[Q1 - k IQR, Q3 + k IQR]`` of ``scores`` and which scores lie inside.
 
-    Quartiles use linear interpolation between order statistics (type 7). Scores on a
-    fence count as inside. Tukey's classic ``k`` is 1.5; LGA uses 1.0 by default.
+    Quartiles use linear interpolation between order statistics (type 7, numpy's
+    default ``np.quantile``). Scores on a fence count as inside. ``k = 1.5`` (the default)
+    is Tukey's rule. Hoaglin, Iglewicz & Tukey (1986, "Performance of some resistant
+    rules for outlier labeling", JASA 81:991-999), the reference LGA cites, study it: on
+    Gaussian samples of 5 to 20, 14-33% of samples have one or more "outside" values.
+    ``k = 2.2`` is the less eager rule recommended in that line of work (Hoaglin &
+    Iglewicz 1987, "Fine-tuning some resistant rules for outlier labeling", JASA
+    82:1147-1149): about 5% of Gaussian samples then have any outside value. LGA's
+    layers are few (one score per layer), so ``k`` decides how many are excluded.
 
     Raises:
         ValueError: empty or non-finite scores, or ``k`` negative or not finite.
@@ -143,7 +154,7 @@ def _check_precomputed(g: LayerGradients, what: str, layers: list[int] | None) -
 
 def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
               min_layer: int | Literal["adaptive"] = "adaptive", layers: Sequence[int] | int | None = None,
-              batch_size: int = 8, max_length: int | None = 128, append_eos: bool = APPEND_EOS,
+              batch_size: int = 8, max_length: int | None = 128, append_eos: bool = SELECTOR_APPEND_EOS,
               progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
     """GradRatio-Select: the layer whose site gradient is largest for the edits
     relative to general text.
@@ -174,7 +185,12 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         layers: score only these layers (``l_min`` still refers to the model's depth).
         batch_size: sequences per forward/backward (memory only).
         max_length: retain texts are cut to this many tokens.
-        append_eos: score EOS after each target (default: as the trainer does).
+        append_eos: score EOS after each target in ``L_edit``. Default ``False``: the
+            answer tokens only: GradRatio-Select's edit loss (eq. 1) is the NLL of the
+            target given the prompt, with no end-of-sequence term, and EasyEdit's
+            fine-tuning loss (``ft_main.py``) scores the target tokens alone. ``True``
+            scores LocFT-BF's training loss (which appends EOS); ``gradlocate edit
+            --layer auto`` selects with that.
         progress: progress bars (``None``: on a terminal only).
         max_memory: a byte budget for activations; micro-batches shrink to fit it.
 
@@ -310,19 +326,20 @@ def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
     return answers
 
 
-def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
+def lga(model: Any, edits: Any, *, tokenizer: Any = None, k: float = 1.5,
         aggregate: Literal["sum", "mean"] = "sum", sign: Literal["signed", "negative", "abs"] = "signed",
         old: Literal["data", "greedy", "eos"] = "data",
-        layers: Sequence[int] | int | None = None, batch_size: int = 8, append_eos: bool = APPEND_EOS,
-        max_new_tokens: int = 8, progress: bool | None = None, max_memory: int | None = None) -> LayerScores:
+        layers: Sequence[int] | int | None = None, batch_size: int = 8, append_eos: bool = SELECTOR_APPEND_EOS,
+        max_new_tokens: int = 8, progress: bool | None = None, max_memory: int | None = None,
+        fence: float | None = None) -> LayerScores:
     """Layer Gradient Analysis: the "golden layer" from per-sample gradient inner products.
 
     ``S(l) = sum_i <grad_{W_l} L_old^i, grad_{W_l} L_new^i>_F`` where ``L_new^i`` is edit
     ``i``'s edit loss on ``target_new`` and ``L_old^i`` that on its old answer
     (``ground_truth``, else ``pred``, else the model's own answer, see
     :func:`greedy_answers`; ``old=`` chooses). Layers whose score lies outside Tukey's fences
-    ``[Q1 - k IQR, Q3 + k IQR]`` over all scored layers (``k = fence``) are excluded; the
-    golden layer is the argmax of the score among the rest.
+    ``[Q1 - k IQR, Q3 + k IQR]`` over all scored layers are excluded; the golden layer is
+    the argmax of the score among the rest.
 
     The inner products come from the ghost identity (two forward+backward passes per
     micro-batch, no per-sample weight gradient materialised).
@@ -330,7 +347,10 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
     Arguments not listed below are as in :func:`gradratio`.
 
     Args:
-        fence: Tukey's ``k`` (default 1.0).
+        k: Tukey's multiplier (default 1.5, Tukey's rule, as studied by Hoaglin, Iglewicz
+            & Tukey 1986, which LGA cites; 2.2 is the less eager rule Hoaglin & Iglewicz
+            1987 recommend; see :func:`tukey_fences`).
+        fence: the old name of ``k`` (deprecated: use ``k``).
         aggregate: ``"sum"`` (the definition) or ``"mean"`` over edits; the selection and
             the fences are the same for both (the fences are scale-equivariant).
         sign: what is maximised among the layers inside the fences: ``"signed"`` (``S``),
@@ -341,6 +361,13 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
             :func:`greedy_answers`) or ``"eos"`` (always the EOS token: EasyEdit's
             convention for new-knowledge sets).
         max_new_tokens: length cap of a generated old answer.
+        append_eos: score EOS after each answer in ``L_new`` and ``L_old``. Default
+            ``False``: the answer tokens only. Golden Layers (arXiv 2602.20207) runs its
+            editors through EasyEdit on the KnowEdit sets, whose fine-tuning loss scores
+            the target tokens alone; the copies of the paper we could read do not add an
+            EOS term. With EOS, a one-token CounterFact answer's loss is half EOS, and
+            the EOS terms of ``L_new`` and ``L_old`` (the same token, predicted after
+            similar contexts) tend to align their gradients, adding a shared term to ``S``.
 
     Returns:
         :class:`~gradlocate.results.LayerScores` with ``scores`` = ``S`` (aggregated as asked),
@@ -361,8 +388,11 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
         raise ValueError(f"aggregate must be 'sum' or 'mean', got {aggregate!r}")
     if sign not in ("signed", "negative", "abs"):
         raise ValueError(f"sign must be 'signed', 'negative' or 'abs', got {sign!r}")
-    if isinstance(fence, bool) or not isinstance(fence, (int, float)) or not math.isfinite(fence) or fence < 0:
-        raise ValueError(f"fence (Tukey's k) must be a finite number >= 0, got {fence!r}")
+    if fence is not None:
+        warnings.warn("lga(fence=) is deprecated: pass Tukey's multiplier as k=", DeprecationWarning, stacklevel=2)
+        k = fence
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
+        raise ValueError(f"k (Tukey's fence multiplier) must be a finite number >= 0, got {k!r}")
     check_max_memory(max_memory)
     edits = as_edits(edits)
     h = resolve(model, tokenizer)
@@ -389,16 +419,16 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, fence: float = 1.0,
                                           progress=progress, max_memory=max_memory)
     per = prods.dot  # [edits, layers], float64
     scores = [float(v) for v in (per.sum(0) if aggregate == "sum" else per.mean(0))]
-    f = tukey_fences(scores, fence)
+    f = tukey_fences(scores, k)
     if not any(f.inside):
-        raise ValueError(f"every layer is outside Tukey's fences [{f.lower:.4g}, {f.upper:.4g}] with k={fence}: "
-                         f"use a larger fence")
+        raise ValueError(f"every layer is outside Tukey's fences [{f.lower:.4g}, {f.upper:.4g}] with k={k}: "
+                         f"use a larger k")
     key = {"signed": scores, "negative": [-s for s in scores], "abs": [abs(s) for s in scores]}[sign]
     sel = idx[_argmax(key, f.inside)]
     n = per.shape[0]
     std = per.std(0, unbiased=True) if n > 1 else torch.zeros(per.shape[1], dtype=per.dtype)
     params = {
-        "fence": fence, "aggregate": aggregate, "sign": sign, "lower": f.lower, "upper": f.upper,
+        "k": k, "fence": k, "aggregate": aggregate, "sign": sign, "lower": f.lower, "upper": f.upper,
         "q1": f.q1, "q3": f.q3, "n_edits": n, "old": old, "generated_old_answers": len(missing),
         "eos_old_answers": sum(a == eos for a in answers), "old_answers": list(answers),
         "batch_size": batch_size, "append_eos": append_eos, "max_memory": max_memory,

@@ -50,9 +50,9 @@ def ref_weights(model):
     return [b.mlp.down_proj.weight for b in model.model.layers], False
 
 
-def ref_ids(tok, prompt, target, eos=True):
-    """The prompt's ids; the target's with a leading space, then EOS (the edit loss scores
-    the EOS by default, as LocFT-BF trains)."""
+def ref_ids(tok, prompt, target, eos=False):
+    """The prompt's ids; the target's with a leading space, then EOS if ``eos`` (the
+    selectors' edit loss scores the answer tokens only by default, as their papers do)."""
     p = tok(prompt)["input_ids"]
     t = tok(("" if prompt[-1:].isspace() else " ") + target, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
     return p, t
@@ -134,11 +134,11 @@ def test_edit_gradients_layer_subset_and_norms_only(tiny_llama):
     assert close(g.sq_norms, [float((ref[i].double() ** 2).sum()) for i in (3, 1)])
 
 
-def test_append_eos_false_scores_the_bare_target(tiny_gpt2):
+def test_append_eos_true_also_scores_eos(tiny_gpt2):
     model, tok = tiny_gpt2
-    g = edit_gradients(model, EDITS[:1], append_eos=False, keep=True)
+    g = edit_gradients(model, EDITS[:1], append_eos=True, keep=True)
     ws, tr = ref_weights(model)
-    p, t = ref_ids(tok, "The capital of France is", "Rome", eos=False)
+    p, t = ref_ids(tok, "The capital of France is", "Rome", eos=True)
     logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
     loss = -logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean()
     ref = torch.autograd.grad(loss, ws)

@@ -38,8 +38,9 @@ def o_proj(model):
 
 
 def target_nll(model, tok, prompt, target):
+    """The selectors' edit loss: the answer tokens only (no EOS), given the prompt."""
     p = tok(prompt)["input_ids"]
-    t = tok(" " + target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"]
     logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
     return -logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean()
 

@@ -14,6 +14,7 @@ import statistics
 from fractions import Fraction
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -59,10 +60,12 @@ def ref_weights(model):
     return [b.mlp.down_proj.weight for b in model.model.layers]
 
 
-def ref_target_nll(model, tok, prompt, target):
-    """The edit loss: the target's tokens (after a space) and EOS, given the prompt."""
+def ref_target_nll(model, tok, prompt, target, eos=False):
+    """The selectors' edit loss: the target's tokens (after a space), and EOS if ``eos``,
+    given the prompt."""
     p = tok(prompt)["input_ids"]
-    t = tok(("" if prompt[-1:].isspace() else " ") + target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    t = tok(("" if prompt[-1:].isspace() else " ") + target, add_special_tokens=False)["input_ids"]
+    t = t + ([tok.eos_token_id] if eos else [])
     logp = model(input_ids=torch.tensor([p + t])).logits[0].float().log_softmax(-1)
     return -logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean()
 
@@ -240,7 +243,7 @@ def test_lga_matches_materialized_per_sample_gradients(arch):
     s = per.sum(0).tolist()
     scale = float(per.abs().sum(0).max())
     assert close(r.scores, s, atol=1e-5 * scale)
-    lo, hi = ref_fences(s, 1.0)
+    lo, hi = ref_fences(s, 1.5)  # the default k: Tukey's 1.5
     inside = [lo <= x <= hi for x in s]
     assert r.eligible == inside
     assert r.selected == max((l for l in range(N_LAYERS) if inside[l]), key=lambda l: s[l])
@@ -250,17 +253,17 @@ def test_lga_matches_materialized_per_sample_gradients(arch):
 
 
 @pytest.mark.parametrize("sign", ["signed", "negative", "abs"])
-@pytest.mark.parametrize("fence", [0.5, 1.0, 3.0])
-def test_lga_sign_and_fence_options(sign, fence):
+@pytest.mark.parametrize("k", [0.5, 1.0, 2.2])
+def test_lga_sign_and_fence_options(sign, k):
     model, tok = model_for("gpt2")
-    r = lga(model, EDITS, sign=sign, fence=fence)
+    r = lga(model, EDITS, sign=sign, k=k)
     s = r.scores
-    lo, hi = ref_fences(s, fence)
+    lo, hi = ref_fences(s, k)
     inside = [lo <= x <= hi for x in s]
     assert r.eligible == inside
     key = {"signed": lambda v: v, "negative": lambda v: -v, "abs": abs}[sign]
     assert r.selected == max((l for l in range(N_LAYERS) if inside[l]), key=lambda l: key(s[l]))
-    assert r.params["fence"] == fence and r.params["sign"] == sign
+    assert r.params["k"] == k and r.params["sign"] == sign
     # rankings (and the rank correlations compare/study report) follow the same key
     assert r.maximised == [key(v) for v in s]
     assert r.ranking() == sorted((l for l in range(N_LAYERS) if inside[l]), key=lambda l: -key(s[l]))
@@ -278,8 +281,8 @@ def test_lga_generated_old_answer_equals_given_one():
 
 def test_lga_bad_options():
     model, _ = model_for("gpt2")
-    with pytest.raises(ValueError, match="fence"):
-        lga(model, EDITS, fence=-1)
+    with pytest.raises(ValueError, match="k"):
+        lga(model, EDITS, k=-1)
     with pytest.raises(ValueError, match="aggregate"):
         lga(model, EDITS, aggregate="median")
     with pytest.raises(ValueError, match="sign"):
@@ -293,7 +296,7 @@ def test_lga_bad_options():
 def test_lga_only_two_layers_with_zero_fence_is_a_clear_error():
     model, _ = model_for("gpt2")
     with pytest.raises(ValueError, match="outside Tukey's fences"):
-        lga(model, EDITS, layers=[3, 5], fence=0.0)
+        lga(model, EDITS, layers=[3, 5], k=0.0)
 
 
 def test_selectors_restore_model_state():
@@ -360,14 +363,69 @@ def test_tukey_fences_affine_invariance(xs, a, b):
 
 
 def test_tukey_fences_example_and_errors():
-    f = tukey_fences([1, 2, 3, 4, 100])
-    assert (f.q1, f.q3, f.lower, f.upper) == (2.0, 4.0, 0.0, 6.0) and f.inside == [True] * 4 + [False]
+    f = tukey_fences([1, 2, 3, 4, 100])  # default k = 1.5
+    assert (f.q1, f.q3, f.lower, f.upper, f.k) == (2.0, 4.0, -1.0, 7.0, 1.5) and f.inside == [True] * 4 + [False]
     with pytest.raises(ValueError, match="at least one"):
         tukey_fences([])
     with pytest.raises(ValueError, match="finite"):
         tukey_fences([1.0, math.nan])
     with pytest.raises(ValueError, match="k"):
         tukey_fences([1.0, 2.0], k=-0.5)
+
+
+@pytest.mark.parametrize("k", [0.0, 1.0, 1.5, 2.2, 3.0])
+def test_k_moves_the_fences_by_k_iqr(k):
+    rng = np.random.default_rng(int(k * 10))
+    x = rng.standard_t(3, size=23).tolist()
+    q1, q3 = np.percentile(x, [25, 75])  # numpy's default (linear) quantiles, as the code's
+    f = tukey_fences(x, k)
+    assert f.lower == pytest.approx(q1 - k * (q3 - q1)) and f.upper == pytest.approx(q3 + k * (q3 - q1))
+    assert f.inside == [q1 - k * (q3 - q1) <= v <= q3 + k * (q3 - q1) for v in x]
+    assert tukey_fences(x).k == 1.5
+
+
+def test_lga_k_sets_its_fences():
+    model, _ = model_for("llama")
+    base = lga(model, EDITS)
+    q1, q3 = np.percentile(base.scores, [25, 75])
+    assert base.params["k"] == 1.5
+    assert (base.params["lower"], base.params["upper"]) == pytest.approx((q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)))
+    wide = lga(model, EDITS, k=2.2)
+    assert (wide.params["lower"], wide.params["upper"]) == pytest.approx((q1 - 2.2 * (q3 - q1), q3 + 2.2 * (q3 - q1)))
+    assert all(w or not b for w, b in zip(wide.eligible, base.eligible))  # a wider fence only adds layers
+    with pytest.warns(DeprecationWarning, match="k="):
+        old = lga(model, EDITS, fence=2.2)
+    assert old.eligible == wide.eligible and old.params["k"] == 2.2
+
+
+# --------------------------------------------------------------------------- the selectors' loss
+
+
+def ref_answer_cross_entropy(model, tok, prompt, answer, eos=False):
+    """Plain cross-entropy of the answer tokens (and EOS if asked) after the prompt."""
+    p = tok(prompt)["input_ids"]
+    t = tok(" " + answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + t])).logits[0].float()
+    return float(torch.nn.functional.cross_entropy(logits[len(p) - 1:-1], torch.tensor(t)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-bpe"])
+def test_selector_loss_is_cross_entropy_over_the_answer_tokens_only(arch):
+    model, tok = model_for(arch)
+    new = [ref_answer_cross_entropy(model, tok, p, t) for p, t, _ in triples(EDITS)]
+    old = [ref_answer_cross_entropy(model, tok, p, o) for p, _, o in triples(EDITS)]
+    for kw in ({}, {"append_eos": False}):  # the default is the papers' loss
+        g = gradratio(model, EDITS, TEXTS, min_layer=0, **kw)
+        r = lga(model, EDITS, **kw)
+        assert g.params["append_eos"] is False and r.params["append_eos"] is False
+        assert g.params["edit_loss"] == pytest.approx(np.mean(new), rel=1e-5)
+        assert r.params["new_loss"] == pytest.approx(np.mean(new), rel=1e-5)
+        assert r.params["old_loss"] == pytest.approx(np.mean(old), rel=1e-5)
+    with_eos = [ref_answer_cross_entropy(model, tok, p, t, eos=True) for p, t, _ in triples(EDITS)]
+    assert gradratio(model, EDITS, TEXTS, min_layer=0, append_eos=True).params["edit_loss"] == \
+        pytest.approx(np.mean(with_eos), rel=1e-5)
+    assert abs(np.mean(with_eos) - np.mean(new)) > 1e-3  # the EOS term is not negligible
 
 
 # --------------------------------------------------------------------------- result object

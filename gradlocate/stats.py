@@ -1,0 +1,828 @@
+"""The golden-layer study's statistics: pure functions on single-edit matrices.
+
+The study's instrument is the **single-edit matrix**: every edit trained alone at every
+layer, cell ``(i, l)`` scored on metrics (reliability, generalization, locality,
+portability: values in ``[0, 1]``, NaN where absent; capability and fluency on some
+cells; possibly a second replicate of the whole matrix, same edits with another seed or
+another prompt). Every function here takes such matrices (``numpy`` arrays
+``[edits, layers]``; a per-layer metric may be given as ``[layers]`` and is broadcast
+over the edits) and returns numbers or small result objects with ``to_dict()``.
+Layers are **column indices** ``0 .. L-1``; map them to model layers with the sweep's
+layer list. This module imports only numpy, scipy and the standard library.
+
+* :func:`overall` - every definition of "overall" per cell; :data:`DEFINITIONS`.
+* :func:`golden_layer`, :func:`own_optimum`, :func:`selection_gain` - the fixed best
+  layer, each edit's own best layer, and how much the second beats the first.
+* :func:`held_out_optimum`, :func:`null_selection_bias` - the winner's curse of the
+  own optimum, measured on a replicate or estimated under a permutation null.
+* :func:`paired_tests` - paired t, Wilcoxon signed-rank and sign-flip permutation tests.
+* :func:`bootstrap` - edits resampled jointly across every metric matrix.
+* :func:`transfer` - proxy -> test transfer of the golden layer over random splits.
+* :func:`rank_agreement` - Spearman and Kendall between a selector's scores and the truth.
+* :func:`damage_gate` - layers whose edits cost too much capability, excluded.
+
+Example:
+    >>> import numpy as np
+    >>> rel = np.array([[1.0, 1.0, 0.0], [1.0, 0.5, 0.0]])
+    >>> loc = np.array([[0.2, 0.9, 1.0], [0.4, 0.9, 1.0]])
+    >>> s = overall({"reliability": rel, "locality": loc}, "edit-only")
+    >>> s.tolist(), golden_layer(s)
+    ([[0.6, 0.95, 0.5], [0.7, 0.7, 0.5]], 1)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+__all__ = [
+    "EDIT_METRICS", "WEIGHTS", "GOLDEN_LAYERS_METRICS", "LOWER_IS_BETTER", "DEFINITIONS",
+    "overall", "golden_layer", "own_optimum", "selection_gain", "held_out_optimum", "null_selection_bias",
+    "paired_tests", "bootstrap", "transfer", "rank_agreement", "damage_gate",
+    "Optimum", "HeldOut", "NullBias", "PairedTests", "Bootstrap", "Transfer", "RankAgreement", "DamageGate",
+]
+
+#: The edit metrics: the "edit-only" overall is their mean per cell.
+EDIT_METRICS = ("reliability", "generalization", "locality")
+#: The "weighted" overall's default weights (gradlocate's sweep default, ``OVERALL_WEIGHTS``).
+WEIGHTS = {"reliability": 1.0, "generalization": 1.0, "locality": 1.0, "capability": 1.0, "fluency": 1.0}
+#: What the "golden-layers" overall averages, where given (``lm_loss``: lower is better).
+GOLDEN_LAYERS_METRICS = ("reliability", "generalization", "locality", "fluency", "lm_loss")
+#: Metrics where lower is better (negated before min-max normalisation).
+LOWER_IS_BETTER = ("lm_loss",)
+#: The overall definitions besides a single metric's name.
+DEFINITIONS = ("edit-only", "weighted", "golden-layers")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _short(v: Any) -> str:
+    v = _plain(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list) and len(v) > 8:
+        return "[" + ", ".join(_short(x) for x in v[:8]) + f", ... ({len(v)})]"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+class _Result:
+    """``to_dict()`` (JSON-ready: arrays as lists) and a short ``repr``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+    def __repr__(self) -> str:
+        shown = [f for f in fields(self) if f.repr]  # type: ignore[arg-type]
+        body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in shown)
+        return f"{type(self).__name__}({body})"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _matrix(x: Any, name: str = "score", ndim: int = 2) -> np.ndarray:
+    """``x`` as a float64 array of ``ndim`` dimensions (a clear error otherwise)."""
+    a = np.array(x, dtype=np.float64)
+    if a.ndim != ndim:
+        want = "[edits, layers]" if ndim == 2 else "[layers]"
+        raise ValueError(f"{name} must be a {ndim}-d array {want}, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape})")
+    if np.isinf(a).any():
+        raise ValueError(f"{name} has infinite values: scores must be finite or NaN (absent)")
+    return a
+
+
+def _mask(allowed: Any, n_layers: int) -> np.ndarray:
+    """``allowed`` (None, a bool mask ``[layers]`` or column indices) as a bool mask."""
+    if allowed is None:
+        return np.ones(n_layers, dtype=bool)
+    a = np.asarray(allowed)
+    if a.dtype == bool:
+        if a.shape != (n_layers,):
+            raise ValueError(f"allowed: a bool mask needs {n_layers} entries (one per layer), got shape {a.shape}")
+        return a.copy()
+    idx = [int(i) for i in a.ravel()]
+    bad = [i for i in idx if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"allowed: layer indices {bad} out of range 0..{n_layers - 1}")
+    m = np.zeros(n_layers, dtype=bool)
+    m[idx] = True
+    return m
+
+
+def _rng(seed: Any) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _interval(x: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of ``x`` (NaNs ignored) at ``level``."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(x, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- overall
+
+
+def _metric_matrices(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Every metric as ``[edits, layers]`` (``[layers]`` broadcast); shapes must agree."""
+    if not metrics:
+        raise ValueError("no metrics given: pass a dict name -> [edits, layers] array")
+    arrs = {k: np.array(v, dtype=np.float64) for k, v in metrics.items()}
+    full = [a.shape for a in arrs.values() if a.ndim == 2]
+    if not full:
+        raise ValueError("at least one metric must be a 2-d [edits, layers] matrix")
+    shape = full[0]
+    out = {}
+    for k, a in arrs.items():
+        if a.shape != shape and not (a.ndim == 1 and a.shape[0] == shape[1]):
+            raise ValueError(f"metric {k!r} has shape {a.shape}; expected {shape} or ({shape[1]},) "
+                             f"like the other metrics")
+        out[k] = _matrix(np.broadcast_to(a, shape), k)
+    return out
+
+
+def _weighted_mean(cells: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
+    """Per cell: the weighted mean of the values present (NaN where none is)."""
+    num = sum(np.where(np.isnan(v), 0.0, v) * w for v, w in cells)
+    den = sum(np.where(np.isnan(v), 0.0, w) for v, w in cells)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _minmax_cells(v: np.ndarray, lower_is_better: bool) -> np.ndarray:
+    """Cells mapped by the affine map that sends the layer means' min to 0 and max to 1."""
+    s = -v if lower_is_better else v
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(s, axis=0)
+    got = means[np.isfinite(means)]
+    if got.size == 0:
+        return np.full_like(v, np.nan)
+    lo, hi = float(got.min()), float(got.max())
+    if hi == lo:
+        return np.where(np.isnan(s), np.nan, 1.0)
+    return (s - lo) / (hi - lo)
+
+
+def overall(metrics: Mapping[str, Any], definition: str = "edit-only",
+            weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """The overall score of every cell ``[edits, layers]`` under one definition.
+
+    * a metric's name (``"reliability"``, ``"portability"``, ...): that metric alone.
+    * ``"edit-only"``: the mean of reliability, generalization and locality over those
+      present in the cell (an absent metric is left out, never counted as 0).
+    * ``"weighted"``: gradlocate's capability-aware overall, the weighted mean of the
+      metrics in ``weights`` (default :data:`WEIGHTS`: reliability, generalization,
+      locality, capability, fluency, each 1) present in the cell.
+    * ``"golden-layers"``: each of :data:`GOLDEN_LAYERS_METRICS` present is min-max
+      normalised across the layers (``lm_loss`` negated first), then the cell's mean is
+      taken. The normalisation is the affine map sending the smallest **layer mean** to 0
+      and the largest to 1 (a metric equal at every layer maps to 1), applied to every
+      cell, so the mean over edits of this overall is exactly ``SweepResult.metric
+      ("overall")`` of the sweep's per-layer means (``overall_kind="golden-layers"``); single cells
+      can fall outside ``[0, 1]``.
+      What the paper says: Golden Layers (Datta, Liu & Chhabra, arXiv 2602.20207) judges
+      a layer by the editing metrics of EasyEdit/KnowEdit (rewrite and rephrase accuracy,
+      locality, fluency) reported side by side; the copies of the paper we could read
+      (abstract and introduction) do not define a single normalised overall, so this
+      definition is gradlocate's (``sweep.py``), not a quotation of the paper. Its value
+      depends on which layers are swept, and bootstrap resamples re-normalise.
+
+    Args:
+        metrics: name -> ``[edits, layers]`` (or ``[layers]``, broadcast); NaN = absent.
+        definition: one of :data:`DEFINITIONS` or a key of ``metrics``.
+        weights: for ``"weighted"``: name -> weight (metrics not given are ignored).
+
+    Raises:
+        ValueError: unknown definition, disagreeing shapes, no metric of the definition given.
+
+    Example:
+        >>> rel = [[1.0, 0.0], [1.0, 1.0]]
+        >>> cap = [0.5, 1.0]                       # per layer, broadcast over edits
+        >>> overall({"reliability": rel, "capability": cap}, "weighted").tolist()
+        [[0.75, 0.5], [0.75, 1.0]]
+        >>> overall({"reliability": rel, "lm_loss": [3.0, 2.0]}, "golden-layers").tolist()
+        [[0.5, 0.0], [0.5, 1.0]]
+    """
+    m = _metric_matrices(metrics)
+    if definition in m:
+        return m[definition].copy()
+    if definition == "edit-only":
+        cells = [(m[k], 1.0) for k in EDIT_METRICS if k in m]
+    elif definition == "weighted":
+        w = dict(WEIGHTS if weights is None else weights)
+        cells = [(m[k], float(x)) for k, x in w.items() if k in m and x]
+    elif definition == "golden-layers":
+        cells = [(_minmax_cells(m[k], k in LOWER_IS_BETTER), 1.0) for k in GOLDEN_LAYERS_METRICS if k in m]
+    else:
+        raise ValueError(f"definition must be one of {DEFINITIONS} or a metric given ({sorted(m)}), "
+                         f"got {definition!r}")
+    if not cells:
+        raise ValueError(f"the {definition!r} overall needs at least one of its metrics; got {sorted(m)}")
+    return _weighted_mean(cells)
+
+
+# --------------------------------------------------------------------------- golden layer and own optimum
+
+
+def _layer_means(score: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(score, axis=0)
+
+
+def golden_layer(score: Any, allowed: Any = None) -> int:
+    """The golden layer: the column with the best mean over edits (NaN cells left out),
+    among the ``allowed`` ones (a bool mask ``[layers]`` or column indices, e.g.
+    :attr:`DamageGate.allowed`); ties go to the lowest layer.
+
+    Raises:
+        ValueError: not a 2-d matrix, or no allowed layer with any value.
+
+    Example:
+        >>> golden_layer([[0.2, 0.9, 0.9], [0.4, 0.7, 0.7]])
+        1
+        >>> golden_layer([[0.2, 0.9, 0.9], [0.4, 0.7, 0.7]], allowed=[0, 2])
+        2
+    """
+    s = _matrix(score)
+    means = _layer_means(s)
+    ok = _mask(allowed, s.shape[1]) & np.isfinite(means)
+    if not ok.any():
+        raise ValueError("no allowed layer has a score: every allowed column is NaN (or none is allowed)")
+    return int(np.flatnonzero(ok)[np.argmax(means[ok])])  # argmax: the first of ties
+
+
+@dataclass(repr=False)
+class Optimum(_Result):
+    """Each edit's own best layer (column) and its score there (ties: the lowest layer)."""
+
+    layers: np.ndarray
+    values: np.ndarray
+
+
+def own_optimum(score: Any, allowed: Any = None) -> Optimum:
+    """Each row's own optimum: the allowed column with the row's best score (NaN cells
+    left out; ties go to the lowest layer).
+
+    Raises:
+        ValueError: a row with no score in any allowed layer (the message names it).
+
+    Example:
+        >>> own_optimum([[0.1, 0.5, 0.5], [0.3, 0.3, 0.3], [0.9, float("nan"), 0.2]])
+        Optimum(layers=[1, 0, 0], values=[0.5, 0.3, 0.9])
+    """
+    s = _matrix(score)
+    ok = _mask(allowed, s.shape[1])
+    x = np.where(ok[None, :] & ~np.isnan(s), s, -np.inf)
+    empty = np.flatnonzero(np.isneginf(x).all(axis=1))
+    if empty.size:
+        raise ValueError(f"rows {empty.tolist()[:10]} have no score in any allowed layer (NaN-only rows)")
+    layers = np.argmax(x, axis=1)
+    return Optimum(layers, x[np.arange(len(x)), layers])
+
+
+def selection_gain(score: Any, allowed: Any = None) -> float:
+    """In-sample gain of the own optimum over the golden layer: the mean over rows of
+    (row's best score - its score at the golden layer), rows with a NaN at the golden
+    layer left out. Biased upward by selection (see :func:`null_selection_bias`).
+
+    Example:
+        >>> round(selection_gain([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), 4)
+        0.3333
+    """
+    s = _matrix(score)
+    g = golden_layer(s, allowed)
+    best = own_optimum(s, allowed).values
+    at_g = s[:, g]
+    keep = ~np.isnan(at_g)
+    return float(np.mean(best[keep] - at_g[keep]))
+
+
+# --------------------------------------------------------------------------- selection bias
+
+
+@dataclass(repr=False)
+class HeldOut(_Result):
+    """The own optimum chosen on one replicate and scored on another.
+
+    Attributes:
+        layers: each row's layer chosen on the selection replicate.
+        held_out: mean over rows of the evaluation score at that layer (unbiased by selection).
+        in_sample: mean over rows of the evaluation replicate's own optimum (biased up).
+        golden: mean evaluation score at the golden layer chosen on the selection replicate.
+        gain: ``held_out - golden``: what per-edit selection buys on fresh noise.
+        bias: ``in_sample - held_out``: the winner's curse seen on this data.
+        n: rows used (finite at both chosen layers).
+    """
+
+    layers: np.ndarray
+    held_out: float
+    in_sample: float
+    golden: float
+    gain: float
+    bias: float
+    n: int
+
+
+def held_out_optimum(select_scores: Any, eval_scores: Any, allowed: Any = None) -> HeldOut:
+    """Each row's optimum chosen on ``select_scores`` and scored on ``eval_scores`` (a
+    second replicate: same edits, another seed or prompt), with the golden layer treated
+    the same way (chosen on one, scored on the other). Selection and evaluation noise are
+    independent, so ``held_out`` carries no winner's curse; it is a lower bound of the
+    true per-edit optimum (a noisy choice can miss), ``in_sample`` an upper bound. With
+    two replicates, run it both ways and average (cross-fitting) to use all the data.
+
+    Raises:
+        ValueError: shapes differ, or NaN-only rows.
+
+    Example:
+        >>> sel = [[1.0, 0.0], [0.0, 1.0]]
+        >>> ev = [[0.8, 0.6], [0.7, 0.5]]
+        >>> h = held_out_optimum(sel, ev)
+        >>> h.layers.tolist(), round(h.held_out, 3), round(h.in_sample, 3), round(h.gain, 3)
+        ([0, 1], 0.65, 0.75, -0.1)
+    """
+    a, b = _matrix(select_scores, "select_scores"), _matrix(eval_scores, "eval_scores")
+    if a.shape != b.shape:
+        raise ValueError(f"select_scores {a.shape} and eval_scores {b.shape} must have the same shape")
+    layers = own_optimum(a, allowed).layers
+    g = golden_layer(a, allowed)
+    rows = np.arange(len(a))
+    picked, at_g = b[rows, layers], b[:, g]
+    keep = ~np.isnan(picked) & ~np.isnan(at_g)
+    if not keep.any():
+        raise ValueError("no row has evaluation scores at both its chosen layer and the golden layer")
+    best = own_optimum(b[keep], allowed).values
+    ho, gold = float(picked[keep].mean()), float(at_g[keep].mean())
+    ins = float(best.mean())
+    return HeldOut(layers, ho, ins, gold, ho - gold, ins - ho, int(keep.sum()))
+
+
+@dataclass(repr=False)
+class NullBias(_Result):
+    """The own optimum's gain over the golden layer, observed and under the null.
+
+    Attributes:
+        observed: :func:`selection_gain` of the data.
+        null_mean: the mean gain over null matrices: the selection bias to subtract.
+        null_interval: its percentile interval.
+        corrected: ``observed - null_mean``.
+        p_value: ``(1 + #{null gain >= observed}) / (1 + n)``.
+        n: null matrices drawn.
+    """
+
+    observed: float
+    null_mean: float
+    null_interval: tuple[float, float]
+    corrected: float
+    p_value: float
+    n: int
+
+
+def _double_centre(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Layer means, and residuals with row and layer effects removed (NaN kept), each row
+    scaled by ``sqrt(k / (k - 1))`` (``k`` its finite cells).
+
+    Centring a row of ``k`` i.i.d. errors leaves their differences intact but shrinks each
+    one's variance by ``(k - 1) / k``; once the cells are permuted into different rows the
+    differences would shrink by that too. The scale restores them, so that on pure noise
+    the null's gain matches the observed gain in expectation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        col = np.nanmean(s, axis=0)
+        r = s - col[None, :]
+        r = r - np.nanmean(r, axis=1, keepdims=True)
+    k = np.sum(~np.isnan(s), axis=1, keepdims=True).astype(np.float64)
+    return col, r * np.sqrt(np.where(k > 1, k / np.maximum(k - 1, 1), 1.0))
+
+
+def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any = None,
+                        level: float = 0.95) -> NullBias:
+    """Selection bias of the own optimum under a null where the layer labels carry no
+    row-specific information, to subtract from the observed gain.
+
+    The null: ``score[i, l] = row_i + layer_l + e[i, l]`` with the residuals of each
+    layer exchangeable across rows. Each null matrix keeps the layer means and permutes
+    each column's double-centred residuals across rows **independently per column**
+    (row effects cancel inside a row's argmax and are dropped; residuals are rescaled so
+    that centring does not shrink their within-row differences). This keeps every layer's
+    mean and residual distribution (heteroscedastic layers, ceiling effects of [0, 1]
+    scores, skew) and destroys only which rows do well at which layers - exactly the
+    row-specific information an own optimum claims. The gain of the own optimum over the
+    golden layer in such a matrix is pure winner's curse; on pure noise its mean equals
+    the observed gain in expectation. Where real row-specific optima exist, their spread
+    is in the residuals too and the null treats it as noise, and the null also breaks
+    residual correlation between neighbouring layers (more effective candidates): both
+    make ``null_mean`` err large, so ``corrected`` is a lower bound of the real gain (one
+    observation per cell cannot separate signal from noise) and ``p_value`` the test.
+    (A sign-flip null is wrong here - the residuals are not symmetric at a [0, 1]
+    ceiling - and a Gaussian null assumes what the permutation does not.) Prefer :func:`held_out_optimum` when a replicate exists:
+    it measures the bias instead of modelling it; use this when it does not.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> b = null_selection_bias(rng.normal(size=(200, 8)), n=50)
+        >>> b.null_mean > 0.5, abs(b.corrected) < 0.3
+        (True, True)
+    """
+    s = _matrix(score)
+    if n < 1:
+        raise ValueError(f"n (null matrices) must be >= 1, got {n}")
+    if s.shape[0] < 2:
+        raise ValueError(f"the permutation null needs at least 2 rows, got {s.shape[0]}")
+    observed = selection_gain(s, allowed)
+    col, r = _double_centre(s)
+    rng = _rng(seed)
+    mask = _mask(allowed, s.shape[1])
+    gains = np.empty(n)
+    for k in range(n):
+        perm = np.argsort(rng.random(r.shape), axis=0)  # an independent permutation per column
+        null = col[None, :] + np.take_along_axis(r, perm, axis=0)
+        scored = ~np.isnan(null[:, mask]).all(axis=1)  # NaN cells move: a null row may get none
+        gains[k] = selection_gain(null[scored], mask)
+    mean = float(gains.mean())
+    p = float((1 + np.sum(gains >= observed - 1e-12)) / (1 + n))
+    return NullBias(observed, mean, _interval(gains, level), observed - mean, p, n)
+
+
+# --------------------------------------------------------------------------- paired tests
+
+
+@dataclass(repr=False)
+class PairedTests(_Result):
+    """Paired comparisons of ``a`` and ``b`` (two-sided).
+
+    Attributes:
+        n: pairs used (both finite); dropped: pairs with a NaN.
+        mean_diff: mean of ``a - b``.
+        t, p_t: paired t-test (``scipy.stats.ttest_rel``; NaN if the differences are all equal).
+        w, p_wilcoxon, n_zero: Wilcoxon signed-rank (zero differences dropped, Wilcoxon's
+            own treatment; ``n_zero`` of them) - ``w`` is the smaller signed-rank sum.
+        p_permutation: sign-flip permutation test of the mean difference.
+        exact: whether the permutation p-value enumerates all ``2^n`` sign flips.
+    """
+
+    n: int
+    dropped: int
+    mean_diff: float
+    t: float
+    p_t: float
+    w: float
+    p_wilcoxon: float
+    n_zero: int
+    p_permutation: float
+    exact: bool
+
+
+def _sign_flip_p(d: np.ndarray, n_permutations: int, seed: int, exact_max: int) -> tuple[float, bool]:
+    """Two-sided sign-flip p-value of ``|mean(d)|``: exact when ``len(d) <= exact_max``
+    (``#{|mean(s d)| >= |mean(d)|} / 2^n``), else Monte Carlo ``(1 + hits) / (1 + N)``."""
+    obs = abs(d.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(d).max(initial=0.0)))
+    if len(d) <= exact_max:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        return float(np.mean(np.abs(signs @ d / len(d)) >= obs - tol)), True
+    signs = _rng(seed).choice((1.0, -1.0), size=(n_permutations, len(d)))
+    hits = int(np.sum(np.abs(signs @ d / len(d)) >= obs - tol))
+    return (1 + hits) / (1 + n_permutations), False
+
+
+def paired_tests(a: Any, b: Any, *, n_permutations: int = 10000, seed: int = 0, exact_max: int = 16) -> PairedTests:
+    """Paired t, Wilcoxon signed-rank and sign-flip permutation tests of ``a`` vs ``b``
+    (e.g. each edit's score at its held-out optimum vs at the golden layer).
+
+    Pairs with a NaN on either side are dropped. Wilcoxon: zero differences are dropped
+    before ranking (``zero_method="wilcox"``) - a zero says nothing about the sign - and
+    scipy's ``method="auto"`` chooses the exact or normal null; if every difference is
+    zero, ``w = 0`` and ``p_wilcoxon = 1``. The permutation test flips the signs of the
+    differences (their exchangeability under H0: no difference), exactly for
+    ``n <= exact_max``, else with ``n_permutations`` random flips.
+
+    Raises:
+        ValueError: lengths differ, or fewer than 2 complete pairs.
+
+    Example:
+        >>> r = paired_tests([0.9, 0.8, 0.7, 0.9, 0.6], [0.5, 0.6, 0.7, 0.4, 0.5])
+        >>> r.n, r.n_zero, round(r.mean_diff, 3), r.exact, round(r.p_permutation, 4)
+        (5, 1, 0.24, True, 0.125)
+    """
+    x, y = _matrix(a, "a", ndim=1), _matrix(b, "b", ndim=1)
+    if x.shape != y.shape:
+        raise ValueError(f"a and b must pair up: lengths {x.size} and {y.size}")
+    keep = ~np.isnan(x) & ~np.isnan(y)
+    x, y = x[keep], y[keep]
+    if x.size < 2:
+        raise ValueError(f"paired tests need at least 2 complete pairs, got {x.size}")
+    d = x - y
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = sps.ttest_rel(x, y)
+    nz = d[d != 0]
+    if nz.size:
+        wil = sps.wilcoxon(nz, zero_method="wilcox")
+        w, pw = float(wil.statistic), float(wil.pvalue)
+    else:
+        w, pw = 0.0, 1.0
+    pp, exact = _sign_flip_p(d, n_permutations, seed, exact_max)
+    return PairedTests(int(x.size), int((~keep).sum()), float(d.mean()), float(t.statistic), float(t.pvalue),
+                       w, pw, int(d.size - nz.size), pp, exact)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(repr=False)
+class Bootstrap(_Result):
+    """Edits resampled with replacement, jointly across every metric matrix.
+
+    Attributes:
+        golden: the golden layer of the full data.
+        golden_freq: per layer, the fraction of resamples whose golden layer it is.
+        p_golden: ``golden_freq[golden]``: how often the resample agrees.
+        layer_mean: the full data's mean overall per layer; layer_lo, layer_hi: its intervals.
+        golden_value: the best layer mean; golden_value_interval: the best mean's interval.
+        regret: name -> (full-data regret, lo, hi) of each given layer: the resample's best
+            layer mean minus the mean at that layer (0 when it is the golden layer).
+        n, level: resamples and interval level (percentile intervals).
+    """
+
+    golden: int
+    golden_freq: np.ndarray
+    p_golden: float
+    layer_mean: np.ndarray
+    layer_lo: np.ndarray
+    layer_hi: np.ndarray
+    golden_value: float
+    golden_value_interval: tuple[float, float]
+    regret: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    n: int = 0
+    level: float = 0.95
+
+
+def _summary(metrics: dict[str, np.ndarray], definition: str, weights: Any, allowed: np.ndarray,
+             chosen: Mapping[str, int]) -> tuple[int, np.ndarray, float, np.ndarray]:
+    """(golden, layer means, best mean, regret per chosen layer) of one (re)sample."""
+    s = overall(metrics, definition, weights)
+    means = _layer_means(s)
+    g = golden_layer(s, allowed)
+    regrets = np.array([means[g] - means[c] for c in chosen.values()])
+    return g, means, float(means[g]), regrets
+
+
+def bootstrap(metrics: Mapping[str, Any], definition: str = "edit-only", *, weights: Mapping[str, float] | None = None,
+              selectors: Mapping[str, int] | None = None, allowed: Any = None, n: int = 1000, seed: int = 0,
+              level: float = 0.95) -> Bootstrap:
+    """Bootstrap over edits: rows are resampled with replacement **jointly** across every
+    metric matrix (an edit keeps all its metrics at all layers), and the overall
+    (re-normalised for ``"golden-layers"``), the layer means, the golden layer and each
+    selector's regret are recomputed on every resample.
+
+    Args:
+        metrics: name -> ``[edits, layers]`` (or ``[layers]``), as in :func:`overall`.
+        definition: the overall's definition, as in :func:`overall`.
+        weights: the ``"weighted"`` overall's weights, as in :func:`overall`.
+        selectors: name -> the column a selector chose; its regret is reported.
+        allowed: layers eligible as golden (e.g. :attr:`DamageGate.allowed`).
+        n: resamples.
+        seed: the resampling seed.
+        level: the percentile intervals' level.
+
+    Example:
+        >>> rel = np.tile([0.2, 0.9, 0.4], (30, 1))
+        >>> b = bootstrap({"reliability": rel}, "reliability", selectors={"first": 0}, n=50)
+        >>> b.golden, b.p_golden, [round(v, 3) for v in b.regret["first"]]
+        (1, 1.0, [0.7, 0.7, 0.7])
+    """
+    m = _metric_matrices(metrics)
+    n_rows, n_layers = next(iter(m.values())).shape
+    if n < 1:
+        raise ValueError(f"n (resamples) must be >= 1, got {n}")
+    chosen = dict(selectors or {})
+    bad = {k: v for k, v in chosen.items() if not 0 <= int(v) < n_layers}
+    if bad:
+        raise ValueError(f"selectors {bad}: layer indices must be in 0..{n_layers - 1}")
+    mask = _mask(allowed, n_layers)
+    g0, means0, best0, reg0 = _summary(m, definition, weights, mask, chosen)
+    rng = _rng(seed)
+    goldens, means, bests, regs = np.empty(n, int), np.empty((n, n_layers)), np.empty(n), np.empty((n, len(chosen)))
+    for k in range(n):
+        rows = rng.integers(0, n_rows, n_rows)
+        goldens[k], means[k], bests[k], regs[k] = _summary({a: v[rows] for a, v in m.items()}, definition,
+                                                           weights, mask, chosen)
+    lohi = np.array([_interval(means[:, l], level) for l in range(n_layers)])
+    freq = np.bincount(goldens, minlength=n_layers) / n
+    regret = {name: (float(reg0[j]), *_interval(regs[:, j], level)) for j, name in enumerate(chosen)}
+    return Bootstrap(g0, freq, float(freq[g0]), means0, lohi[:, 0], lohi[:, 1], best0, _interval(bests, level),
+                     regret, n, level)
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+@dataclass(repr=False)
+class Transfer(_Result):
+    """Proxy -> test transfer of the golden layer over random splits of the edits.
+
+    Attributes:
+        agreement: fraction of splits where the proxy's golden layer is the test's.
+        regret_mean: mean test regret of using the proxy's golden layer (test best layer
+            mean minus the test mean at the proxy's layer).
+        regret_interval: its percentile interval over splits.
+        proxy_freq: per layer, how often the proxy picks it.
+        null_agreement: the agreement with the same split sizes on ``n_null`` matrices
+            whose rows are permuted across layers (no layer better than another): the
+            chance level *for this matrix* (NaN when ``n_null=0``).
+        p_null: ``(1 + #{null matrices' agreement >= agreement}) / (1 + n_null)``: the
+            chance agreement scatters as widely as the observed, so judge by this.
+        n_proxy, n_test, n_splits: split sizes and count.
+    """
+
+    agreement: float
+    regret_mean: float
+    regret_interval: tuple[float, float]
+    proxy_freq: np.ndarray
+    null_agreement: float
+    p_null: float
+    n_proxy: int
+    n_test: int
+    n_splits: int
+
+
+def _splits(s: np.ndarray, n_proxy: int, n_splits: int, rng: np.random.Generator,
+            mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per random split: (proxy golden == test golden, test regret of the proxy's, proxy's pick)."""
+    agree, regret, picks = np.empty(n_splits, bool), np.empty(n_splits), np.empty(n_splits, int)
+    for k in range(n_splits):
+        order = rng.permutation(len(s))
+        proxy, test = s[order[:n_proxy]], s[order[n_proxy:]]
+        picks[k], g_test = golden_layer(proxy, mask), golden_layer(test, mask)
+        tm = _layer_means(test)
+        agree[k], regret[k] = picks[k] == g_test, tm[g_test] - tm[picks[k]]
+    return agree, regret, picks
+
+
+def transfer(score: Any, n_proxy: int, n_splits: int = 200, seed: int = 0, allowed: Any = None,
+             level: float = 0.95, n_null: int = 0) -> Transfer:
+    """Split the rows at random ``n_splits`` times into ``n_proxy`` proxy edits and the
+    rest as test edits; on each split compare the proxy's golden layer with the test's.
+    Use at least 200 splits (the default) for a stable rate.
+
+    If every edit has the same best layer, agreement is 1. On pure noise it is ``1 / L``
+    in expectation over noise matrices, but **not for one matrix**: proxy and test are
+    complementary parts of a fixed whole (``proxy sum + test sum`` is fixed per layer),
+    so a layer high in the proxy tends to be low in the test, and one matrix's rate
+    scatters widely around ``1 / L`` (from near 0 to well above). Judge a rate by
+    ``p_null`` (``n_null > 0``): ``n_null`` matrices made from this one by permuting each
+    row's scores across the allowed layers, split the same way.
+
+    Raises:
+        ValueError: ``n_proxy`` not in ``1 .. edits - 1``, or ``n_splits < 1``.
+
+    Example:
+        >>> s = np.tile([0.1, 0.8, 0.3], (10, 1))
+        >>> t = transfer(s, n_proxy=4)
+        >>> t.agreement, t.regret_mean, t.proxy_freq.tolist()
+        (1.0, 0.0, [0.0, 1.0, 0.0])
+    """
+    s = _matrix(score)
+    n_rows, n_layers = s.shape
+    if not 1 <= n_proxy < n_rows:
+        raise ValueError(f"n_proxy must be in 1..{n_rows - 1} (the test split needs an edit), got {n_proxy}")
+    if n_splits < 1 or n_null < 0:
+        raise ValueError(f"n_splits must be >= 1 and n_null >= 0, got {n_splits} and {n_null}")
+    mask = _mask(allowed, n_layers)
+    rng = _rng(seed)
+    agree, regret, picks = _splits(s, n_proxy, n_splits, rng, mask)
+    null = []
+    for _ in range(n_null):
+        shuffled = s.copy()
+        cols = np.flatnonzero(mask)
+        shuffled[:, cols] = np.take_along_axis(s[:, cols], np.argsort(rng.random((n_rows, cols.size)), 1), 1)
+        null.append(_splits(shuffled, n_proxy, n_splits, rng, mask)[0].mean())
+    rate = float(agree.mean())
+    p = float((1 + sum(x >= rate - 1e-12 for x in null)) / (1 + n_null)) if null else math.nan
+    return Transfer(rate, float(np.nanmean(regret)), _interval(regret, level),
+                    np.bincount(picks, minlength=n_layers) / n_splits, float(np.mean(null)) if null else math.nan,
+                    p, n_proxy, n_rows - n_proxy, n_splits)
+
+
+# --------------------------------------------------------------------------- rank agreement
+
+
+@dataclass(repr=False)
+class RankAgreement(_Result):
+    """Rank correlations of a selector's per-layer scores with the truth (the sweep's
+    per-layer overall), over all layers and over the selector's allowed layers."""
+
+    spearman: float
+    kendall: float
+    n: int
+    spearman_allowed: float
+    kendall_allowed: float
+    n_allowed: int
+
+
+def _ranks(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 2:
+        return math.nan, math.nan, int(keep.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: scipy warns and returns nan
+        rho = sps.spearmanr(x[keep], y[keep]).statistic
+        tau = sps.kendalltau(x[keep], y[keep]).statistic
+    return float(rho), float(tau), int(keep.sum())
+
+
+def rank_agreement(selector_scores: Any, truth: Any, allowed: Any = None) -> RankAgreement:
+    """Spearman's rho and Kendall's tau-b (scipy) between what a selector maximises per
+    layer and the true per-layer score, over all layers and over ``allowed`` (the layers
+    the selector may pick: GradRatio's ``l >= l_min``, LGA's inside-the-fences).
+    Layers with a NaN on either side are left out; fewer than 2 layers give NaN.
+
+    Example:
+        >>> r = rank_agreement([3.0, 1.0, 2.0, 0.0], [0.9, 0.1, 0.5, 0.8], allowed=[0, 1, 2])
+        >>> round(r.spearman, 3), r.spearman_allowed, r.n_allowed
+        (0.4, 1.0, 3)
+    """
+    x, y = _matrix(selector_scores, "selector_scores", ndim=1), _matrix(truth, "truth", ndim=1)
+    if x.shape != y.shape:
+        raise ValueError(f"selector_scores and truth need one value per layer each: {x.size} vs {y.size}")
+    m = _mask(allowed, x.size)
+    return RankAgreement(*_ranks(x, y), *_ranks(x[m], y[m]))
+
+
+# --------------------------------------------------------------------------- damage gate
+
+
+@dataclass(repr=False)
+class DamageGate(_Result):
+    """Which layers' edits cost more capability than allowed.
+
+    Attributes:
+        allowed: per layer, not damaging (pass it to :func:`golden_layer` and friends).
+        damaging: the damaging layers' indices.
+        values: the per-layer value judged (mean over edits of a per-cell matrix).
+        threshold, higher_is_better: the rule.
+    """
+
+    allowed: np.ndarray
+    damaging: list[int]
+    values: np.ndarray
+    threshold: float
+    higher_is_better: bool
+
+
+def damage_gate(capability: Any, threshold: float, higher_is_better: bool = True) -> DamageGate:
+    """Flag layers whose edits damage the model: with ``higher_is_better`` (a capability
+    score, e.g. held-out perplexity before / after) a layer is damaging when its value
+    is below ``threshold``; otherwise (a cost, e.g. the held-out LM loss rise in nats) when
+    it is above. ``capability`` is per layer ``[layers]`` or per cell ``[edits, layers]``
+    (judged on the mean over edits). A layer with no value is not flagged.
+
+    Example:
+        >>> g = damage_gate([0.99, 0.60, 0.97], threshold=0.9)
+        >>> g.damaging, g.allowed.tolist()
+        ([1], [True, False, True])
+        >>> damage_gate([[0.05, 0.6], [0.15, 0.2]], threshold=0.3, higher_is_better=False).damaging
+        [1]
+    """
+    c = np.array(capability, dtype=np.float64)
+    if c.ndim not in (1, 2) or c.size == 0:
+        raise ValueError(f"capability must be [layers] or [edits, layers], got shape {c.shape}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    v = _layer_means(c) if c.ndim == 2 else c
+    bad = (v < threshold) if higher_is_better else (v > threshold)
+    bad &= np.isfinite(v)
+    return DamageGate(~bad, np.flatnonzero(bad).tolist(), v, float(threshold), bool(higher_is_better))
