@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +48,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from gradlocate import _compat
+from gradlocate.handles import Handles
+from gradlocate.state import input_device
 
 __all__ = [
     "ModelBusyError",
@@ -87,6 +90,7 @@ class _Session:
     envoy: Any = None
     had: dict = field(default_factory=dict)
     events: list = field(default_factory=list)
+    running: int = 0  # > 0 while run() makes a forward: tests check no forward happens outside it
 
 
 _sessions: weakref.WeakKeyDictionary[nn.Module, _Session] = weakref.WeakKeyDictionary()
@@ -188,37 +192,63 @@ def _registered(h: Any, events: list[_Event]) -> Iterator[None]:
             s.events.remove(e)
 
 
-def _order(h: Any) -> dict[str, tuple[tuple, tuple]]:
-    """For each module path interventions can touch, the keys of its call's start and
-    end in the forward's order: embedding, then each block (within a block a module's
-    children run between its start and end, attention before the MLP), then the head."""
-    cache = h._cache.get("order")
-    if cache is not None:
-        return cache
-    keys: dict[str, tuple[tuple, tuple]] = {}
-    if h.embed is not None:
-        keys[path_of(h, h.embed)] = ((0,), (0, 1))
-    template: dict[str, tuple[int, int]] = {}
-    counter = [0]
+def _order(h: Handles) -> dict[str, tuple[int, int]]:
+    """For each module path, the indices of its first call's start and end in the
+    model's real forward (recorded once per resolution, see :func:`_record_order`):
+    an intervention before a module is keyed by its start, one after it by its end."""
+    order = h._cache.get("order")
+    if order is None:
+        order = h._cache["order"] = _record_order(h)
+    return order
 
-    def visit(module: nn.Module, rel: str) -> None:
-        start = counter[0]
-        counter[0] += 1
-        children = list(module.named_children())
-        children.sort(key=lambda nc: 0 if any(w in nc[0].lower() for w in ("attn", "attention")) else 1)
-        for name, child in children:
-            visit(child, f"{rel}.{name}" if rel else name)
-        template[rel] = (start, counter[0])
-        counter[0] += 1
 
-    visit(h.blocks[0], "")
-    for j, bp in enumerate(h.block_paths):
-        for rel, (start, end) in template.items():
-            keys[f"{bp}.{rel}" if rel else bp] = ((1, j, start), (1, j, end))
-    if h.head is not None:
-        keys[path_of(h, h.head)] = ((2,), (2, 1))
-    h._cache["order"] = keys
-    return keys
+def _record_order(h: Handles) -> dict[str, tuple[int, int]]:
+    """One forward of ``h``'s model on a 2-token input with a pre- and a post-hook on
+    every module, counting each module's first call start and end on one clock. The
+    declaration order of children says nothing about the order a forward calls them in
+    (LLaMA declares its norms after the MLP). Hooks are removed and the model's modes
+    restored, also on errors; no gradient is recorded."""
+    root = h.root
+    clock = itertools.count()
+    first: dict[int, list[int]] = {}
+
+    def pre(m: nn.Module, args: Any) -> None:
+        first.setdefault(id(m), [next(clock), -1])
+
+    def post(m: nn.Module, args: Any, out: Any) -> None:
+        if first[id(m)][1] < 0:
+            first[id(m)][1] = next(clock)
+
+    modules = {id(m): m for m in root.modules()}
+    hooks = [hook for m in modules.values()
+             for hook in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    modes = [(m, m.training) for m in modules.values()]
+    ids = torch.zeros(1, 2, dtype=torch.long, device=input_device(root))
+    try:
+        root.eval()
+        with torch.no_grad():
+            root(input_ids=ids, **no_cache(root))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, t in modes:
+            m.training = t
+    return {name: (first[id(m)][0], first[id(m)][1])
+            for name, m in root.named_modules(remove_duplicate=False) if id(m) in first}
+
+
+def _keys(h: Handles, path: str) -> tuple[int, int]:
+    """:func:`_order`'s keys of ``path``, or an error saying why there are none."""
+    order = _order(h)
+    if path not in order:
+        try:
+            h.root.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"no module {path!r} in {type(h.root).__name__}: an intervention needs the path of "
+                             f"one of its modules (e.g. {h.block_paths[0]!r})") from None
+        raise ValueError(f"module {path!r} is never called in {type(h.root).__name__}'s forward (recorded on a "
+                         f"2-token input): an intervention there would never apply")
+    return order[path]
 
 
 def path_of(h: Any, module: nn.Module) -> str:
@@ -232,21 +262,26 @@ def path_of(h: Any, module: nn.Module) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def run(h: Any, **inputs: Any) -> Any:
+def run(h: Handles, **inputs: Any) -> Any:
     """One forward of ``h``'s model on ``inputs`` (keyword arguments of its forward),
     applying every intervention active in this thread. Returns the model's output, or
     ``None`` when a :func:`stop_after` ended it early. Without interventions it is a
-    plain call."""
+    plain call. Every forward gradlocate makes goes through here, so an intervention
+    active around any gradlocate function applies to all of its forwards."""
     s = _session(h)
-    if not s.events:
-        return h.root(**inputs)
-    order = _order(h)
+    s.running += 1
+    try:
+        return _traced(h, s, inputs) if s.events else h.root(**inputs)
+    finally:
+        s.running -= 1
+
+
+def _traced(h: Handles, s: _Session, inputs: dict[str, Any]) -> Any:
+    """The forward through nnsight, each active intervention applied at its module."""
     groups: dict[tuple[str, bool], list[_Event]] = {}
     for e in s.events:
-        if e.path not in order:
-            raise ValueError(f"no module {e.path!r} in the forward's order (embedding, blocks, head)")
         groups.setdefault((e.path, e.before), []).append(e)
-    steps = sorted(groups.items(), key=lambda kv: order[kv[0][0]][0 if kv[0][1] else 1])
+    steps = sorted(groups.items(), key=lambda kv: _keys(h, kv[0][0])[0 if kv[0][1] else 1])
     stops = any(e.phase == "stop" for e in s.events)
     env = s.envoy
     out = None

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlocate import EditEvaluation, LocalityReference, evaluate, locality_reference
+from gradlocate import EditEvaluation, LocalityReference, evaluate, locality_reference, resolve
 from gradlocate.evaluation import exact_match, greedy_generate, ngram_entropy, normalize_answer, truncate_at_stop
 from gradlocate.models import tiny
 
@@ -177,10 +177,10 @@ def test_teacher_forced_metrics_equal_independent_bpe(llama_bpe):
 def test_batched_generation_equals_unpadded_greedy(request, fixture):
     model, tok = request.getfixturevalue(fixture)
     prompts = ["The capital of France is", "Hi", "Who wrote Hamlet? Tell me now"]
-    got = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    got = greedy_generate(resolve(model, tok), prompts, max_new_tokens=6, batch_size=3)
     want = [ind_greedy(model, tok, p, 6) for p in prompts]
     assert got == want
-    got_long = greedy_generate(model, tok, prompts[:2], max_new_tokens=8, stops=(), batch_size=2)
+    got_long = greedy_generate(resolve(model, tok), prompts[:2], max_new_tokens=8, stops=(), batch_size=2)
     assert got_long == [ind_greedy(model, tok, p, 8, stops=()) for p in prompts[:2]]
 
 
@@ -251,7 +251,7 @@ def test_fluency_generation_does_not_stop_at_eos(gpt2):
         return out
     hook = model.lm_head.register_forward_hook(eos_first)
     try:
-        assert greedy_generate(model, tok, ["The capital of France is"], max_new_tokens=6, stops=()) == [""]
+        assert greedy_generate(resolve(model, tok), ["The capital of France is"], max_new_tokens=6, stops=()) == [""]
         prompt = "The capital of France is"
         ev = evaluate(model, EDITS[:1], generation=False, fluency=True, fluency_tokens=6)
         cont = ev.rows[0]["fluency_text"][len(prompt):]
@@ -273,7 +273,7 @@ def test_generation_refuses_nan_logits(gpt2):
         w[tok.eos_token_id + 1:, 0] = float("nan")
     try:
         with pytest.raises(NonFiniteLossError, match="during generation"):
-            greedy_generate(model, tok, ["Hi"], max_new_tokens=2, stops=())
+            greedy_generate(resolve(model, tok), ["Hi"], max_new_tokens=2, stops=())
     finally:
         with torch.no_grad():
             w.copy_(saved)
