@@ -335,13 +335,12 @@ def test_restored_with_noised(h):
 
 
 def two_children(h, j=1):
-    """The first and the last child of block ``j`` the forward calls (a norm and the MLP
-    or its dropout): their declaration order need not be their call order."""
-    order = interventions._order(h)
+    """Block ``j``'s first norm and its MLP: LLaMA, Gemma and NeoX declare the norm
+    after the MLP but call it first."""
     bp = h.block_paths[j]
-    kids = sorted((f"{bp}.{n}" for n, _ in h.blocks[j].named_children() if f"{bp}.{n}" in order),
-                  key=lambda p: order[p][0])
-    return kids[0], kids[-1]
+    names = [n for n, _ in h.blocks[j].named_children()]
+    norm = "input_layernorm" if "input_layernorm" in names else "ln_1"
+    return f"{bp}.{norm}", h.mlp_paths[j]
 
 
 @pytest.mark.parametrize("nesting", ["call order", "reversed"])
