@@ -316,3 +316,44 @@ def test_state_restored_and_result_api(gpt2):
     matplotlib.use("Agg")
     ax = ev.plot()
     assert len(ax.patches) >= 6
+
+
+# --------------------------------------------------------------------------- capability
+
+HELD_OUT = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees.", "A short one."]
+
+
+def plain_lm_loss(model, tok, texts, max_length=128):
+    """The held-out LM loss computed directly: one text at a time, no padding, the model's
+    logits and ``cross_entropy`` summed over every next token, divided by their count."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"][:max_length]])
+            logits = model(input_ids=ids).logits[0]
+            total += float(F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_capability_is_the_heldout_loss_with_generation_on_or_off(gpt2, generation):
+    """Capability is the loss on the held-out texts whether or not generation ran (the
+    generations once took the held-out texts' name, and capability scored the prompts)."""
+    model, tok = gpt2
+    ev = evaluate(model, EDITS, generation=generation, capability=HELD_OUT, max_new_tokens=3)
+    want = plain_lm_loss(model, tok, HELD_OUT)
+    assert ev.general["lm_loss"] == pytest.approx(want, rel=1e-5)
+    prompts = ["The capital of France is", "Who wrote Hamlet?", "Water boils at"]
+    assert abs(want - plain_lm_loss(model, tok, prompts)) > 1e-3  # what the bug scored differs
+    assert ev.params["capability"] == len(HELD_OUT)
+    assert set(ev.timings) == {"teacher_forced", "capability"} | ({"generation"} if generation else set())
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_no_capability_unless_asked(gpt2, generation):
+    model, tok = gpt2
+    ev = evaluate(model, EDITS, generation=generation, max_new_tokens=3)
+    assert "lm_loss" not in ev.general and ev.params["capability"] is None and "capability" not in ev.timings
