@@ -571,30 +571,62 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
         NonFiniteLossError: the model's outputs are NaN or infinite (names the prompts).
     """
     _check_sizes(batch_size, max_new_tokens)
+    plan = _plan(model, edits, tokenizer, pre, generation, fluency, capability)
+    m = _measure(plan, generation, max_new_tokens, batch_size, fluency_prompts, fluency_tokens, progress)
+    out = _assemble(plan.edits, plan.qs, m.tf, m.gens, plan.ref, m.fluency.scores, m.fluency.texts, m.timings,
+                    {"generation": generation, "fluency": plan.fluency, "max_new_tokens": max_new_tokens,
+                     "fluency_tokens": fluency_tokens if plan.fluency else None, "batch_size": batch_size,
+                     "capability": None if plan.texts is None else len(plan.texts), "pre": plan.ref is not None})
+    out.general = _general(out.fluency, m.lm, pre if isinstance(pre, EditEvaluation) else None)
+    if fluency and not plan.fluency:
+        out.notes.append(f"fluency: {type(plan.h.root).__name__} has no generate(), so nothing was generated to score")
+    return out
+
+
+class _Plan(NamedTuple):
+    """:func:`evaluate`'s inputs, checked: what it will measure."""
+
+    h: Handles
+    edits: list[EditRequest]
+    ref: LocalityReference | None  # the pre-edit locality predictions
+    qs: list[_Query]               # every (prompt, answer) to score
+    texts: list[str] | None        # held-out texts (capability), or None
+    fluency: bool                  # fluency asked for and possible (the model can generate)
+
+
+def _plan(model: Any, edits: Any, tokenizer: Any, pre: Any, generation: bool, fluency: bool,
+          capability: bool | Sequence[str] | None) -> _Plan:
     edits = as_edits(edits)
     h = resolve(model, tokenizer)  # encoder-only / seq2seq / head-less models: a clear error
-    ref = _checked_reference(pre, edits, generation)
-    qs = _queries(edits)
-    texts = _heldout(capability)
     can_generate = callable(getattr(h.root, "generate", None))  # a plain torch LM has no fluency to score
-    fluency_on = fluency and can_generate
-    names = (["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if fluency_on else [])
+    return _Plan(h, edits, _checked_reference(pre, edits, generation), _queries(edits), _heldout(capability),
+                 fluency and can_generate)
+
+
+class _Measured(NamedTuple):
+    """What :func:`evaluate`'s model calls produced."""
+
+    tf: list[tuple[float, list[int]]]  # per query: teacher-forced accuracy, predicted answer tokens
+    gens: list[str] | None             # per query: the greedy answer (generation on)
+    fluency: _FluencyTexts
+    lm: float | None                   # held-out LM loss (capability on)
+    timings: dict[str, float]
+
+
+def _measure(plan: _Plan, generation: bool, max_new_tokens: int, batch_size: int, fluency_prompts: int | None,
+             fluency_tokens: int, progress: bool | None) -> _Measured:
+    """Every stage's model calls, in one ``using`` block, timed, under one progress bar."""
+    h, qs, texts = plan.h, plan.qs, plan.texts
+    names = (["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if plan.fluency else [])
              + (["capability"] if texts else []))
     with _Stages(names, progress) as stages, using(h), torch.no_grad():
         tf = stages.run("teacher-forced", lambda: teacher_forced_scores(
             h, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size))
         gens = stages.run("generation", lambda: _generations(h, qs, max_new_tokens, batch_size)) if generation else None
-        flu = stages.run("fluency", lambda: _fluency(h, edits, fluency_prompts, fluency_tokens, batch_size)) \
-            if fluency_on else _FluencyTexts(None, [])
+        flu = stages.run("fluency", lambda: _fluency(h, plan.edits, fluency_prompts, fluency_tokens, batch_size)) \
+            if plan.fluency else _FluencyTexts(None, [])
         lm = stages.run("capability", lambda: text_loss(h, texts, batch_size=batch_size)) if texts else None
-    out = _assemble(edits, qs, tf, gens, ref, flu.scores, flu.texts, stages.timings,
-                    {"generation": generation, "fluency": fluency_on, "max_new_tokens": max_new_tokens,
-                     "fluency_tokens": fluency_tokens if fluency_on else None, "batch_size": batch_size,
-                     "capability": None if texts is None else len(texts), "pre": ref is not None})
-    out.general = _general(out.fluency, lm, pre if isinstance(pre, EditEvaluation) else None)
-    if fluency and not can_generate:
-        out.notes.append(f"fluency: {type(h.root).__name__} has no generate(), so nothing was generated to score")
-    return out
+    return _Measured(tf, gens, flu, lm, stages.timings)
 
 
 def _check_sizes(batch_size: Any, max_new_tokens: Any) -> None:
@@ -773,13 +805,7 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
             each_em, gen_scores[m] = _aggregate(per_em, m)
             for r, v in zip(rows, each_em):
                 r[f"{m}_em"] = v
-    notes = []
-    if loc_qs and ref is None:
-        notes.append("locality: no pre-edit predictions; pass pre=evaluate(model, edits) computed before the edit")
-    if not loc_qs:
-        notes.append("locality: the edits have no locality prompts")
-    if not any(q.kind == "portability" for q in qs):
-        notes.append("portability: the edits have no portability prompts")
+    notes = _notes(qs, ref)
     fluency = None
     if flu is not None:
         fluency = _mean(flu)
@@ -788,3 +814,16 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
     reference = _reference(edits, loc_qs, loc_tokens, [g for g, q in zip(gens, qs) if q.kind == "locality"]
                            if gens is not None else None) if loc_qs else None
     return EditEvaluation(teacher, gen_scores, fluency, rows, len(edits), reference, notes, params, timings)
+
+
+def _notes(qs: list[_Query], ref: LocalityReference | None) -> list[str]:
+    """Why a metric is unavailable."""
+    notes = []
+    has_loc = any(q.kind == "locality" for q in qs)
+    if has_loc and ref is None:
+        notes.append("locality: no pre-edit predictions; pass pre=evaluate(model, edits) computed before the edit")
+    if not has_loc:
+        notes.append("locality: the edits have no locality prompts")
+    if not any(q.kind == "portability" for q in qs):
+        notes.append("portability: the edits have no portability prompts")
+    return notes
