@@ -97,7 +97,7 @@ _sessions: weakref.WeakKeyDictionary[nn.Module, _Session] = weakref.WeakKeyDicti
 _sessions_lock = threading.Lock()
 
 
-def _session(h: Any) -> _Session:
+def _session(h: Handles) -> _Session:
     s = _sessions.get(h.root)
     if s is None or s.thread != threading.get_ident():
         raise RuntimeError("gradlocate.interventions: run() and the tools need an active `with using(h):` block "
@@ -106,7 +106,7 @@ def _session(h: Any) -> _Session:
 
 
 @contextlib.contextmanager
-def using(h: Any, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+def using(h: Handles, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
     """Own ``h``'s model for the block: eval mode (no dropout), gradients only for
     ``params`` (their ``.grad`` set aside and put back), nnsight's instrumentation on;
     every flag, mode, ``.grad`` and attribute is restored on exit, also on errors.
@@ -182,7 +182,7 @@ class _Event:
 
 
 @contextlib.contextmanager
-def _registered(h: Any, events: list[_Event]) -> Iterator[None]:
+def _registered(h: Handles, events: list[_Event]) -> Iterator[None]:
     s = _session(h)
     s.events.extend(events)
     try:
@@ -251,12 +251,18 @@ def _keys(h: Handles, path: str) -> tuple[int, int]:
     return order[path]
 
 
-def path_of(h: Any, module: nn.Module) -> str:
+def path_of(h: Handles, module: nn.Module) -> str:
     """The path of ``module`` from ``h``'s root (cached per resolution)."""
     paths = h._cache.setdefault("paths", {})
     if id(module) not in paths:
         paths[id(module)] = next((n for n, m in h.root.named_modules() if m is module), "")
     return paths[id(module)]
+
+
+def _path_of_required(h: Handles, module: nn.Module | None, what: str) -> str:
+    if module is None:
+        raise ValueError(f"{type(h.root).__name__} has no {what}: this intervention acts on it")
+    return path_of(h, module)
 
 
 # --------------------------------------------------------------------------- running
@@ -327,10 +333,10 @@ def no_cache(root: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if _compat.cache_argument(root) else {}
 
 
-def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos d"]:
+def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos d"] | Float[Tensor, "rows_pos d"]:
     """The state tensor of a module's output as ``[rows, pos, d]`` (a view: writing into
     it edits the output). Blocks return a tensor or a tuple led by it; OPT's MLP works on
-    flattened ``[rows * pos, d]`` states, reshaped with ``rows``."""
+    flattened ``[rows * pos, d]`` states, reshaped with ``rows`` (left flat without it)."""
     t = output[0] if isinstance(output, (tuple, list)) else output
     if t.dim() == 2 and rows is not None:
         return t.view(rows, -1, t.shape[-1])
@@ -345,7 +351,7 @@ def rewrappable(output: Any) -> bool:
                                           and isinstance(output[0], Tensor) and all(x is None for x in output[1:]))
 
 
-def rewrap(like: Any, hidden: Tensor) -> Any:
+def rewrap(like: Any, hidden: Float[Tensor, "rows pos d"]) -> Any:
     """``hidden`` in the structure of the block output ``like`` (see :func:`rewrappable`)."""
     return hidden if isinstance(like, Tensor) else (hidden, *like[1:])
 
@@ -367,7 +373,7 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture(h: Any, paths: Sequence[str], *, inputs: bool = False, outputs: bool = True,
+def capture(h: Handles, paths: Sequence[str], *, inputs: bool = False, outputs: bool = True,
             detach: bool = False) -> Iterator[Capture]:
     """Record the outputs (and with ``inputs=True`` the first inputs) of the modules at
     ``paths`` in every forward run inside the block; the last forward's are kept. A
@@ -399,7 +405,7 @@ def capture(h: Any, paths: Sequence[str], *, inputs: bool = False, outputs: bool
 
 
 @contextlib.contextmanager
-def replaced(h: Any, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
+def replaced(h: Handles, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
     """The output of the module at ``path`` becomes ``fn(output)`` in the forwards
     inside the block (``fn`` may also edit the output in place and return ``None``)."""
     with _registered(h, [_Event(path, "output", fn)]):
@@ -407,7 +413,7 @@ def replaced(h: Any, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def edited(h: Any, path: str, fn: Callable[[Tensor, Any], Any]) -> Iterator[None]:
+def edited(h: Handles, path: str, fn: Callable[[Float[Tensor, "rows pos d_in"], Any], Any]) -> Iterator[None]:
     """The output of the module at ``path`` becomes ``fn(input, output)`` (its first
     input), e.g. ``output + x @ delta[row].T``: a weight change per batch row, with no copy
     of the model."""
@@ -422,7 +428,7 @@ def edited(h: Any, path: str, fn: Callable[[Tensor, Any], Any]) -> Iterator[None
 
 
 @contextlib.contextmanager
-def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
+def noised(h: Handles, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
     """Add ``noise`` to the input embeddings at positions ``start .. start + n``
     (causal tracing's corruption of the subject tokens)."""
     def add(out: Tensor) -> Tensor:
@@ -430,7 +436,7 @@ def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[Non
         out[:, start:start + noise.shape[1]] += noise.to(out.dtype)
         return out
 
-    with replaced(h, path_of(h, h.embed), add):
+    with replaced(h, _path_of_required(h, h.embed, "input embedding (get_input_embeddings())"), add):
         yield
 
 
@@ -445,7 +451,7 @@ class Patch:
 
 
 @contextlib.contextmanager
-def restored(h: Any, patches: dict[str, Patch], rows: int | None = None) -> Iterator[None]:
+def restored(h: Handles, patches: dict[str, Patch], rows: int | None = None) -> Iterator[None]:
     """Write ``patches[path].values`` at (row, position) of each module's output in the
     forwards inside the block (ROME's restoration of clean states)."""
     def write(p: Patch) -> Callable[[Any], None]:
@@ -459,7 +465,7 @@ def restored(h: Any, patches: dict[str, Patch], rows: int | None = None) -> Iter
 
 
 @contextlib.contextmanager
-def from_layer(h: Any, layer: int, state: Callable[[], Any]) -> Iterator[None]:
+def from_layer(h: Handles, layer: int, state: Callable[[], Any]) -> Iterator[None]:
     """Blocks ``0 .. layer - 1`` do not run: block ``layer - 1`` returns ``state()`` (the
     residual stream entering block ``layer``, shaped like a block's output) and the ones
     below pass their input through. Layers that never change need not be recomputed."""
@@ -477,8 +483,8 @@ def from_layer(h: Any, layer: int, state: Callable[[], Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
-            skip: Callable[[Tensor], Any] | None = None) -> Iterator[None]:
+def head_at(h: Handles, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
+            skip: Callable[[Float[Tensor, "k d"]], Any] | None = None) -> Iterator[None]:
     """The LM head sees only the hidden states at ``(rows, pos)``, as one row
     ``[1, k, d]``: the model's logits come out ``[1, k, vocab]``. An edit scores a few
     target tokens of a longer sequence; the rest of the vocabulary projection is waste.
@@ -489,7 +495,7 @@ def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
         x = x[rows.to(x.device), pos.to(x.device)][None]
         return (x, *args[1:]), kwargs
 
-    path = path_of(h, h.head)
+    path = _path_of_required(h, h.head, "LM head (get_output_embeddings())")
     events = [_Event(path, "input", gather)]
     if skip is not None:
         events.append(_Event(path, "skip", lambda args, kwargs: skip(args[0][0])))
@@ -498,7 +504,7 @@ def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
 
 
 @contextlib.contextmanager
-def stop_after(h: Any, path: str) -> Iterator[None]:
+def stop_after(h: Handles, path: str) -> Iterator[None]:
     """The forward ends once the module at ``path`` has run (:func:`run` returns ``None``)."""
     with _registered(h, [_Event(path, "stop", lambda o: None)]):
         yield
