@@ -198,8 +198,17 @@ def _order(h: Handles) -> dict[str, tuple[int, int]]:
     an intervention before a module is keyed by its start, one after it by its end."""
     order = h._cache.get("order")
     if order is None:
-        order = h._cache["order"] = _record_order(h)
+        # Each resolution of a plain model is a new Handles: the order recorded for the
+        # same root with the same modules is reused (no extra forward per call).
+        layout = tuple((n, id(m)) for n, m in h.root.named_modules(remove_duplicate=False))
+        known = _orders.get(h.root)
+        order = known[1] if known is not None and known[0] == layout else _record_order(h)
+        _orders[h.root] = (layout, order)
+        h._cache["order"] = order
     return order
+
+
+_orders: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
 
 
 def _record_order(h: Handles) -> dict[str, tuple[int, int]]:

@@ -495,6 +495,27 @@ def test_recording_the_order_leaves_the_model_as_it_was(monkeypatch):
     model.eval()
 
 
+def test_order_is_recorded_once_per_model_layout():
+    """A new resolution of the same model reuses the recorded order (no extra forward
+    per call); new modules in the model are recorded again."""
+    import copy
+
+    model, tok = tiny("llama", n_layers=2, d_model=16)
+    widths: list[int] = []
+
+    def forward_once():
+        h = down_projections(model)
+        with using(h), torch.no_grad(), replaced(h, h.mlp_paths[1], lambda o: o * 2.0):
+            run(h, input_ids=ids_of(h, rows=1, width=6))
+
+    with hooked(("in", model, lambda a, k: widths.append(k["input_ids"].shape[1]))):
+        forward_once()
+        forward_once()
+        model.model.layers[1].mlp = copy.deepcopy(model.model.layers[1].mlp)
+        forward_once()
+    assert widths == [2, 6, 6, 2, 6]  # the 2-token forwards record the order
+
+
 # --------------------------------------------------------------------------- generation through run
 
 
