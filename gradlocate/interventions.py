@@ -5,7 +5,8 @@ Every tool is a context manager over a resolved model (:class:`~gradlocate.handl
 that puts everything back when its block ends. The tools that change a forward only
 register an intervention; :func:`run` makes one forward through nnsight - the same
 ``Envoy`` s the handles give users - and applies every intervention active in this
-thread at its module, in the order the forward reaches them.
+thread at its module, in the order the forward reaches them (recorded once from one
+real forward, not guessed from the modules' declaration order).
 
     using(h, params=())        own the model for the block: one thread at a time, eval mode,
                                grad only on ``params``, their ``.grad`` kept; all restored
@@ -194,8 +195,10 @@ def _registered(h: Handles, events: list[_Event]) -> Iterator[None]:
 
 def _order(h: Handles) -> dict[str, tuple[int, int]]:
     """For each module path, the indices of its first call's start and end in the
-    model's real forward (recorded once per resolution, see :func:`_record_order`):
-    an intervention before a module is keyed by its start, one after it by its end."""
+    model's real forward (:func:`_record_order`; cached in ``h._cache`` and, for later
+    resolutions, per model while its modules stay the same): an intervention before a
+    module is keyed by its start, one after it by its end. nnsight waits at each module
+    its trace body asks for, so the body must ask in this order."""
     order = h._cache.get("order")
     if order is None:
         # Each resolution of a plain model is a new Handles: the order recorded for the

@@ -614,3 +614,19 @@ def test_every_forward_goes_through_run(name):
         ENTRY_POINTS[name](model, tok)
     assert counts["outside"] == 0, f"{name}: {counts['outside']} forwards outside interventions.run"
     assert counts["inside"] > 0 or name == "embedding_std"  # embedding_std runs the embedding only
+
+
+def test_edit_loss_through_run_keeps_its_gradient():
+    """Routed through the kernel, ``edit_loss`` still differentiates into every weight
+    that requires a gradient, as the plain forward does (and leaves ``.grad`` alone)."""
+    from gradlocate.losses import per_sample_nll
+
+    model, tok = tiny("gpt2", n_layers=2, d_model=16)
+    batch = gl.tokenize_edits(tok, ["Paris is in", "Rome is"], ["Italy", "old"])
+    w = model.transformer.h[0].mlp.c_fc.weight
+    got, = torch.autograd.grad(gl.edit_loss(model, batch), w)
+    plain = per_sample_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                           batch.labels).mean()
+    want, = torch.autograd.grad(plain, w)
+    assert float(want.abs().max()) > 0 and w.grad is None
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
