@@ -46,18 +46,20 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
-from jaxtyping import Int
-from torch import Tensor, nn
+from jaxtyping import Float, Int
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from gradlocate import _compat
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.handles import resolve
-from gradlocate.interventions import no_cache, using
+from gradlocate.handles import Handles, resolve
+from gradlocate.interventions import no_cache, run, using
 from gradlocate.losses import (IGNORE, NonFiniteLossError, TokenBatch, context_length, logits_of, prompt_ids,
                                tokenize_edits)
 from gradlocate.state import input_device
@@ -80,6 +82,8 @@ __all__ = [
 METRICS = ("reliability", "generalization", "locality", "portability")
 #: Where a generated answer ends (besides EOS), as in LocFT-BF's evaluation.
 STOP_STRINGS = (".", "\n")
+
+_T = TypeVar("_T")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -309,39 +313,42 @@ def _queries(edits: Sequence[EditRequest]) -> list[_Query]:
 
 
 @torch.no_grad()
-def teacher_forced_scores(root: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
-                          batch_size: int = 32, chat: bool = False) -> list[tuple[float, list[int]]]:
+def teacher_forced_scores(h: Handles, prompts: Sequence[str], answers: Sequence[str], *,
+                          batch_size: int = 32) -> list[tuple[float, list[int]]]:
     """For each ``(prompt, answer)``: the fraction of answer tokens that are the argmax
     prediction given ``prompt + " " + answer`` up to that token, and the predicted
-    token ids at the answer positions.
+    token ids at the answer positions (prompts in ``h``'s format, ``h.chat``).
 
     Example:
+        >>> from gradlocate import resolve
         >>> from gradlocate.models import tiny
-        >>> model, tok = tiny("gpt2", n_layers=1, d_model=16)
-        >>> [(type(acc).__name__, len(ids)) for acc, ids in teacher_forced_scores(model, tok, ["Hi"], ["you"])]
+        >>> h = resolve(tiny("gpt2", n_layers=1, d_model=16)[0])
+        >>> [(type(acc).__name__, len(ids)) for acc, ids in teacher_forced_scores(h, ["Hi"], ["you"])]
         [('float', 4)]
     """
-    batch = tokenize_edits(tokenizer, prompts, answers, max_length=context_length(root), chat=chat).to(input_device(root))
+    root = h.root
+    batch = tokenize_edits(h.require_tokenizer(), prompts, answers, max_length=context_length(root),
+                           chat=h.chat).to(input_device(root))
     out: list[tuple[float, list[int]]] = []
-    for rows in torch.arange(len(batch)).split(batch_size):
-        mb = batch[rows.to(batch.input_ids.device)]
-        logits = _logits(root, mb.input_ids, mb.attention_mask)
-        finite = torch.isfinite(logits[:, :-1]).all(-1) | (mb.labels[:, 1:] == IGNORE)
-        if not bool(finite.all()):
-            bad = [prompts[int(rows[r])] for r in (~finite).any(1).nonzero().flatten().tolist()]
-            raise NonFiniteLossError(f"the model's outputs are not finite (NaN/inf) for {bad[:3]}: check its "
-                                     f"weights, or its dtype for overflow; no metric can be scored")
-        pred = logits[:, :-1].argmax(-1).cpu()
-        lab = mb.labels[:, 1:].cpu()
-        for p, l in zip(pred, lab):
-            m = l != IGNORE
-            out.append((float((p[m] == l[m]).float().mean()), p[m].tolist()))
+    with using(h):
+        for rows in torch.arange(len(batch)).split(batch_size):
+            mb = batch[rows.to(batch.input_ids.device)]
+            logits = _logits(h, mb.input_ids, mb.attention_mask)
+            finite = torch.isfinite(logits[:, :-1]).all(-1) | (mb.labels[:, 1:] == IGNORE)
+            if not bool(finite.all()):
+                bad = [prompts[int(rows[r])] for r in (~finite).any(1).nonzero().flatten().tolist()]
+                raise NonFiniteLossError(f"the model's outputs are not finite (NaN/inf) for {bad[:3]}: check its "
+                                         f"weights, or its dtype for overflow; no metric can be scored")
+            pred = logits[:, :-1].argmax(-1).cpu()
+            lab = mb.labels[:, 1:].cpu()
+            for p, l in zip(pred, lab):
+                m = l != IGNORE
+                out.append((float((p[m] == l[m]).float().mean()), p[m].tolist()))
     return out
 
 
-def _logits(root: nn.Module, ids: Tensor, am: Tensor) -> Tensor:
-    o = root(input_ids=ids, attention_mask=am, **no_cache(root))
-    return logits_of(o)
+def _logits(h: Handles, ids: Int[Tensor, "b t"], am: Int[Tensor, "b t"]) -> Float[Tensor, "b t vocab"]:
+    return logits_of(run(h, input_ids=ids, attention_mask=am, **no_cache(h.root)))
 
 
 def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any,
@@ -385,42 +392,100 @@ class _StopStrings:
 
 
 @torch.no_grad()
-def greedy_generate(root: nn.Module, tokenizer: Any, prompts: Sequence[str], *, chat: bool = False,
-                    max_new_tokens: int = 32, stops: Sequence[str] = STOP_STRINGS, batch_size: int = 32,
-                    fixed_length: bool = False) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded, with the KV cache of
-    ``model.generate``), each cut before its first stop string; EOS ends a
-    continuation too. ``stops=()`` generates ``max_new_tokens`` tokens (or up to EOS);
-    ``fixed_length=True`` never ends at EOS (its logit is masked until
-    ``max_new_tokens`` tokens exist), as ROME / EasyEdit generate for fluency.
+def greedy_generate(h: Handles, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                    stops: Sequence[str] = STOP_STRINGS, batch_size: int = 32, fixed_length: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded, with the key/value
+    cache, token for token what ``model.generate(do_sample=False)`` makes), each cut
+    before its first stop string; EOS ends a continuation too. ``stops=()`` generates
+    ``max_new_tokens`` tokens (or up to EOS); ``fixed_length=True`` never ends at EOS
+    (its logit is masked until ``max_new_tokens`` tokens exist), as ROME / EasyEdit
+    generate for fluency. Every forward goes through :func:`~gradlocate.interventions.run`.
 
     Example:
+        >>> from gradlocate import resolve
         >>> from gradlocate.models import tiny
-        >>> model, tok = tiny("llama", n_layers=1, d_model=16)
-        >>> out = greedy_generate(model, tok, ["Hi", "Hello there"], max_new_tokens=3, stops=())
+        >>> h = resolve(tiny("llama", n_layers=1, d_model=16)[0])
+        >>> out = greedy_generate(h, ["Hi", "Hello there"], max_new_tokens=3, stops=())
         >>> len(out), all(isinstance(t, str) for t in out)
         (2, True)
     """
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-    ctx = context_length(root)
-    eos = tokenizer.eos_token_id
+    tok = h.require_tokenizer()
+    ctx = context_length(h.root)
     out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start: start + batch_size])
-        ids, am = _left_pad(tokenizer, chunk, input_device(root), chat)
-        width = ids.shape[1]
-        budget = max_new_tokens if ctx is None else min(max_new_tokens, ctx - width)
-        if budget < 1:
-            raise ValueError(f"a prompt of {width} tokens leaves no room to generate in the model's context of {ctx}")
-        cfg = GenerationConfig(do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=eos, use_cache=True, min_new_tokens=budget if fixed_length else None)
-        criteria = StoppingCriteriaList([_StopStrings(tokenizer, width, stops)]) if stops else None
-        gen = root.generate(input_ids=ids, attention_mask=am, generation_config=cfg, stopping_criteria=criteria,
-                            logits_processor=LogitsProcessorList([_FiniteScores()]))
-        texts = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
-        out += [truncate_at_stop(t, stops) for t in texts]
+    with using(h):
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start: start + batch_size])
+            ids, am = _left_pad(tok, chunk, input_device(h.root), h.chat)
+            width = ids.shape[1]
+            budget = max_new_tokens if ctx is None else min(max_new_tokens, ctx - width)
+            if budget < 1:
+                raise ValueError(f"a prompt of {width} tokens leaves no room to generate in the model's context of {ctx}")
+            stop = _StopStrings(tok, width, stops) if stops else None
+            gen = _greedy_tokens(h, ids, am, budget, stop, fixed_length)
+            texts = tok.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
+            out += [truncate_at_stop(t, stops) for t in texts]
     return out
+
+
+def _greedy_tokens(h: Handles, ids: Int[Tensor, "b p"], am: Int[Tensor, "b p"], budget: int,
+                   stop: _StopStrings | None, fixed_length: bool) -> Int[Tensor, "b p_new"]:
+    """``ids`` and up to ``budget`` greedy tokens, as transformers' greedy search: the
+    scores are the last position's logits in float32 (EOS masked with ``fixed_length``),
+    a finished row gets pad tokens, and decoding ends once every row is finished."""
+    eos, pad = h.tokenizer.eos_token_id, h.tokenizer.pad_token_id
+    step = _Decoder(h, ids, am)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for n in range(budget):
+        scores = step.next_logits().float()
+        if fixed_length and eos is not None:
+            scores[:, eos] = -math.inf
+        _FiniteScores()(ids, scores)
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), scores.argmax(-1).to(ids.device))
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= nxt == eos if eos is not None else torch.zeros_like(done)
+        if stop is not None:
+            done |= stop(ids, scores).to(done.device)
+        if bool(done.all()) or n == budget - 1:
+            break
+        step.advance(nxt)
+    return ids
+
+
+class _Decoder:
+    """The forwards of greedy decoding, each through :func:`~gradlocate.interventions.run`:
+    the prompt once, then one token per step at the next position with the key/value
+    cache (under the forward's keyword for it, :func:`~gradlocate._compat.cache_argument`);
+    a forward that takes no cache gets the whole sequence each step."""
+
+    def __init__(self, h: Handles, ids: Int[Tensor, "b p"], am: Int[Tensor, "b p"]):
+        self.h, self.ids = h, ids
+        self.key = _compat.cache_argument(h.root)
+        self.pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # left padding: positions from the mask
+        self.with_pos = "position_ids" in inspect.signature(h.root.forward).parameters
+        self.am: Tensor | None = None if bool(am.all()) else am  # generate drops an all-ones mask
+        self.cache: Any = None
+        self.new = ids
+
+    def next_logits(self) -> Float[Tensor, "b vocab"]:
+        kw: dict[str, Any] = {"input_ids": self.new}
+        if self.am is not None:
+            kw["attention_mask"] = self.am
+        if self.with_pos:
+            kw["position_ids"] = self.pos[:, -self.new.shape[1]:]
+        if self.key is not None:
+            kw["use_cache"] = True
+            if self.cache is not None:
+                kw[self.key] = self.cache
+        out = run(self.h, **kw)
+        self.cache = _compat.returned_cache(out) if self.key is not None else None
+        return logits_of(out)[:, -1]
+
+    def advance(self, nxt: Int[Tensor, " b"]) -> None:
+        self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
+        self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], dim=1)
+        if self.am is not None:
+            self.am = torch.cat([self.am, self.am.new_ones(self.am.shape[0], 1)], dim=1)
+        self.new = nxt[:, None] if self.cache is not None else self.ids
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -451,12 +516,11 @@ def locality_reference(model: Any, edits: Any, *, tokenizer: Any = None, generat
     """
     edits = as_edits(edits)
     h = resolve(model, tokenizer)
-    root, tok = h.root, h.tokenizer
     qs = [q for q in _queries(edits) if q.kind == "locality"]
     with using(h), torch.no_grad():
         prompts, answers = [q.prompt for q in qs], [q.answer for q in qs]
-        tf = teacher_forced_scores(root, tok, prompts, answers, batch_size=batch_size, chat=h.chat) if qs else []
-        gens = greedy_generate(root, tok, prompts, chat=h.chat, max_new_tokens=max_new_tokens,
+        tf = teacher_forced_scores(h, prompts, answers, batch_size=batch_size) if qs else []
+        gens = greedy_generate(h, prompts, max_new_tokens=max_new_tokens,
                                batch_size=batch_size) if qs and generation else []
     return _reference(edits, qs, [t for _, t in tf], gens if generation else None)
 
@@ -506,82 +570,136 @@ def evaluate(model: Any, edits: Any, *, tokenizer: Any = None, pre: EditEvaluati
         HandleError: the model is not a causal LM (encoder-only, seq2seq, no LM head).
         NonFiniteLossError: the model's outputs are NaN or infinite (names the prompts).
     """
+    _check_sizes(batch_size, max_new_tokens)
+    plan = _plan(model, edits, tokenizer, pre, generation, fluency, capability)
+    m = _measure(plan, generation, max_new_tokens, batch_size, fluency_prompts, fluency_tokens, progress)
+    out = _assemble(plan.edits, plan.qs, m.tf, m.gens, plan.ref, m.fluency.scores, m.fluency.texts, m.timings,
+                    {"generation": generation, "fluency": plan.fluency, "max_new_tokens": max_new_tokens,
+                     "fluency_tokens": fluency_tokens if plan.fluency else None, "batch_size": batch_size,
+                     "capability": None if plan.texts is None else len(plan.texts), "pre": plan.ref is not None})
+    out.general = _general(out.fluency, m.lm, pre if isinstance(pre, EditEvaluation) else None)
+    if fluency and not plan.fluency:
+        out.notes.append(f"fluency: {type(plan.h.root).__name__} has no generate(), so nothing was generated to score")
+    return out
+
+
+class _Plan(NamedTuple):
+    """:func:`evaluate`'s inputs, checked: what it will measure."""
+
+    h: Handles
+    edits: list[EditRequest]
+    ref: LocalityReference | None  # the pre-edit locality predictions
+    qs: list[_Query]               # every (prompt, answer) to score
+    texts: list[str] | None        # held-out texts (capability), or None
+    fluency: bool                  # fluency asked for and possible (the model can generate)
+
+
+def _plan(model: Any, edits: Any, tokenizer: Any, pre: Any, generation: bool, fluency: bool,
+          capability: bool | Sequence[str] | None) -> _Plan:
+    edits = as_edits(edits)
+    h = resolve(model, tokenizer)  # encoder-only / seq2seq / head-less models: a clear error
+    can_generate = callable(getattr(h.root, "generate", None))  # a plain torch LM has no fluency to score
+    return _Plan(h, edits, _checked_reference(pre, edits, generation), _queries(edits), _heldout(capability),
+                 fluency and can_generate)
+
+
+class _Measured(NamedTuple):
+    """What :func:`evaluate`'s model calls produced."""
+
+    tf: list[tuple[float, list[int]]]  # per query: teacher-forced accuracy, predicted answer tokens
+    gens: list[str] | None             # per query: the greedy answer (generation on)
+    fluency: _FluencyTexts
+    lm: float | None                   # held-out LM loss (capability on)
+    timings: dict[str, float]
+
+
+def _measure(plan: _Plan, generation: bool, max_new_tokens: int, batch_size: int, fluency_prompts: int | None,
+             fluency_tokens: int, progress: bool | None) -> _Measured:
+    """Every stage's model calls, in one ``using`` block, timed, under one progress bar."""
+    h, qs, texts = plan.h, plan.qs, plan.texts
+    names = (["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if plan.fluency else [])
+             + (["capability"] if texts else []))
+    with _Stages(names, progress) as stages, using(h), torch.no_grad():
+        tf = stages.run("teacher-forced", lambda: teacher_forced_scores(
+            h, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size))
+        gens = stages.run("generation", lambda: _generations(h, qs, max_new_tokens, batch_size)) if generation else None
+        flu = stages.run("fluency", lambda: _fluency(h, plan.edits, fluency_prompts, fluency_tokens, batch_size)) \
+            if plan.fluency else _FluencyTexts(None, [])
+        lm = stages.run("capability", lambda: text_loss(h, texts, batch_size=batch_size)) if texts else None
+    return _Measured(tf, gens, flu, lm, stages.timings)
+
+
+def _check_sizes(batch_size: Any, max_new_tokens: Any) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    edits = as_edits(edits)
-    h = resolve(model, tokenizer)  # encoder-only / seq2seq / head-less models: a clear error
-    root, tok = h.root, h.tokenizer
+
+
+def _checked_reference(pre: Any, edits: Sequence[EditRequest], generation: bool) -> LocalityReference | None:
+    """``pre``'s locality reference, checked against ``edits`` and ``generation``."""
     ref = _as_reference(pre)
     if ref is not None:
         ref.check(edits)
         if generation and ref.generations is None:
             raise ValueError("pre= has no generations (it was computed with generation=False); "
                              "recompute it with generation=True or evaluate with generation=False")
-    qs = _queries(edits)
-    timings: dict[str, float] = {}
-    texts = None
-    if capability is not False and capability is not None:
-        from gradlocate.data import heldout_texts, load_texts
+    return ref
 
-        texts = heldout_texts() if capability is True else load_texts(capability)
-    stages = (["teacher-forced"] + (["generation"] if generation else []) + (["fluency"] if fluency else [])
-              + (["capability"] if texts else []))
-    bar = tqdm(stages, desc="evaluate", disable=None if progress is None else not progress, leave=False)
-    with using(h), torch.no_grad():
+
+def _heldout(capability: bool | Sequence[str] | None) -> list[str] | None:
+    """The held-out texts ``capability=`` asks for (``None``: capability is off)."""
+    if capability is False or capability is None:
+        return None
+    from gradlocate.data import heldout_texts, load_texts
+
+    return list(heldout_texts() if capability is True else load_texts(capability))
+
+
+class _Stages:
+    """The progress bar over :func:`evaluate`'s stages, and each stage's wall time."""
+
+    def __init__(self, names: list[str], progress: bool | None):
+        self.bar = tqdm(names, desc="evaluate", disable=None if progress is None else not progress, leave=False)
+        self.timings: dict[str, float] = {}
+
+    def __enter__(self) -> _Stages:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def run(self, name: str, fn: Callable[[], _T]) -> _T:
         t0 = time.perf_counter()
-        bar.set_postfix(stage="teacher-forced")
-        tf = teacher_forced_scores(root, tok, [q.prompt for q in qs], [q.answer for q in qs], batch_size=batch_size,
-                                   chat=h.chat)
-        timings["teacher_forced"] = time.perf_counter() - t0
-        bar.update()
-        gens: list[str] | None = None
-        if generation:
-            t0 = time.perf_counter()
-            bar.set_postfix(stage="generation")
-            unique = list(dict.fromkeys(q.prompt for q in qs))
-            answers = greedy_generate(root, tok, unique, chat=h.chat, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size)
-            texts = dict(zip(unique, answers))
-            gens = [texts[q.prompt] for q in qs]
-            timings["generation"] = time.perf_counter() - t0
-            bar.update()
-        flu: list[float] | None = None
-        flu_texts: list[str] = []
-        if fluency and not callable(getattr(root, "generate", None)):
-            fluency = False  # a plain torch LM cannot generate: fluency is absent, and says why
-            no_generate = True
-        else:
-            no_generate = False
-        if fluency:
-            t0 = time.perf_counter()
-            bar.set_postfix(stage="fluency")
-            prompts = [e.prompt for e in edits][:fluency_prompts]
-            # Fixed length: an edit trained with EOS after its target ends generation
-            # there, and every edited layer would score the same text.
-            cont = greedy_generate(root, tok, prompts, chat=h.chat, max_new_tokens=fluency_tokens, stops=(),
-                                   batch_size=batch_size, fixed_length=True)
-            flu_texts = [p + c for p, c in zip(prompts, cont)]
-            flu = [ngram_entropy(t) for t in flu_texts]
-            timings["fluency"] = time.perf_counter() - t0
-            bar.update()
-        lm = None
-        if texts:
-            t0 = time.perf_counter()
-            bar.set_postfix(stage="capability")
-            lm = text_loss(root, tok, texts, batch_size=batch_size)
-            timings["capability"] = time.perf_counter() - t0
-            bar.update()
-    bar.close()
-    out = _assemble(edits, qs, tf, gens, ref, flu, flu_texts, timings,
-                    {"generation": generation, "fluency": fluency, "max_new_tokens": max_new_tokens,
-                     "fluency_tokens": fluency_tokens if fluency else None, "batch_size": batch_size,
-                     "capability": None if texts is None else len(texts), "pre": ref is not None})
-    out.general = _general(out.fluency, lm, pre if isinstance(pre, EditEvaluation) else None)
-    if no_generate:
-        out.notes.append(f"fluency: {type(root).__name__} has no generate(), so nothing was generated to score")
-    return out
+        self.bar.set_postfix(stage=name)
+        out = fn()
+        self.timings[name.replace("-", "_")] = time.perf_counter() - t0
+        self.bar.update()
+        return out
+
+
+def _generations(h: Handles, qs: list[_Query], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Each query's greedy answer (each distinct prompt generated once)."""
+    unique = list(dict.fromkeys(q.prompt for q in qs))
+    answers = greedy_generate(h, unique, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    by_prompt = dict(zip(unique, answers))
+    return [by_prompt[q.prompt] for q in qs]
+
+
+class _FluencyTexts(NamedTuple):
+    scores: list[float] | None  # n-gram entropy per text; None: fluency not measured
+    texts: list[str]            # prompt + its fixed-length generation
+
+
+def _fluency(h: Handles, edits: Sequence[EditRequest], n_prompts: int | None, tokens: int,
+             batch_size: int) -> _FluencyTexts:
+    """ROME's fluency of fixed-length generations from the first ``n_prompts`` edit prompts."""
+    prompts = [e.prompt for e in edits][:n_prompts]
+    # Fixed length: an edit trained with EOS after its target ends generation
+    # there, and every edited layer would score the same text.
+    cont = greedy_generate(h, prompts, max_new_tokens=tokens, stops=(), batch_size=batch_size, fixed_length=True)
+    texts = [p + c for p, c in zip(prompts, cont)]
+    return _FluencyTexts([ngram_entropy(t) for t in texts], texts)
 
 
 def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None) -> dict[str, float | None]:
@@ -602,27 +720,29 @@ def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None
 
 
 @torch.no_grad()
-def text_loss(root: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
-              batch_size: int = 32) -> float:
+def text_loss(h: Handles, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 32) -> float:
     """The language-model loss on general texts: the mean next-token NLL over every
     scored token (each text cut to ``max_length`` tokens), as GradRatio's retain loss.
 
     Example:
+        >>> from gradlocate import resolve
         >>> from gradlocate.models import tiny
-        >>> model, tok = tiny("gpt2", n_layers=1, d_model=16)
-        >>> 5.0 < text_loss(model, tok, ["Some general text.", "Another one."]) < 6.0   # about log(258)
+        >>> h = resolve(tiny("gpt2", n_layers=1, d_model=16)[0])
+        >>> 5.0 < text_loss(h, ["Some general text.", "Another one."]) < 6.0   # about log(258)
         True
     """
     from gradlocate.losses import token_nll, tokenize_texts
 
-    ctx = context_length(root)
-    batch = tokenize_texts(tokenizer, list(texts), max_length=min(max_length, ctx or max_length)).to(input_device(root))
+    ctx = context_length(h.root)
+    batch = tokenize_texts(h.require_tokenizer(), list(texts),
+                           max_length=min(max_length, ctx or max_length)).to(input_device(h.root))
     total, count = 0.0, 0
-    for start in range(0, len(batch), batch_size):
-        mb = batch[torch.arange(start, min(len(batch), start + batch_size), device=batch.input_ids.device)]
-        nll = token_nll(_logits(root, mb.input_ids, mb.attention_mask), mb.labels)
-        total += float(nll.sum())
-        count += int((mb.labels[:, 1:] != IGNORE).sum())
+    with using(h):
+        for start in range(0, len(batch), batch_size):
+            mb = batch[torch.arange(start, min(len(batch), start + batch_size), device=batch.input_ids.device)]
+            nll = token_nll(_logits(h, mb.input_ids, mb.attention_mask), mb.labels)
+            total += float(nll.sum())
+            count += int((mb.labels[:, 1:] != IGNORE).sum())
     if not math.isfinite(total):
         raise NonFiniteLossError("the language-model loss on the held-out texts is not finite: the model outputs "
                                  "NaN/inf; check its weights, or its dtype for overflow")
@@ -685,13 +805,7 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
             each_em, gen_scores[m] = _aggregate(per_em, m)
             for r, v in zip(rows, each_em):
                 r[f"{m}_em"] = v
-    notes = []
-    if loc_qs and ref is None:
-        notes.append("locality: no pre-edit predictions; pass pre=evaluate(model, edits) computed before the edit")
-    if not loc_qs:
-        notes.append("locality: the edits have no locality prompts")
-    if not any(q.kind == "portability" for q in qs):
-        notes.append("portability: the edits have no portability prompts")
+    notes = _notes(qs, ref)
     fluency = None
     if flu is not None:
         fluency = _mean(flu)
@@ -700,3 +814,16 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
     reference = _reference(edits, loc_qs, loc_tokens, [g for g, q in zip(gens, qs) if q.kind == "locality"]
                            if gens is not None else None) if loc_qs else None
     return EditEvaluation(teacher, gen_scores, fluency, rows, len(edits), reference, notes, params, timings)
+
+
+def _notes(qs: list[_Query], ref: LocalityReference | None) -> list[str]:
+    """Why a metric is unavailable."""
+    notes = []
+    has_loc = any(q.kind == "locality" for q in qs)
+    if has_loc and ref is None:
+        notes.append("locality: no pre-edit predictions; pass pre=evaluate(model, edits) computed before the edit")
+    if not has_loc:
+        notes.append("locality: the edits have no locality prompts")
+    if not any(q.kind == "portability" for q in qs):
+        notes.append("portability: the edits have no portability prompts")
+    return notes

@@ -269,6 +269,23 @@ class Handles(Sequence[Handle]):
         n_layers, d_model, d_mlp, d_vocab: dimensions (``d_mlp`` is the site's input width).
     """
 
+    # Set once in __init__ (object.__setattr__: the instance is immutable); declared for type checkers.
+    model: Any
+    root: nn.Module
+    tokenizer: Any
+    chat: bool
+    blocks_path: str
+    site_path: str
+    blocks: tuple[nn.Module, ...]
+    block_paths: tuple[str, ...]
+    mlp_paths: tuple[str, ...] | None
+    attn_paths: tuple[str, ...] | None
+    embed: nn.Module | None
+    head: nn.Module | None
+    _handles: tuple[Handle, ...]
+    _user_nnsight: Any
+    _cache: dict[str, Any]  # the user-facing trace's wrapper; interventions' execution order and paths
+
     def __init__(self, model: Any, root: nn.Module, tokenizer: Any, blocks_path: str, site_path: str,
                  blocks: Sequence[nn.Module], mlp_inner: str | None, chat: bool = False):
         put = object.__setattr__
@@ -292,7 +309,7 @@ class Handles(Sequence[Handle]):
             handles.append(Handle(i, _join(p, site_path), mod, mod.weight, linear_dims(mod)[2], self))
         put(self, "_handles", tuple(handles))
         put(self, "_user_nnsight", model if _is_nnsight(model) else None)
-        put(self, "_cache", {"nnsight": None, "had": None})  # the user-facing trace's wrapper; orders
+        put(self, "_cache", {"nnsight": None, "had": None})
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Handles is immutable: resolve again (down_projections(...)) to change {name!r}")

@@ -5,7 +5,8 @@ Every tool is a context manager over a resolved model (:class:`~gradlocate.handl
 that puts everything back when its block ends. The tools that change a forward only
 register an intervention; :func:`run` makes one forward through nnsight - the same
 ``Envoy`` s the handles give users - and applies every intervention active in this
-thread at its module, in the order the forward reaches them.
+thread at its module, in the order the forward reaches them (recorded once from one
+real forward, not guessed from the modules' declaration order).
 
     using(h, params=())        own the model for the block: one thread at a time, eval mode,
                                grad only on ``params``, their ``.grad`` kept; all restored
@@ -36,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +49,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from gradlocate import _compat
+from gradlocate.handles import Handles
+from gradlocate.state import input_device
 
 __all__ = [
     "ModelBusyError",
@@ -87,13 +91,14 @@ class _Session:
     envoy: Any = None
     had: dict = field(default_factory=dict)
     events: list = field(default_factory=list)
+    running: int = 0  # > 0 while run() makes a forward: tests check no forward happens outside it
 
 
 _sessions: weakref.WeakKeyDictionary[nn.Module, _Session] = weakref.WeakKeyDictionary()
 _sessions_lock = threading.Lock()
 
 
-def _session(h: Any) -> _Session:
+def _session(h: Handles) -> _Session:
     s = _sessions.get(h.root)
     if s is None or s.thread != threading.get_ident():
         raise RuntimeError("gradlocate.interventions: run() and the tools need an active `with using(h):` block "
@@ -102,7 +107,7 @@ def _session(h: Any) -> _Session:
 
 
 @contextlib.contextmanager
-def using(h: Any, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+def using(h: Handles, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
     """Own ``h``'s model for the block: eval mode (no dropout), gradients only for
     ``params`` (their ``.grad`` set aside and put back), nnsight's instrumentation on;
     every flag, mode, ``.grad`` and attribute is restored on exit, also on errors.
@@ -178,7 +183,7 @@ class _Event:
 
 
 @contextlib.contextmanager
-def _registered(h: Any, events: list[_Event]) -> Iterator[None]:
+def _registered(h: Handles, events: list[_Event]) -> Iterator[None]:
     s = _session(h)
     s.events.extend(events)
     try:
@@ -188,40 +193,77 @@ def _registered(h: Any, events: list[_Event]) -> Iterator[None]:
             s.events.remove(e)
 
 
-def _order(h: Any) -> dict[str, tuple[tuple, tuple]]:
-    """For each module path interventions can touch, the keys of its call's start and
-    end in the forward's order: embedding, then each block (within a block a module's
-    children run between its start and end, attention before the MLP), then the head."""
-    cache = h._cache.get("order")
-    if cache is not None:
-        return cache
-    keys: dict[str, tuple[tuple, tuple]] = {}
-    if h.embed is not None:
-        keys[path_of(h, h.embed)] = ((0,), (0, 1))
-    template: dict[str, tuple[int, int]] = {}
-    counter = [0]
-
-    def visit(module: nn.Module, rel: str) -> None:
-        start = counter[0]
-        counter[0] += 1
-        children = list(module.named_children())
-        children.sort(key=lambda nc: 0 if any(w in nc[0].lower() for w in ("attn", "attention")) else 1)
-        for name, child in children:
-            visit(child, f"{rel}.{name}" if rel else name)
-        template[rel] = (start, counter[0])
-        counter[0] += 1
-
-    visit(h.blocks[0], "")
-    for j, bp in enumerate(h.block_paths):
-        for rel, (start, end) in template.items():
-            keys[f"{bp}.{rel}" if rel else bp] = ((1, j, start), (1, j, end))
-    if h.head is not None:
-        keys[path_of(h, h.head)] = ((2,), (2, 1))
-    h._cache["order"] = keys
-    return keys
+def _order(h: Handles) -> dict[str, tuple[int, int]]:
+    """For each module path, the indices of its first call's start and end in the
+    model's real forward (:func:`_record_order`; cached in ``h._cache`` and, for later
+    resolutions, per model while its modules stay the same): an intervention before a
+    module is keyed by its start, one after it by its end. nnsight waits at each module
+    its trace body asks for, so the body must ask in this order."""
+    order = h._cache.get("order")
+    if order is None:
+        # Each resolution of a plain model is a new Handles: the order recorded for the
+        # same root with the same modules is reused (no extra forward per call).
+        layout = tuple((n, id(m)) for n, m in h.root.named_modules(remove_duplicate=False))
+        known = _orders.get(h.root)
+        order = known[1] if known is not None and known[0] == layout else _record_order(h)
+        _orders[h.root] = (layout, order)
+        h._cache["order"] = order
+    return order
 
 
-def path_of(h: Any, module: nn.Module) -> str:
+_orders: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
+
+
+def _record_order(h: Handles) -> dict[str, tuple[int, int]]:
+    """One forward of ``h``'s model on a 2-token input with a pre- and a post-hook on
+    every module, counting each module's first call start and end on one clock. The
+    declaration order of children says nothing about the order a forward calls them in
+    (LLaMA declares its norms after the MLP). Hooks are removed and the model's modes
+    restored, also on errors; no gradient is recorded."""
+    root = h.root
+    clock = itertools.count()
+    first: dict[int, list[int]] = {}
+
+    def pre(m: nn.Module, args: Any) -> None:
+        first.setdefault(id(m), [next(clock), -1])
+
+    def post(m: nn.Module, args: Any, out: Any) -> None:
+        if first[id(m)][1] < 0:
+            first[id(m)][1] = next(clock)
+
+    modules = {id(m): m for m in root.modules()}
+    hooks = [hook for m in modules.values()
+             for hook in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    modes = [(m, m.training) for m in modules.values()]
+    ids = torch.zeros(1, 2, dtype=torch.long, device=input_device(root))
+    try:
+        root.eval()
+        with torch.no_grad():
+            root(input_ids=ids, **no_cache(root))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, t in modes:
+            m.training = t
+    return {name: (first[id(m)][0], first[id(m)][1])
+            for name, m in root.named_modules(remove_duplicate=False) if id(m) in first}
+
+
+def _keys(h: Handles, path: str) -> tuple[int, int]:
+    """:func:`_order`'s keys of ``path``, or an error saying why there are none."""
+    order = _order(h)
+    if path not in order:
+        try:
+            h.root.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"no module {path!r} in {type(h.root).__name__}: an intervention needs the path of "
+                             f"one of its modules (e.g. {h.block_paths[0]!r})") from None
+        raise ValueError(f"module {path!r} is never called in {type(h.root).__name__}'s forward (recorded on a "
+                         f"2-token input): an intervention there would never apply")
+    return order[path]
+
+
+def path_of(h: Handles, module: nn.Module) -> str:
     """The path of ``module`` from ``h``'s root (cached per resolution)."""
     paths = h._cache.setdefault("paths", {})
     if id(module) not in paths:
@@ -229,24 +271,35 @@ def path_of(h: Any, module: nn.Module) -> str:
     return paths[id(module)]
 
 
+def _path_of_required(h: Handles, module: nn.Module | None, what: str) -> str:
+    if module is None:
+        raise ValueError(f"{type(h.root).__name__} has no {what}: this intervention acts on it")
+    return path_of(h, module)
+
+
 # --------------------------------------------------------------------------- running
 
 
-def run(h: Any, **inputs: Any) -> Any:
+def run(h: Handles, **inputs: Any) -> Any:
     """One forward of ``h``'s model on ``inputs`` (keyword arguments of its forward),
     applying every intervention active in this thread. Returns the model's output, or
     ``None`` when a :func:`stop_after` ended it early. Without interventions it is a
-    plain call."""
+    plain call. Every forward gradlocate makes goes through here, so an intervention
+    active around any gradlocate function applies to all of its forwards."""
     s = _session(h)
-    if not s.events:
-        return h.root(**inputs)
-    order = _order(h)
+    s.running += 1
+    try:
+        return _traced(h, s, inputs) if s.events else h.root(**inputs)
+    finally:
+        s.running -= 1
+
+
+def _traced(h: Handles, s: _Session, inputs: dict[str, Any]) -> Any:
+    """The forward through nnsight, each active intervention applied at its module."""
     groups: dict[tuple[str, bool], list[_Event]] = {}
     for e in s.events:
-        if e.path not in order:
-            raise ValueError(f"no module {e.path!r} in the forward's order (embedding, blocks, head)")
         groups.setdefault((e.path, e.before), []).append(e)
-    steps = sorted(groups.items(), key=lambda kv: order[kv[0][0]][0 if kv[0][1] else 1])
+    steps = sorted(groups.items(), key=lambda kv: _keys(h, kv[0][0])[0 if kv[0][1] else 1])
     stops = any(e.phase == "stop" for e in s.events)
     env = s.envoy
     out = None
@@ -292,10 +345,10 @@ def no_cache(root: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if _compat.cache_argument(root) else {}
 
 
-def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos d"]:
+def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos d"] | Float[Tensor, "rows_pos d"]:
     """The state tensor of a module's output as ``[rows, pos, d]`` (a view: writing into
     it edits the output). Blocks return a tensor or a tuple led by it; OPT's MLP works on
-    flattened ``[rows * pos, d]`` states, reshaped with ``rows``."""
+    flattened ``[rows * pos, d]`` states, reshaped with ``rows`` (left flat without it)."""
     t = output[0] if isinstance(output, (tuple, list)) else output
     if t.dim() == 2 and rows is not None:
         return t.view(rows, -1, t.shape[-1])
@@ -310,7 +363,7 @@ def rewrappable(output: Any) -> bool:
                                           and isinstance(output[0], Tensor) and all(x is None for x in output[1:]))
 
 
-def rewrap(like: Any, hidden: Tensor) -> Any:
+def rewrap(like: Any, hidden: Float[Tensor, "rows pos d"]) -> Any:
     """``hidden`` in the structure of the block output ``like`` (see :func:`rewrappable`)."""
     return hidden if isinstance(like, Tensor) else (hidden, *like[1:])
 
@@ -332,7 +385,7 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture(h: Any, paths: Sequence[str], *, inputs: bool = False, outputs: bool = True,
+def capture(h: Handles, paths: Sequence[str], *, inputs: bool = False, outputs: bool = True,
             detach: bool = False) -> Iterator[Capture]:
     """Record the outputs (and with ``inputs=True`` the first inputs) of the modules at
     ``paths`` in every forward run inside the block; the last forward's are kept. A
@@ -364,7 +417,7 @@ def capture(h: Any, paths: Sequence[str], *, inputs: bool = False, outputs: bool
 
 
 @contextlib.contextmanager
-def replaced(h: Any, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
+def replaced(h: Handles, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
     """The output of the module at ``path`` becomes ``fn(output)`` in the forwards
     inside the block (``fn`` may also edit the output in place and return ``None``)."""
     with _registered(h, [_Event(path, "output", fn)]):
@@ -372,7 +425,7 @@ def replaced(h: Any, path: str, fn: Callable[[Any], Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def edited(h: Any, path: str, fn: Callable[[Tensor, Any], Any]) -> Iterator[None]:
+def edited(h: Handles, path: str, fn: Callable[[Float[Tensor, "rows pos d_in"], Any], Any]) -> Iterator[None]:
     """The output of the module at ``path`` becomes ``fn(input, output)`` (its first
     input), e.g. ``output + x @ delta[row].T``: a weight change per batch row, with no copy
     of the model."""
@@ -387,7 +440,7 @@ def edited(h: Any, path: str, fn: Callable[[Tensor, Any], Any]) -> Iterator[None
 
 
 @contextlib.contextmanager
-def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
+def noised(h: Handles, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
     """Add ``noise`` to the input embeddings at positions ``start .. start + n``
     (causal tracing's corruption of the subject tokens)."""
     def add(out: Tensor) -> Tensor:
@@ -395,7 +448,7 @@ def noised(h: Any, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[Non
         out[:, start:start + noise.shape[1]] += noise.to(out.dtype)
         return out
 
-    with replaced(h, path_of(h, h.embed), add):
+    with replaced(h, _path_of_required(h, h.embed, "input embedding (get_input_embeddings())"), add):
         yield
 
 
@@ -410,7 +463,7 @@ class Patch:
 
 
 @contextlib.contextmanager
-def restored(h: Any, patches: dict[str, Patch], rows: int | None = None) -> Iterator[None]:
+def restored(h: Handles, patches: dict[str, Patch], rows: int | None = None) -> Iterator[None]:
     """Write ``patches[path].values`` at (row, position) of each module's output in the
     forwards inside the block (ROME's restoration of clean states)."""
     def write(p: Patch) -> Callable[[Any], None]:
@@ -424,7 +477,7 @@ def restored(h: Any, patches: dict[str, Patch], rows: int | None = None) -> Iter
 
 
 @contextlib.contextmanager
-def from_layer(h: Any, layer: int, state: Callable[[], Any]) -> Iterator[None]:
+def from_layer(h: Handles, layer: int, state: Callable[[], Any]) -> Iterator[None]:
     """Blocks ``0 .. layer - 1`` do not run: block ``layer - 1`` returns ``state()`` (the
     residual stream entering block ``layer``, shaped like a block's output) and the ones
     below pass their input through. Layers that never change need not be recomputed."""
@@ -442,8 +495,8 @@ def from_layer(h: Any, layer: int, state: Callable[[], Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
-            skip: Callable[[Tensor], Any] | None = None) -> Iterator[None]:
+def head_at(h: Handles, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
+            skip: Callable[[Float[Tensor, "k d"]], Any] | None = None) -> Iterator[None]:
     """The LM head sees only the hidden states at ``(rows, pos)``, as one row
     ``[1, k, d]``: the model's logits come out ``[1, k, vocab]``. An edit scores a few
     target tokens of a longer sequence; the rest of the vocabulary projection is waste.
@@ -454,7 +507,7 @@ def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
         x = x[rows.to(x.device), pos.to(x.device)][None]
         return (x, *args[1:]), kwargs
 
-    path = path_of(h, h.head)
+    path = _path_of_required(h, h.head, "LM head (get_output_embeddings())")
     events = [_Event(path, "input", gather)]
     if skip is not None:
         events.append(_Event(path, "skip", lambda args, kwargs: skip(args[0][0])))
@@ -463,7 +516,7 @@ def head_at(h: Any, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
 
 
 @contextlib.contextmanager
-def stop_after(h: Any, path: str) -> Iterator[None]:
+def stop_after(h: Handles, path: str) -> Iterator[None]:
     """The forward ends once the module at ``path`` has run (:func:`run` returns ``None``)."""
     with _registered(h, [_Event(path, "stop", lambda o: None)]):
         yield

@@ -39,7 +39,7 @@ import torch
 from gradlocate.data import EditRequest, as_edits, load_texts
 from gradlocate.gradients import LayerGradients, edit_gradients, per_sample_inner_products, retain_gradients
 from gradlocate.handles import Handles, resolve
-from gradlocate.interventions import require_gradients, using
+from gradlocate.interventions import require_gradients, run, using
 from gradlocate.losses import SELECTOR_APPEND_EOS, context_length, logits_of, prompt_ids
 from gradlocate.memory import check_max_memory
 from gradlocate.results import LayerScores
@@ -310,7 +310,7 @@ def greedy_answers(model: Any, prompts: Sequence[str], *, tokenizer: Any = None,
             for _ in range(max_new_tokens):
                 if ctx is not None and len(ids) + len(new) >= ctx:
                     break
-                logits = logits_of(h.root(input_ids=torch.tensor([ids + new], device=dev)))
+                logits = logits_of(run(h, input_ids=torch.tensor([ids + new], device=dev)))
                 nxt = int(logits.float()[0, -1].argmax())
                 if nxt == eos:
                     break

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlocate import EditEvaluation, LocalityReference, evaluate, locality_reference
+from gradlocate import EditEvaluation, LocalityReference, evaluate, locality_reference, resolve
 from gradlocate.evaluation import exact_match, greedy_generate, ngram_entropy, normalize_answer, truncate_at_stop
 from gradlocate.models import tiny
 
@@ -177,10 +177,10 @@ def test_teacher_forced_metrics_equal_independent_bpe(llama_bpe):
 def test_batched_generation_equals_unpadded_greedy(request, fixture):
     model, tok = request.getfixturevalue(fixture)
     prompts = ["The capital of France is", "Hi", "Who wrote Hamlet? Tell me now"]
-    got = greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    got = greedy_generate(resolve(model, tok), prompts, max_new_tokens=6, batch_size=3)
     want = [ind_greedy(model, tok, p, 6) for p in prompts]
     assert got == want
-    got_long = greedy_generate(model, tok, prompts[:2], max_new_tokens=8, stops=(), batch_size=2)
+    got_long = greedy_generate(resolve(model, tok), prompts[:2], max_new_tokens=8, stops=(), batch_size=2)
     assert got_long == [ind_greedy(model, tok, p, 8, stops=()) for p in prompts[:2]]
 
 
@@ -251,7 +251,7 @@ def test_fluency_generation_does_not_stop_at_eos(gpt2):
         return out
     hook = model.lm_head.register_forward_hook(eos_first)
     try:
-        assert greedy_generate(model, tok, ["The capital of France is"], max_new_tokens=6, stops=()) == [""]
+        assert greedy_generate(resolve(model, tok), ["The capital of France is"], max_new_tokens=6, stops=()) == [""]
         prompt = "The capital of France is"
         ev = evaluate(model, EDITS[:1], generation=False, fluency=True, fluency_tokens=6)
         cont = ev.rows[0]["fluency_text"][len(prompt):]
@@ -273,7 +273,7 @@ def test_generation_refuses_nan_logits(gpt2):
         w[tok.eos_token_id + 1:, 0] = float("nan")
     try:
         with pytest.raises(NonFiniteLossError, match="during generation"):
-            greedy_generate(model, tok, ["Hi"], max_new_tokens=2, stops=())
+            greedy_generate(resolve(model, tok), ["Hi"], max_new_tokens=2, stops=())
     finally:
         with torch.no_grad():
             w.copy_(saved)
@@ -316,3 +316,44 @@ def test_state_restored_and_result_api(gpt2):
     matplotlib.use("Agg")
     ax = ev.plot()
     assert len(ax.patches) >= 6
+
+
+# --------------------------------------------------------------------------- capability
+
+HELD_OUT = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees.", "A short one."]
+
+
+def plain_lm_loss(model, tok, texts, max_length=128):
+    """The held-out LM loss computed directly: one text at a time, no padding, the model's
+    logits and ``cross_entropy`` summed over every next token, divided by their count."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"][:max_length]])
+            logits = model(input_ids=ids).logits[0]
+            total += float(F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_capability_is_the_heldout_loss_with_generation_on_or_off(gpt2, generation):
+    """Capability is the loss on the held-out texts whether or not generation ran (the
+    generations once took the held-out texts' name, and capability scored the prompts)."""
+    model, tok = gpt2
+    ev = evaluate(model, EDITS, generation=generation, capability=HELD_OUT, max_new_tokens=3)
+    want = plain_lm_loss(model, tok, HELD_OUT)
+    assert ev.general["lm_loss"] == pytest.approx(want, rel=1e-5)
+    prompts = ["The capital of France is", "Who wrote Hamlet?", "Water boils at"]
+    assert abs(want - plain_lm_loss(model, tok, prompts)) > 1e-3  # what the bug scored differs
+    assert ev.params["capability"] == len(HELD_OUT)
+    assert set(ev.timings) == {"teacher_forced", "capability"} | ({"generation"} if generation else set())
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_no_capability_unless_asked(gpt2, generation):
+    model, tok = gpt2
+    ev = evaluate(model, EDITS, generation=generation, max_new_tokens=3)
+    assert "lm_loss" not in ev.general and ev.params["capability"] is None and "capability" not in ev.timings

@@ -59,7 +59,7 @@ class Executor:
     """
 
     def __init__(self, h: Handles, layer: int, batch: TokenBatch, cache: str = "none", head: str = "full",
-                 delta: Tensor | None = None):
+                 delta: Float[Tensor, "rows d_out d_in"] | None = None):
         if cache not in CACHE_MODES or head not in HEAD_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES} and head one of {HEAD_MODES}, got {cache!r}, {head!r}")
         if cache == "residual" and layer == 0:
@@ -140,7 +140,8 @@ class Executor:
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def row_delta(x: Tensor, delta: Float[Tensor, "rows d_out d_in"]) -> Tensor:
+def row_delta(x: Float[Tensor, "rows pos d_in"] | Float[Tensor, "rows_pos d_in"],
+              delta: Float[Tensor, "rows d_out d_in"]) -> Float[Tensor, "rows pos d_out"] | Float[Tensor, "rows_pos d_out"]:
     """``x @ delta[r].T`` for each row ``r``: what a per-row weight change adds to a
     linear map's output (``x`` is ``[rows, pos, d_in]``, or OPT's flat ``[rows * pos, d_in]``)."""
     flat = x.dim() == 2

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gradlocate as gl
+from gradlocate import interventions
 from gradlocate.memory import check_max_memory, micro_batch_size, sequence_bytes
 from gradlocate.models import tiny
 from robust_helpers import EDITS, TEXTS, assert_same_state, model_state
@@ -16,7 +17,11 @@ EIGHT = [dict(e, prompt=e["prompt"] + "." * i) for i, e in enumerate(EDITS * 2)]
 
 @pytest.fixture(scope="module")
 def model_tok():
-    return tiny("gpt2", n_layers=3, d_model=32, n_ctx=64, seed=8)
+    model, tok = tiny("gpt2", n_layers=3, d_model=32, n_ctx=64, seed=8)
+    # The intervention kernel records the forward's module order once per model (one
+    # 2-token forward): done here, so the counts below are the computations' own.
+    interventions._order(gl.down_projections(model))
+    return model, tok
 
 
 class _Forwards:
