@@ -222,7 +222,7 @@ def plot_study(study: Any) -> Any:
     panels = 3 if study.samples is not None else 2
     fig, axes = plt.subplots(panels, 1, figsize=(9, 2.8 * panels), sharex=True)
     plot_sweep(study.sweep, ax=axes[0], title=f"{study.name}: LocFT-BF sweep (golden layer {study.golden})")
-    ys = {}
+    ys: dict[int, float] = {}
     for r in study.rows:
         if r.layer is not None:
             ys[r.layer] = ys.get(r.layer, 1.02) - 0.06
