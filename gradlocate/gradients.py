@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from gradlocate.data import as_edits, load_texts
 from gradlocate.dims import Weight
-from gradlocate.handles import Handle, Handles, resolve
+from gradlocate.handles import Handle, Handles, LayerSelection, resolve
 from gradlocate.interventions import capture, head_at, require_gradients, run, states, using
 from gradlocate.losses import (
     APPEND_EOS,
@@ -275,7 +275,7 @@ def _finish(loss_kind: str, handles: Sequence[Handle], bufs: list[Tensor], loss:
                           {"gradients": time.perf_counter() - t0})
 
 
-def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
+def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: LayerSelection = None,
                    batch_size: int = 8, append_eos: bool = APPEND_EOS, keep: bool = False,
                    progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the edit loss w.r.t. every selected layer's site weight.
@@ -335,7 +335,7 @@ def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Seq
     return _finish("edit", handles, bufs, loss, n, int(batch.n_scored.sum()), keep, params, t0)
 
 
-def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
+def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: LayerSelection = None,
                      batch_size: int = 8, max_length: int | None = 128, keep: bool = False,
                      progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the retain (language-model) loss w.r.t. every selected layer's site weight.
@@ -408,9 +408,9 @@ def ghost_inner_products(a1: Float[Tensor, "rows pos1 d_in"], d1: Float[Tensor, 
         True
     """
     if a1.dim() != 3 or a2.dim() != 3 or d1.dim() != 3 or d2.dim() != 3:
-        raise ValueError("ghost_inner_products takes [batch, pos, features] tensors")
+        raise ValueError("ghost_inner_products takes [rows, pos, features] tensors")
     if a1.shape[:2] != d1.shape[:2] or a2.shape[:2] != d2.shape[:2]:
-        raise ValueError(f"activations and gradients must share [batch, pos]: {tuple(a1.shape)} vs "
+        raise ValueError(f"activations and gradients must share [rows, pos]: {tuple(a1.shape)} vs "
                          f"{tuple(d1.shape)}, {tuple(a2.shape)} vs {tuple(d2.shape)}")
     if a1.shape[0] != a2.shape[0] or a1.shape[2] != a2.shape[2] or d1.shape[2] != d2.shape[2]:
         raise ValueError("the two gradients must have the same batch size and layer shape")
@@ -441,7 +441,7 @@ def _capture_rows(h: Handles, handles: Sequence[Handle], mb: TokenBatch) -> tupl
 
 def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Sequence[str],
                               targets_b: Sequence[str], *, tokenizer: Any = None,
-                              layers: Sequence[int] | int | None = None, batch_size: int = 8,
+                              layers: LayerSelection = None, batch_size: int = 8,
                               append_eos: bool = APPEND_EOS, progress: bool | None = None,
                               max_memory: int | None = None) -> SampleProducts:
     """``<grad_{W_l} L_a^i, grad_{W_l} L_b^i>_F`` for every sample ``i`` and layer ``l``,

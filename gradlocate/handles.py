@@ -29,7 +29,7 @@ import warnings
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, SupportsIndex, overload
+from typing import Any, SupportsIndex, TypeAlias, overload
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,7 @@ from gradlocate.discovery import (
 )
 
 __all__ = [
+    "LayerSelection",
     "Handle",
     "Handles",
     "DownProjection",
@@ -61,6 +62,10 @@ __all__ = [
     "validate_indices",
 ]
 
+
+#: A user's choice of layers (or any indices): an int, a sequence of ints (numpy ints
+#: too; negatives count from the end), or ``None`` for all. See :func:`validate_indices`.
+LayerSelection: TypeAlias = Iterable[SupportsIndex] | SupportsIndex | None
 
 # --------------------------------------------------------------------------- wrappers and tokenizers
 
@@ -368,7 +373,7 @@ class Handles(Sequence[Handle]):
     def parameters(self) -> list[nn.Parameter]:
         return [h.parameter for h in self._handles]
 
-    def layer_indices(self, layers: Iterable[SupportsIndex] | SupportsIndex | None) -> list[int]:
+    def layer_indices(self, layers: LayerSelection) -> list[int]:
         """Validate a user's layer selection (None = all; negatives count from the end)."""
         if layers is None:
             return list(range(len(self)))
