@@ -49,7 +49,7 @@ from typing import TypeAlias
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["TokenIds", "Logits", "Weight", "Residual"]
+__all__ = ["TokenIds", "Logits", "Weight"]
 
 #: A batch of token ids (input ids, labels, attention masks): ``[rows, pos]``.
 TokenIds: TypeAlias = Int[Tensor, "rows pos"]
@@ -57,5 +57,3 @@ TokenIds: TypeAlias = Int[Tensor, "rows pos"]
 Logits: TypeAlias = Float[Tensor, "rows pos vocab"]
 #: A site's weight as ``[d_out, d_in]`` (``[d_model, d_mlp]`` for a down-projection).
 Weight: TypeAlias = Float[Tensor, "d_model d_mlp"]
-#: Residual-stream activations of a batch: ``[rows, pos, d_model]``.
-Residual: TypeAlias = Float[Tensor, "rows pos d_model"]

@@ -25,5 +25,5 @@ def test_mypy_clean():
     # About a minute on one core the first time; mypy's cache (.mypy_cache/, git-ignored) speeds up the next.
     proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    out = (proc.stdout + proc.stderr).strip()
-    assert proc.returncode == 0, f"mypy reports errors (run `python -m mypy` from the repository root):\n{out}"
+    out, status = (proc.stdout + proc.stderr).strip(), proc.returncode
+    assert status == 0, f"mypy reports errors (run `python -m mypy` from the repository root):\n{out}"
