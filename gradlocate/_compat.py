@@ -119,7 +119,8 @@ def new_cache(root: nn.Module) -> Any:
     try:
         from transformers import DynamicCache
 
-        return DynamicCache(config=root.config)
+        config: Any = root.config  # AttributeError without one: no cache
+        return DynamicCache(config=config)
     except Exception:  # noqa: BLE001 - no cache: the caller recomputes instead
         return None
 
@@ -151,7 +152,7 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
     but ``from_pretrained(gguf_file=...)`` leaves the GGUF quantizer attached and
     ``save_pretrained`` refuses to serialise a quantized model."""
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # an attribute of transformers' PreTrainedModel, not nn.Module
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "quantization_config"):
         del cfg.quantization_config

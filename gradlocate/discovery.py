@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeAlias
 
 from torch import nn
 
@@ -35,6 +35,10 @@ _ATTENTION_WORDS = ("attn", "attention")
 _MOE_WORDS = ("experts", "moe", "sparse_moe", "block_sparse_moe")
 # Names that mark MLPs, to break ties between equally wide candidates.
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "fc", "down")
+
+
+#: A model's list of decoder blocks, as found (a ``layers=`` override may name an ``nn.Sequential``).
+Blocks: TypeAlias = nn.ModuleList | nn.Sequential
 
 
 class HandleError(ValueError):
@@ -53,8 +57,9 @@ def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
         return int(w.shape[0]), int(w.shape[1]), True
     if isinstance(module, (nn.Embedding, nn.LayerNorm)) or "norm" in type(module).__name__.lower():
         return None
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features), False
+    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if d_in is not None and d_out is not None:
+        return int(d_in), int(d_out), False
     return None
 
 
@@ -81,9 +86,9 @@ def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _block_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+def _block_lists(root: nn.Module) -> list[tuple[str, Blocks]]:
     """ModuleLists of >= 1 same-typed blocks that hold parameters, largest first."""
-    found = []
+    found: list[tuple[str, Blocks]] = []
     for name, mod in root.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             if len({type(c) for c in mod}) == 1 and _n_params(mod) > 0:
@@ -155,7 +160,7 @@ def check_causal_lm(root: nn.Module) -> None:
                       f"language-model head: {hint}")
 
 
-def _override_blocks(root: nn.Module, layers: str) -> nn.Module:
+def _override_blocks(root: nn.Module, layers: str) -> Blocks:
     try:
         blocks = root.get_submodule(layers)
     except AttributeError as e:
@@ -177,7 +182,7 @@ def _override_down(blocks_path: str, first: nn.Module, down: str) -> str:
     return down
 
 
-def find_structure(root: nn.Module, *, layers: str | None = None, down: str | None = None) -> tuple[str, str, Any]:
+def find_structure(root: nn.Module, *, layers: str | None = None, down: str | None = None) -> tuple[str, str, Blocks]:
     """``(blocks_path, site_path, blocks)``: the decoder-block list and the path of the
     editing site (the down-projection unless ``down=`` names another linear map) inside
     each block. Raises :class:`HandleError` naming what was searched."""
@@ -206,11 +211,12 @@ def find_structure(root: nn.Module, *, layers: str | None = None, down: str | No
                     f"override naming one linear map per block, e.g. down_projections(model, layers="
                     f"{blocks_path!r}, down='<path inside the block>'), or use a dense model. Modules in "
                     f"{blocks_path}.0: {inner}")
-            site = _find_down(first, d_model)
-            if site is None:
-                lin = [f"{n} {linear_dims(m)[:2]}" for n, m in first.named_modules() if n and linear_dims(m)]
+            found = _find_down(first, d_model)
+            if found is None:
+                lin = [f"{n} {dims[:2]}" for n, m in first.named_modules() if n and (dims := linear_dims(m))]
                 searched.append(f"{blocks_path} ({len(blocks)} x {type(first).__name__}; linear maps (in, out): {lin})")
                 continue
+            site = found
         for i, block in enumerate(blocks):
             try:
                 mod = block.get_submodule(site)

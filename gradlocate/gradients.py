@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from einops import einsum
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradlocate.data import as_edits, load_texts
-from gradlocate.handles import Handle, Handles, resolve
+from gradlocate.dims import Weight
+from gradlocate.handles import Handle, Handles, LayerSelection, resolve
 from gradlocate.interventions import capture, head_at, require_gradients, run, states, using
 from gradlocate.losses import (
     IGNORE,
@@ -103,7 +103,7 @@ class LayerGradients:
     loss: float
     n_sequences: int
     n_tokens: int
-    grads: list[Float[Tensor, "d_model d_mlp"]] | None = None
+    grads: list[Weight] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -167,15 +167,15 @@ class SampleProducts:
     """
 
     layers: list[int]
-    dot: Float[Tensor, "sample layer"]
-    sq_norm_a: Float[Tensor, "sample layer"]
-    sq_norm_b: Float[Tensor, "sample layer"]
-    loss_a: Float[Tensor, " sample"]
-    loss_b: Float[Tensor, " sample"]
+    dot: Float[Tensor, "edits layers"]
+    sq_norm_a: Float[Tensor, "edits layers"]
+    sq_norm_b: Float[Tensor, "edits layers"]
+    loss_a: Float[Tensor, " edits"]
+    loss_b: Float[Tensor, " edits"]
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def cosine(self) -> Float[Tensor, "sample layer"]:
+    def cosine(self) -> Float[Tensor, "edits layers"]:
         """Per-sample cosine similarity of the two gradients (nan where a norm is 0)."""
         den = (self.sq_norm_a * self.sq_norm_b).sqrt()
         return torch.where(den > 0, self.dot / den, torch.full_like(den, math.nan))
@@ -249,9 +249,9 @@ def _accumulate(h: Handles, handles: Sequence[Handle], batch: TokenBatch, loss_o
                     f"{desc}: the loss is {float(loss)} (in the micro-batch of {names}{' ...' if len(bad) > 5 else ''}); "
                     f"check the model for NaN/inf weights or overflow (e.g. float16: try bfloat16 or float32). "
                     f"No weight was changed")
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            found = torch.autograd.grad(loss, params, allow_unused=True)
             # A layer the loss does not reach (e.g. cut off by a custom head) gets zeros.
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(found, params)]
             if bufs is None:
                 bufs = [g.to(torch.float32) for g in grads]
             else:
@@ -275,7 +275,7 @@ def _finish(loss_kind: str, handles: Sequence[Handle], bufs: list[Tensor], loss:
                           {"gradients": time.perf_counter() - t0})
 
 
-def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
+def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: LayerSelection = None,
                    batch_size: int = 8, append_eos: bool = SELECTOR_APPEND_EOS, keep: bool = False,
                    progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the edit loss w.r.t. every selected layer's site weight.
@@ -337,7 +337,7 @@ def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: Seq
     return _finish("edit", handles, bufs, loss, n, int(batch.n_scored.sum()), keep, params, t0)
 
 
-def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: Sequence[int] | int | None = None,
+def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: LayerSelection = None,
                      batch_size: int = 8, max_length: int | None = 128, keep: bool = False,
                      progress: bool | None = None, max_memory: int | None = None) -> LayerGradients:
     """Gradient of the retain (language-model) loss w.r.t. every selected layer's site weight.
@@ -386,9 +386,9 @@ def retain_gradients(model: Any, texts: Any, *, tokenizer: Any = None, layers: S
 # --------------------------------------------------------------------------- ghost inner products
 
 
-def ghost_inner_products(a1: Float[Tensor, "batch pos1 d_in"], d1: Float[Tensor, "batch pos1 d_out"],
-                         a2: Float[Tensor, "batch pos2 d_in"], d2: Float[Tensor, "batch pos2 d_out"]
-                         ) -> Float[Tensor, " batch"]:
+def ghost_inner_products(a1: Float[Tensor, "rows pos1 d_in"], d1: Float[Tensor, "rows pos1 d_out"],
+                         a2: Float[Tensor, "rows pos2 d_in"], d2: Float[Tensor, "rows pos2 d_out"]
+                         ) -> Float[Tensor, " rows"]:
     """Per-row Frobenius inner products of two linear-layer weight gradients, from
     activations and output gradients only.
 
@@ -410,16 +410,16 @@ def ghost_inner_products(a1: Float[Tensor, "batch pos1 d_in"], d1: Float[Tensor,
         True
     """
     if a1.dim() != 3 or a2.dim() != 3 or d1.dim() != 3 or d2.dim() != 3:
-        raise ValueError("ghost_inner_products takes [batch, pos, features] tensors")
+        raise ValueError("ghost_inner_products takes [rows, pos, features] tensors")
     if a1.shape[:2] != d1.shape[:2] or a2.shape[:2] != d2.shape[:2]:
-        raise ValueError(f"activations and gradients must share [batch, pos]: {tuple(a1.shape)} vs "
+        raise ValueError(f"activations and gradients must share [rows, pos]: {tuple(a1.shape)} vs "
                          f"{tuple(d1.shape)}, {tuple(a2.shape)} vs {tuple(d2.shape)}")
     if a1.shape[0] != a2.shape[0] or a1.shape[2] != a2.shape[2] or d1.shape[2] != d2.shape[2]:
         raise ValueError("the two gradients must have the same batch size and layer shape")
     f = torch.float32 if a1.dtype in (torch.float16, torch.bfloat16, torch.float32) else a1.dtype
-    gram_d = einsum(d1.to(f), d2.to(f), "b t o, b s o -> b t s")
-    gram_a = einsum(a1.to(f), a2.to(f), "b t i, b s i -> b t s")
-    return einsum(gram_d, gram_a, "b t s, b t s -> b")
+    gram_d = torch.einsum("rto,rso->rts", d1.to(f), d2.to(f))  # rows, pos1 (t), pos2 (s), d_out (o)
+    gram_a = torch.einsum("rti,rsi->rts", a1.to(f), a2.to(f))  # d_in (i)
+    return torch.einsum("rts,rts->r", gram_d, gram_a)
 
 
 def _capture_rows(h: Handles, handles: Sequence[Handle], mb: TokenBatch) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -443,7 +443,7 @@ def _capture_rows(h: Handles, handles: Sequence[Handle], mb: TokenBatch) -> tupl
 
 def per_sample_inner_products(model: Any, prompts: Sequence[str], targets_a: Sequence[str],
                               targets_b: Sequence[str], *, tokenizer: Any = None,
-                              layers: Sequence[int] | int | None = None, batch_size: int = 8,
+                              layers: LayerSelection = None, batch_size: int = 8,
                               append_eos: bool = SELECTOR_APPEND_EOS, progress: bool | None = None,
                               max_memory: int | None = None) -> SampleProducts:
     """``<grad_{W_l} L_a^i, grad_{W_l} L_b^i>_F`` for every sample ``i`` and layer ``l``,

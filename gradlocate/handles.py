@@ -26,16 +26,18 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsIndex, TypeAlias, overload
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from gradlocate import _compat
+from gradlocate.dims import Weight
 from gradlocate.discovery import (
+    Blocks,
     HandleError,
     _find_down,
     attention_child,
@@ -46,6 +48,7 @@ from gradlocate.discovery import (
 )
 
 __all__ = [
+    "LayerSelection",
     "Handle",
     "Handles",
     "DownProjection",
@@ -59,6 +62,10 @@ __all__ = [
     "validate_indices",
 ]
 
+
+#: A user's choice of layers (or any indices): an int, a sequence of ints (numpy ints
+#: too; negatives count from the end), or ``None`` for all. See :func:`validate_indices`.
+LayerSelection: TypeAlias = Iterable[SupportsIndex] | SupportsIndex | None
 
 # --------------------------------------------------------------------------- wrappers and tokenizers
 
@@ -194,7 +201,7 @@ class Handle:
     owner: Handles | None = field(default=None, repr=False, compare=False)
 
     @property
-    def weight(self) -> Float[Tensor, "d_model d_mlp"]:
+    def weight(self) -> Weight:
         """The weight as ``[d_out, d_in]`` (``[d_model, d_mlp]`` for a down-projection),
         sharing storage with the model. Writing into it (``h.weight.add_(delta)``) edits
         the model. Detached from autograd: use :attr:`parameter` for gradients and
@@ -202,7 +209,7 @@ class Handle:
         w = self.parameter.detach()
         return w.T if self.transposed else w
 
-    def canonical(self, t: Tensor) -> Float[Tensor, "d_model d_mlp"]:
+    def canonical(self, t: Tensor) -> Weight:
         """A tensor laid out like :attr:`parameter` (e.g. its ``.grad``) as ``[d_out, d_in]``."""
         return t.T if self.transposed else t
 
@@ -287,7 +294,8 @@ class Handles(Sequence[Handle]):
     _cache: dict[str, Any]  # the user-facing trace's wrapper; interventions' execution order and paths
 
     def __init__(self, model: Any, root: nn.Module, tokenizer: Any, blocks_path: str, site_path: str,
-                 blocks: Sequence[nn.Module], mlp_inner: str | None, chat: bool = False):
+                 blocks: Blocks | Sequence[nn.Module], mlp_inner: str | None, chat: bool = False):
+        # blocks: the ModuleList (or Sequential) as found, or another Handles' tuple of them.
         put = object.__setattr__
         put(self, "model", model)
         put(self, "root", root)
@@ -299,14 +307,18 @@ class Handles(Sequence[Handle]):
         put(self, "block_paths", tuple(_join(blocks_path, str(i)) for i in range(len(blocks))))
         put(self, "mlp_paths", None if mlp_inner is None else tuple(_join(p, mlp_inner) for p in self.block_paths))
         attn = [attention_child(b) for b in blocks]
-        put(self, "attn_paths", None if None in attn else tuple(_join(p, a) for p, a in zip(self.block_paths, attn)))
+        attn_paths = tuple(_join(p, a) for p, a in zip(self.block_paths, attn) if a is not None)
+        put(self, "attn_paths", attn_paths if len(attn_paths) == len(attn) else None)
         get_in, get_out = getattr(root, "get_input_embeddings", None), getattr(root, "get_output_embeddings", None)
         put(self, "embed", _module_or_none(get_in))
         put(self, "head", _module_or_none(get_out))
         handles = []
         for i, p in enumerate(self.block_paths):
             mod = root.get_submodule(_join(p, site_path))
-            handles.append(Handle(i, _join(p, site_path), mod, mod.weight, linear_dims(mod)[2], self))
+            dims = linear_dims(mod)
+            if dims is None or not isinstance(mod.weight, nn.Parameter):  # find_structure checked every block
+                raise HandleError(f"{_join(p, site_path)} is not a linear map with a 2-D weight")
+            handles.append(Handle(i, _join(p, site_path), mod, mod.weight, dims[2], self))
         put(self, "_handles", tuple(handles))
         put(self, "_user_nnsight", model if _is_nnsight(model) else None)
         put(self, "_cache", {"nnsight": None, "had": None})
@@ -318,7 +330,13 @@ class Handles(Sequence[Handle]):
     def __len__(self) -> int:
         return len(self._handles)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> Handle: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Handle]: ...
+
+    def __getitem__(self, i: int | slice) -> Handle | list[Handle]:
         if isinstance(i, slice):
             return list(self._handles[i])
         n = len(self._handles)
@@ -356,7 +374,7 @@ class Handles(Sequence[Handle]):
     def parameters(self) -> list[nn.Parameter]:
         return [h.parameter for h in self._handles]
 
-    def layer_indices(self, layers: Sequence[int] | int | None) -> list[int]:
+    def layer_indices(self, layers: LayerSelection) -> list[int]:
         """Validate a user's layer selection (None = all; negatives count from the end)."""
         if layers is None:
             return list(range(len(self)))
@@ -456,7 +474,7 @@ def _mlp_inner_of(h: Handles) -> str | None:
     return h.mlp_paths[0][len(h.block_paths[0]) + 1:]
 
 
-def validate_indices(values: Sequence[int] | int, n: int, what: str, context: str) -> list[int]:
+def validate_indices(values: Iterable[SupportsIndex] | SupportsIndex, n: int, what: str, context: str) -> list[int]:
     """Check user-given indices into a length-``n`` axis: ints (numpy ints too), in
     ``-n..n-1`` (negatives count from the end), non-empty, no duplicates.
 
@@ -464,14 +482,15 @@ def validate_indices(values: Sequence[int] | int, n: int, what: str, context: st
         >>> validate_indices([-1, 0], 4, "layer", "the model has 4 layers")
         [3, 0]
     """
-    import numbers
-
+    items: Iterable[object]
     if isinstance(values, numbers.Integral) and not isinstance(values, bool):
-        values = [values]
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | range) and not hasattr(values, "__iter__"):
+        items = [values]
+    elif isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{what}s must be an int or a sequence of ints, got {values!r}")
+    else:
+        items = list(values)
     out: list[int] = []
-    for v in values:
+    for v in items:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{what}s must be ints, got {v!r}")
         v = int(v)
@@ -481,7 +500,7 @@ def validate_indices(values: Sequence[int] | int, n: int, what: str, context: st
     if not out:
         raise ValueError(f"{what}s is empty: give at least one {what} index")
     if len(set(out)) != len(out):
-        raise ValueError(f"{what}s has duplicates: {list(values)}")
+        raise ValueError(f"{what}s has duplicates: {list(items)}")
     return out
 
 

@@ -80,14 +80,14 @@ class TokenBatch:
     """A right-padded batch with labels.
 
     Attributes:
-        input_ids: token ids, ``[batch, pos]``.
+        input_ids: token ids, ``[rows, pos]``.
         attention_mask: 1 for real tokens, 0 for padding.
         labels: the ids to score at each position, ``-100`` elsewhere.
     """
 
-    input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    labels: Int[Tensor, "batch pos"]
+    input_ids: Int[Tensor, "rows pos"]
+    attention_mask: Int[Tensor, "rows pos"]
+    labels: Int[Tensor, "rows pos"]
 
     def to(self, device: Any) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
@@ -104,7 +104,7 @@ class TokenBatch:
         return TokenBatch(ids[:, :width], am[:, :width], lab[:, :width])
 
     @property
-    def n_scored(self) -> Int[Tensor, " batch"]:
+    def n_scored(self) -> Int[Tensor, " rows"]:
         """Number of scored (next-token) positions per row."""
         return (self.labels[:, 1:] != IGNORE).sum(1)
 
@@ -200,7 +200,7 @@ def tokenize_edits(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str
             raise ValueError(f"edit {i}: target {t!r} tokenizes to no tokens")
         if not p_ids:
             raise ValueError(f"edit {i}: prompt {p!r} tokenizes to no tokens")
-        if append_eos and t_ids[-1:] != [eos]:
+        if append_eos and eos is not None and t_ids[-1:] != [eos]:  # eos is not None: checked above
             t_ids = t_ids + [eos]
         ids = p_ids + t_ids
         if max_length is not None and len(ids) > max_length:
@@ -251,7 +251,7 @@ def _pad(tokenizer: Any, rows: list[list[int]], labels: list[list[int]]) -> Toke
     return TokenBatch(ids, am, lab)
 
 
-def token_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
+def token_nll(logits: Float[Tensor, "rows pos vocab"], labels: Int[Tensor, "rows pos"]) -> Float[Tensor, "rows pos-1"]:
     """Next-token NLL at every position (0 where not scored), in float32."""
     lp = logits[:, :-1].float().log_softmax(-1)
     tgt = labels[:, 1:]
@@ -260,7 +260,7 @@ def token_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "bat
     return nll * mask
 
 
-def per_sample_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+def per_sample_nll(logits: Float[Tensor, "rows pos vocab"], labels: Int[Tensor, "rows pos"]) -> Float[Tensor, " rows"]:
     """Mean NLL of each row's scored tokens (the per-edit loss of GradRatio eq. 1)."""
     n = (labels[:, 1:] != IGNORE).sum(1)
     if bool((n == 0).any()):
@@ -292,17 +292,17 @@ def edit_loss(model: Any, batch: TokenBatch) -> Float[Tensor, ""]:
     return per_sample_nll(logits_of(out), batch.labels).mean()
 
 
-def scored_positions(labels: Int[Tensor, "batch pos"]) -> tuple[Int[Tensor, " k"], Int[Tensor, " k"]]:
+def scored_positions(labels: Int[Tensor, "rows pos"]) -> tuple[Int[Tensor, " k"], Int[Tensor, " k"]]:
     """``(rows, positions)`` of every logit that is scored: position ``t`` predicts ``labels[:, t + 1]``."""
     rows, pos = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
     return rows, pos
 
 
-def edit_nll(logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "1 k vocab"],
-             labels: Int[Tensor, "batch pos"], *, scored_only: bool = False) -> Float[Tensor, " batch"]:
+def edit_nll(logits: Float[Tensor, "#rows _ vocab"], labels: Int[Tensor, "rows pos"], *,
+             scored_only: bool = False) -> Float[Tensor, " rows"]:
     """The edit loss of each row: the mean NLL of its scored (target) tokens, in float32.
 
-    ``logits`` are the model's full ``[batch, pos, vocab]`` logits, or with
+    ``logits`` are the model's full ``[rows, pos, vocab]`` logits, or with
     ``scored_only`` only those at the scored positions ``[1, k, vocab]`` in
     :func:`scored_positions` order (what the model returns under
     :func:`~gradlocate.interventions.head_at`).
@@ -325,7 +325,7 @@ def edit_nll(logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "1 k vocab
     return per_sample_nll(logits, labels.to(logits.device))
 
 
-def row_means(values: Float[Tensor, " k"], rows: Int[Tensor, " k"], n_rows: int) -> Float[Tensor, " batch"]:
+def row_means(values: Float[Tensor, " k"], rows: Int[Tensor, " k"], n_rows: int) -> Float[Tensor, " rows"]:
     """Mean of ``values`` per row index (every row must have at least one value)."""
     total = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
     count = torch.bincount(rows, minlength=n_rows).to(values.dtype)
@@ -341,7 +341,7 @@ class _HeadNLL(torch.autograd.Function):
     edit batch reading that weight is most of the cost. Float32; no gradient for the head."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,  # type: ignore[override]
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 chunk: int) -> Tensor:
         h32 = h.float()
         run_max = torch.full((h32.shape[0], 1), -math.inf, device=h.device)
@@ -365,7 +365,7 @@ class _HeadNLL(torch.autograd.Function):
         return run_max.squeeze(1) + run_sum.squeeze(1).log() - logit_t
 
     @staticmethod
-    def backward(ctx: Any, grad_nll: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_nll: Tensor) -> tuple[Tensor | None, ...]:
         (grad_h,) = ctx.saved_tensors
         return (grad_h * grad_nll.unsqueeze(1)).to(ctx.h_dtype), None, None, None, None
 
@@ -386,7 +386,7 @@ def head_nll(states: Float[Tensor, "k d_model"], head: Any, target: Int[Tensor, 
     return _HeadNLL.apply(states, head.weight, getattr(head, "bias", None), target, chunk)
 
 
-def lm_loss(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+def lm_loss(logits: Float[Tensor, "rows pos vocab"], labels: Int[Tensor, "rows pos"]) -> Float[Tensor, ""]:
     """GradRatio eq. 2: mean next-token NLL over every scored token of the batch."""
     n = (labels[:, 1:] != IGNORE).sum()
     return token_nll(logits, labels).sum() / n

@@ -28,6 +28,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from gradlocate.handles import Handles
+
 __all__ = ["sequence_bytes", "micro_batch_size", "check_max_memory"]
 
 # Values kept per token and layer for the backward pass, in units of d_model / d_mlp.
@@ -63,12 +65,12 @@ def _vocab(root: Any) -> int:
     return int(getattr(getattr(root, "config", None), "vocab_size", 0) or 0)
 
 
-def sequence_bytes(handles: Any, seq_len: int, *, scored: int | None = None, backward: bool = True,
+def sequence_bytes(handles: Handles, seq_len: int, *, scored: int | None = None, backward: bool = True,
                    stored_per_token: int = 0) -> int:
     """Estimated activation bytes of one sequence of ``seq_len`` tokens.
 
     Args:
-        handles: the model's :class:`~gradlocate.handles.DownProjections`.
+        handles: the model's :class:`~gradlocate.handles.Handles`.
         seq_len: tokens in the sequence (the widest of the micro-batch).
         scored: positions at which the output head's logits are kept (default all).
         backward: a forward and backward pass (``False``: a forward without grad,

@@ -60,8 +60,9 @@ def _finish(model: torch.nn.Module, tok: Any) -> tuple[Any, Any]:
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tok.pad_token_id
+    config: Any = model.config  # a transformers model's PretrainedConfig
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tok.pad_token_id
     model.gradlocate_tokenizer = tok
     return model, tok
 

@@ -12,7 +12,7 @@ ELIGIBLE = "#1f77b4"
 EXCLUDED = "#c7c7c7"
 
 
-def _axes(ax: Any, figsize: tuple[float, float] = (8, 3)) -> Any:
+def _axes(ax: Any, figsize: tuple[float, float] = (8.0, 3.0)) -> Any:
     if ax is not None:
         return ax
     import matplotlib.pyplot as plt
@@ -48,7 +48,7 @@ def plot_training_loss(history: Any, ax: Any = None, *, threshold: float | None 
                        title: str | None = None) -> Any:
     """Mean training loss per epoch (e.g. :attr:`gradlocate.LocFTBF.history`), with the
     stopping threshold as a dashed line."""
-    ax = _axes(ax, (5, 3))
+    ax = _axes(ax, (5.0, 3.0))
     epochs = list(range(1, len(history) + 1))
     ax.plot(epochs, list(history), marker="o", color=ELIGIBLE, label="epoch mean loss")
     if threshold is not None and threshold > 0:
@@ -65,7 +65,7 @@ def plot_training_loss(history: Any, ax: Any = None, *, threshold: float | None 
 def plot_edit_evaluation(result: Any, ax: Any = None, *, title: str | None = None) -> Any:
     """Grouped bars of an :class:`~gradlocate.evaluation.EditEvaluation`: each metric
     under both scorings (teacher-forced token accuracy, generation exact match)."""
-    ax = _axes(ax, (6, 3))
+    ax = _axes(ax, (6.0, 3.0))
     metrics = list(result.teacher_forced)
     series = [("teacher-forced", result.teacher_forced, ELIGIBLE)]
     if result.generation is not None:
@@ -222,7 +222,7 @@ def plot_study(study: Any) -> Any:
     panels = 3 if study.samples is not None else 2
     fig, axes = plt.subplots(panels, 1, figsize=(9, 2.8 * panels), sharex=True)
     plot_sweep(study.sweep, ax=axes[0], title=f"{study.name}: LocFT-BF sweep (golden layer {study.golden})")
-    ys = {}
+    ys: dict[int, float] = {}
     for r in study.rows:
         if r.layer is not None:
             ys[r.layer] = ys.get(r.layer, 1.02) - 0.06

@@ -31,7 +31,8 @@ class LayerScores:
         params: the parameters used (for reproducibility).
         extras: other per-layer series (e.g. ``"cos"``, ``"g_edit_sq"``).
         timings: wall times in seconds.
-        layers: the layer index of each score (all layers unless a subset was asked).
+        layers: the layer index of each score (all layers unless a subset was asked;
+            not given or empty: ``0..len(scores)-1``).
     """
 
     method: str
@@ -41,10 +42,10 @@ class LayerScores:
     params: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, list[float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    layers: list[int] | None = None
+    layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.layers is None:
+        if not self.layers:  # also None, as earlier versions wrote for "all layers"
             self.layers = list(range(len(self.scores)))
         if len(self.eligible) != len(self.scores) or len(self.layers) != len(self.scores):
             raise ValueError("scores, eligible and layers must have one entry per layer")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+
+# The test-time type checker (beartype, via jaxtyping's plugin: pyproject addopts) must be
+# imported before nnsight, which adds an unhashable ``save`` to ``object``'s namespace that
+# beartype's own import trips over (TypeError: unhashable type: 'instancemethod').
+with contextlib.suppress(ImportError):
+    import beartype  # noqa: F401
 
 import pytest
 import torch

@@ -372,7 +372,7 @@ def test_bad_input(gpt2):
     model, _ = gpt2
     with pytest.raises(ValueError, match="out of range"):
         LocFTBF(model, 4)
-    with pytest.raises(TypeError, match="one layer"):
+    with pytest.raises(TypeError, match="one layer|parameter 'layer'"):  # the latter: the test-time type checker
         LocFTBF(model, [1, 2])
     for kw, word in [({"lr": 0}, "lr"), ({"lr": float("nan")}, "lr"), ({"edits_per_step": 0}, "edits_per_step"),
                      ({"epochs": 0}, "epochs"), ({"cache": "yes"}, "cache"), ({"head": "x"}, "head"),

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import Edits
@@ -67,8 +68,8 @@ def editor_class(name: str) -> type:
 
 
 def per_edit_deltas(name: str, h: Handles, layer: int, edits: Edits,
-                    **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+                    **hparams: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
     """Each edit edited alone at ``layer`` by editor ``name``: the weight changes
-    ``[n_edits, d_model, d_mlp]`` (float32, canonical layout) and one summary per edit
+    ``[edits, d_model, d_mlp]`` (float32, canonical layout) and one summary per edit
     (e.g. epochs, final loss, converged). The model is left as it was."""
     return _PER_EDIT[_known(name)](h, layer, edits, **hparams)

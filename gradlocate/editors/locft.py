@@ -36,16 +36,17 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import as_edits
+from gradlocate.dims import Weight
 from gradlocate.editors.executors import Executor, probe_additive
 from gradlocate.gradients import edit_batch
-from gradlocate.handles import Handle, resolve
+from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients, using
 from gradlocate.losses import APPEND_EOS, TokenBatch
 from gradlocate.state import Undo, input_device
@@ -188,6 +189,22 @@ class LocFTBF:
         False
     """
 
+    h: Handles
+    layer: int
+    handle: Handle
+    lr: float
+    edits_per_step: int | None
+    epochs: int
+    append_eos: bool
+    seed: int
+    loss_threshold: float
+    cache: bool | str
+    cache_budget: int
+    head: str
+    progress: bool | None
+    callback: Callable[[int, int, float], Any] | None
+    undo: Undo
+
     def __init__(self, model: Any, layer: int, *, tokenizer: Any = None, lr: float = PAPER_LR,
                  edits_per_step: int | None = None, epochs: int = PAPER_EPOCHS, append_eos: bool = APPEND_EOS,
                  seed: int = 0, loss_threshold: float = LOSS_THRESHOLD, cache: bool | str = "auto",
@@ -210,7 +227,7 @@ class LocFTBF:
             raise TypeError(f"callback must be callable as callback(epoch, step_index, loss), got {callback!r}")
         self.h = resolve(model, tokenizer)
         self.layer = self.h.layer_indices(int(layer))[0]
-        self.handle: Handle = self.h[self.layer]
+        self.handle = self.h[self.layer]
         self.lr, self.edits_per_step, self.epochs = float(lr), edits_per_step, int(epochs)
         self.append_eos, self.seed, self.loss_threshold = append_eos, seed, float(loss_threshold)
         self.cache, self.cache_budget, self.head = cache, int(cache_budget), head
@@ -224,7 +241,7 @@ class LocFTBF:
         return self.undo.changed
 
     @property
-    def delta(self) -> Float[Tensor, "d_model d_mlp"]:
+    def delta(self) -> Weight:
         """The edit: current weight minus the original, as ``[d_model, d_mlp]``."""
         return self.handle.canonical(self.undo.delta)
 
@@ -239,7 +256,7 @@ class LocFTBF:
     def __enter__(self) -> LocFTBF:
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         if not self.undo.committed:
             self.restore()
         return False
@@ -315,7 +332,7 @@ class LocFTBF:
             raise
         return FitResult(history, steps, orders, converged, self.layer, bs, n, cache, head, cache_bytes, timings)
 
-    def losses(self, edits: Any) -> Float[Tensor, " n_edits"]:
+    def losses(self, edits: Any) -> Float[Tensor, " edits"]:
         """Each edit's training loss at the current weight, as :meth:`fit` computes it.
 
         Example:
@@ -388,6 +405,8 @@ def _epochs(n: int, layer: int, progress: bool | None) -> Any:
 def _step(opt: torch.optim.Optimizer, master: Tensor, param: Tensor) -> None:
     if master is param:
         opt.step()
+        return
+    if param.grad is None:  # the loss did not reach the weight: nothing to step
         return
     master.grad = param.grad.float()
     param.grad = None

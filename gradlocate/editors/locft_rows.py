@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import Edits
@@ -35,9 +36,9 @@ _BETAS, _EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which LocFTBF 
 def train_per_sample(h: Handles, layer: int, edits: Edits, *, lr: float = PAPER_LR, epochs: int = PAPER_EPOCHS,
                      seed: int = 0, loss_threshold: float = LOSS_THRESHOLD, append_eos: bool = True,
                      cache: bool | str = "auto", head: str = "auto",
-                     **unused: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+                     **unused: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
     """Train LocFT-BF on each edit alone at ``layer``, all edits at once: returns the
-    per-edit weight changes ``[n, d_out, d_in]`` (canonical layout, float32) and each
+    per-edit weight changes ``[edits, d_model, d_mlp]`` (canonical layout, float32) and each
     edit's training summary (epochs, final loss, converged, steps).
 
     Each row is the single-edit run of :class:`~gradlocate.editors.locft.LocFTBF` with the same
