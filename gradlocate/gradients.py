@@ -52,6 +52,7 @@ from gradlocate.losses import (
     context_length,
     edit_nll,
     logits_of,
+    per_sample_nll,
     scored_positions,
     token_nll,
     tokenize_edits,
@@ -63,6 +64,7 @@ from gradlocate.state import input_device
 __all__ = [
     "LayerGradients",
     "SampleProducts",
+    "edit_loss",
     "edit_gradients",
     "retain_gradients",
     "ghost_inner_products",
@@ -273,6 +275,18 @@ def _finish(loss_kind: str, handles: Sequence[Handle], bufs: list[Tensor], loss:
     grads = [x.canonical(b) for x, b in zip(handles, bufs)] if keep else None
     return LayerGradients(loss_kind, [x.layer for x in handles], sq, loss, n_seq, n_tok, grads, params,
                           {"gradients": time.perf_counter() - t0})
+
+
+def edit_loss(model: Any, batch: TokenBatch) -> Float[Tensor, ""]:
+    """GradRatio eq. 1: mean over edits of the mean target-token NLL. ``model`` is a
+    model or its :class:`~gradlocate.handles.Handles`; the forward goes through
+    :func:`~gradlocate.interventions.run` (eval mode, like every gradlocate forward) and
+    the loss stays differentiable in every weight that requires a gradient."""
+    h = resolve(model)
+    params = [p for p in h.root.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    with using(h, params):
+        out = run(h, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return per_sample_nll(logits_of(out), batch.labels).mean()
 
 
 def edit_gradients(model: Any, edits: Any, *, tokenizer: Any = None, layers: LayerSelection = None,

@@ -52,7 +52,6 @@ __all__ = [
     "context_length",
     "per_sample_nll",
     "token_nll",
-    "edit_loss",
     "lm_loss",
     "target_text",
 ]
@@ -275,21 +274,6 @@ def logits_of(output: Any) -> Tensor:
     if isinstance(logits, Tensor):
         return logits
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def edit_loss(model: Any, batch: TokenBatch) -> Float[Tensor, ""]:
-    """GradRatio eq. 1: mean over edits of the mean target-token NLL. ``model`` is a
-    model or its :class:`~gradlocate.handles.Handles`; the forward goes through
-    :func:`~gradlocate.interventions.run` (eval mode, like every gradlocate forward) and
-    the loss stays differentiable in every weight that requires a gradient."""
-    from gradlocate.handles import down_projections
-    from gradlocate.interventions import run, using
-
-    h = down_projections(model)
-    params = [p for p in h.root.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-    with using(h, params):
-        out = run(h, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return per_sample_nll(logits_of(out), batch.labels).mean()
 
 
 def scored_positions(labels: Int[Tensor, "rows pos"]) -> tuple[Int[Tensor, " k"], Int[Tensor, " k"]]:

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradlocate.gradients import edit_loss
 from gradlocate.losses import (
     context_length,
-    edit_loss,
     lm_loss,
     per_sample_nll,
     target_text,
