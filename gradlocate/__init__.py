@@ -58,7 +58,7 @@ from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, l
 from gradlocate.sweep import LayerRecord, SweepFileError, SweepResult, overall_score, sweep
 from gradlocate.compare import Comparison, SelectorRow, compare, split_edits
 from gradlocate.samplewise import SampleSweep, sample_sweep
-from gradlocate.study import Study, StudyRow, study
+from gradlocate.study.study import Study, StudyRow, study
 from gradlocate.state import check_materialized
 
 __version__ = "0.2.0"

@@ -369,7 +369,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from gradlocate.study import study
+    from gradlocate.study.study import study
 
     _check_out_path(args.plot, "--plot")
     h = _resolved(args)

@@ -46,8 +46,9 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -603,9 +604,11 @@ def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None
 
 @torch.no_grad()
 def text_loss(root: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
-              batch_size: int = 32) -> float:
+              batch_size: int = 32, forward: Callable[[Tensor, Tensor], Tensor] | None = None) -> float:
     """The language-model loss on general texts: the mean next-token NLL over every
     scored token (each text cut to ``max_length`` tokens), as GradRatio's retain loss.
+    ``forward(input_ids, attention_mask) -> logits`` replaces the plain call of ``root``
+    (e.g. a forward through :func:`~gradlocate.interventions.run` with an intervention on).
 
     Example:
         >>> from gradlocate.models import tiny
@@ -620,7 +623,7 @@ def text_loss(root: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_leng
     total, count = 0.0, 0
     for start in range(0, len(batch), batch_size):
         mb = batch[torch.arange(start, min(len(batch), start + batch_size), device=batch.input_ids.device)]
-        nll = token_nll(_logits(root, mb.input_ids, mb.attention_mask), mb.labels)
+        nll = token_nll((forward or partial(_logits, root))(mb.input_ids, mb.attention_mask), mb.labels)
         total += float(nll.sum())
         count += int((mb.labels[:, 1:] != IGNORE).sum())
     if not math.isfinite(total):

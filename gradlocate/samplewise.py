@@ -45,45 +45,12 @@ from gradlocate.gradients import edit_batch
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import edited, no_cache, require_gradients, run, using
 from gradlocate.losses import IGNORE, logits_of, tokenize_edits
-from gradlocate.state import input_device
+from gradlocate.study.matrix import MATRIX_METRICS, score_per_sample
 
 __all__ = ["sample_sweep", "SampleSweep", "SAMPLE_METRICS"]
 
 #: The metrics of the sample-wise comparison (teacher-forced), and their mean, "overall".
-SAMPLE_METRICS = ("reliability", "generalization", "locality", "portability")
-
-
-@torch.no_grad()
-def score_per_sample(h: Handles, layer: int, edits: Edits, delta: Tensor | None, reference: list[list[list[int]]],
-                     batch_size: int = 32) -> dict[str, list[float | None]]:
-    """Each edit's teacher-forced metrics with its own weight change at ``layer``
-    (``delta`` ``None``: the unedited model). Locality is agreement with ``reference``,
-    the unedited model's predictions (as :func:`~gradlocate.evaluation.evaluate`)."""
-    qs = _queries(edits)
-    batch = tokenize_edits(h.require_tokenizer(), [q.prompt for q in qs], [q.answer for q in qs],
-                           chat=h.chat).to(input_device(h.root))
-    owner = torch.tensor([q.edit for q in qs])
-    site = h[layer].path
-    preds: list[list[int]] = []
-    with using(h):
-        for rows in torch.arange(len(batch)).split(batch_size):
-            mb = batch[rows.to(batch.input_ids.device)]
-            kw = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **no_cache(h.root))
-            if delta is None:
-                out = run(h, **kw)
-            else:
-                d = delta[owner[rows].to(delta.device)]
-                with edited(h, site, lambda x, o: o + row_delta(x, d)):
-                    out = run(h, **kw)
-            pred = logits_of(out)[:, :-1].argmax(-1).cpu()
-            for p_row, l_row in zip(pred, mb.labels[:, 1:].cpu()):
-                preds.append(p_row[l_row != IGNORE].tolist())
-    per: list[dict[str, list[float]]] = [{} for _ in edits]
-    for k, q in enumerate(qs):
-        target = batch.labels[k, 1:][batch.labels[k, 1:] != IGNORE].tolist()
-        want = reference[q.edit][q.item] if q.kind == "locality" else target
-        per[q.edit].setdefault(q.kind, []).append(sum(a == b for a, b in zip(want, preds[k])) / len(preds[k]))
-    return {m: [sum(d[m]) / len(d[m]) if d.get(m) else None for d in per] for m in SAMPLE_METRICS}
+SAMPLE_METRICS = MATRIX_METRICS
 
 
 @dataclass

@@ -48,6 +48,7 @@ from gradlocate.data import as_edits
 from gradlocate.handles import resolve
 from gradlocate.interventions import require_gradients, using
 from gradlocate.state import check_materialized
+from gradlocate.study.store import relative_path
 
 __all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score",
            "SweepFileError"]
@@ -309,7 +310,7 @@ class SweepResult:
     @classmethod
     def load(cls, path: str | Path, scoring: str = "teacher_forced") -> SweepResult:
         """Read a sweep's JSONL file (the latest record of each layer)."""
-        return cls(list(read_records(Path(path)).values()), scoring=scoring, path=str(path))
+        return cls(list(read_records(Path(path)).values()), scoring=scoring, path=relative_path(path))
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -462,7 +463,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
             if path is not None:
                 _append_line(path, json.dumps(rec.to_dict(), default=float))
             bar.set_postfix(layer=layer, overall=f"{overall_score(rec.metrics(scoring)) or float('nan'):.3f}")
-    return SweepResult(records, scoring=scoring, path=str(path) if path else None,
+    return SweepResult(records, scoring=scoring, path=relative_path(path),
                        params={"trainer": trainer, **evaluation, "n_edits": len(edits), "n_eval": len(eval_edits),
                                "pre_eval_s": t_pre, "layers": cand, "pre_general": pre.general},
                        overall_kind=overall, weights=dict(weights or OVERALL_WEIGHTS))

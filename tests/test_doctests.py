@@ -11,7 +11,8 @@ import pytest
 
 import gradlocate
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(gradlocate.__path__, "gradlocate.") if m.name != "gradlocate.__main__")
+# walk_packages: the modules of subpackages (editors/, study/) too
+MODULES = sorted(m.name for m in pkgutil.walk_packages(gradlocate.__path__, "gradlocate.") if m.name != "gradlocate.__main__")
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -19,4 +20,4 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed (run " \
-                               f"`python -m pytest --doctest-modules gradlocate/{name.split('.')[-1]}.py` to see them)"
+                               f"`python -m pytest --doctest-modules {name.replace('.', '/')}.py` to see them)"

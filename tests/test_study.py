@@ -10,7 +10,7 @@ from scipy.stats import kendalltau, spearmanr
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.study import study
+from gradlocate.study.study import study
 
 EDITS = [{"prompt": f"The code word number {i} is", "target_new": w, "ground_truth": "red", "subject": f"number {i}",
           "rephrase_prompt": f"Code word {i} is", "locality_prompt": "The sky is", "locality_ground_truth": "blue"}
