@@ -83,11 +83,19 @@ def shard_layers(spec: str, layers: list[int]) -> tuple[list[int], str]:
 
 
 def write_manifest(out: Path, args: argparse.Namespace, edits: gl.Edits, chosen: list[int]) -> None:
-    """Which records were used (index in the file, content id), written atomically: every shard writes the same."""
+    """Which records were used (index in the file, content id), written atomically: every
+    shard writes the same. A folder that holds another run's edits is refused."""
     rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in zip(chosen, edits)]
+    manifest = {"data": DATA[args.data], "seed": args.seed, "edits": rows}
+    old = out / "edits.json"
+    if old.exists():
+        had = json.loads(old.read_text())
+        if [r["id"] for r in had.get("edits", [])] != [r["id"] for r in rows]:
+            raise SystemExit(f"{relative_path(out)} holds a matrix of other edits ({had.get('data')}, seed "
+                             f"{had.get('seed')}, {len(had.get('edits', []))} edits): use another --out")
     tmp = out / f".edits.{os.getpid()}.json"
-    tmp.write_text(json.dumps({"data": DATA[args.data], "seed": args.seed, "edits": rows}, indent=1))
-    os.replace(tmp, out / "edits.json")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, old)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     m = matrix(h, edits, editor=args.editor, hparams=hparams, layers=mine, out=out, shard=shard, chunk=args.chunk,
                capability_edits=args.capability_edits, progress=True)
     print(f"{m}  ({time.perf_counter() - t0:.1f} s)", flush=True)
-    if len(RecordStore(out).read()) >= len(edits) * len(every):  # every shard is done: the whole matrix
+    stored = RecordStore(out).read()
+    if all(f"{edit_id(e)}/{l}" in stored for e in edits for l in every):  # every shard is done: the whole matrix
         whole = matrix(h, edits, editor=args.editor, hparams=hparams, layers=every, out=out, chunk=args.chunk,
                        capability_edits=args.capability_edits, progress=False)
         (out / "matrix.json").write_text(json.dumps({"model": args.model, "data": args.data, **whole.to_dict()},

@@ -177,7 +177,7 @@ def _methods(spec: str) -> list[str]:
 
 
 def _select(h: Any, edits: list[Any], method: str, args: argparse.Namespace, append_eos: bool | None = None) -> Any:
-    from gradlocate.compare import run_selector
+    from gradlocate.study.compare import run_selector
     from gradlocate.handles import HandleError
     from gradlocate.losses import APPEND_EOS
 
@@ -337,7 +337,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from gradlocate.sweep import sweep
+    from gradlocate.study.sweep import sweep
 
     _check_out_path(args.plot, "--plot")
     _check_out_path(args.out, "--out")
@@ -352,7 +352,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gradlocate.compare import compare
+    from gradlocate.study.compare import compare
 
     _check_out_path(args.plot, "--plot")
     _check_out_path(args.out, "--out")

@@ -34,12 +34,15 @@ def test_interrupted_writer_last_line_cut_is_redone(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:-9])  # the third record's line cut mid-write
     assert sorted(RecordStore(path, FP).read()) == [0, 1]
-    # the next writer closes the cut line and appends after it; nothing is lost or merged
-    s2 = RecordStore(path, FP)
-    s2.append(2, {"v": 2})
+    # the next writer cuts the cut line off and appends; nothing is lost or merged
+    RecordStore(path, FP).append(2, {"v": 2})
     again = RecordStore(path, FP).read()
     assert sorted(again) == [0, 1, 2] and again[2]["v"] == 2
-    assert path.read_text().count("\n") == 4  # 2 whole lines, the closed cut one, the new one
+    assert path.read_text().count("\n") == 3
+    # a whole record that lost only its newline is kept, and closed
+    path.write_bytes(path.read_bytes()[:-1])
+    RecordStore(path, FP).append(3, {"v": 3})
+    assert sorted(RecordStore(path, FP).read()) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("cut", [5, 17, 30, 44])
@@ -61,11 +64,17 @@ def test_other_damage_is_an_error_naming_file_and_line(tmp_path):
     with pytest.raises(StoreError, match=r"r\.jsonl line 2: not a JSON record"):
         RecordStore(path, FP).read()
     path.write_text('{"key": 0, "v": 1}\n')
-    with pytest.raises(StoreError, match=r"line 1: an object without 'fingerprint'"):
+    with pytest.raises(StoreError, match=r"line 1: an object without 'fingerprint', expected a record"):
         RecordStore(path, FP).read()
     path.write_text("[1, 2]\n")
-    with pytest.raises(StoreError, match=r"line 1: list; expected a record"):
+    with pytest.raises(StoreError, match=r"line 1: a list, expected a record"):
         RecordStore(path, FP).read()
+    path.write_text('{"key": 0, "fingerprint": {}, "v": 1}}\n{"key": 1, "fingerprint": {}}\n')
+    with pytest.raises(StoreError, match=r"line 1: not a JSON record \(Extra data"):
+        RecordStore(path).read()
+    # a record cut short and closed by a later line (an older writer's repair) is only redone
+    path.write_text('{"key": 0, "fingerprint": {}, "v": 1\n{"key": 1, "fingerprint": {}}\n')
+    assert list(RecordStore(path).read()) == [1]
     path.write_bytes(b"\xff\xfe\n")
     with pytest.raises(StoreError, match="not UTF-8"):
         RecordStore(path, FP).read()

@@ -145,17 +145,19 @@ class Matrix:
         capability_base: the unedited model's held-out loss.
         editor, params: the editor and the settings the cells were made with.
         path: the record store, relative to the working directory when under it.
+        timings: seconds the stored cells took, summed (train, score, capability).
     """
 
     layers: list[int]
     edit_ids: list[str]
     scores: dict[str, np.ndarray]
     train: dict[str, np.ndarray] = field(default_factory=dict)
-    capability: np.ndarray | None = None
+    capability: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     capability_base: float | None = None
     editor: str = DEFAULT_EDITOR
     params: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = (len(self.edit_ids), len(self.layers))
@@ -167,12 +169,41 @@ class Matrix:
             with np.errstate(all="ignore"):
                 have = np.isfinite(stack).sum(0)
                 self.scores["overall"] = np.where(have > 0, np.nansum(stack, 0) / np.maximum(have, 1), np.nan)
-        if self.capability is None:
+        if self.capability.size == 0:  # not measured at all
             self.capability = _nan_table(*shape)
 
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.edit_ids), len(self.layers)
+
+    @property
+    def n_edits(self) -> int:
+        return len(self.edit_ids)
+
+    def value(self, metric: str, layer: int) -> list[float | None]:
+        """Each edit's ``metric`` at ``layer`` (``None`` where absent)."""
+        column = self.scores[metric][:, self.layers.index(layer)]
+        return [None if np.isnan(v) else float(v) for v in column]
+
+    def at_optimum(self, metric: str) -> list[float | None]:
+        """Each edit's ``metric`` at its own optimal layer (by overall)."""
+        return [None if l is None else self.value(metric, l)[i] for i, l in enumerate(self.optimum())]
+
+    def versus(self, golden: int) -> dict[str, dict[str, float | None]]:
+        """The golden layer against each edit's own optimum, per metric: the means and a
+        paired t-test (``scipy.stats.ttest_rel``) over the edits that have the metric."""
+        from scipy.stats import ttest_rel
+
+        out = {}
+        for m in (*MATRIX_METRICS, "overall"):
+            pairs = [(g, o) for g, o in zip(self.value(m, golden), self.at_optimum(m)) if g is not None and o is not None]
+            if not pairs:
+                continue
+            g, o = [p[0] for p in pairs], [p[1] for p in pairs]
+            t = ttest_rel(o, g) if len(pairs) > 1 and any(a != b for a, b in pairs) else None
+            out[m] = {"golden": sum(g) / len(g), "optimum": sum(o) / len(o), "n": len(pairs),
+                      "t": None if t is None else float(t.statistic), "p": None if t is None else float(t.pvalue)}
+        return out
 
     def curve(self, metric: str = "overall") -> np.ndarray:
         """Per layer, the mean of ``metric`` over the edits that have it (NaN if none)."""
@@ -206,13 +237,14 @@ class Matrix:
                 "scores": {m: as_list(t) for m, t in self.scores.items()},
                 "train": {m: as_list(t) for m, t in self.train.items()}, "capability": as_list(self.capability),
                 "capability_base": self.capability_base, "golden": self.golden(), "optimum": self.optimum(),
-                "params": self.params, "path": self.path}
+                "params": self.params, "path": self.path, "timings": self.timings}
 
-    def plot(self, metric: str = "overall", *, title: str | None = None) -> Any:
-        """Heatmap of ``metric`` per edit x layer, and its mean over edits per layer."""
+    def plot(self, metric: str = "overall", *, golden: int | None = None, title: str | None = None) -> Any:
+        """Heatmap of ``metric`` per edit x layer, and its mean over edits per layer with
+        ``golden`` marked (default: this matrix's golden layer by ``metric``)."""
         from gradlocate.plotting import plot_matrix
 
-        return plot_matrix(self, metric, title=title)
+        return plot_matrix(self, metric, golden=golden, title=title)
 
     def __repr__(self) -> str:
         n, m = self.shape
@@ -334,13 +366,14 @@ def _run_chunk(plan: _Plan, layer: int, rows: list[int], ref: list[Any], base: f
     t2 = time.perf_counter()
     out = []
     for k, i in enumerate(rows):
-        cap = None
-        if i < plan.cap_edits:
+        cap, t3 = None, time.perf_counter()
+        if i < plan.cap_edits and base is not None:
             loss = edited_text_loss(plan.h, layer, delta[k], plan.texts)
             cap = {"lm_loss": loss, "lm_loss_change": loss - base, "texts": len(plan.texts)}
         out.append({"edit": plan.ids[i], "layer": layer, "scores": {m: v[k] for m, v in scores.items()},
                     "train": summaries[k], "capability": cap,
-                    "timings": {"train": (t1 - t0) / len(rows), "score": (t2 - t1) / len(rows)}})
+                    "timings": {"train": (t1 - t0) / len(rows), "score": (t2 - t1) / len(rows),
+                                "capability": time.perf_counter() - t3}})
     return out
 
 
@@ -350,6 +383,7 @@ def _assemble(plan: _Plan, cells: dict[tuple[str, int], dict[str, Any]]) -> Matr
     scores = {m: _nan_table(*shape) for m in MATRIX_METRICS}
     train = {f: _nan_table(*shape) for f in TRAIN_FIELDS}
     cap, base = _nan_table(*shape), None
+    timings = {"train": 0.0, "score": 0.0, "capability": 0.0}
     for i, eid in enumerate(plan.ids):
         for j, layer in enumerate(plan.layers):
             rec = cells.get((eid, layer))
@@ -359,13 +393,15 @@ def _assemble(plan: _Plan, cells: dict[tuple[str, int], dict[str, Any]]) -> Matr
                 scores[m][i, j] = _num(rec["scores"].get(m))
             for f in TRAIN_FIELDS:
                 train[f][i, j] = _num(rec["train"].get(f))
+            for k, v in rec.get("timings", {}).items():
+                timings[k] = timings.get(k, 0.0) + v
             if rec.get("capability"):
                 cap[i, j] = rec["capability"]["lm_loss_change"]
                 base = rec["capability"]["lm_loss"] - rec["capability"]["lm_loss_change"]
     params = {"hparams": plan.settings, "chunk": plan.chunk, "capability_edits": plan.cap_edits,
               "capability_texts": len(plan.texts), "metrics_version": METRICS_VERSION}
     return Matrix(plan.layers, plan.ids, scores, train, cap, base, plan.editor, params,
-                  relative_path(plan.store.path) if plan.store is not None else None)
+                  relative_path(plan.store.path) if plan.store is not None else None, timings)
 
 
 def _num(v: Any) -> float:

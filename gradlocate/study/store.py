@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -142,13 +143,16 @@ class RecordStore:
             (part -> what determines it), a :class:`Fingerprint`, or a function of the
             key returning either (when a part depends on the key). ``None``: not checked.
         shard: the file name (without ``.jsonl``) this process writes in a folder.
+        validate: ``fn(record) -> problem or None``: what the caller requires of a record
+            beyond key and fingerprint (a problem is a :class:`StoreError` naming the line).
     """
 
-    def __init__(self, path: str | os.PathLike[str], fingerprint: Expected = None, *, shard: str = "records"):
+    def __init__(self, path: str | os.PathLike[str], fingerprint: Expected = None, *, shard: str = "records",
+                 validate: Callable[[dict[str, Any]], str | None] | None = None):
         self.path = Path(path)
         self._expected = fingerprint
         self._shard = shard
-        self._opened = False
+        self._validate = validate
         # A folder: one that exists, or a new path ending in "/" or without a suffix.
         self.is_folder = self.path.is_dir() or not self.path.exists() and (
             str(path).endswith(("/", os.sep)) or self.path.suffix == "")
@@ -211,10 +215,12 @@ class RecordStore:
             self.path.mkdir(exist_ok=True)  # a shard folder is made on the first record
         if not target.parent.exists():
             raise FileNotFoundError(f"folder {str(target.parent)!r} for the record file does not exist")
-        _append(target, line.encode("utf-8"), close_cut=not self._opened)
-        self._opened = True
+        _append(target, line.encode("utf-8"))
 
     def _check(self, f: Path, n: int, rec: dict[str, Any]) -> None:
+        problem = self._validate(rec) if self._validate is not None else None
+        if problem:
+            raise StoreError(f"{f} line {n}: {problem}")
         key = rec["key"]
         fp = self.expected(key)
         if fp is None:
@@ -234,34 +240,45 @@ def _jsonable(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else str(x)
 
 
-def _append(path: Path, data: bytes, close_cut: bool) -> None:
-    """One ``O_APPEND`` write of ``data`` (one whole line), synced to disk. Before a
-    process's first line, a line cut short by a killed writer is closed with a newline
-    (never truncated: another process may be appending)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _append(path: Path, data: bytes) -> None:
+    """One ``O_APPEND`` write of ``data`` (one whole line), synced to disk, under an
+    exclusive ``flock`` so that the repair below never races another writer: a last line
+    cut short by a killed writer is cut off first (its record is redone), or closed with a
+    newline if it is a whole record."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if close_cut and _ends_cut(path):
-            data = b"\n" + data
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _repair_tail(fd)
         written = os.write(fd, data)
         if written != len(data):  # a full disk: the cut line is redone on the next read
             raise OSError(f"only {written} of {len(data)} bytes of a record reached {path}")
         os.fsync(fd)
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
-def _ends_cut(path: Path) -> bool:
-    size = path.stat().st_size
-    if size == 0:
-        return False
-    with path.open("rb") as f:
-        f.seek(size - 1)
-        return f.read(1) != b"\n"
+def _repair_tail(fd: int) -> None:
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = size
+    while start > 0:  # back to the newline before the last line
+        chunk = os.pread(fd, min(start, 65536), max(0, start - 65536))
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            start = start - len(chunk) + nl + 1
+            break
+        start -= len(chunk)
+    try:
+        json.loads(os.pread(fd, size - start, start))
+        os.write(fd, b"\n")  # a whole record that lacks only its newline
+    except ValueError:
+        os.ftruncate(fd, start)
 
 
 def _lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` of one file. Lines cut short (a record's JSON ending
-    early) are skipped; anything else that is not a record is a :class:`StoreError`."""
+    """``(line number, record)`` of one file. A line cut short (a record's JSON ending
+    early) is skipped; anything else that is not a record is a :class:`StoreError`."""
     if path.is_dir():
         raise StoreError(f"{path} is a folder, expected a record file (JSON lines)")
     try:
@@ -274,13 +291,16 @@ def _lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if _cut_short(line, e):  # an interrupted write: that record is redone
+            # An interrupted write: that record is redone. Normally the last line (a writer
+            # cuts it off before appending); inside the file only if an older writer closed it.
+            if _cut_short(line, e):
                 continue
             raise StoreError(f"{path} line {n}: not a JSON record ({e.msg} at column {e.colno}); "
                              f"expected one JSON object per line") from None
         if not isinstance(rec, dict) or "key" not in rec or "fingerprint" not in rec:
-            what = type(rec).__name__ if not isinstance(rec, dict) else f"an object without {_missing(rec)}"
-            raise StoreError(f"{path} line {n}: {what}; expected a record with 'key' and 'fingerprint'")
+            what = f"a {type(rec).__name__}" if not isinstance(rec, dict) else f"an object without {_missing(rec)}"
+            raise StoreError(f"{path} line {n}: {what}, expected a record (a JSON object with 'key' and "
+                             f"'fingerprint', written by gradlocate)")
         yield n, rec
 
 
@@ -289,11 +309,8 @@ def _missing(rec: dict[str, Any]) -> str:
 
 
 def _cut_short(line: str, e: json.JSONDecodeError) -> bool:
-    """A record's line that stops early: it starts as a record does, and the JSON error
+    """A record's line that stops early: it starts as a JSON object does, and the error
     is at its end (more text was expected), or inside its last string, number or literal."""
-    head = '{"key": '
-    if head.startswith(line):
-        return True
-    if not line.startswith(head) or e.msg.startswith("Extra data"):
+    if line == "{" or not line.startswith('{"') or e.msg.startswith("Extra data"):
         return False
     return e.msg.startswith("Unterminated string") or re.fullmatch(r"[\w.+-]*", line[e.pos:].rstrip()) is not None
