@@ -2,7 +2,7 @@
 of the same edits there, and against brute force (one LocFT-BF run per edit).
 
 Target: training N edits each alone at one layer, all at once with per-row weight
-changes (``gradlocate.samplewise.train_per_sample``), costs at most 2x one dataset-level
+changes (``gradlocate.editors.locft_rows.train_per_sample``), costs at most 2x one dataset-level
 ``LocFTBF(...).fit`` of the same N edits at that layer (brute force costs about N x).
 Check: each row equals the single-edit LocFT-BF run of its edit (relative Frobenius
 difference of the final weights <= 1e-5 at LocFT-BF's default lr 5e-4; measured with

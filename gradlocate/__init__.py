@@ -14,7 +14,7 @@ The public API, re-exported here, in the order data flows through it:
 * causal tracing: :func:`causal_trace` -> :class:`TraceResult`
 * editing and evaluation: :class:`LocFTBF` -> :class:`FitResult`, :func:`evaluate` -> :class:`EditEvaluation`
 * ground truth: :func:`sweep` -> :class:`SweepResult`, :func:`compare` -> :class:`Comparison`;
-  each edit's own best layer: :func:`sample_sweep` -> :class:`SampleSweep`; the whole
+  every edit alone at every layer: :func:`matrix` -> :class:`Matrix`; the whole
   golden-layer study: :func:`study` -> :class:`Study`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
 """
@@ -57,10 +57,11 @@ from gradlocate.trace.core import embedding_std, subject_token_range
 from gradlocate.trace.result import TraceResult
 from gradlocate.editors.locft import EditTrainingError, FitResult, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
-from gradlocate.sweep import LayerRecord, SweepFileError, SweepResult, overall_score, sweep
-from gradlocate.compare import Comparison, SelectorRow, compare, split_edits
-from gradlocate.samplewise import SampleSweep, sample_sweep
-from gradlocate.study import Study, StudyRow, study
+from gradlocate.study.store import StoreError
+from gradlocate.study.sweep import LayerRecord, SweepResult, overall_score, sweep
+from gradlocate.study.compare import Comparison, SelectorRow, compare, split_edits
+from gradlocate.study.matrix import Matrix, matrix
+from gradlocate.study.study import Study, StudyRow, study
 from gradlocate.state import check_materialized
 
 __version__ = "0.2.0"
@@ -79,7 +80,7 @@ __all__ = [
     "causal_trace", "TraceResult", "embedding_std", "subject_token_range",
     "LocFTBF", "FitResult", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference",
     "locality_reference",
-    "sweep", "SweepResult", "LayerRecord", "SweepFileError", "overall_score", "compare", "Comparison",
-    "SelectorRow", "split_edits", "sample_sweep", "SampleSweep", "study", "Study", "StudyRow",
+    "sweep", "SweepResult", "LayerRecord", "StoreError", "overall_score", "compare", "Comparison",
+    "SelectorRow", "split_edits", "matrix", "Matrix", "study", "Study", "StudyRow",
     "check_materialized",
 ]

@@ -723,6 +723,8 @@ def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None
 def text_loss(h: Handles, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 32) -> float:
     """The language-model loss on general texts: the mean next-token NLL over every
     scored token (each text cut to ``max_length`` tokens), as GradRatio's retain loss.
+    The forwards go through :func:`~gradlocate.interventions.run`, so an intervention
+    active around the call (e.g. an ``edited`` weight change) applies.
 
     Example:
         >>> from gradlocate import resolve

@@ -114,7 +114,7 @@ _METRIC_STYLE = {"reliability": ("#1f77b4", "-"), "generalization": ("#ff7f0e", 
 
 
 def plot_sweep(result: Any, ax: Any = None, *, title: str | None = None) -> Any:
-    """Edit metrics of a :class:`~gradlocate.sweep.SweepResult` across layers, with the
+    """Edit metrics of a :class:`~gradlocate.study.sweep.SweepResult` across layers, with the
     overall score dashed and the golden layer marked."""
     ax = _axes(ax)
     for name, (color, ls) in _METRIC_STYLE.items():
@@ -236,10 +236,38 @@ def plot_study(study: Any) -> Any:
     axes[1].set_ylabel("selector score\n(min-max)")
     axes[1].legend(fontsize=7, ncol=2, loc="best")
     if study.samples is not None:
-        plot_optimum_histogram(study.samples.layers, study.samples.optimum(), golden=study.golden, ax=axes[2],
+        plot_optimum_histogram(study.samples.layers, [l for l in study.samples.optimum() if l is not None],
+                               golden=study.golden, ax=axes[2],
                                title="sample-wise optimal layers")
     fig.tight_layout()
     return fig
 
 
 __all__ += ["plot_study"]
+
+
+def plot_matrix(m: Any, metric: str = "overall", *, golden: int | None = None, title: str | None = None) -> Any:
+    """A :class:`~gradlocate.study.matrix.Matrix`: ``metric`` per edit x layer as a
+    heatmap, and below it the mean over edits per layer with the golden layer marked."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = m.capability if metric == "capability" else m.scores[metric]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 2 + 0.12 * len(m.edit_ids) + 2.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [max(2.0, 0.12 * len(m.edit_ids)), 2.0]})
+    im = top.imshow(np.ma.masked_invalid(table), aspect="auto", cmap="viridis", interpolation="nearest",
+                    extent=(m.layers[0] - 0.5, m.layers[-1] + 0.5, len(m.edit_ids) - 0.5, -0.5))
+    fig.colorbar(im, ax=top, label=metric)
+    top.set_ylabel("edit")
+    top.set_title(title or f"{metric}: every edit alone at every layer ({m.editor})")
+    golden = m.golden(metric) if golden is None else golden
+    bottom.plot(m.layers, m.curve(metric), marker="o", color=ELIGIBLE, label=f"mean {metric} over edits")
+    bottom.axvline(golden, color=SELECTED, ls="--", lw=1, label=f"golden layer {golden}")
+    bottom.set_xlabel("layer")
+    bottom.set_ylabel(f"mean {metric}")
+    bottom.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["plot_matrix"]

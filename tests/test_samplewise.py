@@ -1,15 +1,17 @@
-"""The sample-wise sweep: each batched row equals a single-edit LocFT-BF run, and each
-edit's scores equal evaluate() of the model edited by that row alone."""
+"""Each edit alone at each layer: each batched row equals a single-edit LocFT-BF run, each
+edit's scores equal evaluate() of the model edited by that row alone, and
+sweep(per_sample=True) is the single-edit matrix."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import gradlocate as gl
 from gradlocate.models import tiny
 from gradlocate.editors.locft_rows import train_per_sample
-from gradlocate.samplewise import SampleSweep, sample_sweep
+from gradlocate.study.matrix import Matrix, matrix
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",
@@ -68,28 +70,29 @@ def test_thresholds_and_convergence_as_a_single_run(model_tok):
 def test_scores_equal_evaluate_of_each_edit_alone(model_tok):
     model, _ = model_tok
     h = gl.down_projections(model)
-    s = sample_sweep(h, EDITS, layers=[2], trainer=TRAINER, progress=False)
+    s = matrix(h, EDITS, layers=[2], hparams=TRAINER, capability_edits=0, progress=False)
     pre = gl.evaluate(h, EDITS, generation=False)
     for i, e in enumerate(EDITS):
         with gl.LocFTBF(h, 2, progress=False, **TRAINER) as ft:
             ft.fit([e])
             post = gl.evaluate(h, EDITS, pre=pre, generation=False)
         for m in ("reliability", "generalization", "locality"):
-            assert s.scores[2][m][i] == pytest.approx(post.rows[i][f"{m}_tf"]), (i, m)
+            assert s.value(m, 2)[i] == pytest.approx(post.rows[i][f"{m}_tf"]), (i, m)
 
 
 def test_sample_sweep_result_and_paired_test():
     model, _ = tiny("gpt2", n_layers=3, d_model=32, seed=2, initializer_range=1.0)
     s = gl.sweep(model, EDITS, per_sample=True, trainer={"lr": 0.05, "epochs": 4}, progress=False)
-    assert isinstance(s, SampleSweep) and s.layers == [0, 1, 2] and s.n_edits == 3
+    assert isinstance(s, Matrix) and s.layers == [0, 1, 2] and s.n_edits == 3
+    assert np.isnan(s.capability).all()  # the per-sample sweep measures the edit metrics only
     opt = s.optimum()
     for i, l in enumerate(opt):
-        assert s.overall(l)[i] == max(s.overall(k)[i] for k in s.layers)
+        assert s.value("overall", l)[i] == max(s.value("overall", k)[i] for k in s.layers)
     v = s.versus(golden=1)
     assert v["overall"]["optimum"] >= v["overall"]["golden"]
     assert v["overall"]["n"] == 3
     import matplotlib
 
     matplotlib.use("Agg")
-    assert s.plot(golden=1).get_xlabel() == "layer"
+    assert s.plot(golden=1).axes[1].get_xlabel() == "layer"
     assert "3 edits x 3 layers" in repr(s) and s.to_dict()["optimum"] == opt

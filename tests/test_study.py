@@ -3,6 +3,7 @@ sweep records, its intervals, a selector that cannot run, and resuming."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from scipy.stats import kendalltau, spearmanr
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.study import study
+from gradlocate.study.store import StoreError
+from gradlocate.study.study import study
 
 EDITS = [{"prompt": f"The code word number {i} is", "target_new": w, "ground_truth": "red", "subject": f"number {i}",
           "rephrase_prompt": f"Code word {i} is", "locality_prompt": "The sky is", "locality_ground_truth": "blue"}
@@ -68,6 +70,12 @@ def test_transfer_and_samplewise_parts(result):
     assert set(s.versus) >= {"reliability", "overall"}
     md = s.to_markdown()
     assert "| selector |" in md and "paired t-test" in md and "Proxy-to-test transfer" in md
+    d = json.loads(json.dumps(s.to_dict(), default=float))  # what benchmarks/report.py writes
+    assert d["samples"]["layers"] == s.samples.layers and d["samples"]["optimum"] == s.samples.optimum()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    assert len(s.plot().axes) == 3
 
 
 def test_resume_runs_nothing_again(result, monkeypatch):
@@ -82,6 +90,14 @@ def test_resume_runs_nothing_again(result, monkeypatch):
     assert again.golden == s.golden and [r.layer for r in again.rows] == [r.layer for r in s.rows]
     # the parts' times are what the work took, read back from the files, not the re-read's
     assert again.timings == pytest.approx(s.timings) and all(v > 0 for v in s.timings.values())
+
+
+def test_other_retain_texts_do_not_reuse_stored_selections(result):
+    """selections.jsonl is fingerprinted by the retain texts too: stale GradRatio scores are refused."""
+    model, _, out = result
+    with pytest.raises(StoreError, match=r"selections\.jsonl line 1: .*retain differs"):
+        study(model, EDITS, TEXTS[:1], n_proxy=3, n_test=5, n_sample=3, sample_layers=[1, 3], trainer=TRAINER,
+              selectors=("gradratio (no l_min)",), bootstrap=50, out_dir=out, progress=False)
 
 
 def test_a_selector_that_cannot_run_is_a_row_and_the_rest_runs():

@@ -10,7 +10,7 @@ import torch
 from gradlocate.editors.locft import LocFTBF
 from gradlocate.evaluation import evaluate
 from gradlocate.models import tiny
-from gradlocate.sweep import SweepResult, overall_score, sweep
+from gradlocate.study.sweep import SweepResult, overall_score, sweep
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",
@@ -73,7 +73,7 @@ def test_sweep_resume_skips_finished_layers(model, tmp_path, monkeypatch):
     assert fitted == [1]
     assert res.layers == [0, 1]
     assert SweepResult.load(out).layers == [0, 1]
-    with pytest.raises(ValueError, match="other trainer settings"):
+    with pytest.raises(ValueError, match="trainer differs"):
         sweep(model, EDITS, layers=[0], trainer={"lr": 1e-3, "epochs": 4}, generation=False, progress=False, out=out)
 
 

@@ -14,7 +14,8 @@ from robust_helpers import EDITS, TEXTS, assert_same_state, model_state
 import gradlocate as gl
 from gradlocate.cli import main
 from gradlocate.models import tiny
-from gradlocate.sweep import SweepFileError, sweep
+from gradlocate.study.store import StoreError
+from gradlocate.study.sweep import sweep
 
 TRAINER = {"epochs": 2, "lr": 1e-2, "edits_per_step": 2}
 
@@ -147,18 +148,20 @@ def _sweep(model, out, layers=(0, 1)):
 
 @pytest.mark.parametrize("content,match", [
     (b"\x89PNG\r\n\x1a\n\x00\x00binary", "not UTF-8"),
-    (b'[1, 2, 3]\n{"layer": 0}\n', "line 1: a list, expected a sweep record"),
-    (b"null\n{}\n", "line 1: a NoneType, expected a sweep record"),
-    (b'{"layer": "abc", "teacher_forced": {"reliability": 1.0}}\n{}\n', "line 1: 'layer' is 'abc'"),
-    (b'{"layer": 0}\n{"layer": 1}\n', "line 1: layer 0 has no metrics"),
-    (b'not json at all\n{"layer": 1}\n', "line 1: not JSON"),
+    (b'[1, 2, 3]\n{"layer": 0}\n', "line 1: a list, expected a record"),
+    (b"null\n{}\n", "line 1: a NoneType, expected a record"),
+    (b'{"layer": 0}\n', "line 1: an object without 'key' and 'fingerprint', expected a record"),
+    (b'{"key": 0, "fingerprint": {}, "layer": "abc", "teacher_forced": {"reliability": 1.0}}\n{}\n',
+     "line 1: 'layer' is 'abc'"),
+    (b'{"key": 0, "fingerprint": {}, "layer": 0}\n{"layer": 1}\n', "line 1: layer 0 has no metrics"),
+    (b'not json at all\n{"layer": 1}\n', "line 1: not a JSON record"),
 ])
 def test_damaged_sweep_files_name_file_line_and_problem(model_tok, tmp_path, content, match):
     model, _ = model_tok
     out = tmp_path / "sweep.jsonl"
     out.write_bytes(content)
     before = model_state(model)
-    with pytest.raises(SweepFileError, match=match) as err:
+    with pytest.raises(StoreError, match=match) as err:
         _sweep(model, out)
     assert str(out) in str(err.value)
     assert_same_state(before, model)
@@ -172,7 +175,7 @@ def test_a_record_without_metrics_is_refused_not_dropped(model_tok, tmp_path):
     rec = json.loads(lines[0])
     rec.pop("teacher_forced")
     out.write_text(json.dumps(rec) + "\n" + lines[1] + "\n")
-    with pytest.raises(SweepFileError, match="line 1: layer 0 has no metrics"):
+    with pytest.raises(StoreError, match="line 1: layer 0 has no metrics"):
         gl.SweepResult.load(out)
 
 
@@ -182,7 +185,7 @@ def test_damage_below_the_first_line_is_named_by_its_line(model_tok, tmp_path):
     _sweep(model, out)
     first, second = out.read_text().splitlines()
     out.write_text(first + "\n[1, 2]\n" + second + "\n")
-    with pytest.raises(SweepFileError, match="line 2: a list, expected a sweep record") as err:
+    with pytest.raises(StoreError, match="line 2: a list, expected a record") as err:
         _sweep(model, out)
     assert str(out) in str(err.value)
 
@@ -202,7 +205,7 @@ def test_a_damaged_last_line_is_dropped_and_its_layer_runs_again(model_tok, tmp_
 
 
 def test_a_folder_as_sweep_file(model_tok, tmp_path):
-    with pytest.raises(SweepFileError, match="is a folder"):
+    with pytest.raises(StoreError, match="is a folder"):
         _sweep(model_tok[0], tmp_path)
 
 

@@ -41,7 +41,7 @@ from gradlocate.data import as_edits
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
-from gradlocate.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
+from gradlocate.study.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
 
 __all__ = ["compare", "Comparison", "SelectorRow", "split_edits", "SELECTORS", "spearman", "run_selector"]
 
@@ -133,7 +133,7 @@ class Comparison:
     Attributes:
         rows: one :class:`SelectorRow` per selector.
         golden: the sweep's golden layer.
-        sweep: the :class:`~gradlocate.sweep.SweepResult` (on the test edits).
+        sweep: the :class:`~gradlocate.study.sweep.SweepResult` (on the test edits).
         selections: each selector's :class:`~gradlocate.results.LayerScores` (on the proxy
             edits; absent for a selector that could not run).
         n_proxy, n_test: the split sizes.
@@ -212,7 +212,7 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
         selectors: any of ``"gradratio"``, ``"lga"``, ``"cma"``.
         sweep: a finished sweep on the test edits to reuse (else one is run over
             ``layers`` plus every selected layer).
-        layers: the sweep's candidate layers (default: all).
+        layers: the sweep's candidate layer indices (default: all).
         trainer: LocFT-BF keyword arguments for the sweep.
         out: JSONL file for the sweep (resumable).
         selector_kwargs: per-selector keyword arguments, e.g. ``{"cma": {"samples": 5}}``.
@@ -225,7 +225,6 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"unknown selectors {unknown}: choose from {SELECTORS}" if unknown else "no selectors given")
-    edits = as_edits(edits)
     h = resolve(model, tokenizer)
     if layers is not None:  # refuse bad input before anything runs
         h.layer_indices(list(layers))
@@ -233,51 +232,86 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
         from gradlocate.data import load_texts
 
         retain = load_texts(retain)
-    proxy_edits, test_edits = split_edits(edits, proxy, seed)
-    selector_kwargs = selector_kwargs or {}
-    selections: dict[str, LayerScores] = {}
-    times: dict[str, float] = {}
-    errors: dict[str, str] = {}
+    proxy_edits, test_edits = split_edits(as_edits(edits), proxy, seed)
     with using(h):  # one caller owns the model for the whole comparison
-        for name in selectors:
-            t0 = time.perf_counter()
-            try:
-                selections[name] = run_selector(name, h, as_edits(proxy_edits), retain,
-                                                **{"progress": progress, **selector_kwargs.get(name, {})})
-            except ModelBusyError:
-                raise
-            except Exception as e:  # noqa: BLE001 - this selector's row says why; the rest still runs
-                errors[name] = f"{type(e).__name__}: {e}"
-            times[name] = time.perf_counter() - t0
-        sweep_time = None
-        if sweep is None:
-            cand = set(h.layer_indices(list(layers) if layers is not None else None))
-            cand |= {s.selected for s in selections.values()}
-            t0 = time.perf_counter()
-            sweep = run_sweep(h, test_edits, layers=sorted(cand), trainer=trainer, out=out, generation=generation,
-                              scoring=scoring, progress=progress)
-            sweep_time = time.perf_counter() - t0
-        else:
-            missing = sorted({s.selected for s in selections.values()} - set(sweep.layers))
-            if missing:
-                raise ValueError(f"the given sweep lacks the selected layers {missing}: sweep them too")
-            sweep_time = sum(r.timings.get("total", 0.0) for r in sweep.records) or None
-    golden = sweep.golden
-    overall = dict(zip(sweep.layers, sweep.overall))
+        picked = _run_selectors(h, selectors, as_edits(proxy_edits), retain, selector_kwargs or {}, progress)
+        judge = _judging_sweep(h, test_edits, layers, picked, sweep,
+                               dict(trainer=trainer, out=out, generation=generation, scoring=scoring,
+                                    progress=progress))
+    return Comparison(_selector_rows(selectors, picked, judge), judge.sweep.golden, judge.sweep, picked.selections,
+                      len(proxy_edits), len(test_edits), judge.time_s,
+                      params={"proxy": proxy, "seed": seed, "selectors": list(selectors),
+                              "scoring": judge.sweep.scoring})
+
+
+@dataclass
+class _Picked:
+    """Each selector's scores on the proxy edits, its time, or why it could not run."""
+
+    selections: dict[str, LayerScores]
+    times: dict[str, float]
+    errors: dict[str, str]
+
+
+def _run_selectors(h: Handles, selectors: Sequence[str], proxy: Any, retain: Any,
+                   selector_kwargs: dict[str, dict[str, Any]], progress: bool | None) -> _Picked:
+    """Run each selector on the proxy edits; one that fails is recorded, the rest still run."""
+    picked = _Picked({}, {}, {})
+    for name in selectors:
+        t0 = time.perf_counter()
+        try:
+            picked.selections[name] = run_selector(name, h, proxy, retain,
+                                                   **{"progress": progress, **selector_kwargs.get(name, {})})
+        except ModelBusyError:
+            raise
+        except Exception as e:  # noqa: BLE001 - this selector's row says why; the rest still runs
+            picked.errors[name] = f"{type(e).__name__}: {e}"
+        picked.times[name] = time.perf_counter() - t0
+    return picked
+
+
+@dataclass
+class _Judge:
+    """The sweep that judges the selections, and its time."""
+
+    sweep: SweepResult
+    time_s: float | None
+
+
+def _judging_sweep(h: Handles, test_edits: Any, layers: Sequence[int] | None, picked: _Picked,
+                   given: SweepResult | None, sweep_kw: dict[str, Any]) -> _Judge:
+    """Sweep the test edits over ``layers`` and every selected layer, or check that the
+    ``given`` sweep has every selected layer."""
+    chosen = {s.selected for s in picked.selections.values()}
+    if given is not None:
+        missing = sorted(chosen - set(given.layers))
+        if missing:
+            raise ValueError(f"the given sweep lacks the selected layers {missing}: sweep them too")
+        return _Judge(given, sum(r.timings.get("total", 0.0) for r in given.records) or None)
+    cand = set(h.layer_indices(list(layers) if layers is not None else None)) | chosen
+    t0 = time.perf_counter()
+    done = run_sweep(h, test_edits, layers=sorted(cand), **sweep_kw)
+    return _Judge(done, time.perf_counter() - t0)
+
+
+def _selector_rows(selectors: Sequence[str], picked: _Picked, judge: _Judge) -> list[SelectorRow]:
+    """One row per selector: the sweep's metrics at its layer, regret, Spearman, time."""
+    sw = judge.sweep
+    overall = dict(zip(sw.layers, sw.overall))
+    best = overall[sw.golden]
     rows = []
     for name in selectors:
-        if name in errors:
-            rows.append(SelectorRow(name, None, time_s=times[name], error=errors[name]))
+        if name in picked.errors:
+            rows.append(SelectorRow(name, None, time_s=picked.times[name], error=picked.errors[name]))
             continue
-        sel = selections[name]
+        sel = picked.selections[name]
         scores = dict(zip(sel.layers, sel.maximised))  # what it ranks by (LGA's sign convention)
-        common = [l for l in sweep.layers if l in scores]
-        got, best = overall[sel.selected], overall[golden]
+        common = [l for l in sw.layers if l in scores]
+        got = overall[sel.selected]
         rows.append(SelectorRow(
-            name, sel.selected, {m: sweep.at(sel.selected).metrics(sweep.scoring).get(m)
+            name, sel.selected, {m: sw.at(sel.selected).metrics(sw.scoring).get(m)
                                  for m in (*OVERALL_METRICS, "portability")}, got,
             best - got if best is not None and got is not None else None,
-            spearman([scores[l] for l in common], [overall[l] for l in common]), times[name],
-            times[name] / sweep_time if sweep_time else None))
-    return Comparison(rows, golden, sweep, selections, len(proxy_edits), len(test_edits), sweep_time,
-                      params={"proxy": proxy, "seed": seed, "selectors": list(selectors), "scoring": sweep.scoring})
+            spearman([scores[l] for l in common], [overall[l] for l in common]), picked.times[name],
+            picked.times[name] / judge.time_s if judge.time_s else None))
+    return rows

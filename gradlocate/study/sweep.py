@@ -14,11 +14,16 @@ Golden Layers paper's normalisation (each metric min-max normalised across the s
 layers, lower-is-better negated, then averaged) and the old three-metric mean are the
 other two definitions. The **golden layer** is the layer with the best overall score.
 
-A sweep is the expensive thing, so it is resumable: give ``out="sweep.jsonl"`` and a
-re-run skips the layers already in the file (if they were run with the same model,
-edits, trainer settings and metric definitions, :data:`METRICS_VERSION`). A last line cut short by an interruption is dropped and
-its layer run again; any other damage is an error naming the file, the line and the
-problem. One layer that fails is recorded with its error and the others still run.
+This is the **batch regime**: all edits trained together at a layer. Each edit alone at
+each layer is the single-edit :mod:`~gradlocate.study.matrix` (``per_sample=True``).
+
+A sweep is the expensive thing, so it is resumable: give ``out="sweep.jsonl"`` (a
+:class:`~gradlocate.study.store.RecordStore`, one record per layer) and a re-run skips
+the layers already in the file; a record made with another model, other edits, trainer
+settings or metric definitions (:data:`METRICS_VERSION`) is refused, naming which of them
+differs. A last line cut short by an interruption is dropped and its layer run again; any
+other damage is an error naming the file, the line and the problem. One layer that fails
+is recorded with its error and the others still run.
 
 Example:
     >>> from gradlocate.models import tiny
@@ -32,25 +37,24 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
-import torch
-
-from gradlocate.data import as_edits
-from gradlocate.handles import resolve
-from gradlocate.interventions import require_gradients, using
+from gradlocate.data import Edits, as_edits
+from gradlocate.editors.locft import LocFTBF
+from gradlocate.evaluation import EditEvaluation, evaluate
+from gradlocate.handles import Handles, resolve
+from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.state import check_materialized
+from gradlocate.study.matrix import Matrix, matrix
+from gradlocate.study.store import RecordStore, StoreError, model_identity, relative_path
 
-__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score",
-           "SweepFileError"]
+__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score"]
 
 #: The edit metrics (Golden Layers' rewrite / rephrase / locality): the "edit-only" overall.
 OVERALL_METRICS = ("reliability", "generalization", "locality")
@@ -59,11 +63,6 @@ OVERALL_WEIGHTS = {"reliability": 1.0, "generalization": 1.0, "locality": 1.0, "
 #: The overall definitions: "weighted" (default), "golden-layers" (min-max normalised), "edit-only".
 OVERALLS = ("weighted", "golden-layers", "edit-only")
 SCORINGS = ("teacher_forced", "generation")
-
-
-class SweepFileError(ValueError):
-    """A sweep's JSONL file (``out=``) cannot be resumed from: the message names the
-    file, the line and the problem."""
 
 
 def overall_score(metrics: dict[str, float | None], weights: Any = OVERALL_METRICS) -> float | None:
@@ -96,7 +95,6 @@ class LayerRecord:
         timings: seconds (train, evaluate, total).
         n_edits, n_eval: edits trained and evaluated.
         error: why this layer could not be edited, if it could not (then no metrics).
-        fingerprint: identifies the model, edits and settings (for resuming).
         general: what the edit cost beyond its locality prompts
             (:attr:`~gradlocate.evaluation.EditEvaluation.general`).
         per_edit: each evaluated edit's teacher-forced metrics (for intervals over edits).
@@ -110,7 +108,6 @@ class LayerRecord:
     n_edits: int = 0
     n_eval: int = 0
     error: str | None = None
-    fingerprint: str = ""
     general: dict[str, float | None] = field(default_factory=dict)
     per_edit: dict[str, list[float | None]] = field(default_factory=dict)
 
@@ -134,26 +131,9 @@ class LayerRecord:
         return cls(**known)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 #: Bumped whenever a metric's definition changes (2: fluency generates a fixed length, EOS
 #: masked), so a resumed sweep never mixes records made under two definitions.
 METRICS_VERSION = 2
-
-
-def _fingerprint(h: Any, edits: Sequence[Any], eval_edits: Sequence[Any], trainer: dict[str, Any],
-                 generation: Any) -> str:
-    # A cheap checksum of the editable weights tells a different checkpoint apart.
-    with torch.no_grad():
-        weights = [float(x.parameter.detach().double().sum()) for x in h]
-    return _digest({
-        "model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
-        "site": h.site_path, "weights": [f"{w:.10e}" for w in weights], "edits": [e.to_dict() for e in edits],
-        "eval": [e.to_dict() for e in eval_edits], "trainer": trainer, "generation": generation,
-        "metrics_version": METRICS_VERSION,
-    })
 
 
 @dataclass
@@ -309,62 +289,74 @@ class SweepResult:
     @classmethod
     def load(cls, path: str | Path, scoring: str = "teacher_forced") -> SweepResult:
         """Read a sweep's JSONL file (the latest record of each layer)."""
-        return cls(list(read_records(Path(path)).values()), scoring=scoring, path=str(path))
+        return cls(list(read_records(Path(path)).values()), scoring=scoring, path=relative_path(path))
 
 
-def _append_line(path: Path, line: str) -> None:
-    """Append one line. A last line cut short by an interruption (no newline after it)
-    is dropped first: its layer is being run again."""
-    with path.open("ab+") as f:
-        f.seek(0)
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-        f.seek(0, 2)
-        f.write((line + "\n").encode("utf-8"))
+def _check_record(d: dict[str, Any]) -> str | None:
+    """What is wrong with a sweep record, if anything (the store names file and line)."""
+    layer = d.get("layer")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        return f"'layer' is {layer!r}, expected a layer index (an int >= 0)"
+    if d.get("error") is None and not (isinstance(d.get("teacher_forced"), dict) and d["teacher_forced"]):
+        return (f"layer {layer} has no metrics ('teacher_forced' is missing or empty), so it could not take part "
+                f"in the golden-layer choice")
+    return None
 
 
-def read_records(path: Path, fingerprint: str | None = None) -> dict[int, LayerRecord]:
-    """The records of a sweep file, the latest per layer. A last line cut short (no
-    newline after it, not valid JSON) is dropped: its layer is run again. Anything
-    else that is not a sweep record raises :class:`SweepFileError` naming the line."""
-    if not path.exists():
-        return {}
+def _store(path: Path, fingerprint: dict[str, Any] | None = None) -> RecordStore:
     if path.is_dir():
-        raise SweepFileError(f"{path} is a folder, not a sweep file (JSONL): give a file path for out=")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SweepFileError(f"{path} is not a sweep file: byte {e.start} is not UTF-8 text (expected JSON lines "
-                             f"written by gradlocate's sweep); use another out= file") from None
-    lines = text.split("\n")
-    done: dict[int, LayerRecord] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # the last line, cut short by an interruption: run that layer again
-                continue
-            raise SweepFileError(f"{path} line {n}: not JSON ({e.msg}); a sweep file holds one JSON record per "
-                                 f"line") from None
-        where = f"{path} line {n}"
-        if not isinstance(d, dict):
-            raise SweepFileError(f"{where}: a {type(d).__name__}, expected a sweep record (a JSON object)")
-        layer = d.get("layer")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise SweepFileError(f"{where}: 'layer' is {layer!r}, expected a layer index (an int >= 0)")
-        if d.get("error") is None and not isinstance(d.get("teacher_forced"), dict) or (
-                d.get("error") is None and not d["teacher_forced"]):
-            raise SweepFileError(f"{where}: layer {layer} has no metrics ('teacher_forced' is missing or empty), "
-                                 f"so it could not take part in the golden-layer choice")
-        if fingerprint is not None and d.get("fingerprint") != fingerprint:
-            raise SweepFileError(f"{where} holds a sweep with another model, other edits or other trainer settings; "
-                                 f"use another output file or delete this one")
-        done[layer] = LayerRecord.from_dict(d)
-    return done
+        raise StoreError(f"{path} is a folder, not a sweep file (JSONL): give a file path for out=")
+    return RecordStore(path, fingerprint, validate=_check_record)
+
+
+def read_records(path: Path, fingerprint: dict[str, Any] | None = None) -> dict[int, LayerRecord]:
+    """The records of a sweep file, the latest per layer (see :class:`~gradlocate.study.store.RecordStore`:
+    a last line cut short is dropped, any other damage or a record made with another
+    model, edits or settings is a :class:`~gradlocate.study.store.StoreError` naming the line)."""
+    return _records_of(_store(path, fingerprint))
+
+
+def _records_of(store: RecordStore) -> dict[int, LayerRecord]:
+    return {d["layer"]: LayerRecord.from_dict(d) for d in store.read().values()}
+
+
+@dataclass
+class _SweepPlan:
+    """What a sweep works on: the model, edits, candidate layers, settings, and its store."""
+
+    h: Handles
+    edits: Edits
+    eval_edits: Edits
+    layers: list[int]
+    trainer: dict[str, Any]
+    evaluation: dict[str, Any]
+    store: RecordStore | None
+
+
+@dataclass
+class _LayersRun:
+    """The layers a sweep ran now, and the unedited model's evaluation they were judged against."""
+
+    records: list[LayerRecord]
+    pre: EditEvaluation
+    pre_s: float
+
+
+@overload
+def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int] | None = ...,
+          trainer: dict[str, Any] | None = ..., eval_edits: Any = ..., out: str | Path | None = ...,
+          scoring: str = ..., generation: bool = ..., capability: bool | Sequence[str] = ..., fluency: bool = ...,
+          fluency_prompts: int | None = ..., fluency_tokens: int = ..., overall: str = ...,
+          weights: dict[str, float] | None = ..., per_sample: Literal[False] = ...,
+          progress: bool | None = ...) -> SweepResult: ...
+
+
+@overload
+def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int] | None = ...,
+          trainer: dict[str, Any] | None = ..., eval_edits: Any = ..., out: str | Path | None = ...,
+          scoring: str = ..., generation: bool = ..., capability: bool | Sequence[str] = ..., fluency: bool = ...,
+          fluency_prompts: int | None = ..., fluency_tokens: int = ..., overall: str = ...,
+          weights: dict[str, float] | None = ..., per_sample: Literal[True], progress: bool | None = ...) -> Matrix: ...
 
 
 def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | None = None,
@@ -372,7 +364,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
           scoring: str = "teacher_forced", generation: bool = True, capability: bool | Sequence[str] = True,
           fluency: bool = True, fluency_prompts: int | None = 8, fluency_tokens: int = 64,
           overall: str = "weighted", weights: dict[str, float] | None = None, per_sample: bool = False,
-          progress: bool | None = None) -> Any:
+          progress: bool | None = None) -> SweepResult | Matrix:
     """Edit with LocFT-BF at each candidate layer, evaluate, restore; find the golden layer.
 
     Args:
@@ -380,11 +372,11 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
             :class:`~gradlocate.handles.Handles` (its site is the one edited).
         edits: the edits to make (any public form, see :func:`~gradlocate.data.as_edits`).
         tokenizer: defaults to the one the model carries.
-        layers: candidate layers (default: all).
+        layers: candidate layer indices (default: all).
         trainer: keyword arguments for :class:`~gradlocate.editors.locft.LocFTBF`.
         eval_edits: the edits to evaluate on (default: ``edits``).
-        out: a JSONL file; each finished layer is appended as it comes, and layers
-            already there are skipped (resume).
+        out: a JSONL file (a :class:`~gradlocate.study.store.RecordStore`); each finished
+            layer is appended as it comes, and layers already there are skipped (resume).
         scoring: ``"teacher_forced"`` (EasyEdit) or ``"generation"`` (exact match) for
             the overall score and the golden layer. Both are recorded when ``generation``.
         generation: also score by generation exact match (slower).
@@ -397,33 +389,44 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
             ``"golden-layers"`` (the Golden Layers paper's min-max normalisation) or
             ``"edit-only"`` (the mean of reliability, generalization and locality).
             :meth:`SweepResult.with_overall` changes it afterwards.
-        per_sample: instead, edit each edit alone at each layer (all edits of a layer
-            trained at once, each with its own weight change) and return a
-            :class:`~gradlocate.samplewise.SampleSweep` of the sample-wise optimal layers
-            (teacher-forced edit metrics; ``out``, ``generation``, ``capability``,
-            ``fluency`` and ``overall`` do not apply).
+        per_sample: instead, edit each edit alone at each layer and return the
+            single-edit :class:`~gradlocate.study.matrix.Matrix` (teacher-forced edit
+            metrics, LocFT-BF with ``trainer``, cells stored in ``out``; ``generation``,
+            ``capability``, ``fluency`` and ``overall`` do not apply).
         progress: a progress bar over layers (``None``: on a terminal only).
 
     Returns:
-        :class:`SweepResult`.
+        :class:`SweepResult` (``per_sample``: :class:`~gradlocate.study.matrix.Matrix`).
 
     The model is restored bit for bit after each layer, also when a layer fails (its
     record then carries the error) or the sweep is interrupted (the finished layers stay
     in ``out``).
     """
-    from tqdm.auto import tqdm
-
-    from gradlocate.editors.locft import LocFTBF
-    from gradlocate.evaluation import evaluate
-
     require_gradients("sweep (it trains LocFT-BF at every layer)")
     if per_sample:
-        from gradlocate.samplewise import sample_sweep
+        return matrix(model, edits, tokenizer=tokenizer, layers=layers, hparams=trainer, out=out,
+                      capability_edits=0, progress=progress)
+    plan = _plan(model, edits, tokenizer, layers, trainer, eval_edits, out, scoring, overall,
+                 {"generation": generation, "capability": capability, "fluency": fluency,
+                  "fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens})
+    done = _records_of(plan.store) if plan.store is not None else {}
+    ran = _run_layers(plan, [l for l in plan.layers if l not in done], scoring, progress)
+    records = [done[l] for l in plan.layers if l in done] + ran.records
+    evaluation = {k: (list(v) if k == "capability" and not isinstance(v, bool) else v)
+                  for k, v in plan.evaluation.items()}
+    return SweepResult(records, scoring=scoring, path=relative_path(plan.store.path) if plan.store else None,
+                       params={"trainer": plan.trainer, **evaluation, "n_edits": len(plan.edits),
+                               "n_eval": len(plan.eval_edits), "pre_eval_s": ran.pre_s, "layers": plan.layers,
+                               "pre_general": ran.pre.general},
+                       overall_kind=overall, weights=dict(weights or OVERALL_WEIGHTS))
 
-        return sample_sweep(model, edits, tokenizer=tokenizer, layers=layers, trainer=trainer, progress=progress)
+
+def _plan(model: Any, edits: Any, tokenizer: Any, layers: Sequence[int] | None, trainer: dict[str, Any] | None,
+          eval_edits: Any, out: Any, scoring: str, overall: str, evaluation: dict[str, Any]) -> _SweepPlan:
+    """Check the arguments (before anything runs), resolve the model, open the store."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if scoring == "generation" and not generation:
+    if scoring == "generation" and not evaluation["generation"]:
         raise ValueError("scoring='generation' needs generation=True")
     if trainer is not None and not isinstance(trainer, dict):
         raise TypeError(f"trainer must be a dict of LocFTBF keyword arguments, got {type(trainer).__name__}")
@@ -434,49 +437,50 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     cand = h.layer_indices(list(layers) if layers is not None else None)
     trainer = {"progress": False, **(trainer or {})}
     LocFTBF(h, cand[0], **trainer)  # bad trainer settings fail here, before anything runs
-    evaluation = {"generation": generation, "capability": capability if isinstance(capability, bool) else
-                  list(capability), "fluency": fluency, "fluency_prompts": fluency_prompts,
-                  "fluency_tokens": fluency_tokens}
-    SweepResult([LayerRecord(0)], scoring, overall_kind=overall)  # bad overall / scoring: fail before running
-    fp = _fingerprint(h, edits, eval_edits, {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
-                      evaluation)
-    path = Path(out) if out is not None else None
-    if path is not None and not path.parent.exists():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} for the sweep file does not exist")
-    done = read_records(path, fp) if path is not None else {}
-    todo = [l for l in cand if l not in done]
+    SweepResult([LayerRecord(0)], scoring, overall_kind=overall)  # bad overall: fail before running
+    store = None
+    if out is not None:
+        path = Path(out)
+        if not path.parent.exists():
+            raise FileNotFoundError(f"folder {str(path.parent)!r} for the sweep file does not exist")
+        cap = evaluation["capability"]
+        store = _store(path, {
+            "model": model_identity(h), "edits": [e.to_dict() for e in edits],
+            "eval": [e.to_dict() for e in eval_edits],
+            "trainer": {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
+            "evaluation": {**evaluation, "capability": cap if isinstance(cap, bool) else list(cap)},
+            "metrics": METRICS_VERSION})
+    return _SweepPlan(h, edits, eval_edits, cand, trainer, evaluation, store)
 
-    records = [done[l] for l in cand if l in done]
-    with using(h):  # one caller owns the model for the whole sweep
+
+def _run_layers(plan: _SweepPlan, todo: list[int], scoring: str, progress: bool | None) -> _LayersRun:
+    """Evaluate the unedited model, then edit, evaluate and restore each layer of ``todo``,
+    appending each record to the store as it finishes."""
+    from tqdm.auto import tqdm
+
+    records = []
+    with using(plan.h):  # one caller owns the model for the whole sweep
         t0 = time.perf_counter()
-        ev_kw = {"generation": generation, "capability": capability, "fluency": fluency,
-                 "fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens}
-        pre = evaluate(h, eval_edits, **ev_kw)
-        t_pre = time.perf_counter() - t0
+        pre = evaluate(plan.h, plan.eval_edits, **plan.evaluation)
+        pre_s = time.perf_counter() - t0
         bar = tqdm(todo, desc="sweep", unit="layer", disable=(None if progress is None else not progress) or not todo)
         for layer in bar:
             bar.set_postfix(layer=layer)
-            rec = _sweep_layer(h, layer, edits, eval_edits, pre, trainer, ev_kw, LocFTBF, evaluate)
-            rec.fingerprint = fp
+            rec = _sweep_layer(plan.h, layer, plan.edits, plan.eval_edits, pre, plan.trainer, plan.evaluation)
             records.append(rec)
-            if path is not None:
-                _append_line(path, json.dumps(rec.to_dict(), default=float))
+            if plan.store is not None:
+                plan.store.append(layer, rec.to_dict())
             bar.set_postfix(layer=layer, overall=f"{overall_score(rec.metrics(scoring)) or float('nan'):.3f}")
-    return SweepResult(records, scoring=scoring, path=str(path) if path else None,
-                       params={"trainer": trainer, **evaluation, "n_edits": len(edits), "n_eval": len(eval_edits),
-                               "pre_eval_s": t_pre, "layers": cand, "pre_general": pre.general},
-                       overall_kind=overall, weights=dict(weights or OVERALL_WEIGHTS))
+    return _LayersRun(records, pre, pre_s)
 
 
-def _sweep_layer(h: Any, layer: int, edits: Any, eval_edits: Any, pre: Any, trainer: dict[str, Any],
-                 ev_kw: dict[str, Any], trainer_cls: Any, evaluate: Any) -> LayerRecord:
+def _sweep_layer(h: Handles, layer: int, edits: Edits, eval_edits: Edits, pre: EditEvaluation,
+                 trainer: dict[str, Any], ev_kw: dict[str, Any]) -> LayerRecord:
     """Edit one layer, evaluate, restore. A failure of this layer (a non-finite loss, a
     structure the trainer cannot handle) becomes the record's ``error``."""
-    from gradlocate.interventions import ModelBusyError
-
     t1 = time.perf_counter()
     try:
-        with trainer_cls(h, layer, **trainer) as ft:
+        with LocFTBF(h, layer, **trainer) as ft:
             fit = ft.fit(edits)
             t2 = time.perf_counter()
             ev = evaluate(h, eval_edits, pre=pre, **ev_kw)

@@ -10,14 +10,16 @@ that data (the Golden Layers paper's protocol):
 3. sweep LocFT-BF over the candidate layers on the test edits (the **golden layer**),
    and on the proxy edits (does a golden layer found on a proxy set **transfer**?);
 4. train each of ``n_sample`` test edits alone at every ``sample_layers`` layer
-   (:func:`~gradlocate.samplewise.sample_sweep`) and compare each edit's own optimal
+   (the single-edit :func:`~gradlocate.study.matrix.matrix`) and compare each edit's own optimal
    layer with the golden layer, metric by metric, with a paired t-test;
 5. judge each selector against the test sweep: **regret** (overall lost against the
    golden layer), **Spearman** and **Kendall** rank correlation of its per-layer scores
    with the sweep's overall, each with a bootstrap 95% interval over the test edits.
 
-Every part writes to ``out_dir`` as it finishes, so an interrupted study resumes where
-it stopped; a part that fails (a selector that cannot run on the data) is reported in its
+Every part writes to ``out_dir`` as it finishes (record stores: ``selections.jsonl``,
+keyed by selector and fingerprinted by the model, the proxy edits, the retain texts and
+the selector's settings; ``sweep_test.jsonl``, ``sweep_proxy.jsonl``, ``samples.jsonl``),
+so an interrupted study resumes where it stopped; a part that fails (a selector that cannot run on the data) is reported in its
 place and the rest still runs.
 
 Example:
@@ -33,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -42,12 +43,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradlocate.data import as_edits, default_retain_texts
-from gradlocate.handles import resolve
+from gradlocate.data import Edits, as_edits, default_retain_texts, load_texts
+from gradlocate.gradients import LayerGradients
+from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
-from gradlocate.samplewise import SampleSweep, sample_sweep
-from gradlocate.sweep import OVERALL_METRICS, SweepResult, sweep
+from gradlocate.study.compare import run_selector, spearman
+from gradlocate.study.matrix import Matrix, matrix
+from gradlocate.study.store import RecordStore, model_identity
+from gradlocate.study.sweep import OVERALL_METRICS, SweepResult, overall_score, sweep
 
 __all__ = ["study", "Study", "StudyRow", "STUDY_SELECTORS", "kendall"]
 
@@ -110,7 +114,7 @@ class Study:
     rows: list[StudyRow]
     selections: dict[str, LayerScores]
     proxy_sweep: SweepResult | None = None
-    samples: SampleSweep | None = None
+    samples: Matrix | None = None
     golden_ci: tuple[int, ...] = ()
     transfer: dict[str, Any] = field(default_factory=dict)
     versus: dict[str, Any] = field(default_factory=dict)
@@ -215,8 +219,6 @@ def _overall_of(sw: SweepResult, idx: Sequence[int]) -> dict[int, float | None]:
 
 
 def _score(sw: SweepResult, metrics: dict[str, float | None]) -> float | None:
-    from gradlocate.sweep import overall_score
-
     return overall_score(metrics, OVERALL_METRICS if sw.overall_kind == "edit-only" else sw.weights)
 
 
@@ -224,8 +226,6 @@ def _judge(sw: SweepResult, selections: dict[str, LayerScores], bootstrap: int, 
            ) -> tuple[dict[str, dict[str, Any]], list[int]]:
     """Regret, Spearman and Kendall of each selection against the sweep, and their
     bootstrap 95% intervals over the evaluated edits; the golden layer of each resample."""
-    from gradlocate.compare import spearman
-
     n = len(next(iter(sw.records[0].per_edit.values()), [])) if sw.records[0].per_edit else 0
 
     def measures(overall: dict[int, float | None]) -> dict[str, dict[str, float | None]]:
@@ -270,10 +270,11 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
         edits: at least ``n_proxy + n_test`` edits (any public form); shuffled with
             ``seed`` and split.
         retain: general texts for GradRatio (default: the built-in retain texts, 16).
-        n_proxy, n_test: the split sizes.
-        layers: the sweep's candidate layers (default: all).
-        sample_layers: the sample-wise sweep's layers (default: every second layer;
-            ``[]`` skips it); ``n_sample`` of the test edits are used.
+        n_proxy: the proxy split's size (the selectors see only these edits).
+        n_test: the test split's size.
+        layers: the sweep's candidate layer indices (default: all).
+        sample_layers: the single-edit matrix's layer indices (default: every second
+            layer; ``[]`` skips it); ``n_sample`` of the test edits are used.
         selectors: names from :data:`STUDY_SELECTORS` (default: all of them).
         trainer: LocFT-BF settings for every sweep.
         transfer: also sweep the proxy edits (proxy-to-test transfer).
@@ -286,89 +287,168 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
     Returns:
         :class:`Study`.
     """
-    from gradlocate.compare import run_selector
-
     require_gradients("study")
+    plan = _plan(model, edits, tokenizer, n_proxy, n_test, seed, layers, sample_layers, selectors, retain,
+                 trainer, out_dir)
+    with using(plan.h):
+        picked = _select(plan, progress)
+        sweeps = _sweep_both(plan, picked, transfer, generation, progress)
+        samples = _sample_matrix(plan, n_sample, sweeps.test.golden, progress)
+    judged, goldens = _judge(sweeps.test, picked.selections, bootstrap, seed)
+    timings = {"selectors": sum(sum(s.timings.values()) for s in picked.selections.values()), **sweeps.timings}
+    if samples is not None:
+        timings["sample-wise sweep"] = sum(samples.timings.values())
+    return Study(name, sweeps.test, _rows(plan.selectors, picked, judged), picked.selections, sweeps.proxy,
+                 samples, tuple(goldens), _transfer(sweeps, bootstrap, seed),
+                 samples.versus(sweeps.test.golden) if samples is not None else {}, timings,
+                 {"n_proxy": n_proxy, "n_test": n_test, "n_sample": n_sample if samples else 0, "seed": seed,
+                  "bootstrap": bootstrap, "trainer": {k: v for k, v in plan.trainer.items() if k != "callback"},
+                  "selectors": plan.selectors, "proxy_prompts": [e.prompt for e in plan.proxy]})
+
+
+@dataclass
+class _StudyPlan:
+    """What a study works on: the model, the proxy/test split, layers, selectors, settings."""
+
+    h: Handles
+    proxy: Edits
+    test: Edits
+    layers: list[int]
+    sample_layers: list[int]
+    selectors: list[str]
+    retain: list[str] | LayerGradients
+    trainer: dict[str, Any]
+    out: Path | None
+
+
+def _plan(model: Any, edits: Any, tokenizer: Any, n_proxy: int, n_test: int, seed: int,
+          layers: Sequence[int] | None, sample_layers: Sequence[int] | None, selectors: Sequence[str] | None,
+          retain: Any, trainer: dict[str, Any] | None, out_dir: Any) -> _StudyPlan:
+    """Check the arguments, resolve the model, shuffle with ``seed`` and split the edits."""
     edits = as_edits(edits)
     if len(edits) < n_proxy + n_test:
         raise ValueError(f"the study needs {n_proxy} proxy + {n_test} test edits, the data has {len(edits)}")
     h = resolve(model, tokenizer)
     cand = h.layer_indices(list(layers) if layers is not None else None)
-    s_layers = list(range(0, h.n_layers, 2)) if sample_layers is None else h.layer_indices(list(sample_layers)) \
-        if len(sample_layers) else []
+    s_layers = (list(range(0, h.n_layers, 2)) if sample_layers is None else
+                h.layer_indices(list(sample_layers)) if len(sample_layers) else [])
     names = list(STUDY_SELECTORS) if selectors is None else list(selectors)
     unknown = [s for s in names if s not in STUDY_SELECTORS]
     if unknown:
         raise ValueError(f"unknown study selectors {unknown}: choose from {list(STUDY_SELECTORS)}")
     order = list(range(len(edits)))
     random.Random(seed).shuffle(order)
-    proxy = as_edits([edits[i] for i in order[:n_proxy]])
-    test = as_edits([edits[i] for i in order[n_proxy:n_proxy + n_test]])
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    retain = default_retain_texts(16) if retain is None else retain
-    trainer = dict(trainer or {})
-    timings: dict[str, float] = {}
-    selections: dict[str, LayerScores] = {}
-    errors: dict[str, tuple[str, float]] = {}
-    with using(h):
-        saved = json.loads((out / "selections.json").read_text()) if out and (out / "selections.json").exists() else {}
-        for sel in names:
-            kind, kw = STUDY_SELECTORS[sel]
-            if sel in saved and saved[sel].get("proxy") == [e.prompt for e in proxy]:
-                selections[sel] = LayerScores(**saved[sel]["scores"])
-                continue
-            t1 = time.perf_counter()
-            try:
-                selections[sel] = run_selector(kind, h, proxy, retain, progress=progress, **kw)
-            except ModelBusyError:
-                raise
-            except Exception as e:  # noqa: BLE001 - reported in this selector's row; the rest still runs
-                errors[sel] = (f"{type(e).__name__}: {e}", time.perf_counter() - t1)
-                continue
-            if out is not None:
-                saved[sel] = {"proxy": [e.prompt for e in proxy], "scores": _scores_dict(selections[sel])}
-                (out / "selections.json").write_text(json.dumps(saved, default=float))
-        # Each part's time is the sum of what its results record (per selector, per layer),
-        # so a resumed study reports the time the work took, not the time to read it back.
-        timings["selectors"] = sum(sum(s.timings.values()) for s in selections.values())
-        sweep_kw = dict(trainer=trainer, generation=generation, progress=progress)
-        test_sweep = sweep(h, test, layers=sorted(set(cand) | {s.selected for s in selections.values()}),
-                           out=out / "sweep_test.jsonl" if out else None, **sweep_kw)
-        timings["test sweep"] = sum(r.timings.get("total", 0.0) for r in test_sweep.records)
-        proxy_sweep = None
-        if transfer:
-            proxy_sweep = sweep(h, proxy, layers=cand, out=out / "sweep_proxy.jsonl" if out else None, **sweep_kw)
-            timings["proxy sweep"] = sum(r.timings.get("total", 0.0) for r in proxy_sweep.records)
-        samples = None
-        if s_layers and n_sample:
-            samples = sample_sweep(h, test[:n_sample], layers=sorted(set(s_layers) | {test_sweep.golden}),
-                                   trainer=trainer, out=out / "samples.jsonl" if out else None, progress=progress)
-            timings["sample-wise sweep"] = sum(sum(t.values()) for t in samples.timings.values())
-    judged, goldens = _judge(test_sweep, selections, bootstrap, seed)
+    return _StudyPlan(h, as_edits([edits[i] for i in order[:n_proxy]]),
+                      as_edits([edits[i] for i in order[n_proxy:n_proxy + n_test]]), cand, s_layers, names,
+                      _retain(retain), dict(trainer or {}), out)
+
+
+def _retain(retain: Any) -> Any:
+    """The retain texts, read once (they are part of the selections' fingerprint); a
+    precomputed :class:`~gradlocate.gradients.LayerGradients` passes through."""
+    if retain is None:
+        return default_retain_texts(16)
+    return retain if isinstance(retain, LayerGradients) else load_texts(retain)
+
+
+@dataclass
+class _Selections:
+    """Each selector's scores on the proxy edits, or why it could not run (and its time)."""
+
+    selections: dict[str, LayerScores]
+    errors: dict[str, tuple[str, float]]
+
+
+def _select(plan: _StudyPlan, progress: bool | None) -> _Selections:
+    """Run each selector on the proxy edits, or read it back from ``selections.jsonl``
+    (when made with the same model, proxy edits, retain texts and selector settings)."""
+    store = None
+    if plan.out is not None:
+        base = {"model": model_identity(plan.h), "proxy": [e.to_dict() for e in plan.proxy], "retain": plan.retain}
+        store = RecordStore(plan.out / "selections.jsonl",
+                            lambda key: {**base, "selector": list(STUDY_SELECTORS[str(key)])})
+    saved = store.read() if store is not None else {}
+    got = _Selections({}, {})
+    for sel in plan.selectors:
+        if sel in saved:
+            got.selections[sel] = LayerScores(**saved[sel]["scores"])
+            continue
+        kind, kw = STUDY_SELECTORS[sel]
+        t1 = time.perf_counter()
+        try:
+            got.selections[sel] = run_selector(kind, plan.h, plan.proxy, plan.retain, progress=progress, **kw)
+        except ModelBusyError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported in this selector's row; the rest still runs
+            got.errors[sel] = (f"{type(e).__name__}: {e}", time.perf_counter() - t1)
+            continue
+        if store is not None:
+            store.append(sel, {"scores": _scores_dict(got.selections[sel])})
+    return got
+
+
+@dataclass
+class _Sweeps:
+    """The sweep on the test edits, the one on the proxy edits (if run), and their times."""
+
+    test: SweepResult
+    proxy: SweepResult | None
+    timings: dict[str, float]
+
+
+def _sweep_both(plan: _StudyPlan, picked: _Selections, transfer: bool, generation: bool,
+                progress: bool | None) -> _Sweeps:
+    """Sweep the test edits over the candidate and the selected layers; and the proxy
+    edits, for the transfer. Each part's time is the sum of what its records say, so a
+    resumed study reports the time the work took, not the time to read it back."""
+    out = plan.out
+    picks = {s.selected for s in picked.selections.values()}
+    test = sweep(plan.h, plan.test, layers=sorted(set(plan.layers) | picks), trainer=plan.trainer,
+                 generation=generation, progress=progress, out=out / "sweep_test.jsonl" if out else None)
+    timings = {"test sweep": sum(r.timings.get("total", 0.0) for r in test.records)}
+    proxy = None
+    if transfer:
+        proxy = sweep(plan.h, plan.proxy, layers=plan.layers, trainer=plan.trainer, generation=generation,
+                      progress=progress, out=out / "sweep_proxy.jsonl" if out else None)
+        timings["proxy sweep"] = sum(r.timings.get("total", 0.0) for r in proxy.records)
+    return _Sweeps(test, proxy, timings)
+
+
+def _sample_matrix(plan: _StudyPlan, n_sample: int, golden: int, progress: bool | None) -> Matrix | None:
+    """The first ``n_sample`` test edits, each alone at the sample layers and the golden layer."""
+    if not plan.sample_layers or not n_sample:
+        return None
+    return matrix(plan.h, plan.test[:n_sample], hparams=plan.trainer,
+                  layers=sorted(set(plan.sample_layers) | {golden}), capability_edits=0,
+                  out=plan.out / "samples.jsonl" if plan.out else None, progress=progress)
+
+
+def _rows(names: list[str], picked: _Selections, judged: dict[str, dict[str, Any]]) -> list[StudyRow]:
+    """One row per selector: its pick and how it fared, or why it could not run."""
     rows = []
     for sel in names:
-        if sel in errors:
-            rows.append(StudyRow(sel, None, time_s=errors[sel][1], error=errors[sel][0]))
+        if sel in picked.errors:
+            rows.append(StudyRow(sel, None, time_s=picked.errors[sel][1], error=picked.errors[sel][0]))
             continue
-        j = judged[sel]
-        rows.append(StudyRow(sel, selections[sel].selected, j["regret"], j["regret_ci"], j["spearman"],
-                             j["spearman_ci"], j["kendall"], j["kendall_ci"],
-                             sum(selections[sel].timings.values())))
-    moved = {}
-    if proxy_sweep is not None:
-        pg = proxy_sweep.golden
-        as_choice = LayerScores("proxy golden", [v if v is not None else -1.0 for v in proxy_sweep.overall],
-                                [True] * len(proxy_sweep.layers), pg, layers=proxy_sweep.layers)
-        j, _ = _judge(test_sweep, {"proxy": as_choice}, bootstrap, seed)
-        moved = {"proxy_golden": pg, "test_golden": test_sweep.golden, "regret": j["proxy"]["regret"],
-                 "regret_ci": j["proxy"]["regret_ci"], "spearman": j["proxy"]["spearman"]}
-    return Study(name, test_sweep, rows, selections, proxy_sweep, samples, tuple(goldens), moved,
-                 samples.versus(test_sweep.golden) if samples is not None else {}, timings,
-                 {"n_proxy": n_proxy, "n_test": n_test, "n_sample": n_sample if samples else 0, "seed": seed,
-                  "bootstrap": bootstrap, "trainer": {k: v for k, v in trainer.items() if k != "callback"},
-                  "selectors": names, "proxy_prompts": [e.prompt for e in proxy]})
+        j, s = judged[sel], picked.selections[sel]
+        rows.append(StudyRow(sel, s.selected, j["regret"], j["regret_ci"], j["spearman"], j["spearman_ci"],
+                             j["kendall"], j["kendall_ci"], sum(s.timings.values())))
+    return rows
+
+
+def _transfer(sweeps: _Sweeps, bootstrap: int, seed: int) -> dict[str, Any]:
+    """The proxy sweep's golden layer used on the test edits: what it loses (with an interval)."""
+    if sweeps.proxy is None:
+        return {}
+    pg, test = sweeps.proxy.golden, sweeps.test
+    as_choice = LayerScores("proxy golden", [v if v is not None else -1.0 for v in sweeps.proxy.overall],
+                            [True] * len(sweeps.proxy.layers), pg, layers=sweeps.proxy.layers)
+    j, _ = _judge(test, {"proxy": as_choice}, bootstrap, seed)
+    return {"proxy_golden": pg, "test_golden": test.golden, "regret": j["proxy"]["regret"],
+            "regret_ci": j["proxy"]["regret_ci"], "spearman": j["proxy"]["spearman"]}
 
 
 def _scores_dict(s: LayerScores) -> dict[str, Any]:

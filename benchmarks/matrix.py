@@ -1,0 +1,133 @@
+"""The single-edit matrix on a real model: every edit alone at every layer.
+
+Reads ``--n`` edits of the shared ZsRE or CounterFact file (shuffled with ``--seed``; the
+records used are written to ``<out>/edits.json`` with their index in the file), edits each
+alone at each layer with ``--editor`` (:func:`gradlocate.study.matrix.matrix`) and writes
+one record per (edit, layer) cell to ``<out>/shard<K>of<N>.jsonl`` as each chunk
+finishes. A re-run resumes from every shard in ``<out>``; ``--shard K/N`` takes every
+N-th layer starting at layer index K, so N processes (or machines, their shard files
+copied into one folder) split the work. When every cell is in ``<out>``, the process that
+finishes last writes ``matrix.json`` and ``matrix.png`` there.
+
+Run (two processes on one machine):
+
+    python benchmarks/matrix.py --model smollm2 --data zsre --n 96 --shard 0/2 --out benchmarks/results/matrix/smollm2-zsre/ &
+    python benchmarks/matrix.py --model smollm2 --data zsre --n 96 --shard 1/2 --out benchmarks/results/matrix/smollm2-zsre/ &
+
+Smoke test:  python benchmarks/matrix.py --model tiny-llama --n 3 --epochs 2 --out /tmp/mx/
+
+The data files are found as :func:`gradlocate.data.shared_data_path` finds them
+(``../shared/data`` of the checkout, or ``GRADLOCATE_DATA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import gradlocate as gl  # noqa: E402
+from gradlocate.study.matrix import edit_id, matrix  # noqa: E402
+from gradlocate.study.store import RecordStore, relative_path  # noqa: E402
+
+DATA = {"zsre": "zsre_3k.json", "counterfact": "counterfact_3k.json"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, tiny-llama (gradlocate.models.load_model)")
+    ap.add_argument("--data", choices=sorted(DATA), default="zsre")
+    ap.add_argument("--n", type=int, default=96, help="edits (after a seeded shuffle of the file)")
+    ap.add_argument("--seed", type=int, default=0, help="the shuffle's seed")
+    ap.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    ap.add_argument("--editor", default="locft", help="a registered editor (gradlocate.editors.EDITORS)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--chunk", type=int, default=32, help="edits edited together")
+    ap.add_argument("--capability-edits", type=int, default=8, help="the first k edits get the capability measurement")
+    ap.add_argument("--shard", default="0/1", help="K/N: every N-th layer, starting at layer index K")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--out", required=True, help="the folder of shard files (made if missing)")
+    return ap.parse_args(argv)
+
+
+def pick_edits(data: str, n: int, seed: int) -> tuple[gl.Edits, list[int]]:
+    """``n`` edits of the shared file after a shuffle with ``seed``, and their indices in the file."""
+    every = gl.load_edits(gl.shared_data_path(DATA[data]))
+    if n > len(every):
+        raise SystemExit(f"--n {n}: the {data} file has only {len(every)} records")
+    order = list(range(len(every)))
+    random.Random(seed).shuffle(order)
+    chosen = order[:n]
+    return gl.as_edits([every[i] for i in chosen]), chosen
+
+
+def shard_layers(spec: str, layers: list[int]) -> tuple[list[int], str]:
+    """The layers of shard ``K/N`` (every N-th, from index K) and the shard's file name."""
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard {spec!r}: expected K/N, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {spec!r}: K must be in 0..N-1")
+    return layers[k::n], f"shard{k}of{n}"
+
+
+def write_manifest(out: Path, args: argparse.Namespace, edits: gl.Edits, chosen: list[int]) -> None:
+    """Which records were used (index in the file, content id), written atomically: every
+    shard writes the same. A folder that holds another run's edits is refused."""
+    rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in zip(chosen, edits)]
+    manifest = {"data": DATA[args.data], "seed": args.seed, "edits": rows}
+    old = out / "edits.json"
+    if old.exists():
+        had = json.loads(old.read_text())
+        if [r["id"] for r in had.get("edits", [])] != [r["id"] for r in rows]:
+            raise SystemExit(f"{relative_path(out)} holds a matrix of other edits ({had.get('data')}, seed "
+                             f"{had.get('seed')}, {len(had.get('edits', []))} edits): use another --out")
+    tmp = out / f".edits.{os.getpid()}.json"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, old)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    edits, chosen = pick_edits(args.data, args.n, args.seed)
+    write_manifest(out, args, edits, chosen)
+    # A tiny random model reads bytes: real records need a longer context than its default.
+    extra = {"n_ctx": 1024} if args.model.startswith("tiny-") else {}
+    model, tok = gl.models.load_model(args.model, **extra)
+    h = gl.down_projections(model, tokenizer=tok)
+    every = list(range(h.n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    mine, shard = shard_layers(args.shard, every)
+    hparams = {"lr": args.lr, "epochs": args.epochs}
+    print(f"{args.model} on {args.n} {args.data} edits (file indices {chosen[:8]}{' ...' if args.n > 8 else ''}); "
+          f"{args.editor} at layers {mine} -> {relative_path(out / shard)}.jsonl", flush=True)
+    t0 = time.perf_counter()
+    m = matrix(h, edits, editor=args.editor, hparams=hparams, layers=mine, out=out, shard=shard, chunk=args.chunk,
+               capability_edits=args.capability_edits, progress=True)
+    print(f"{m}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+    stored = RecordStore(out).read()
+    if all(f"{edit_id(e)}/{l}" in stored for e in edits for l in every):  # every shard is done: the whole matrix
+        whole = matrix(h, edits, editor=args.editor, hparams=hparams, layers=every, out=out, chunk=args.chunk,
+                       capability_edits=args.capability_edits, progress=False)
+        (out / "matrix.json").write_text(json.dumps({"model": args.model, "data": args.data, **whole.to_dict()},
+                                                    indent=1))
+        whole.plot(title=f"{args.model} on {args.n} {args.data} edits: overall per edit x layer"
+                   ).savefig(out / "matrix.png", dpi=110, bbox_inches="tight")
+        print(f"whole matrix: {whole}; golden layer {whole.golden()}; wrote {relative_path(out / 'matrix.json')}")
+
+
+if __name__ == "__main__":
+    main()
