@@ -52,7 +52,7 @@ def run(selector, model, tok, edits, texts):
 
 
 def compare_scores(got, ref):
-    from gradlocate.study.compare import spearman
+    from gradlocate.golden.compare import spearman
 
     scale = max(abs(s) for s in ref.scores)
     rel = [abs(a - b) / abs(b) for a, b in zip(got.scores, ref.scores) if b != 0]

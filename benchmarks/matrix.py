@@ -2,7 +2,7 @@
 
 Reads ``--n`` edits of the shared ZsRE or CounterFact file (shuffled with ``--seed``; the
 records used are written to ``<out>/edits.json`` with their index in the file), edits each
-alone at each layer with ``--editor`` (:func:`gradlocate.study.matrix.matrix`) and writes
+alone at each layer with ``--editor`` (:func:`gradlocate.golden.matrix.matrix`) and writes
 one record per (edit, layer) cell to ``<out>/shard<K>of<N>.jsonl`` as each chunk
 finishes. A re-run resumes from every shard in ``<out>``; ``--shard K/N`` takes every
 N-th layer starting at layer index K, so N processes (or machines, their shard files
@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradlocate as gl  # noqa: E402
-from gradlocate.study.matrix import edit_id, matrix  # noqa: E402
-from gradlocate.study.store import RecordStore, relative_path  # noqa: E402
+from gradlocate.golden.matrix import edit_id, matrix  # noqa: E402
+from gradlocate.golden.store import RecordStore, relative_path  # noqa: E402
 
 DATA = {"zsre": "zsre_3k.json", "counterfact": "counterfact_3k.json"}
 

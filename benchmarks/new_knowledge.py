@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradlocate as gl  # noqa: E402
-from gradlocate.study.compare import split_edits  # noqa: E402
+from gradlocate.golden.compare import split_edits  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 EDITS = ROOT / "benchmarks" / "out" / "new_knowledge.json"

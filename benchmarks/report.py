@@ -1,6 +1,6 @@
 """The golden-layer study on real models, written to docs/results.md (one command).
 
-Each study (:func:`gradlocate.study.study.study`) splits one edit set into proxy edits (the
+Each study (:func:`gradlocate.golden.study.study`) splits one edit set into proxy edits (the
 selectors see only these) and test edits, runs every selector (GradRatio with and
 without l_min, LGA with each sign convention, CMA), sweeps LocFT-BF over every layer on
 the test edits (the golden layer) and on the proxy edits (transfer), trains each of
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradlocate as gl  # noqa: E402
-from gradlocate.study.study import Study, study  # noqa: E402
+from gradlocate.golden.study import Study, study  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 RESULTS = ROOT / "benchmarks" / "results" / "study"

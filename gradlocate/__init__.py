@@ -57,11 +57,11 @@ from gradlocate.trace.core import embedding_std, subject_token_range
 from gradlocate.trace.result import TraceResult
 from gradlocate.editors.locft import EditTrainingError, FitResult, LocFTBF
 from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
-from gradlocate.study.store import StoreError
-from gradlocate.study.sweep import LayerRecord, SweepResult, overall_score, sweep
-from gradlocate.study.compare import Comparison, SelectorRow, compare, split_edits
-from gradlocate.study.matrix import Matrix, matrix
-from gradlocate.study.study import Study, StudyRow, study
+from gradlocate.golden.store import StoreError
+from gradlocate.golden.sweep import LayerRecord, SweepResult, overall_score, sweep
+from gradlocate.golden.compare import Comparison, SelectorRow, compare, split_edits
+from gradlocate.golden.matrix import Matrix, matrix
+from gradlocate.golden.study import Study, StudyRow, study
 from gradlocate.state import check_materialized
 
 __version__ = "0.2.0"

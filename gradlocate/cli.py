@@ -184,7 +184,7 @@ def _methods(spec: str) -> list[str]:
 
 
 def _select(h: Any, edits: list[Any], method: str, args: argparse.Namespace, append_eos: bool | None = None) -> Any:
-    from gradlocate.study.compare import run_selector
+    from gradlocate.golden.compare import run_selector
     from gradlocate.handles import HandleError
 
     # append_eos=None: the selector's own default (the papers' answer-tokens-only loss).
@@ -346,7 +346,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from gradlocate.study.sweep import sweep
+    from gradlocate.golden.sweep import sweep
 
     _check_out_path(args.plot, "--plot")
     _check_out_path(args.out, "--out")
@@ -361,7 +361,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gradlocate.study.compare import compare
+    from gradlocate.golden.compare import compare
 
     _check_out_path(args.plot, "--plot")
     _check_out_path(args.out, "--out")
@@ -378,7 +378,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from gradlocate.study.study import study
+    from gradlocate.golden.study import study
 
     _check_out_path(args.plot, "--plot")
     h = _resolved(args)

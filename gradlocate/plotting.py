@@ -114,7 +114,7 @@ _METRIC_STYLE = {"reliability": ("#1f77b4", "-"), "generalization": ("#ff7f0e", 
 
 
 def plot_sweep(result: Any, ax: Any = None, *, title: str | None = None) -> Any:
-    """Edit metrics of a :class:`~gradlocate.study.sweep.SweepResult` across layers, with the
+    """Edit metrics of a :class:`~gradlocate.golden.sweep.SweepResult` across layers, with the
     overall score dashed and the golden layer marked."""
     ax = _axes(ax)
     for name, (color, ls) in _METRIC_STYLE.items():
@@ -247,7 +247,7 @@ __all__ += ["plot_study"]
 
 
 def plot_matrix(m: Any, metric: str = "overall", *, golden: int | None = None, title: str | None = None) -> Any:
-    """A :class:`~gradlocate.study.matrix.Matrix`: ``metric`` per edit x layer as a
+    """A :class:`~gradlocate.golden.matrix.Matrix`: ``metric`` per edit x layer as a
     heatmap, and below it the mean over edits per layer with the golden layer marked."""
     import matplotlib.pyplot as plt
     import numpy as np

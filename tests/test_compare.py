@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradlocate as gl
-from gradlocate.study.compare import compare, spearman, split_edits
+from gradlocate.golden.compare import compare, spearman, split_edits
 from gradlocate.models import tiny
 
 

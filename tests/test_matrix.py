@@ -10,9 +10,9 @@ import pytest
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.study import matrix as matrix_module
-from gradlocate.study.matrix import Matrix, edit_id, matrix
-from gradlocate.study.store import StoreError
+from gradlocate.golden import matrix as matrix_module
+from gradlocate.golden.matrix import Matrix, edit_id, matrix
+from gradlocate.golden.store import StoreError
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",

@@ -11,7 +11,7 @@ import torch
 import gradlocate as gl
 from gradlocate.models import tiny
 from gradlocate.editors.locft_rows import train_per_sample
-from gradlocate.study.matrix import Matrix, matrix
+from gradlocate.golden.matrix import Matrix, matrix
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",

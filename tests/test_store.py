@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from gradlocate.study.store import Fingerprint, RecordStore, StoreError, relative_path
+from gradlocate.golden.store import Fingerprint, RecordStore, StoreError, relative_path
 
 FP = {"model": {"name": "gpt2", "weights": ["1.0e+00"]}, "editor": {"name": "locft", "lr": 1e-3},
       "metrics": {"version": 1}}

@@ -11,8 +11,8 @@ from scipy.stats import kendalltau, spearmanr
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.study.store import StoreError
-from gradlocate.study.study import study
+from gradlocate.golden.store import StoreError
+from gradlocate.golden.study import study
 
 EDITS = [{"prompt": f"The code word number {i} is", "target_new": w, "ground_truth": "red", "subject": f"number {i}",
           "rephrase_prompt": f"Code word {i} is", "locality_prompt": "The sky is", "locality_ground_truth": "blue"}

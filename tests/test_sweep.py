@@ -10,7 +10,7 @@ import torch
 from gradlocate.editors.locft import LocFTBF
 from gradlocate.evaluation import evaluate
 from gradlocate.models import tiny
-from gradlocate.study.sweep import SweepResult, overall_score, sweep
+from gradlocate.golden.sweep import SweepResult, overall_score, sweep
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",

@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 import gradlocate as gl
-from gradlocate.study.compare import compare
+from gradlocate.golden.compare import compare
 from gradlocate.handles import unwrap_model
-from gradlocate.study.sweep import sweep
+from gradlocate.golden.sweep import sweep
 from gradlocate.selectors import cma_layer
 from gradlocate.trace import causal_trace
 
@@ -145,11 +145,11 @@ def n_hooks(model: nn.Module) -> int:
 
 def numbers(result: Any) -> list[float]:
     """The numbers a result reports, flattened, to compare two runs."""
-    from gradlocate.study.compare import Comparison
+    from gradlocate.golden.compare import Comparison
     from gradlocate.evaluation import EditEvaluation
     from gradlocate.gradients import LayerGradients
     from gradlocate.results import LayerScores
-    from gradlocate.study.sweep import SweepResult
+    from gradlocate.golden.sweep import SweepResult
     from gradlocate.trace.result import TraceResult
 
     if isinstance(result, LayerGradients):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import gradlocate as gl
 from gradlocate.models import tiny
-from gradlocate.study.sweep import SweepResult, sweep
+from gradlocate.golden.sweep import SweepResult, sweep
 from robust_helpers import numbers, EDITS, TRAINER, assert_same_state, call, model_state, no_instrumentation
 
 KINDS = ("exception", "interrupt", "nan")

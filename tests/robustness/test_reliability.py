@@ -14,8 +14,8 @@ from robust_helpers import EDITS, TEXTS, assert_same_state, model_state
 import gradlocate as gl
 from gradlocate.cli import main
 from gradlocate.models import tiny
-from gradlocate.study.store import StoreError
-from gradlocate.study.sweep import sweep
+from gradlocate.golden.store import StoreError
+from gradlocate.golden.sweep import sweep
 
 TRAINER = {"epochs": 2, "lr": 1e-2, "edits_per_step": 2}
 

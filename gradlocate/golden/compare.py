@@ -41,7 +41,7 @@ from gradlocate.data import as_edits
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
-from gradlocate.study.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
+from gradlocate.golden.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
 
 __all__ = ["compare", "Comparison", "SelectorRow", "split_edits", "SELECTORS", "spearman", "run_selector"]
 
@@ -133,7 +133,7 @@ class Comparison:
     Attributes:
         rows: one :class:`SelectorRow` per selector.
         golden: the sweep's golden layer.
-        sweep: the :class:`~gradlocate.study.sweep.SweepResult` (on the test edits).
+        sweep: the :class:`~gradlocate.golden.sweep.SweepResult` (on the test edits).
         selections: each selector's :class:`~gradlocate.results.LayerScores` (on the proxy
             edits; absent for a selector that could not run).
         n_proxy, n_test: the split sizes.

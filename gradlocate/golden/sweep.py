@@ -15,10 +15,10 @@ layers, lower-is-better negated, then averaged) and the old three-metric mean ar
 other two definitions. The **golden layer** is the layer with the best overall score.
 
 This is the **batch regime**: all edits trained together at a layer. Each edit alone at
-each layer is the single-edit :mod:`~gradlocate.study.matrix` (``per_sample=True``).
+each layer is the single-edit :mod:`~gradlocate.golden.matrix` (``per_sample=True``).
 
 A sweep is the expensive thing, so it is resumable: give ``out="sweep.jsonl"`` (a
-:class:`~gradlocate.study.store.RecordStore`, one record per layer) and a re-run skips
+:class:`~gradlocate.golden.store.RecordStore`, one record per layer) and a re-run skips
 the layers already in the file; a record made with another model, other edits, trainer
 settings or metric definitions (:data:`METRICS_VERSION`) is refused, naming which of them
 differs. A last line cut short by an interruption is dropped and its layer run again; any
@@ -51,8 +51,8 @@ from gradlocate.evaluation import EditEvaluation, evaluate
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.state import check_materialized
-from gradlocate.study.matrix import Matrix, matrix
-from gradlocate.study.store import RecordStore, StoreError, model_identity, relative_path
+from gradlocate.golden.matrix import Matrix, matrix
+from gradlocate.golden.store import RecordStore, StoreError, model_identity, relative_path
 
 __all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score"]
 
@@ -310,9 +310,9 @@ def _store(path: Path, fingerprint: dict[str, Any] | None = None) -> RecordStore
 
 
 def read_records(path: Path, fingerprint: dict[str, Any] | None = None) -> dict[int, LayerRecord]:
-    """The records of a sweep file, the latest per layer (see :class:`~gradlocate.study.store.RecordStore`:
+    """The records of a sweep file, the latest per layer (see :class:`~gradlocate.golden.store.RecordStore`:
     a last line cut short is dropped, any other damage or a record made with another
-    model, edits or settings is a :class:`~gradlocate.study.store.StoreError` naming the line)."""
+    model, edits or settings is a :class:`~gradlocate.golden.store.StoreError` naming the line)."""
     return _records_of(_store(path, fingerprint))
 
 
@@ -375,7 +375,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         layers: candidate layer indices (default: all).
         trainer: keyword arguments for :class:`~gradlocate.editors.locft.LocFTBF`.
         eval_edits: the edits to evaluate on (default: ``edits``).
-        out: a JSONL file (a :class:`~gradlocate.study.store.RecordStore`); each finished
+        out: a JSONL file (a :class:`~gradlocate.golden.store.RecordStore`); each finished
             layer is appended as it comes, and layers already there are skipped (resume).
         scoring: ``"teacher_forced"`` (EasyEdit) or ``"generation"`` (exact match) for
             the overall score and the golden layer. Both are recorded when ``generation``.
@@ -390,13 +390,13 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
             ``"edit-only"`` (the mean of reliability, generalization and locality).
             :meth:`SweepResult.with_overall` changes it afterwards.
         per_sample: instead, edit each edit alone at each layer and return the
-            single-edit :class:`~gradlocate.study.matrix.Matrix` (teacher-forced edit
+            single-edit :class:`~gradlocate.golden.matrix.Matrix` (teacher-forced edit
             metrics, LocFT-BF with ``trainer``, cells stored in ``out``; ``generation``,
             ``capability``, ``fluency`` and ``overall`` do not apply).
         progress: a progress bar over layers (``None``: on a terminal only).
 
     Returns:
-        :class:`SweepResult` (``per_sample``: :class:`~gradlocate.study.matrix.Matrix`).
+        :class:`SweepResult` (``per_sample``: :class:`~gradlocate.golden.matrix.Matrix`).
 
     The model is restored bit for bit after each layer, also when a layer fails (its
     record then carries the error) or the sweep is interrupted (the finished layers stay

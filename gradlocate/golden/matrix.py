@@ -18,7 +18,7 @@ teacher-forced as :func:`~gradlocate.evaluation.evaluate` scores one edit:
   model (positive: the edit made general text less likely);
 * each cell's training summary (converged, final loss, epochs).
 
-Each cell is one record in a :class:`~gradlocate.study.store.RecordStore` (``out=``),
+Each cell is one record in a :class:`~gradlocate.golden.store.RecordStore` (``out=``),
 written as each chunk of a layer finishes; a re-run skips the cells present, and shards
 written by other processes or machines are read together. Edits are identified by a
 digest of their content (:func:`edit_id`), so rows of different runs line up.
@@ -56,7 +56,7 @@ from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import edited, no_cache, require_gradients, run, using
 from gradlocate.losses import IGNORE, logits_of, tokenize_edits
 from gradlocate.state import check_materialized, input_device
-from gradlocate.study.store import Fingerprint, RecordStore, digest, model_identity, relative_path
+from gradlocate.golden.store import Fingerprint, RecordStore, digest, model_identity, relative_path
 
 __all__ = ["matrix", "Matrix", "MATRIX_METRICS", "edit_id", "score_per_sample"]
 
@@ -284,7 +284,7 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: dic
         editor: a registered editor name (:data:`~gradlocate.editors.EDITORS`).
         hparams: the editor's settings (for ``"locft"``: ``lr``, ``epochs``, ``seed`` ...).
         layers: the layer indices (default: all).
-        out: a record file or folder (:class:`~gradlocate.study.store.RecordStore`): cells
+        out: a record file or folder (:class:`~gradlocate.golden.store.RecordStore`): cells
             are appended as each chunk finishes and the cells present are skipped.
         chunk: edits edited together (memory: the editor's per-edit state for ``chunk`` edits).
         capability_edits: the first this many edits get the capability measurement, at every layer.

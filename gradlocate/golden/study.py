@@ -10,7 +10,7 @@ that data (the Golden Layers paper's protocol):
 3. sweep LocFT-BF over the candidate layers on the test edits (the **golden layer**),
    and on the proxy edits (does a golden layer found on a proxy set **transfer**?);
 4. train each of ``n_sample`` test edits alone at every ``sample_layers`` layer
-   (the single-edit :func:`~gradlocate.study.matrix.matrix`) and compare each edit's own optimal
+   (the single-edit :func:`~gradlocate.golden.matrix.matrix`) and compare each edit's own optimal
    layer with the golden layer, metric by metric, with a paired t-test;
 5. judge each selector against the test sweep: **regret** (overall lost against the
    golden layer), **Spearman** and **Kendall** rank correlation of its per-layer scores
@@ -48,10 +48,10 @@ from gradlocate.gradients import LayerGradients
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
-from gradlocate.study.compare import run_selector, spearman
-from gradlocate.study.matrix import Matrix, matrix
-from gradlocate.study.store import RecordStore, model_identity
-from gradlocate.study.sweep import OVERALL_METRICS, SweepResult, overall_score, sweep
+from gradlocate.golden.compare import run_selector, spearman
+from gradlocate.golden.matrix import Matrix, matrix
+from gradlocate.golden.store import RecordStore, model_identity
+from gradlocate.golden.sweep import OVERALL_METRICS, SweepResult, overall_score, sweep
 
 __all__ = ["study", "Study", "StudyRow", "STUDY_SELECTORS", "kendall"]
 
