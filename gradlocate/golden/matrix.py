@@ -39,8 +39,10 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,7 @@ from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import edited, no_cache, require_gradients, run, using
 from gradlocate.losses import IGNORE, logits_of, tokenize_edits
 from gradlocate.state import check_materialized, input_device
+from gradlocate.golden.engine import resolve_engine, run_jobs
 from gradlocate.golden.store import Fingerprint, RecordStore, digest, model_identity, relative_path
 
 __all__ = ["matrix", "Matrix", "MATRIX_METRICS", "edit_id", "score_per_sample"]
@@ -275,6 +278,7 @@ class _Plan:
 def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: dict[str, Any] | None = None,
            layers: Sequence[int] | None = None, out: str | os.PathLike[str] | None = None, chunk: int = 32,
            capability_edits: int = 8, tokenizer: Any = None, shard: str = "records",
+           engine: str = "local", address: str | None = None, workers: int | None = None,
            progress: bool | None = None) -> Matrix:
     """Edit every edit alone at every layer with ``editor``; score every cell.
 
@@ -289,7 +293,14 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: dic
         chunk: edits edited together (memory: the editor's per-edit state for ``chunk`` edits).
         capability_edits: the first this many edits get the capability measurement, at every layer.
         shard: the file name this process writes in an ``out`` folder.
-        progress: a progress bar over layers (``None``: on a terminal only).
+        engine: where the jobs (one per layer and chunk of edits) run: ``"local"`` (here,
+            one after another), ``"ray"`` (Ray tasks: every core of this machine, or the
+            cluster at ``address``; a job whose worker dies is re-run) or ``"auto"`` (Ray
+            where installed). Either way this process writes every cell to ``out``: the
+            record file is the single source of truth, and a re-run resumes from it.
+        address: a Ray cluster to join (``None``: a local Ray instance for the call).
+        workers: Ray workers on a local instance (default: every core).
+        progress: a progress bar over jobs (``None``: on a terminal only).
 
     Returns:
         :class:`Matrix`.
@@ -297,8 +308,13 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: dic
     plan = _plan(model, edits, editor, hparams, layers, out, chunk, capability_edits, tokenizer, shard)
     done = plan.store.read() if plan.store is not None else {}
     cells = {(r["edit"], r["layer"]): r for r in done.values()}
-    _fill(plan, cells, progress)
-    return _assemble(plan, cells)
+    errors = _fill(plan, cells, progress, engine, address, workers)
+    if errors:
+        warnings.warn(f"{len(errors)} job(s) of the matrix failed; their cells are missing (NaN): "
+                      + "; ".join(errors[:3]), stacklevel=2)
+    result = _assemble(plan, cells)
+    result.params["errors"] = errors
+    return result
 
 
 def _plan(model: Any, edits: Any, editor: str, hparams: dict[str, Any] | None, layers: Sequence[int] | None,
@@ -325,32 +341,83 @@ def _plan(model: Any, edits: Any, editor: str, hparams: dict[str, Any] | None, l
                  min(capability_edits, len(edits)), store, chunk)
 
 
-def _fill(plan: _Plan, cells: dict[tuple[str, int], dict[str, Any]], progress: bool | None) -> None:
-    """Run the cells missing from ``cells`` (adding them), layer by layer, chunk by chunk."""
-    from tqdm.auto import tqdm
-
+def _fill(plan: _Plan, cells: dict[tuple[str, int], dict[str, Any]], progress: bool | None,
+          engine: str = "local", address: str | None = None, workers: int | None = None) -> list[str]:
+    """Run the cells missing from ``cells`` (adding them and appending them to the store
+    here, as each job finishes), one job per (layer, chunk of edits); returns the errors."""
     def missing(i: int, layer: int) -> bool:
         rec = cells.get((plan.ids[i], layer))
         return rec is None or (i < plan.cap_edits and rec.get("capability") is None)
 
-    todo = {l: [i for i in range(len(plan.edits)) if missing(i, l)] for l in plan.layers}
-    todo = {l: rows for l, rows in todo.items() if rows}
-    if not todo:
-        return
-    h = plan.h
+    jobs = [(layer, tuple(rows[k:k + plan.chunk])) for layer in plan.layers
+            for rows in [[i for i in range(len(plan.edits)) if missing(i, layer)]]
+            for k in range(0, len(rows), plan.chunk)]
+    if not jobs:
+        return []
+    errors: list[str] = []
+
+    def done(job: tuple[int, tuple[int, ...]], result: Any) -> None:
+        if isinstance(result, BaseException):  # reported in its place; the other jobs still run
+            errors.append(f"layer {job[0]}, edits {list(job[1])}: {type(result).__name__}: {result}")
+            return
+        for rec in result:
+            cells[(rec["edit"], job[0])] = rec
+            if plan.store is not None:
+                plan.store.append(f"{rec['edit']}/{job[0]}", rec)
+
+    with using(plan.h):
+        ref = locality_reference(plan.h, plan.edits, generation=False).tokens
+        base = edited_text_loss(plan.h, plan.layers[0], None, plan.texts) if plan.cap_edits else None
+        kind = resolve_engine(engine, address)
+        work = partial(_job_here, plan, ref, base) if kind == "local" else \
+            partial(_job_remote, _Portable.of(plan, ref, base))
+        run_jobs(work, jobs, done, engine=kind, address=address, workers=workers, progress=progress,
+                 desc=f"matrix ({plan.editor})")
+    return errors
+
+
+def _job_here(plan: _Plan, ref: list[Any], base: float | None, job: tuple[int, tuple[int, ...]]) -> list[dict[str, Any]]:
+    return _run_chunk(plan, job[0], list(job[1]), ref, base)
+
+
+@dataclass
+class _Portable:
+    """A plan a Ray worker can rebuild: the model travels once through Ray's object store."""
+
+    root: Any  # [ObjectRef] (in a list, so Ray hands the reference, not a copy per job)
+    tokenizer: Any
+    blocks: str
+    site: str
+    chat: bool
+    edits: list[dict[str, Any]]
+    fields: dict[str, Any]
+    ref: list[Any]
+    base: float | None
+
+    @classmethod
+    def of(cls, plan: _Plan, ref: list[Any], base: float | None) -> _Portable:
+        import ray
+
+        h = plan.h
+        fields = {k: getattr(plan, k) for k in ("ids", "layers", "editor", "hparams", "settings", "texts",
+                                                 "cap_edits", "chunk")}
+        return cls([ray.put(h.root)], h.tokenizer, h.blocks_path, h.site_path, h.chat,
+                   [e.to_dict() for e in plan.edits], fields, ref, base)
+
+
+def _job_remote(p: _Portable, job: tuple[int, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """A job in a Ray worker: the model is fetched and resolved once per worker process."""
+    import ray
+
+    from gradlocate.golden.engine import shared
+    from gradlocate.handles import down_projections
+
+    key = p.root[0].hex()
+    h = shared(key, lambda: down_projections(ray.get(p.root[0]), tokenizer=p.tokenizer, layers=p.blocks,
+                                             down=p.site, chat=p.chat))
+    plan = _Plan(h, as_edits(p.edits), store=None, **p.fields)
     with using(h):
-        ref = locality_reference(h, plan.edits, generation=False).tokens
-        base = edited_text_loss(h, plan.layers[0], None, plan.texts) if plan.cap_edits else None
-        bar = tqdm(list(todo), desc=f"matrix ({plan.editor})", unit="layer",
-                   disable=None if progress is None else not progress)
-        for layer in bar:
-            for start in range(0, len(todo[layer]), plan.chunk):
-                rows = todo[layer][start:start + plan.chunk]
-                for rec in _run_chunk(plan, layer, rows, ref, base):
-                    cells[(rec["edit"], layer)] = rec
-                    if plan.store is not None:
-                        plan.store.append(f"{rec['edit']}/{layer}", rec)
-            bar.set_postfix(layer=layer)
+        return _run_chunk(plan, job[0], list(job[1]), p.ref, p.base)
 
 
 def _run_chunk(plan: _Plan, layer: int, rows: list[int], ref: list[Any], base: float | None) -> list[dict[str, Any]]:
