@@ -103,7 +103,7 @@ def main() -> None:
     model, tok = gl.models.smollm2(verbose=False)
     h = gl.down_projections(model, tokenizer=tok)
     prompts = gl.load_edits("counterfact", n=args.n)
-    std = gl.embedding_std(h, [e.subject for e in prompts])
+    std = gl.trace.core.embedding_std(h, [e.subject for e in prompts])
     OUT.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if OUT.exists():
@@ -151,7 +151,7 @@ def main() -> None:
     for data in ("zsre", "counterfact"):
         pool = gl.load_edits(data, n=args.sets * args.set_size, offset=2000)
         for k in range(args.sets):
-            edits = gl.as_edits(pool[k * args.set_size:(k + 1) * args.set_size])
+            edits = gl.data.as_edits(pool[k * args.set_size:(k + 1) * args.set_size])
             for seed in (0, 1):
                 t = cpu()
                 ex = gl.cma_layer(h, edits, seed=seed, progress=False)

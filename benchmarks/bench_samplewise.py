@@ -70,7 +70,7 @@ def main() -> None:
             times["dataset"].append(time.perf_counter() - t)
         single_times, diffs, diffs_default = [], [], []
         default = {**trainer, "lr": 5e-4}
-        delta_default, _ = train_per_sample(h, layer, gl.as_edits(edits[:args.n_check]), **default)
+        delta_default, _ = train_per_sample(h, layer, gl.data.as_edits(edits[:args.n_check]), **default)
         for i in range(args.n_check):  # brute force, on a few edits: one run per edit
             t = time.perf_counter()
             with gl.LocFTBF(h, layer, progress=False, **trainer) as ft:

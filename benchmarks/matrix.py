@@ -60,15 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def pick_edits(data: str, n: int, seed: int) -> tuple[gl.Edits, list[int]]:
+def pick_edits(data: str, n: int, seed: int) -> tuple[gl.data.Edits, list[int]]:
     """``n`` edits of the shared file after a shuffle with ``seed``, and their indices in the file."""
-    every = gl.load_edits(gl.shared_data_path(DATA[data]))
+    every = gl.load_edits(gl.data.shared_data_path(DATA[data]))
     if n > len(every):
         raise SystemExit(f"--n {n}: the {data} file has only {len(every)} records")
     order = list(range(len(every)))
     random.Random(seed).shuffle(order)
     chosen = order[:n]
-    return gl.as_edits([every[i] for i in chosen]), chosen
+    return gl.data.as_edits([every[i] for i in chosen]), chosen
 
 
 def shard_layers(spec: str, layers: list[int]) -> tuple[list[int], str]:
@@ -82,7 +82,7 @@ def shard_layers(spec: str, layers: list[int]) -> tuple[list[int], str]:
     return layers[k::n], f"shard{k}of{n}"
 
 
-def write_manifest(out: Path, args: argparse.Namespace, edits: gl.Edits, chosen: list[int]) -> None:
+def write_manifest(out: Path, args: argparse.Namespace, edits: gl.data.Edits, chosen: list[int]) -> None:
     """Which records were used (index in the file, content id), written atomically: every
     shard writes the same. A folder that holds another run's edits is refused."""
     rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in zip(chosen, edits)]

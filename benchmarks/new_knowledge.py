@@ -39,7 +39,7 @@ COMPARE = RESULTS / "new_knowledge_compare.json"
 
 
 def new_knowledge(n: int, offset: int) -> list[dict]:
-    edits = gl.load_edits(gl.shared_data_path("counterfact_3k.json"), n=n, offset=offset)
+    edits = gl.load_edits(gl.data.shared_data_path("counterfact_3k.json"), n=n, offset=offset)
     rows = []
     for e in edits:  # the fields a new-knowledge record has; no ground_truth, no pred
         r = {"prompt": e.prompt, "target_new": e.target_new, "subject": e.subject}
@@ -72,7 +72,7 @@ def main() -> None:
     plain = gl.down_projections(model, tokenizer=tok)
     chat = gl.down_projections(model, tokenizer=tok, chat=True)
     prompts = [r["prompt"] for r in proxy]
-    answers = {"plain": gl.greedy_answers(plain, prompts), "chat": gl.greedy_answers(chat, prompts)}
+    answers = {"plain": gl.selectors.greedy_answers(plain, prompts), "chat": gl.selectors.greedy_answers(chat, prompts)}
     eos = tok.eos_token
 
     picks = []

@@ -76,7 +76,7 @@ def run(name: str, spec: tuple, device: str, edits_offset: int, step: dict[str, 
     step = step or {"layers": 1, "sample_layers": 2}
     layers = list(range(0, h.n_layers, step["layers"]))
     sample_layers = list(range(0, h.n_layers, step["sample_layers"]))
-    edits = gl.load_edits(gl.shared_data_path(DATA[data]), n=n_test + n_proxy, offset=edits_offset)
+    edits = gl.load_edits(gl.data.shared_data_path(DATA[data]), n=n_test + n_proxy, offset=edits_offset)
     title = f"{type(model).__name__.replace('ForCausalLM', '')} ({model_name}), {data}"
     res = study(h, edits, name=title, n_proxy=n_proxy, n_test=n_test, n_sample=n_sample, trainer=TRAINER,
                 layers=layers, sample_layers=sample_layers, out_dir=OUT / name, progress=True)

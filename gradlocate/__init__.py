@@ -1,86 +1,90 @@
 """gradlocate: which layer should I edit? Find it, then edit it.
 
-The public API, re-exported here, in the order data flows through it:
+The public surface: the verbs, their result types and the errors, in the order data
+flows (model → handles → signals → scores → layer → edit → evaluation → study):
 
-* the model, resolved once: :func:`down_projections` -> :class:`Handles` (one :class:`Handle`
-  per layer's editing site), :func:`resolve`, :func:`unwrap_model`, :func:`find_tokenizer`
-* interventions, the one place the model is intercepted: :mod:`gradlocate.interventions`
-* data: :class:`EditRequest`, :class:`Edits`, :func:`as_edits`, :func:`load_edits`, :func:`load_texts`
-* losses: :func:`tokenize_edits`, :func:`tokenize_texts`, :func:`edit_nll`, :func:`edit_loss`, :func:`lm_loss`
-* gradients: :func:`edit_gradients`, :func:`retain_gradients`, :func:`per_sample_inner_products`,
-  :func:`ghost_inner_products`
-* selectors (each returns :class:`LayerScores`): :func:`gradratio`, :func:`lga`, :func:`cma_layer`;
-  :func:`tukey_fences`, :func:`adaptive_min_layer`
+* the model, resolved once: :func:`down_projections` -> :class:`Handles`
+* edits: :func:`load_edits`, :func:`default_retain_texts`
+* signals: :func:`edit_gradients`, :func:`retain_gradients` -> :class:`LayerGradients`
+* selectors, each -> :class:`LayerScores`: :func:`gradratio`, :func:`lga`, :func:`cma_layer`
 * causal tracing: :func:`causal_trace` -> :class:`TraceResult`
-* editing and evaluation: :class:`LocFTBF` -> :class:`FitResult`, :func:`evaluate` -> :class:`EditEvaluation`
-* ground truth: :func:`sweep` -> :class:`SweepResult`, :func:`compare` -> :class:`Comparison`;
-  every edit alone at every layer: :func:`matrix` -> :class:`Matrix`; the whole
-  golden-layer study: :func:`study` -> :class:`Study`
+* editors (in place, exact undo): :class:`LocFTBF` -> :class:`FitResult`; evaluation:
+  :func:`evaluate` -> :class:`EditEvaluation`
+* the golden-layer study: :func:`matrix` -> :class:`Matrix` (every edit alone at every
+  layer), :func:`sweep` -> :class:`SweepResult` (all edits together), :func:`compare` ->
+  :class:`Comparison`, :func:`study` -> :class:`Study`
+* errors: :class:`HandleError`, :class:`ModelBusyError`, :class:`EditTrainingError`,
+  :class:`NonFiniteLossError`, :class:`StoreError`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
+
+The plumbing (tokenization, losses, ghost inner products, Tukey fences, the record store,
+the interventions kernel, ...) is imported from its module, e.g.
+``from gradlocate.interventions import using, capture, run``.
 """
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
 from gradlocate import models
-from gradlocate.handles import (
-    DownProjection,
-    DownProjections,
-    Handle,
-    HandleError,
-    Handles,
-    down_projections,
-    find_tokenizer,
-    resolve,
-    unwrap_model,
-)
-from gradlocate.interventions import ModelBusyError, instrumented
-from gradlocate.data import EditRequest, Edits, as_edits, default_retain_texts, load_edits, load_texts, shared_data_path
-from gradlocate.losses import (
-    NonFiniteLossError,
-    TokenBatch,
-    edit_nll,
-    lm_loss,
-    per_sample_nll,
-    tokenize_edits,
-    tokenize_texts,
-)
+from gradlocate.handles import HandleError, Handles, down_projections
+from gradlocate.interventions import ModelBusyError
+from gradlocate.data import default_retain_texts, load_edits
+from gradlocate.losses import NonFiniteLossError
 from gradlocate.results import LayerScores
-from gradlocate.gradients import (
-    LayerGradients,
-    SampleProducts,
-    edit_gradients,
-    edit_loss,
-    ghost_inner_products,
-    per_sample_inner_products,
-    retain_gradients,
-)
-from gradlocate.selectors import TukeyFences, adaptive_min_layer, cma_layer, gradratio, greedy_answers, lga, tukey_fences
+from gradlocate.gradients import LayerGradients, edit_gradients, retain_gradients
+from gradlocate.selectors import cma_layer, gradratio, lga
 from gradlocate.trace import causal_trace
-from gradlocate.trace.core import embedding_std, subject_token_range
 from gradlocate.trace.result import TraceResult
 from gradlocate.editors.locft import EditTrainingError, FitResult, LocFTBF
-from gradlocate.evaluation import EditEvaluation, LocalityReference, evaluate, locality_reference
+from gradlocate.evaluation import EditEvaluation, evaluate
 from gradlocate.golden.store import StoreError
-from gradlocate.golden.sweep import LayerRecord, SweepResult, overall_score, sweep
-from gradlocate.golden.compare import Comparison, SelectorRow, compare, split_edits
 from gradlocate.golden.matrix import Matrix, matrix
-from gradlocate.golden.study import Study, StudyRow, study
-from gradlocate.state import check_materialized
+from gradlocate.golden.sweep import SweepResult, sweep
+from gradlocate.golden.compare import Comparison, compare
+from gradlocate.golden.study import Study, study
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "models",
-    "Handle", "Handles", "DownProjection", "DownProjections", "HandleError", "down_projections", "resolve",
-    "unwrap_model", "find_tokenizer", "ModelBusyError", "instrumented",
-    "EditRequest", "Edits", "as_edits", "default_retain_texts", "load_edits", "load_texts", "shared_data_path",
-    "TokenBatch", "edit_nll", "edit_loss", "lm_loss", "per_sample_nll", "tokenize_edits", "tokenize_texts",
-    "NonFiniteLossError",
-    "LayerScores",
-    "LayerGradients", "SampleProducts", "edit_gradients", "retain_gradients", "ghost_inner_products",
-    "per_sample_inner_products",
-    "gradratio", "lga", "cma_layer", "greedy_answers", "adaptive_min_layer", "tukey_fences", "TukeyFences",
-    "causal_trace", "TraceResult", "embedding_std", "subject_token_range",
-    "LocFTBF", "FitResult", "EditTrainingError", "evaluate", "EditEvaluation", "LocalityReference",
-    "locality_reference",
-    "sweep", "SweepResult", "LayerRecord", "StoreError", "overall_score", "compare", "Comparison",
-    "SelectorRow", "split_edits", "matrix", "Matrix", "study", "Study", "StudyRow",
-    "check_materialized",
+    "down_projections", "Handles",
+    "load_edits", "default_retain_texts",
+    "edit_gradients", "retain_gradients", "LayerGradients",
+    "gradratio", "lga", "cma_layer", "LayerScores",
+    "causal_trace", "TraceResult",
+    "LocFTBF", "FitResult", "evaluate", "EditEvaluation",
+    "matrix", "Matrix", "sweep", "SweepResult", "compare", "Comparison", "study", "Study",
+    "HandleError", "ModelBusyError", "EditTrainingError", "NonFiniteLossError", "StoreError",
 ]
+
+#: Names that were public before 0.3 and are plumbing now: still reachable, with a warning
+#: naming the module to import them from.
+_MOVED = {
+    "Handle": "handles", "resolve": "handles", "unwrap_model": "handles", "find_tokenizer": "handles",
+    "instrumented": "interventions", "EditRequest": "data", "Edits": "data", "as_edits": "data",
+    "load_texts": "data", "shared_data_path": "data", "TokenBatch": "losses", "edit_nll": "losses",
+    "lm_loss": "losses", "per_sample_nll": "losses", "tokenize_edits": "losses", "tokenize_texts": "losses",
+    "edit_loss": "gradients", "SampleProducts": "gradients", "ghost_inner_products": "gradients",
+    "per_sample_inner_products": "gradients", "greedy_answers": "selectors", "adaptive_min_layer": "selectors",
+    "tukey_fences": "selectors", "TukeyFences": "selectors", "embedding_std": "trace.core",
+    "subject_token_range": "trace.core", "LocalityReference": "evaluation", "locality_reference": "evaluation",
+    "LayerRecord": "golden.sweep", "overall_score": "golden.sweep", "SelectorRow": "golden.compare",
+    "split_edits": "golden.compare", "StudyRow": "golden.study", "check_materialized": "state",
+}
+#: Old names of public types.
+_RENAMED = {"DownProjection": ("handles", "Handle"), "DownProjections": ("handles", "Handles")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        module = _MOVED[name]
+        new = name
+    elif name in _RENAMED:
+        module, new = _RENAMED[name]
+    else:
+        raise AttributeError(f"module 'gradlocate' has no attribute {name!r}")
+    warnings.warn(f"gradlocate.{name} is deprecated: use gradlocate.{module}.{new}", DeprecationWarning,
+                  stacklevel=2)
+    return getattr(importlib.import_module(f"gradlocate.{module}"), new)

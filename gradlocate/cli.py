@@ -54,7 +54,7 @@ def _resolved(args: argparse.Namespace) -> Any:
 
     model, tok = _load_model(args.model, args.dtype)
     try:
-        return down_projections(model, tokenizer=tok, layers=getattr(args, "blocks", None),
+        return down_projections(model, tokenizer=tok, blocks=getattr(args, "blocks", None),
                                 down=getattr(args, "down", None), chat=getattr(args, "chat", False))
     except (HandleError, ValueError) as e:
         raise CLIError(str(e)) from None

@@ -11,7 +11,7 @@ down-projections, its MLP and attention modules - with no table of architectures
    child named like attention.
 
 :func:`~gradlocate.handles.down_projections` calls this once per model; an explicit
-override (``layers="model.layers", down="mlp.down_proj"``) serves exotic models.
+override (``blocks="model.layers", down="mlp.down_proj"``) serves exotic models.
 
 Example:
     >>> from gradlocate.models import tiny
@@ -37,7 +37,7 @@ _MOE_WORDS = ("experts", "moe", "sparse_moe", "block_sparse_moe")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "fc", "down")
 
 
-#: A model's list of decoder blocks, as found (a ``layers=`` override may name an ``nn.Sequential``).
+#: A model's list of decoder blocks, as found (a ``blocks=`` override may name an ``nn.Sequential``).
 Blocks: TypeAlias = nn.ModuleList | nn.Sequential
 
 
@@ -160,13 +160,13 @@ def check_causal_lm(root: nn.Module) -> None:
                       f"language-model head: {hint}")
 
 
-def _override_blocks(root: nn.Module, layers: str) -> Blocks:
+def _override_blocks(root: nn.Module, blocks_path: str) -> Blocks:
     try:
-        blocks = root.get_submodule(layers)
+        blocks = root.get_submodule(blocks_path)
     except AttributeError as e:
-        raise HandleError(f"override layers={layers!r}: no such module in {type(root).__name__} ({e})") from None
+        raise HandleError(f"override blocks={blocks_path!r}: no such module in {type(root).__name__} ({e})") from None
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-        raise HandleError(f"override layers={layers!r} is a {type(blocks).__name__}, not a non-empty "
+        raise HandleError(f"override blocks={blocks_path!r} is a {type(blocks).__name__}, not a non-empty "
                           f"ModuleList of blocks")
     return blocks
 
@@ -182,13 +182,13 @@ def _override_down(blocks_path: str, first: nn.Module, down: str) -> str:
     return down
 
 
-def find_structure(root: nn.Module, *, layers: str | None = None, down: str | None = None) -> tuple[str, str, Blocks]:
+def find_structure(root: nn.Module, *, blocks: str | None = None, down: str | None = None) -> tuple[str, str, Blocks]:
     """``(blocks_path, site_path, blocks)``: the decoder-block list and the path of the
     editing site (the down-projection unless ``down=`` names another linear map) inside
     each block. Raises :class:`HandleError` naming what was searched."""
     d_model = d_model_of(root)
-    if layers is not None:
-        candidates = [(layers, _override_blocks(root, layers))]
+    if blocks is not None:
+        candidates = [(blocks, _override_blocks(root, blocks))]
     else:
         candidates = _block_lists(root)
         if not candidates:
@@ -196,7 +196,7 @@ def find_structure(root: nn.Module, *, layers: str | None = None, down: str | No
             raise HandleError(
                 f"no decoder-block list found in {type(root).__name__}: searched every nn.ModuleList of same-typed "
                 f"blocks with parameters and found none (top-level modules: {names}). "
-                f"Pass layers='path.to.blocks', down='path.in.block' explicitly.")
+                f"Pass blocks='path.to.blocks', down='path.in.block' explicitly.")
     searched: list[str] = []
     for blocks_path, blocks in candidates:
         first = blocks[0]
@@ -208,7 +208,7 @@ def find_structure(root: nn.Module, *, layers: str | None = None, down: str | No
                 raise HandleError(
                     f"{type(root).__name__} is a mixture-of-experts model: each layer's MLP is a set of experts, "
                     f"not one down-projection, and gradlocate does not pick an expert for you. Pass an explicit "
-                    f"override naming one linear map per block, e.g. down_projections(model, layers="
+                    f"override naming one linear map per block, e.g. down_projections(model, blocks="
                     f"{blocks_path!r}, down='<path inside the block>'), or use a dense model. Modules in "
                     f"{blocks_path}.0: {inner}")
             found = _find_down(first, d_model)
@@ -229,4 +229,4 @@ def find_structure(root: nn.Module, *, layers: str | None = None, down: str | No
     raise HandleError(
         f"no MLP down-projection found in {type(root).__name__} (d_model={d_model}): looked for a linear map "
         f"outside attention writing d_model features in: {'; '.join(searched)}. "
-        f"Pass layers='path.to.blocks', down='path.in.block' explicitly.")
+        f"Pass blocks='path.to.blocks', down='path.in.block' explicitly.")

@@ -320,7 +320,7 @@ def teacher_forced_scores(h: Handles, prompts: Sequence[str], answers: Sequence[
     token ids at the answer positions (prompts in ``h``'s format, ``h.chat``).
 
     Example:
-        >>> from gradlocate import resolve
+        >>> from gradlocate.handles import resolve
         >>> from gradlocate.models import tiny
         >>> h = resolve(tiny("gpt2", n_layers=1, d_model=16)[0])
         >>> [(type(acc).__name__, len(ids)) for acc, ids in teacher_forced_scores(h, ["Hi"], ["you"])]
@@ -402,7 +402,7 @@ def greedy_generate(h: Handles, prompts: Sequence[str], *, max_new_tokens: int =
     generate for fluency. Every forward goes through :func:`~gradlocate.interventions.run`.
 
     Example:
-        >>> from gradlocate import resolve
+        >>> from gradlocate.handles import resolve
         >>> from gradlocate.models import tiny
         >>> h = resolve(tiny("llama", n_layers=1, d_model=16)[0])
         >>> out = greedy_generate(h, ["Hi", "Hello there"], max_new_tokens=3, stops=())
@@ -727,7 +727,7 @@ def text_loss(h: Handles, texts: Sequence[str], *, max_length: int = 128, batch_
     active around the call (e.g. an ``edited`` weight change) applies.
 
     Example:
-        >>> from gradlocate import resolve
+        >>> from gradlocate.handles import resolve
         >>> from gradlocate.models import tiny
         >>> h = resolve(tiny("gpt2", n_layers=1, d_model=16)[0])
         >>> 5.0 < text_loss(h, ["Some general text.", "Another one."]) < 6.0   # about log(258)

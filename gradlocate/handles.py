@@ -51,8 +51,6 @@ __all__ = [
     "LayerSelection",
     "Handle",
     "Handles",
-    "DownProjection",
-    "DownProjections",
     "HandleError",
     "down_projections",
     "resolve",
@@ -451,9 +449,6 @@ class Handles(Sequence[Handle]):
         return "\n".join(rows)
 
 
-#: Earlier names of :class:`Handle` and :class:`Handles`.
-DownProjection = Handle
-DownProjections = Handles
 
 
 def _join(*parts: str) -> str:
@@ -507,8 +502,8 @@ def validate_indices(values: Iterable[SupportsIndex] | SupportsIndex, n: int, wh
 # --------------------------------------------------------------------------- resolution
 
 
-def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = None, down: str | None = None,
-                     chat: bool | None = None, causal: bool = True) -> Handles:
+def down_projections(model: Any, *, tokenizer: Any = None, blocks: str | None = None, down: str | None = None,
+                     chat: bool | None = None, causal: bool = True, layers: str | None = None) -> Handles:
     """Resolve ``model`` once: find every decoder layer's editing site (the MLP
     down-projection unless ``down=`` names another linear map), its blocks, MLP and
     attention modules, and its tokenizer.
@@ -520,13 +515,15 @@ def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = 
             :class:`Handles` (returned as is, or with ``tokenizer`` swapped in).
         tokenizer: defaults to the one the model carries (not required: functions that
             tokenize ask for one).
-        layers: override: path of the decoder-block ``ModuleList`` (e.g. ``"model.layers"``).
+        blocks: override: path of the decoder-block ``ModuleList`` (e.g. ``"model.layers"``).
         down: override: path of the site inside each block (e.g. ``"mlp.down_proj"``, or
             ``"self_attn.o_proj"`` to edit the attention output as LocFT-BF's location study does).
         chat: feed prompts through the tokenizer's chat template (instruct models), in
             every function (default ``False``: the prompt as written).
         causal: refuse models that are not causal LMs (encoder-only, seq2seq, no LM
             head), which no gradlocate method can score. ``False`` gives handles anyway.
+        layers: deprecated spelling of ``blocks`` (everywhere else ``layers=`` is a list of
+            layer indices).
 
     Returns:
         :class:`Handles`, one :class:`Handle` per decoder layer in order.
@@ -541,7 +538,7 @@ def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = 
         >>> hs = down_projections(model)
         >>> hs[0].path, tuple(hs[0].weight.shape), hs[0].transposed
         ('transformer.h.0.mlp.c_proj', (16, 64), True)
-        >>> down_projections(model, layers="transformer.h", down="attn.c_proj")[2].path
+        >>> down_projections(model, blocks="transformer.h", down="attn.c_proj")[2].path
         'transformer.h.2.attn.c_proj'
     """
     if isinstance(model, Handles):
@@ -555,15 +552,19 @@ def down_projections(model: Any, *, tokenizer: Any = None, layers: str | None = 
     if getattr(getattr(root, "config", None), "is_encoder_decoder", False):
         raise HandleError(f"{type(root).__name__} is an encoder-decoder model; gradlocate works on decoder-only "
                           f"causal LMs")
-    blocks_path, site_path, blocks = find_structure(root, layers=layers, down=down)
-    mlp_down = site_path if down is None else _find_down(blocks[0], d_model_of(root))
+    if layers is not None:
+        warnings.warn("down_projections(layers=...) is deprecated: the blocks' path is blocks=... (layers= is a "
+                      "list of layer indices everywhere else)", DeprecationWarning, stacklevel=2)
+        blocks = blocks if blocks is not None else layers
+    blocks_path, site_path, found = find_structure(root, blocks=blocks, down=down)
+    mlp_down = site_path if down is None else _find_down(found[0], d_model_of(root))
     mlp_inner = None if mlp_down is None else (mlp_down.rsplit(".", 1)[0] if "." in mlp_down else mlp_down)
     tok = tokenizer if tokenizer is not None else _carried_tokenizer(model)
     if tok is not None:
         tok = find_tokenizer(model, tok)
         if tokenizer is not None:
             _bridge_convention(model, tok)
-    h = Handles(model, root, tok, blocks_path, site_path, blocks, mlp_inner, bool(chat))
+    h = Handles(model, root, tok, blocks_path, site_path, found, mlp_inner, bool(chat))
     if h.chat:
         from gradlocate.losses import render_prompt
 

@@ -58,7 +58,7 @@ def test_compare_end_to_end():
     ov = dict(zip(cmp.sweep.layers, cmp.sweep.overall))
     assert cmp.golden == max(ov, key=lambda l: (ov[l], -l))
     # The selectors saw only the proxy edits; the sweep only the test edits, and together all of them.
-    proxy, test = split_edits(gl.as_edits(EDITS), 0.4, 0)
+    proxy, test = split_edits(gl.data.as_edits(EDITS), 0.4, 0)
     assert all(sel.params["n_edits"] == len(proxy) == 2 for sel in cmp.selections.values())
     assert cmp.sweep.records[0].n_edits == len(test) == 3
     assert {e.prompt for e in proxy} | {e.prompt for e in test} == {e["prompt"] for e in EDITS}

@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlocate import EditEvaluation, LocalityReference, evaluate, locality_reference, resolve
+from gradlocate import EditEvaluation, evaluate
+from gradlocate.evaluation import LocalityReference, locality_reference
+from gradlocate.handles import resolve
 from gradlocate.evaluation import exact_match, greedy_generate, ngram_entropy, normalize_answer, truncate_at_stop
 from gradlocate.models import tiny
 

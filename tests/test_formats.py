@@ -88,7 +88,7 @@ def test_raw_rome_counterfact():
 
 def test_unknown_shape_lists_the_fields_and_the_known_spellings():
     with pytest.raises(ValueError) as err:
-        gl.as_edits([{"question": "Who?", "answer": "Me"}])
+        gl.data.as_edits([{"question": "Who?", "answer": "Me"}])
     msg = str(err.value)
     assert "['answer', 'question']" in msg
     for shape in ("CounterFact", "ZsRE", "KnowEdit", "WikiBio", "WikiBigEdit", "ROME CounterFact"):
@@ -103,7 +103,7 @@ def test_datasets_objects_folders_and_json_loader(tmp_path):
         (FIXTURES / "wikirecent.json").read_text())
     flat = [{"prompt": r["prompt"], "target_new": r["target_new"], "subject": r["subject"]} for r in records]
     ds = datasets.Dataset.from_list(flat)
-    assert [e.target_new for e in gl.as_edits(ds)] == ["astronaut", "Mira Talbot"]
+    assert [e.target_new for e in gl.data.as_edits(ds)] == ["astronaut", "Mira Talbot"]
     dd = datasets.DatasetDict({"train": ds, "test": ds.select([1])})
     assert [e.target_new for e in gl.load_edits(dd, split="test")] == ["Mira Talbot"]
     with pytest.raises(ValueError, match="no split 'dev'"):
@@ -111,7 +111,7 @@ def test_datasets_objects_folders_and_json_loader(tmp_path):
     path = tmp_path / "edits.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in flat))
     from_loader = datasets.load_dataset("json", data_files=str(path), split="train")
-    assert gl.as_edits(from_loader)[1].prompt == "The winner of the Zorvath Prize 2024 is"
+    assert gl.data.as_edits(from_loader)[1].prompt == "The winner of the Zorvath Prize 2024 is"
     # A dataset name resolves like a hub name; here a local folder of data files stands in.
     folder = tmp_path / "my-edits"
     folder.mkdir()

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradlocate import HandleError, down_projections, instrumented, unwrap_model
+from gradlocate import HandleError, down_projections
+from gradlocate.interventions import instrumented
+from gradlocate.handles import unwrap_model
 from gradlocate.models import tiny
 
 # The oracle: each family's documented down-projection module (written by hand, not
@@ -126,7 +128,7 @@ def test_nnsight_wrappers(tiny_gpt2, wrapper):
     from nnsight import LanguageModel, NNsight
     from nnsight.modeling.transformers import TransformersModel
 
-    from gradlocate import find_tokenizer
+    from gradlocate.handles import find_tokenizer
 
     model, tok = tiny_gpt2
     with warnings.catch_warnings():
@@ -190,14 +192,14 @@ def test_bridge_input_convention_is_the_bridges_tokenizer_everywhere():
 
 def test_override(tiny_llama):
     model, _ = tiny_llama
-    hs = down_projections(model, layers="model.layers", down="mlp.up_proj")
+    hs = down_projections(model, blocks="model.layers", down="mlp.up_proj")
     assert hs[0].path == "model.layers.0.mlp.up_proj"
     with pytest.raises(HandleError, match="no such module"):
-        down_projections(model, layers="model.blocks")
+        down_projections(model, blocks="model.blocks")
     with pytest.raises(HandleError, match="override down='mlp.nothing'"):
-        down_projections(model, layers="model.layers", down="mlp.nothing")
+        down_projections(model, blocks="model.layers", down="mlp.nothing")
     with pytest.raises(HandleError, match="not a linear map"):
-        down_projections(model, layers="model.layers", down="mlp")
+        down_projections(model, blocks="model.layers", down="mlp")
 
 
 def test_mixture_of_experts_refused_with_override_hint():

@@ -529,7 +529,7 @@ def test_greedy_decoding_equals_generate(arch, fixed_length):
     from gradlocate.evaluation import _greedy_tokens, _left_pad
 
     model, tok = tiny(arch, n_layers=2, d_model=16, seed=1)
-    h = gl.resolve(model, tok)
+    h = gl.handles.resolve(model, tok)
     ids, am = _left_pad(tok, ["The capital of France is", "Hi", "Who wrote it"], "cpu")
     cfg = GenerationConfig(do_sample=False, max_new_tokens=7, pad_token_id=tok.pad_token_id,
                            eos_token_id=tok.eos_token_id, use_cache=True, min_new_tokens=7 if fixed_length else None)
@@ -542,7 +542,7 @@ def test_greedy_decoding_equals_generate(arch, fixed_length):
 
 def test_generation_steps_use_the_cache_and_see_interventions():
     model, tok = tiny("llama", n_layers=2, d_model=16)
-    h = gl.resolve(model, tok)
+    h = gl.handles.resolve(model, tok)
     widths = []
 
     def eos_first(o):
@@ -586,15 +586,15 @@ ENTRY_POINTS = {
     "LocFTBF.fit": _fit,
     "evaluate": lambda m, t: gl.evaluate(m, EDITS, tokenizer=t, generation=True, fluency=True, fluency_tokens=3,
                                          capability=TEXTS, max_new_tokens=3),
-    "locality_reference": lambda m, t: gl.locality_reference(m, EDITS, tokenizer=t, max_new_tokens=2),
+    "locality_reference": lambda m, t: gl.evaluation.locality_reference(m, EDITS, tokenizer=t, max_new_tokens=2),
     "sweep": lambda m, t: gl.sweep(m, EDITS, tokenizer=t, layers=[1], trainer=TRAINER, capability=TEXTS,
                                    fluency_prompts=1, fluency_tokens=3, progress=False),
     "sample_sweep": lambda m, t: gl.sample_sweep(m, EDITS, tokenizer=t, layers=[1], trainer=TRAINER, progress=False),
-    "greedy_answers": lambda m, t: gl.greedy_answers(m, ["Paris is in"], tokenizer=t, max_new_tokens=2),
+    "greedy_answers": lambda m, t: gl.selectors.greedy_answers(m, ["Paris is in"], tokenizer=t, max_new_tokens=2),
     "edit_gradients": lambda m, t: gl.edit_gradients(m, EDITS, tokenizer=t, progress=False),
     "retain_gradients": lambda m, t: gl.retain_gradients(m, TEXTS, tokenizer=t, progress=False),
-    "edit_loss": lambda m, t: gl.edit_loss(m, gl.tokenize_edits(t, ["Paris is in"], ["Rome"])),
-    "embedding_std": lambda m, t: gl.embedding_std(m, ["Paris", "Rome"], tokenizer=t),
+    "edit_loss": lambda m, t: gl.gradients.edit_loss(m, gl.losses.tokenize_edits(t, ["Paris is in"], ["Rome"])),
+    "embedding_std": lambda m, t: gl.trace.core.embedding_std(m, ["Paris", "Rome"], tokenizer=t),
 }
 
 
@@ -622,9 +622,9 @@ def test_edit_loss_through_run_keeps_its_gradient():
     from gradlocate.losses import per_sample_nll
 
     model, tok = tiny("gpt2", n_layers=2, d_model=16)
-    batch = gl.tokenize_edits(tok, ["Paris is in", "Rome is"], ["Italy", "old"])
+    batch = gl.losses.tokenize_edits(tok, ["Paris is in", "Rome is"], ["Italy", "old"])
     w = model.transformer.h[0].mlp.c_fc.weight
-    got, = torch.autograd.grad(gl.edit_loss(model, batch), w)
+    got, = torch.autograd.grad(gl.gradients.edit_loss(model, batch), w)
     plain = per_sample_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                            batch.labels).mean()
     want, = torch.autograd.grad(plain, w)

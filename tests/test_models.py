@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from gradlocate import down_projections, find_tokenizer
+from gradlocate import down_projections
+from gradlocate.handles import find_tokenizer
 from gradlocate.models import MissingModelPackage, byte_tokenizer, load_model, smollm2, tiny
 
 

@@ -30,7 +30,7 @@ def model_tok():
 @pytest.fixture(scope="module")
 def h(model_tok):
     model, tok = model_tok
-    return gl.down_projections(model, tokenizer=tok, layers="model.layers", down="self_attn.o_proj")
+    return gl.down_projections(model, tokenizer=tok, blocks="model.layers", down="self_attn.o_proj")
 
 
 def o_proj(model):

@@ -42,7 +42,7 @@ def test_each_row_equals_a_single_edit_locftbf_run(model_tok, layer):
     model, _ = model_tok
     h = gl.down_projections(model)
     w0 = h[layer].weight.clone()
-    delta, _ = train_per_sample(h, layer, gl.as_edits(EDITS), **EXACT)
+    delta, _ = train_per_sample(h, layer, gl.data.as_edits(EDITS), **EXACT)
     for i, e in enumerate(EDITS):
         with gl.LocFTBF(h, layer, progress=False, **EXACT) as ft:
             ft.fit([e])
@@ -56,7 +56,7 @@ def test_thresholds_and_convergence_as_a_single_run(model_tok):
     model, _ = model_tok
     h = gl.down_projections(model)
     w0 = h[2].weight.clone()
-    delta, summaries = train_per_sample(h, 2, gl.as_edits(EDITS), **TRAINER)
+    delta, summaries = train_per_sample(h, 2, gl.data.as_edits(EDITS), **TRAINER)
     for i, e in enumerate(EDITS):
         with gl.LocFTBF(h, 2, progress=False, **TRAINER) as ft:
             r = ft.fit([e])

@@ -56,7 +56,7 @@ def test_selectors_saw_only_the_proxy_edits_and_the_split_is_exact(result):
     _, s, _ = result
     proxy = s.params["proxy_prompts"]
     assert len(proxy) == 3 and s.sweep.records[0].n_edits == 5
-    test_prompts = {e.prompt for e in gl.as_edits(EDITS)} - set(proxy)
+    test_prompts = {e.prompt for e in gl.data.as_edits(EDITS)} - set(proxy)
     assert len(test_prompts) == 5
     assert all(sel.params.get("n_edits") == 3 for sel in s.selections.values())
 

@@ -413,7 +413,7 @@ def _job_remote(p: _Portable, job: tuple[int, tuple[int, ...]]) -> list[dict[str
     from gradlocate.handles import down_projections
 
     key = p.root[0].hex()
-    h = shared(key, lambda: down_projections(ray.get(p.root[0]), tokenizer=p.tokenizer, layers=p.blocks,
+    h = shared(key, lambda: down_projections(ray.get(p.root[0]), tokenizer=p.tokenizer, blocks=p.blocks,
                                              down=p.site, chat=p.chat))
     plan = _Plan(h, as_edits(p.edits), store=None, **p.fields)
     with using(h):

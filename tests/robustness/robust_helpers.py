@@ -207,7 +207,7 @@ def call(name: str, model: Any, *, tokenizer: Any = None, edits: Any = None, tex
     if name == "lga":
         return gl.lga(model, edits, tokenizer=tokenizer, **lay, **kw)
     if name == "causal_trace":
-        e = gl.as_edits(edits)[0]
+        e = gl.data.as_edits(edits)[0]
         return causal_trace(model, e.prompt, e.subject, tokenizer=tokenizer, samples=2, window=2,
                             progress=False, **lay, **kw)
     if name == "cma_layer":

@@ -42,7 +42,7 @@ def test_empty_edit_list(guarded, name):
     _raises(ValueError, "edit list is empty", call, name, model, tokenizer=tok, edits=[])
 
 
-@pytest.mark.parametrize("fn", [gl.as_edits, gl.load_edits])
+@pytest.mark.parametrize("fn", [gl.data.as_edits, gl.load_edits])
 def test_empty_edit_list_loaders(fn):
     _raises(ValueError, "empty", fn, [])
 
@@ -55,8 +55,8 @@ def test_empty_retain_list(guarded, name):
 
 def test_empty_retain_list_loaders(gpt2):
     _, tok = gpt2
-    _raises(ValueError, "text list is empty", gl.load_texts, ["", "   "])
-    _raises(ValueError, "retain set is empty", gl.tokenize_texts, tok, [])
+    _raises(ValueError, "text list is empty", gl.data.load_texts, ["", "   "])
+    _raises(ValueError, "retain set is empty", gl.losses.tokenize_texts, tok, [])
 
 
 MISSING = [({"target_new": "Rome"}, "has no prompt"), ({"prompt": "Paris is in"}, "has no target"),
@@ -73,7 +73,7 @@ def test_record_missing_prompt_or_target(guarded, name, record, msg):
 
 @pytest.mark.parametrize("record,msg", MISSING)
 def test_record_missing_prompt_or_target_loaders(record, msg):
-    _raises(ValueError, msg, gl.as_edits, [record])
+    _raises(ValueError, msg, gl.data.as_edits, [record])
     _raises(ValueError, msg, gl.load_edits, [record])
 
 
@@ -85,7 +85,7 @@ def test_blank_target_that_tokenizes_to_nothing(guarded, name):
     _raises(ValueError, "target is empty", call, name, model, tokenizer=tok,
             edits=[EDITS[0], {"prompt": "Paris is in", "target_new": "   "}])
     _raises(ValueError, "(target is empty|tokenizes to no tokens)", call, name, model, tokenizer=tok,
-            edits=[gl.EditRequest("Paris is in", "Rome"), gl.EditRequest("Rome is in", " \t")])
+            edits=[gl.data.EditRequest("Paris is in", "Rome"), gl.data.EditRequest("Rome is in", " \t")])
 
 
 class _Dropping:
@@ -109,10 +109,10 @@ def test_target_with_no_tokens(guarded):
     model, tok = guarded
     drop = _Dropping(tok)
     # (after a prompt ending in a space no space is inserted before the target)
-    _raises(ValueError, "edit 1: target '§§' tokenizes to no tokens", gl.tokenize_edits, drop,
+    _raises(ValueError, "edit 1: target '§§' tokenizes to no tokens", gl.losses.tokenize_edits, drop,
             ["Paris is in", "Rome is in "], ["France", "§§"])
     _raises(ValueError, "tokenizes to no tokens", gl.edit_gradients, model,
-            [gl.EditRequest("Paris is in", "France"), gl.EditRequest("Rome is in ", "§§")], tokenizer=drop)
+            [gl.data.EditRequest("Paris is in", "France"), gl.data.EditRequest("Rome is in ", "§§")], tokenizer=drop)
 
 
 @pytest.mark.parametrize("name", ["causal_trace", "cma_layer"])
@@ -126,8 +126,8 @@ def test_subject_missing_or_blank(guarded):
     model, tok = guarded
     _raises(ValueError, "has no subject", call, "cma_layer", model, tokenizer=tok,
             edits=[{k: v for k, v in EDITS[0].items() if k != "subject"}])
-    _raises(ValueError, "subject is empty", gl.subject_token_range, tok, "Paris is in", "  ")
-    _raises(ValueError, "does not occur", gl.subject_token_range, tok, "Paris is in", "Rome")
+    _raises(ValueError, "subject is empty", gl.trace.core.subject_token_range, tok, "Paris is in", "  ")
+    _raises(ValueError, "does not occur", gl.trace.core.subject_token_range, tok, "Paris is in", "Rome")
 
 
 LONG = "word " * 80  # 400 byte tokens > the context of 64
@@ -147,7 +147,7 @@ def test_edit_longer_than_context_is_refused(guarded, name):
 
 def test_edit_longer_than_context_tokenizer_and_old_answer(guarded):
     model, tok = guarded
-    _raises(ValueError, "longer than the model's context of 64", gl.tokenize_edits, tok, [LONG], ["x"], max_length=64)
+    _raises(ValueError, "longer than the model's context of 64", gl.losses.tokenize_edits, tok, [LONG], ["x"], max_length=64)
     # lga generating an old answer: the prompt leaves no room
     _raises(ValueError, "no room to generate its old answer", gl.lga, model,
             [{"prompt": LONG, "target_new": "x"}], tokenizer=tok)
@@ -164,8 +164,8 @@ def test_retain_text_longer_than_context_is_truncated_with_warning(guarded):
         g32 = gl.retain_gradients(model, [LONG], tokenizer=tok, max_length=32)
         explicit = gl.retain_gradients(model, [LONG[:32]], tokenizer=tok, max_length=None)
     assert g32.n_tokens == 31 and g32.sq_norms == pytest.approx(explicit.sq_norms, rel=1e-6)
-    assert gl.tokenize_texts(tok, [LONG], max_length=10).input_ids.shape == (1, 10)
-    _raises(ValueError, "longer than max_length=10", gl.tokenize_texts, tok, [LONG], max_length=10, truncate=False)
+    assert gl.losses.tokenize_texts(tok, [LONG], max_length=10).input_ids.shape == (1, 10)
+    _raises(ValueError, "longer than max_length=10", gl.losses.tokenize_texts, tok, [LONG], max_length=10, truncate=False)
 
 
 NON_STRINGS = [({"prompt": 42, "target_new": "x"}, "'prompt' must be a string"),
@@ -186,13 +186,13 @@ def test_non_string_fields(guarded, name, record, msg):
 def test_non_string_fields_elsewhere(guarded):
     model, tok = guarded
     # a list whose first item is a string is read as that string (ZsRE's answers lists)
-    assert gl.as_edits([NON_STRINGS[2][0]])[0].subject == "Paris"
-    _raises(TypeError, "edit 1 is a str", gl.as_edits, [EDITS[0], "Paris is in France"])
-    _raises(FileNotFoundError, "no edits file", gl.as_edits, "edits.json")
+    assert gl.data.as_edits([NON_STRINGS[2][0]])[0].subject == "Paris"
+    _raises(TypeError, "edit 1 is a str", gl.data.as_edits, [EDITS[0], "Paris is in France"])
+    _raises(FileNotFoundError, "no edits file", gl.data.as_edits, "edits.json")
     _raises(TypeError, "text 1 is a int", gl.retain_gradients, model, ["a text", 5], tokenizer=tok)
-    _raises(TypeError, "prompt and target must be strings", gl.tokenize_edits, tok, ["a"], [5])
+    _raises(TypeError, "prompt and target must be strings", gl.losses.tokenize_edits, tok, ["a"], [5])
     _raises(TypeError, "edit 0: prompt must be a string", gl.LocFTBF(model, 0, tokenizer=tok).fit,
-            [gl.EditRequest(5, "x")])
+            [gl.data.EditRequest(5, "x")])
     _raises(TypeError, "prompt must be a string", gl.causal_trace, model, 5, "Paris", tokenizer=tok)
     _raises(TypeError, "subject must be a string", gl.causal_trace, model, "Paris is", 5, tokenizer=tok)
 

@@ -62,7 +62,7 @@ def test_sequence_bytes_grows_with_length_and_backward(model_tok):
 def _budget(model, tok, n_per_pass):
     """A budget that fits ``n_per_pass`` of the widest edit sequences."""
     hs = gl.down_projections(model)
-    batch = gl.tokenize_edits(tok, [e["prompt"] for e in EIGHT], [e["target_new"] for e in EIGHT],
+    batch = gl.losses.tokenize_edits(tok, [e["prompt"] for e in EIGHT], [e["target_new"] for e in EIGHT],
                               append_eos=False)  # the selectors' loss: answer tokens only
     return n_per_pass * sequence_bytes(hs, batch.input_ids.shape[1], scored=int(batch.n_scored.max()))
 

@@ -65,7 +65,7 @@ def test_selector_scores_match_float32(pair, name):
 
 def test_per_sample_products_are_float64(pair):
     half, _, tok, _ = pair
-    p = gl.per_sample_inner_products(half, ["Paris is in"], ["Rome"], ["France"], tokenizer=tok)
+    p = gl.gradients.per_sample_inner_products(half, ["Paris is in"], ["Rome"], ["France"], tokenizer=tok)
     assert p.dot.dtype == torch.float64 and bool(torch.isfinite(p.dot).all())
 
 
