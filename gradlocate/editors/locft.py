@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from gradlocate.data import as_edits
+from gradlocate.data import Edits, as_edits
 from gradlocate.dims import Weight
 from gradlocate.editors.executors import Executor, probe_additive
 from gradlocate.gradients import edit_batch
@@ -148,6 +148,25 @@ def _check(name: str, v: Any, *, positive_int: bool = False, allow_none: bool = 
             raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
     elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+class _Run:
+    """One ``fit``'s training state: the executor, the optimizer (over a float32 master copy
+    for half-precision weights), the shuffles' generator, and what each epoch recorded."""
+
+    def __init__(self, ft: LocFTBF, ex: Executor, edits: Edits, edits_per_step: int):
+        param = ft.handle.parameter
+        # Half precision: Adam's second moment underflows in float16 and the step divides by
+        # it, so Adam updates a float32 master copy, copied back after each step.
+        self.master = param if param.dtype in (torch.float32, torch.float64) else \
+            param.detach().float().requires_grad_()
+        self.opt = torch.optim.Adam([self.master], lr=ft.lr, weight_decay=0.0)
+        self.ex, self.edits, self.edits_per_step = ex, edits, edits_per_step
+        self.gen = torch.Generator().manual_seed(ft.seed)
+        self.history: list[float] = []
+        self.steps: list[int] = []
+        self.orders: list[list[int]] = []
+        self.converged = False
 
 
 class LocFTBF:
@@ -275,62 +294,63 @@ class LocFTBF:
         edits = as_edits(edits)
         batch = edit_batch(self.h, [e.prompt for e in edits], [e.target_new for e in edits],
                            self.append_eos).to(input_device(self.h.root))
-        n, param = len(edits), self.handle.parameter
-        bs = self.edits_per_step or auto_edits_per_step(n)
-        gen = torch.Generator().manual_seed(self.seed)
-        history, steps, orders, timings, converged = [], [], [], {}, False
-        start = Undo(param)
+        start = Undo(self.handle.parameter)
         try:
-            with using(self.h, [param]), torch.enable_grad():
-                t0 = time.perf_counter()
-                cache, head = self._modes(batch)
-                with Executor(self.h, self.layer, batch, cache, head) as ex:
-                    timings["setup"] = time.perf_counter() - t0
-                    # Half-precision weights: Adam updates a float32 master copy (its second moment
-                    # underflows in float16 and the step divides by it), copied back after each step.
-                    master = param if param.dtype in (torch.float32, torch.float64) else \
-                        param.detach().float().requires_grad_()
-                    opt = torch.optim.Adam([master], lr=self.lr, weight_decay=0.0)
-                    t1 = time.perf_counter()
-                    bar = _epochs(self.epochs, self.layer, self.progress)
-                    for epoch in bar:
-                        order = torch.randperm(n, generator=gen)
-                        orders.append(order.tolist())
-                        total, taken = 0.0, 0
-                        for i, rows in enumerate(order.split(bs)):
-                            loss = ex.losses(rows.to(batch.input_ids.device)).mean()
-                            value = loss.item()
-                            if not math.isfinite(value):
-                                raise EditTrainingError(
-                                    f"the loss became {value} at epoch {epoch}, mini-batch {i}; the weight was restored. "
-                                    f"Edits of that mini-batch: " + ", ".join(
-                                        f"{r} ({edits[r].prompt!r} -> {edits[r].target_new!r})" for r in rows.tolist())
-                                    + f". Try a smaller lr (now {self.lr:g}) or check the model for non-finite weights")
-                            total += value * len(rows)
-                            if value >= self.loss_threshold:
-                                opt.zero_grad(set_to_none=True)
-                                loss.backward()
-                                _step(opt, master, param)
-                                taken += 1
-                            if self.callback is not None:
-                                self.callback(epoch, i, value)
-                        history.append(total / n)
-                        steps.append(taken)
-                        bar.set_postfix(loss=f"{history[-1]:.4f}", steps=taken)
-                        if history[-1] < self.loss_threshold:
-                            converged = True
-                            break
-                    bar.close()
-                    if not bool(torch.isfinite(param).all()):  # the last step's update was never seen by a loss
-                        raise EditTrainingError(f"the trained weight of layer {self.layer} became non-finite (NaN/inf) "
-                                                f"in the last step; the weight was restored. Try a smaller lr "
-                                                f"(now {self.lr:g})")
-                    timings["train"] = time.perf_counter() - t1
-                    cache_bytes = ex.cache_bytes
+            with using(self.h, [self.handle.parameter]), torch.enable_grad():
+                return self._train(edits, batch)
         except BaseException:
             start.restore()
             raise
-        return FitResult(history, steps, orders, converged, self.layer, bs, n, cache, head, cache_bytes, timings)
+
+    def _train(self, edits: Edits, batch: TokenBatch) -> FitResult:
+        """Choose the executor, then run epochs until one's mean loss is below the threshold."""
+        t0 = time.perf_counter()
+        cache, head = self._modes(batch)
+        with Executor(self.h, self.layer, batch, cache, head) as ex:
+            timings = {"setup": time.perf_counter() - t0}
+            run = _Run(self, ex, edits, self.edits_per_step or auto_edits_per_step(len(edits)))
+            bar = _epochs(self.epochs, self.layer, self.progress)
+            for epoch in bar:
+                self._epoch(run, epoch)
+                bar.set_postfix(loss=f"{run.history[-1]:.4f}", steps=run.steps[-1])
+                if run.history[-1] < self.loss_threshold:
+                    run.converged = True
+                    break
+            bar.close()
+            if not bool(torch.isfinite(self.handle.parameter).all()):  # the last step was never seen by a loss
+                raise EditTrainingError(f"the trained weight of layer {self.layer} became non-finite (NaN/inf) "
+                                        f"in the last step; the weight was restored. Try a smaller lr "
+                                        f"(now {self.lr:g})")
+            timings["train"] = time.perf_counter() - t0 - timings["setup"]
+            return FitResult(run.history, run.steps, run.orders, run.converged, self.layer, run.edits_per_step,
+                             len(edits), cache, head, ex.cache_bytes, timings)
+
+    def _epoch(self, run: _Run, epoch: int) -> None:
+        """One sweep over the shuffled edits in mini-batches; a step where the loss is not
+        already below the threshold."""
+        n = len(run.edits)
+        order = torch.randperm(n, generator=run.gen)
+        run.orders.append(order.tolist())
+        total, taken = 0.0, 0
+        for i, rows in enumerate(order.split(run.edits_per_step)):
+            loss = run.ex.losses(rows.to(run.ex.batch.input_ids.device)).mean()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise EditTrainingError(
+                    f"the loss became {value} at epoch {epoch}, mini-batch {i}; the weight was restored. "
+                    f"Edits of that mini-batch: " + ", ".join(
+                        f"{r} ({run.edits[r].prompt!r} -> {run.edits[r].target_new!r})" for r in rows.tolist())
+                    + f". Try a smaller lr (now {self.lr:g}) or check the model for non-finite weights")
+            total += value * len(rows)
+            if value >= self.loss_threshold:
+                run.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _step(run.opt, run.master, self.handle.parameter)
+                taken += 1
+            if self.callback is not None:
+                self.callback(epoch, i, value)
+        run.history.append(total / n)
+        run.steps.append(taken)
 
     def losses(self, edits: Any) -> Float[Tensor, " edits"]:
         """Each edit's training loss at the current weight, as :meth:`fit` computes it.
