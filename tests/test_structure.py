@@ -253,3 +253,33 @@ def test_cycles_are_found_and_named(tmp_path):
     assert strongly_connected(g) == [["pkg.a", "pkg.b", "pkg.c"]]
     assert cycles_report(g) == ["modules pkg.a, pkg.b, pkg.c: e.g. pkg.a -> pkg.b (line 1 of pkg.a) "
                                 "-> pkg.c (line 2 of pkg.b) -> pkg.a (line 1 of pkg.c)"]
+
+
+#: The floors of the package, bottom up (README "How it is built"): data flows model ->
+#: handles -> signals -> scores -> layer -> edit -> evaluation -> study, and a module
+#: imports only from its own floor or below (plotting, at the bottom, imports nothing of ours).
+FLOORS = [
+    {"_compat", "dims", "data", "losses", "state", "plotting", "results", "discovery", "stats", "models"},
+    {"handles"},
+    {"interventions", "memory"},
+    {"gradients", "evaluation", "trace"},
+    {"editors", "selectors"},
+    {"golden"},
+    {"cli", "__main__", ""},
+]
+
+
+def floor_of(module: str) -> int:
+    """The floor of a dotted module name, by its first part below the package."""
+    head = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(FLOORS):
+        if head in names:
+            return i
+    raise AssertionError(f"module {module} has no floor: add it to FLOORS (and to the README's table)")
+
+
+def test_no_module_imports_a_higher_floor(graph):
+    up = [f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)}) at line {lines[0]}"
+          for a, out in graph.items() for b, lines in out.items()
+          if b != PACKAGE and floor_of(b) > floor_of(a)]
+    assert not up, "imports that go up:\n" + "\n".join(up)
