@@ -63,9 +63,11 @@ __all__ = ["ROME", "RROME", "RankOneResult", "ROME_HPARAMS", "rome_per_edit", "r
 #: EasyEdit's gpt2-xl.yaml keep it on: the C⁻¹ weighting is the method).
 ROME_HPARAMS: dict[str, Any] = {
     "v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-    "mom2_adjustment": True, "mom2_n_tokens": 100_000, "mom2_update_weight": 1.0,
+    "mom2_adjustment": True, "mom2_n_tokens": 100_000,
     "context_template_length_params": ((5, 10), (10, 10)),
 }
+# No ``mom2_update_weight``: ROME's update is invariant to C's scale (C⁻¹ appears in its
+# numerator and denominator); EasyEdit's scaling matters only through EMMET's λ.
 
 
 @dataclass
@@ -120,10 +122,14 @@ class RankOneResult:
 
 def _check_hparams(hp: dict[str, Any]) -> None:
     for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
+        if name not in hp:
+            continue
         v = hp[name]
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    for name in ("v_weight_decay", "kl_factor"):
+    for name in ("v_weight_decay", "kl_factor", "emmet_lambda", "update_norm_lambda"):
+        if name not in hp:
+            continue
         v = hp[name]
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -319,7 +325,6 @@ class ROME(_RankOneEditor):
         callback: ``callback(step, loss)`` after each v* step.
         **hparams: see :data:`ROME_HPARAMS` (``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``,
             ``clamp_norm_factor``, ``kl_factor``, ``mom2_adjustment``, ``mom2_n_tokens``,
-            ``mom2_update_weight`` (C's scale: ROME's update does not depend on it),
             ``context_template_length_params``).
     """
 
