@@ -14,7 +14,9 @@ and, for the single-edit matrix, each edit alone at one layer, all at once:
     per_edit_deltas(name, h, layer, edits, **hparams) -> (delta [edits, d_model, d_mlp], summaries)
 
 ``delta[i]`` is the weight change editing edit ``i`` alone makes; the model is not
-changed. :data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default).
+changed. :data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default;
+``"rome"``, ``"r-rome"`` and ``"emmet"`` the closed-form editors of
+:mod:`gradlocate.editors.rome` and :mod:`gradlocate.editors.emmet`).
 
 Example:
     >>> from gradlocate.models import tiny
@@ -36,17 +38,20 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import Edits
+from gradlocate.editors.emmet import EMMET, emmet_per_edit
 from gradlocate.editors.locft import LocFTBF
 from gradlocate.editors.locft_rows import train_per_sample
+from gradlocate.editors.rome import ROME, RROME, rome_per_edit, rrome_per_edit
 from gradlocate.handles import Handles
 
 __all__ = ["EDITORS", "DEFAULT_EDITOR", "editor_class", "per_edit_deltas"]
 
 DEFAULT_EDITOR = "locft"
 #: name -> editor class (made as ``cls(model, layer, **hparams)``).
-EDITORS: dict[str, type] = {"locft": LocFTBF}
+EDITORS: dict[str, type] = {"locft": LocFTBF, "rome": ROME, "r-rome": RROME, "emmet": EMMET}
 #: name -> ``fn(h, layer, edits, **hparams) -> (delta, summaries)``: each edit alone.
-_PER_EDIT: dict[str, Callable[..., tuple[Tensor, list[dict[str, Any]]]]] = {"locft": train_per_sample}
+_PER_EDIT: dict[str, Callable[..., tuple[Tensor, list[dict[str, Any]]]]] = {
+    "locft": train_per_sample, "rome": rome_per_edit, "r-rome": rrome_per_edit, "emmet": emmet_per_edit}
 
 
 def _known(name: str) -> str:
