@@ -8,8 +8,9 @@ flows (model → handles → signals → scores → layer → edit → evaluatio
 * signals: :func:`edit_gradients`, :func:`retain_gradients` -> :class:`LayerGradients`
 * selectors, each -> :class:`LayerScores`: :func:`gradratio`, :func:`lga`, :func:`cma_layer`
 * causal tracing: :func:`causal_trace` -> :class:`TraceResult`
-* editors (in place, exact undo): :class:`LocFTBF` -> :class:`FitResult`; evaluation:
-  :func:`evaluate` -> :class:`EditEvaluation`
+* editors (in place, exact undo): :class:`LocFTBF` -> :class:`FitResult`; :class:`ROME`,
+  :class:`RROME`, :class:`EMMET` -> :class:`RankOneResult`; evaluation: :func:`evaluate` ->
+  :class:`EditEvaluation`
 * the golden-layer study: :func:`matrix` -> :class:`Matrix` (every edit alone at every
   layer), :func:`sweep` -> :class:`SweepResult` (all edits together), :func:`compare` ->
   :class:`Comparison`, :func:`study` -> :class:`Study`
@@ -38,6 +39,8 @@ from gradlocate.selectors import cma_layer, gradratio, lga
 from gradlocate.trace import causal_trace
 from gradlocate.trace.result import TraceResult
 from gradlocate.editors.locft import EditTrainingError, FitResult, LocFTBF
+from gradlocate.editors.rome import ROME, RROME, RankOneResult
+from gradlocate.editors.emmet import EMMET
 from gradlocate.evaluation import EditEvaluation, evaluate
 from gradlocate.golden.store import StoreError
 from gradlocate.golden.matrix import Matrix, matrix
@@ -54,7 +57,7 @@ __all__ = [
     "edit_gradients", "retain_gradients", "LayerGradients",
     "gradratio", "lga", "cma_layer", "LayerScores",
     "causal_trace", "TraceResult",
-    "LocFTBF", "FitResult", "evaluate", "EditEvaluation",
+    "LocFTBF", "FitResult", "ROME", "RROME", "EMMET", "RankOneResult", "evaluate", "EditEvaluation",
     "matrix", "Matrix", "sweep", "SweepResult", "compare", "Comparison", "study", "Study",
     "HandleError", "ModelBusyError", "EditTrainingError", "NonFiniteLossError", "StoreError",
 ]
