@@ -125,6 +125,9 @@ def test_selector_regret_and_rank_recomputed():
     assert row.layer == 13 and row.regret["reliability"][0] == pytest.approx(means.max() - means[3])
     assert row.rank.spearman == pytest.approx(sps.spearmanr([0.1, 0.5, 0.2, 0.9], means).statistic)
     assert row.rank.kendall_allowed == pytest.approx(sps.kendalltau([0.5, 0.2, 0.9], means[1:]).statistic)
+    neg = LayerScores("lga", [0.1, 0.5, 0.2, 0.9], [True] * 4, 10, params={"sign": "negative"}, layers=[10, 11, 12, 13])
+    j = _quick(m, proxy=[0, 1], selections={"neg": neg}, definitions=["reliability"], primary="reliability")
+    assert j.selectors[0].rank.spearman == pytest.approx(sps.spearmanr([-0.1, -0.5, -0.2, -0.9], means).statistic)
 
 
 def test_convergence_and_capability_metrics():

@@ -203,10 +203,11 @@ def _picks(m: Matrix, selections: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _selector(m: Matrix, name: str, sel: Any, defs: Mapping[str, DefinitionResult], primary: str) -> SelectorResult:
-    """A selector's regret per definition and its rank agreement with the primary overall's layer means."""
+    """A selector's regret per definition and its rank agreement (of what it maximises,
+    :attr:`~gradlocate.results.LayerScores.maximised`) with the primary overall's layer means."""
     regret = {d: r.boot.regret.get(name) for d, r in defs.items()}
     truth = np.asarray(defs[primary].layer_mean)
-    by_layer = dict(zip(sel.layers or range(len(sel.scores)), sel.scores))
+    by_layer = dict(zip(sel.layers or range(len(sel.scores)), sel.maximised))  # what it maximises (LGA's sign)
     ok = dict(zip(sel.layers or range(len(sel.eligible)), sel.eligible))
     x = np.array([by_layer.get(l, np.nan) for l in m.layers], dtype=float)
     x[~np.isfinite(x)] = np.nan
