@@ -164,3 +164,34 @@ def test_load_matrix_partial_folder_and_regime_check(tmp_path):
     assert m.capability[0, 0] == pytest.approx(0.1) and m.capability_base == pytest.approx(2.9)
     with pytest.raises(ValueError, match="editor fingerprint"):
         load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-3, "epochs": 100})
+
+
+def test_report_page_from_a_partial_matrix_folder(tmp_path, monkeypatch):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "report", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    folder = tmp_path / "matrix" / "tiny-run"
+    folder.mkdir(parents=True)
+    m, rel, loc, gen, cap, _ = _built(damaging=None)
+    (folder / "edits.json").write_text(json.dumps({"model": "tiny", "n_layers": 6, "editor": "locft",
+                                                   "hparams": {"lr": 1e-3, "epochs": 5},
+                                                   "edits": [{"id": e} for e in m.edit_ids]}))
+    s = RecordStore(folder, lambda k: {"editor": {"name": "locft", "hparams": {"lr": 1e-3, "epochs": 5}}},
+                    shard="shard0of1")
+    for i, e in enumerate(m.edit_ids):
+        for j in range(L):
+            s.append(f"{e}/{j}", {"edit": e, "layer": j, "train": {"converged": True, "final_loss": 0.0},
+                                  "scores": {"reliability": rel[i, j], "locality": loc[i, j],
+                                             "generalization": gen[i, j]},
+                                  "capability": {"lm_loss": 3.0, "lm_loss_change": 0.01} if i < 4 else None})
+    monkeypatch.setattr(report, "MATRICES", tmp_path / "matrix")
+    out = tmp_path / "results.md"
+    report.main(["--no-selectors", "--n-boot", "20", "--n-null", "20", "--out", str(out)])
+    text = out.read_text()
+    assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
+    assert "| edit-only |" in text and "Superseded" in text
+    assert json.loads((folder / "judgment.json").read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
