@@ -8,7 +8,8 @@ cell in ``*.jsonl`` shards, as layers finish). For each matrix folder this scrip
    has are judged, and the page says how complete the matrix is;
 2. splits the rows into proxy and test edits (:func:`gradlocate.golden.study.split_rows`,
    seed 0, a quarter proxy) and runs the selectors on the proxy edits once, cached in
-   ``<folder>/selections.jsonl`` (fingerprinted; ``--no-cma`` leaves CMA out, ``--no-selectors`` all);
+   ``<folder>/selections/selections.jsonl`` (fingerprinted; a subfolder, since every ``*.jsonl``
+   of the matrix folder is read as cells; ``--no-cma`` leaves CMA out, ``--no-selectors`` all);
 3. judges the matrix (:func:`gradlocate.golden.judge.judge`) and writes the page, with the
    superseded lr 5e-3 study kept at the end, marked as such.
 
@@ -74,13 +75,15 @@ def edit_of(row: dict[str, Any]) -> Any:
 
 
 def selections_for(folder: Path, regime: dict[str, Any], proxy: list[int], names: list[str]) -> Any:
-    """The selectors on the matrix's proxy edits, read from / written to ``selections.jsonl``."""
+    """The selectors on the matrix's proxy edits, read from / written to ``selections/selections.jsonl``."""
     import gradlocate as gl
 
     rows = json.loads((folder / "edits.json").read_text())["edits"]
     edits = [edit_of(rows[i]) for i in proxy]
     model, tok = gl.models.load_model(regime["model"])
-    return select(model, edits, None, names, out=folder / "selections.jsonl", tokenizer=tok, progress=False)
+    (folder / "selections").mkdir(exist_ok=True)  # not beside the cells: a matrix folder's *.jsonl are all cells
+    return select(model, edits, None, names, out=folder / "selections" / "selections.jsonl", tokenizer=tok,
+                  progress=False)
 
 
 def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Completeness, dict[str, Any], Any]:

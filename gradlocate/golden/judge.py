@@ -40,7 +40,7 @@ Example:
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -89,12 +89,9 @@ def convergence(m: Matrix) -> Convergence:
     """
     conv = m.train.get("converged", np.full(m.shape, np.nan))
     loss = m.train.get("final_loss", np.full(m.shape, np.nan))
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            c, f = np.nanmean(conv, 0), np.nanmean(loss, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layer with no summary: NaN
+        c, f = np.nanmean(conv, 0), np.nanmean(loss, 0)
     cells = np.isfinite(m.scores["overall"]).sum(0)
     return Convergence(list(m.layers), cells.tolist(), [float(x) for x in c], [float(x) for x in f])
 
@@ -266,10 +263,6 @@ def _regime(m: Matrix, threshold: float, extra: Mapping[str, Any] | None) -> dic
     hp = dict(m.params.get("hparams", {}))
     return {"editor": m.editor, **hp, "damage_threshold_nats": threshold,
             "capability_edits": m.params.get("capability_edits"), **dict(extra or {})}
-
-
-def _f(v: Any, p: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"
 
 
 @dataclass(repr=False)

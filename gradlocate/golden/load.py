@@ -127,7 +127,7 @@ def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | 
     """
     folder = Path(folder)
     ids = _manifest(folder)
-    records = RecordStore(folder).read()
+    records = {k: r for k, r in RecordStore(folder).read().items() if "edit" in r and "layer" in r}
     _check_regime(records, editor, hparams)
     cells = {(r["edit"], int(r["layer"])): r for r in records.values() if r.get("edit") in set(ids)}
     count = {l: sum((e, l) in cells for e in ids) for l in range(n_layers)}
