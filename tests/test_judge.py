@@ -195,3 +195,13 @@ def test_report_page_from_a_partial_matrix_folder(tmp_path, monkeypatch):
     assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
     assert "| edit-only |" in text and "Superseded" in text
     assert json.loads((folder / "judgment.json").read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
+
+
+def test_plot_marks_each_definition():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    m, *_ = _built()
+    fig = _quick(m).plot()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(labels) == 6 and any(l.startswith("weighted (") for l in labels)
