@@ -74,6 +74,9 @@ def test_definitions_disagree_on_a_constructed_matrix():
     assert j.definition("reliability").golden == 12
     assert j.definition("locality").golden == 10
     assert len({r.golden for r in j.definitions.values()}) >= 2
+    assert "the definitions **disagree**" in j.to_markdown()
+    same = _quick(m, definitions=["reliability"], primary="reliability")
+    assert "every definition agrees" in same.to_markdown()
 
 
 def test_versus_paired_tests_and_selection_bias_recomputed():

@@ -118,10 +118,37 @@ def _curves(j: Any) -> list[str]:
     return lines + [""]
 
 
+def reading(j: Any) -> list[str]:
+    """Plain statements the numbers support (or not), each computed from the judgment."""
+    defs = j.definitions
+    goldens = {d: r.golden for d, r in defs.items()}
+    out = [f"- Golden layer by definition: {', '.join(f'{d} {g}' for d, g in goldens.items())}"
+           + (" — the definitions **disagree**: which layer is golden depends on what 'overall' means."
+              if len(set(goldens.values())) > 1 else " — every definition agrees.")]
+    shaky = [d for d, r in defs.items() if r.boot.p_golden < 0.8]
+    if shaky:
+        out.append(f"- Not determined at this size (golden in < 80% of bootstrap resamples): {', '.join(shaky)}.")
+    real = [d for d, r in defs.items() if r.versus["null"]["p_value"] < 0.05 and r.versus["null"]["corrected"] > 0]
+    out.append("- Own optimum beyond the winner's curse (p (null) < 0.05, corrected gain > 0): "
+               + (", ".join(real) if real else "none — per-edit layer choice is not shown to beat the golden layer."))
+    beat = [d for d, r in defs.items() if r.transfer is not None and r.transfer.p_null < 0.05]
+    out.append("- Proxy -> test transfer above chance (p_null < 0.05): " + (", ".join(beat) if beat else "none") + ".")
+    conv = np.asarray(j.convergence.converged, dtype=float)
+    if np.isfinite(conv).any() and np.nanmean(conv) < 0.5:
+        out.append(f"- Most cells did not converge (mean fraction {np.nanmean(conv):.2f}): they ran their full epoch "
+                   f"budget without reaching the loss threshold; the regime under-trains, and the results are about it.")
+    outside = [s.name for s in j.selectors if s.layer not in j.layers]
+    if outside:
+        out.append(f"- Picked a layer outside the judged layers {j.layers[0]}..{j.layers[-1]} (not judged yet): "
+                   f"{', '.join(outside)}.")
+    return out + [""]
+
+
 def judgment_markdown(j: Any) -> str:
     """The judgment as markdown: regime, golden layer per definition, own optimum vs
     golden, transfer, selectors, gate and convergence, per-layer means."""
-    parts = [*_regime(j), "**Golden layer by definition of overall** (test rows; gated)", "", *_golden_table(j),
+    parts = [*_regime(j), "**What these numbers say**", "", *reading(j),
+             "**Golden layer by definition of overall** (test rows; gated)", "", *_golden_table(j),
              "**Own optimum vs golden layer**", "", *_versus_table(j),
              "**Proxy -> test transfer** (random splits of all rows; chance = the same splits on row-permuted matrices)",
              "", *_transfer_table(j), "**Selectors** (picked on the proxy edits; regret on the test rows)", "",
