@@ -82,11 +82,14 @@ def shard_layers(spec: str, layers: list[int]) -> tuple[list[int], str]:
     return layers[k::n], f"shard{k}of{n}"
 
 
-def write_manifest(out: Path, args: argparse.Namespace, edits: gl.data.Edits, chosen: list[int]) -> None:
-    """Which records were used (index in the file, content id), written atomically: every
-    shard writes the same. A folder that holds another run's edits is refused."""
+def write_manifest(out: Path, args: argparse.Namespace, edits: gl.data.Edits, chosen: list[int], n_layers: int) -> None:
+    """Which records were used (index in the file, content id) and the regime (model,
+    layers, editor and its settings: ``benchmarks/report.py`` states it and checks it
+    against the records' fingerprint), written atomically: every shard writes the same.
+    A folder that holds another run's edits is refused."""
     rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in zip(chosen, edits)]
-    manifest = {"data": DATA[args.data], "seed": args.seed, "edits": rows}
+    manifest = {"data": DATA[args.data], "seed": args.seed, "model": args.model, "n_layers": n_layers,
+                "editor": args.editor, "hparams": {"lr": args.lr, "epochs": args.epochs}, "edits": rows}
     old = out / "edits.json"
     if old.exists():
         had = json.loads(old.read_text())
@@ -104,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     edits, chosen = pick_edits(args.data, args.n, args.seed)
-    write_manifest(out, args, edits, chosen)
     # A tiny random model reads bytes: real records need a longer context than its default.
     extra = {"n_ctx": 1024} if args.model.startswith("tiny-") else {}
     model, tok = gl.models.load_model(args.model, **extra)
     h = gl.down_projections(model, tokenizer=tok)
+    write_manifest(out, args, edits, chosen, h.n_layers)
     every = list(range(h.n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     mine, shard = shard_layers(args.shard, every)
     hparams = {"lr": args.lr, "epochs": args.epochs}

@@ -1,30 +1,21 @@
-"""The golden-layer study on real models, written to docs/results.md (one command).
+"""docs/results.md from the single-edit matrices under ``benchmarks/results/matrix/<name>/`` (one command).
 
-Each study (:func:`gradlocate.golden.study.study`) splits one edit set into proxy edits (the
-selectors see only these) and test edits, runs every selector (GradRatio with and
-without l_min, LGA with each sign convention, CMA), sweeps LocFT-BF over every layer on
-the test edits (the golden layer) and on the proxy edits (transfer), trains each of
-``--n-sample`` test edits alone at every second layer (sample-wise optima), and judges
-every selector with bootstrap intervals. Every part is written under
-``benchmarks/out/<study>/`` as it finishes: an interrupted run resumes where it stopped.
-``--only`` runs some studies; the page is rewritten from whatever has finished (a study
-still running is listed as such).
+Every result of the golden-layer study comes from one instrument, the single-edit matrix
+(``benchmarks/matrix.py`` writes it: ``edits.json`` and one record per (edit, layer)
+cell in ``*.jsonl`` shards, as layers finish). For each matrix folder this script
 
-CPU-sized (the defaults; about two to three hours per SmolLM2 study on one core, run
-two at once with ``--only``)::
+1. reads the records (:func:`gradlocate.golden.load.load_matrix`): the layers every edit
+   has are judged, and the page says how complete the matrix is;
+2. splits the rows into proxy and test edits (:func:`gradlocate.golden.study.split_rows`,
+   seed 0, a quarter proxy) and runs the selectors on the proxy edits once, cached in
+   ``<folder>/selections/selections.jsonl`` (fingerprinted; a subfolder, since every ``*.jsonl``
+   of the matrix folder is read as cells; ``--no-cma`` leaves CMA out, ``--no-selectors`` all);
+3. judges the matrix (:func:`gradlocate.golden.judge.judge`) and writes the page, with the
+   superseded lr 5e-3 study kept at the end, marked as such.
 
-    nohup python benchmarks/report.py --only smollm2-zsre > /tmp/study1.log 2>&1 &
-    nohup python benchmarks/report.py --only smollm2-counterfact > /tmp/study2.log 2>&1 &
-    python benchmarks/report.py --only gemma-counterfact
-    python benchmarks/report.py --write            # docs/results.md from what has finished
-
-Quick-sized (about an hour per SmolLM2 study on one core; see :data:`QUICK`)::
-
-    nohup python benchmarks/report.py --quick --only smollm2-zsre > /tmp/quick1.log 2>&1 &
-
-GPU-sized (both models, >= 300 test edits, every layer, sample-wise included)::
-
-    python benchmarks/report.py --gpu --device cuda
+    python benchmarks/report.py                    # every matrix folder, selectors included
+    python benchmarks/report.py --no-cma           # GradRatio and LGA only (seconds)
+    python benchmarks/report.py --print            # also print the tables
 """
 
 from __future__ import annotations
@@ -34,125 +25,161 @@ import datetime
 import json
 import platform
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import gradlocate as gl  # noqa: E402
-from gradlocate.golden.study import Study, study  # noqa: E402
+from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, judge  # noqa: E402
+from gradlocate.golden.load import Completeness, load_matrix  # noqa: E402
+from gradlocate.golden.study import STUDY_SELECTORS, select, split_rows  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "out"
-RESULTS = ROOT / "benchmarks" / "results" / "study"
-FIGURES = ROOT / "docs" / "figures"
-DATA = {"zsre": "zsre_3k.json", "counterfact": "counterfact_3k.json"}
-#: name -> (model, data set, n_test, n_proxy, n_sample)
-STUDIES = {
-    "smollm2-zsre": ("smollm2", "zsre", 64, 16, 32),
-    "smollm2-counterfact": ("smollm2", "counterfact", 64, 16, 32),
-    "gemma-counterfact": ("gemma3-270m", "counterfact", 32, 16, 16),
-}
-GPU = {k: (m, d, 320, 32, 64) for k, (m, d, *_) in STUDIES.items()} | {
-    "gemma-zsre": ("gemma3-270m", "zsre", 320, 32, 64)}
-#: ``--quick``: a smaller study that fits about an hour per SmolLM2 study on one core - 24
-#: test / 12 proxy edits, every third layer (plus every layer a selector picks), 8 edits
-#: trained alone at every sixth layer. Written as ``<study>-quick``; too small to decide
-#: between selectors whose regrets are close (see the intervals), large enough to show
-#: what the full run is for.
-QUICK = {f"{k}-quick": (m, d, 24, 12, 8) for k, (m, d, *_) in STUDIES.items()}
-QUICK_STEP = {"layers": 3, "sample_layers": 6}
-#: The trainer every sweep uses: LocFT-BF's defaults with a learning rate and epoch budget
-#: at which training converges at the layers people edit (measured; see docs/results.md).
-TRAINER = {"lr": 5e-3, "epochs": 100}
+MATRICES = ROOT / "benchmarks" / "results" / "matrix"
+SUPERSEDED = ROOT / "benchmarks" / "results" / "superseded" / "study-lr5e-3.md"
+#: The regime of matrix folders whose edits.json predates the regime fields: name -> regime.
+KNOWN = {"smollm2-counterfact-locft-lr5e-4": {"model": "smollm2", "data": "counterfact", "n_layers": 30,
+                                              "editor": "locft", "hparams": {"lr": 5e-4, "epochs": 25}}}
+#: LocFT-BF's stopping threshold (an epoch whose mean loss is below it ends training).
+LOSS_THRESHOLD = 1e-2
 
 
-def run(name: str, spec: tuple, device: str, edits_offset: int, step: dict[str, int] | None = None) -> Study:
-    model_name, data, n_test, n_proxy, n_sample = spec
-    model, tok = gl.models.load_model(model_name, device=device)
-    h = gl.down_projections(model, tokenizer=tok)
-    step = step or {"layers": 1, "sample_layers": 2}
-    layers = list(range(0, h.n_layers, step["layers"]))
-    sample_layers = list(range(0, h.n_layers, step["sample_layers"]))
-    edits = gl.load_edits(gl.data.shared_data_path(DATA[data]), n=n_test + n_proxy, offset=edits_offset)
-    title = f"{type(model).__name__.replace('ForCausalLM', '')} ({model_name}), {data}"
-    res = study(h, edits, name=title, n_proxy=n_proxy, n_test=n_test, n_sample=n_sample, trainer=TRAINER,
-                layers=layers, sample_layers=sample_layers, out_dir=OUT / name, progress=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(res.to_dict(), default=float, indent=1))
-    (RESULTS / f"{name}.md").write_text(res.to_markdown() + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    res.plot(str(FIGURES / f"study_{name}.png"))
-    return res
+def regime_of(folder: Path) -> dict[str, Any]:
+    """The folder's regime: the fields of its edits.json, else :data:`KNOWN`."""
+    manifest = json.loads((folder / "edits.json").read_text())
+    got = {k: manifest[k] for k in ("model", "data", "n_layers", "editor", "hparams") if k in manifest}
+    if {"model", "n_layers", "editor", "hparams"} <= set(got):
+        return got
+    if folder.name not in KNOWN:
+        raise SystemExit(f"{folder}: edits.json has no regime (model, n_layers, editor, hparams) and the folder is "
+                         f"not in KNOWN: add it there")
+    return {**KNOWN[folder.name], **got}
 
 
-def write_page(names: list[str]) -> None:
-    parts = []
-    for name in names:
-        md = RESULTS / f"{name}.md"
-        if not md.exists() and (RESULTS / f"{name}-quick.md").exists():
-            name, md = f"{name}-quick", RESULTS / f"{name}-quick.md"
-            parts.append(f"*{name}: the `--quick` size (not the full study; `python benchmarks/report.py --only "
-                         f"{name[:-6]}` runs that)*\n\n" + md.read_text().strip()
-                         + f"\n\n![{name}](figures/study_{name}.png)")
-        elif md.exists():
-            parts.append(md.read_text().strip() + f"\n\n![{name}](figures/study_{name}.png)")
-        else:
-            parts.append(f"### {name}\n\nNot finished yet: `python benchmarks/report.py --only {name}` resumes it.")
-    head = f"""# Results: does the selector pick the golden layer?
+def edit_of(row: dict[str, Any]) -> Any:
+    """An edit of edits.json (``EditRequest.to_dict`` plus ``index`` and ``id``), checked against its id."""
+    from gradlocate.data import EditRequest
+    from gradlocate.golden.matrix import edit_id
 
-Written by `python benchmarks/report.py` ({datetime.date.today().isoformat()}, {platform.machine()}, torch
-{torch.__version__}, CPU, one thread per study). For each model and edit set, the
-selectors see only the proxy edits; LocFT-BF (lr {TRAINER['lr']:g}, at most {TRAINER['epochs']} epochs,
-stopping when an epoch's mean loss falls below 1e-2, otherwise LocFT-BF's defaults) is
-swept over every layer on the test edits. Scores are teacher-forced (EasyEdit's token
-accuracy); the **overall** of a layer is the mean of reliability, generalization,
-locality, capability (held-out text's perplexity before / after, capped at 1) and fluency
-(n-gram entropy after / before, capped at 1), each weighted 1 — so an edit that damages
-the model's general ability scores lower even when its locality prompts survive. Regret
-is the overall lost against the golden layer; Spearman ρ and Kendall τ compare a
-selector's per-layer scores with the sweep's overall; the intervals are bootstrap 95%
-over the test edits (1000 resamples). The sample-wise part trains each of a set of test
-edits alone at every second layer (`sweep(..., per_sample=True)`) and compares each
-edit's own best layer with the golden layer (paired t-test).
+    d = {k: v for k, v in row.items() if k not in ("index", "id")}
+    for k in ("rephrase_prompts", "locality_kinds", "portability_kinds"):
+        d[k] = tuple(d.get(k) or ())
+    for k in ("locality", "portability"):
+        d[k] = tuple(tuple(p) for p in d.get(k) or ())
+    e = EditRequest(**d)
+    if edit_id(e) != row["id"]:
+        raise SystemExit(f"edits.json: the edit at index {row.get('index')} does not match its id {row['id']}")
+    return e
 
-How to read it, and what the numbers do and do not say, is in the discussion at the end.
+
+def selections_for(folder: Path, regime: dict[str, Any], proxy: list[int], names: list[str]) -> Any:
+    """The selectors on the matrix's proxy edits, read from / written to ``selections/selections.jsonl``."""
+    import gradlocate as gl
+
+    rows = json.loads((folder / "edits.json").read_text())["edits"]
+    edits = [edit_of(rows[i]) for i in proxy]
+    model, tok = gl.models.load_model(regime["model"])
+    (folder / "selections").mkdir(exist_ok=True)  # not beside the cells: a matrix folder's *.jsonl are all cells
+    return select(model, edits, None, names, out=folder / "selections" / "selections.jsonl", tokenizer=tok,
+                  progress=False)
+
+
+def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Completeness, dict[str, Any], Any]:
+    regime = regime_of(folder)
+    m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
+    proxy = split_rows(m.n_edits, max(1, m.n_edits // 4), seed=0)
+    names = [] if args.no_selectors else [n for n in STUDY_SELECTORS if not (args.no_cma and n == "cma")]
+    picked = selections_for(folder, regime, proxy, names) if names else None
+    extra = {"model": regime["model"], "data": regime.get("data"), "loss_threshold": LOSS_THRESHOLD}
+    j = judge(m, proxy, picked.scores if picked else None, threshold=args.threshold, n_boot=args.n_boot,
+              n_null=args.n_null, n_splits=200, regime=extra)
+    return j, done, regime, picked
+
+
+def section(name: str, j: Judgment, done: Completeness, picked: Any) -> str:
+    state = "complete" if done.done else f"**partial**: {done} (layers {done.complete_layers} judged)"
+    errs = "".join(f"\n- selector {k} could not run: {v}" for k, v in (picked.errors if picked else {}).items())
+    return f"### {name}\n\nMatrix: {state}.{errs}\n\n" + j.to_markdown()
+
+
+HEAD = """# Results: which layer to edit, and which selector finds it?
+
+Written by `python benchmarks/report.py` ({date}, {machine}, torch {torch}) from the single-edit
+matrices under `benchmarks/results/matrix/`. Every number below comes from **one instrument**:
+each edit edited alone at each layer (one cell per edit x layer), scored teacher-forced
+(EasyEdit's token accuracy: reliability, generalization, locality), with the held-out LM
+loss change measured on the first edits' cells. The edits are split (seed 0) into proxy
+edits, which the selectors see, and test edits, on which everything is judged.
+
+How to read it:
+
+* **Definitions of overall** are shown side by side; a golden layer that changes with
+  the definition is a statement about the definition, not about the model.
+* **Damage gate**: a layer whose edits raise the held-out loss by more than {thr} nats
+  (mean over its capability cells) cannot be golden; "ungated" shows what the gate changed.
+* **Own optimum vs golden**: the in-sample gain is >= 0 by construction (each edit's best
+  of L noisy cells), so its paired p-values (the Golden Layers paper's t-test, Wilcoxon,
+  permutation) are not evidence; the gain after subtracting the permutation null's
+  selection bias, with its p, is. The corrected gain is a lower bound.
+* **Transfer** is judged against the chance agreement of the same splits on matrices
+  whose rows are permuted across layers (`p_null`), not against 1/L.
+* **Convergence**: LocFT-BF stops when an epoch's mean loss falls below {loss}; a cell that
+  did not, ran its full epoch budget. The fraction is reported for every layer.
+
+What this page does **not** support: claims about layers not yet in a partial matrix; claims
+about other editors, learning rates or epoch budgets than the regime stated per result;
+the batch regime (many edits at once), which is a second question not measured here; and
+capability beyond the held-out texts of the capability subsample (its uncertainty is not
+in the bootstrap, which resamples edits).
 """
-    page = head + "\n" + "\n\n".join(parts) + "\n"
-    discussion = ROOT / "benchmarks" / "results" / "study" / "discussion.md"
-    if discussion.exists():
-        page += "\n" + discussion.read_text()
-    (ROOT / "docs" / "results.md").write_text(page)
-    print(f"wrote {ROOT / 'docs' / 'results.md'}")
+
+FOOT = """
+## Superseded: the quick study (LocFT-BF lr 5e-3, 100 epochs)
+
+*Superseded, kept for the record.* These results came from a regime that broke the models
+(held-out loss +3 to +6.5 nats at lr 5e-3), took the golden layer from a 24-edit batch sweep
+on five metrics but each edit's own optimum from single-edit runs on three metrics (two
+experiments, so its p-values 0.008 / 0.033 compare different things), did not correct the
+own optimum's winner's curse, and did not report the proxy sweep's non-convergence. Do not
+cite them; the matrices above replace them.
+
+"""
 
 
-def main() -> None:
+def page(sections: list[str], threshold: float) -> str:
+    head = HEAD.format(date=datetime.date.today().isoformat(), machine=platform.machine(), torch=torch.__version__,
+                       thr=threshold, loss=LOSS_THRESHOLD)
+    body = "\n\n".join(sections) if sections else "No matrix folder has a complete layer yet."
+    old = SUPERSEDED.read_text().split("\n", 1)[1] if SUPERSEDED.exists() else ""
+    old = old.replace("\n## ", "\n#### ").replace("\n### ", "\n#### ")
+    return head + "\n## Single-edit matrices\n\n" + body + "\n" + FOOT + old
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help=f"comma list of studies: {', '.join(STUDIES)} (default: all)")
-    ap.add_argument("--gpu", action="store_true", help="the GPU-sized studies (>= 300 test edits)")
-    ap.add_argument("--quick", action="store_true", help="the quick-sized studies (24 test edits, every 3rd layer)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per study process")
-    ap.add_argument("--offset", type=int, default=1000, help="skip this many records (held out from the tests)")
-    ap.add_argument("--write", action="store_true", help="only rewrite docs/results.md from finished studies")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    specs = GPU if args.gpu else QUICK if args.quick else STUDIES
-    names = list(specs) if args.only is None else [n.strip() + ("-quick" if args.quick and not n.strip().endswith(
-        "-quick") else "") for n in args.only.split(",")]
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        ap.error(f"unknown studies {unknown}: choose from {list(specs)}")
-    if not args.write:
-        for name in names:
-            t0 = time.perf_counter()
-            res = run(name, specs[name], args.device, args.offset, QUICK_STEP if args.quick else None)
-            print(res, f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-    write_page(list(STUDIES if args.quick else specs))
+    ap.add_argument("--no-cma", action="store_true", help="leave CMA out (it takes minutes)")
+    ap.add_argument("--no-selectors", action="store_true", help="no selector (no model is loaded)")
+    ap.add_argument("--threshold", type=float, default=DAMAGE_THRESHOLD, help="the damage gate, nats")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--n-null", type=int, default=1000)
+    ap.add_argument("--print", action="store_true", help="also print the tables")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    sections = []
+    for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
+        j, done, regime, picked = judge_folder(folder, args)
+        sections.append(section(folder.name, j, done, picked))
+        (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},
+                                                         default=float, indent=1))
+        print(f"{folder.name}: {done}; {j!r}", flush=True)
+    text = page(sections, args.threshold)
+    Path(args.out).write_text(text)
+    if args.print:
+        print(text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,59 +1,54 @@
-"""The golden-layer study: does a selector pick the layer a brute-force sweep finds?
+"""The golden-layer study on one instrument: the single-edit matrix.
 
-:func:`study` runs, on one model and one edit set, everything needed to answer that on
-that data (the Golden Layers paper's protocol):
+:func:`study` answers "which layer should I edit, and which selector finds it?" on one
+model and edit set, every number from the same :class:`~gradlocate.golden.matrix.Matrix`
+(every edit edited alone at every layer), in short stages, each returning a typed part:
 
-1. split the edits into a **proxy** set (the selectors see only these) and a **test** set;
-2. run every selector on the proxy edits - GradRatio with and without its ``l_min``
-   threshold, LGA with each sign convention (signed, negative, absolute; the paper's
-   formula text is lost, so the data decides), causal tracing's CMA;
-3. sweep LocFT-BF over the candidate layers on the test edits (the **golden layer**),
-   and on the proxy edits (does a golden layer found on a proxy set **transfer**?);
-4. train each of ``n_sample`` test edits alone at every ``sample_layers`` layer
-   (the single-edit :func:`~gradlocate.golden.matrix.matrix`) and compare each edit's own optimal
-   layer with the golden layer, metric by metric, with a paired t-test;
-5. judge each selector against the test sweep: **regret** (overall lost against the
-   golden layer), **Spearman** and **Kendall** rank correlation of its per-layer scores
-   with the sweep's overall, each with a bootstrap 95% interval over the test edits.
-
-Every part writes to ``out_dir`` as it finishes (record stores: ``selections.jsonl``,
-keyed by selector and fingerprinted by the model, the proxy edits, the retain texts and
-the selector's settings; ``sweep_test.jsonl``, ``sweep_proxy.jsonl``, ``samples.jsonl``),
-so an interrupted study resumes where it stopped; a part that fails (a selector that cannot run on the data) is reported in its
-place and the rest still runs.
+1. :func:`split_rows` - a seeded split of the edits into **proxy** rows (the selectors
+   see only these) and **test** rows;
+2. :func:`select` - every selector of :data:`STUDY_SELECTORS` on the proxy edits,
+   stored in ``selections.jsonl`` (fingerprinted by the model, the proxy edits, the
+   retain texts and the selector's settings) so a re-run reads them back;
+3. the matrix over proxy + test edits with any editor (or ``matrix=``, made before);
+4. :func:`~gradlocate.golden.judge.judge` - golden layer per definition of overall with
+   bootstrap, damage gate, own optimum vs golden with the winner's curse handled,
+   proxy -> test transfer, each selector's regret and rank agreement, convergence;
+5. ``batch=True``: the second question, the **batch regime** - the test edits edited
+   together (:func:`~gradlocate.golden.sweep.sweep`), with its own golden layer, reported beside.
 
 Example:
     >>> from gradlocate.models import tiny
     >>> model, tok = tiny("gpt2", n_layers=3, d_model=32, initializer_range=1.0)
     >>> edits = [{"prompt": f"{i} + {i} =", "target_new": str(3 * i), "subject": str(i), "ground_truth": str(2 * i),
     ...           "locality_prompt": "1 + 1 =", "locality_ground_truth": "2"} for i in range(1, 7)]
-    >>> s = study(model, edits, ["general text here", "and more of it"], n_proxy=2, n_test=4, n_sample=2,
-    ...           selectors=("gradratio", "lga"), trainer={"lr": 1e-2, "epochs": 2}, bootstrap=20, progress=False)
-    >>> [r.selector for r in s.rows], s.golden in s.sweep.layers
+    >>> s = study(model, edits, ["general text here", "and more of it"], n_proxy=2, selectors=("gradratio", "lga"),
+    ...           hparams={"lr": 1e-2, "epochs": 2}, n_boot=20, n_null=20, n_splits=20, progress=False)
+    >>> [r.name for r in s.judgment.selectors], s.golden in s.matrix.layers
     (['gradratio', 'lga'], True)
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradlocate.data import Edits, as_edits, default_retain_texts, load_texts
+from gradlocate.editors import DEFAULT_EDITOR
 from gradlocate.gradients import LayerGradients
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
-from gradlocate.golden.compare import run_selector, spearman
-from gradlocate.golden.matrix import Matrix, matrix
+from gradlocate.golden.compare import run_selector
+from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, SelectorResult, judge
+from gradlocate.golden.matrix import Matrix, edit_id, matrix as run_matrix
 from gradlocate.golden.store import RecordStore, model_identity
-from gradlocate.golden.sweep import OVERALL_METRICS, SweepResult, overall_score, sweep
+from gradlocate.golden.sweep import SweepResult, sweep
 
-__all__ = ["study", "Study", "StudyRow", "STUDY_SELECTORS", "kendall"]
+__all__ = ["study", "Study", "Selections", "Batch", "select", "split_rows", "STUDY_SELECTORS", "StudyRow"]
 
 #: The selectors a study compares: name -> (selector, its keyword arguments).
 STUDY_SELECTORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -65,285 +60,208 @@ STUDY_SELECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "cma": ("cma", {}),
 }
 
-
-def kendall(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
-    """Kendall's tau-b (``scipy.stats.kendalltau``); ``None`` for fewer than 3 points or a
-    constant series."""
-    from scipy.stats import kendalltau
-
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None
-             and not (isinstance(x, float) and math.isnan(x)) and not (isinstance(y, float) and math.isnan(y))]
-    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
-        return None
-    tau = kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-    return None if math.isnan(tau) else float(tau)
+#: A selector's row of a study (the name the old study used).
+StudyRow = SelectorResult
 
 
-@dataclass
-class StudyRow:
-    """One selector judged against the test sweep; intervals are bootstrap 95% over test edits.
+def split_rows(n: int, n_proxy: int, seed: int = 0) -> list[int]:
+    """The proxy rows of ``n`` edits: ``n_proxy`` of them, drawn with ``seed`` (sorted).
 
-    Attributes:
-        selector: its name (e.g. ``"lga (negative)"``).
-        layer: the layer it picked on the proxy edits (``None`` if it could not run).
-        regret, regret_ci: the overall lost against the golden layer.
-        spearman, spearman_ci, kendall, kendall_ci: rank agreement of its per-layer
-            scores with the sweep's overall.
-        time_s: its wall time.
-        error: why it could not run.
+    Example:
+        >>> split_rows(10, 3, seed=0) == split_rows(10, 3, seed=0), len(split_rows(10, 3))
+        (True, 3)
     """
-
-    selector: str
-    layer: int | None
-    regret: float | None = None
-    regret_ci: tuple[float, float] | None = None
-    spearman: float | None = None
-    spearman_ci: tuple[float, float] | None = None
-    kendall: float | None = None
-    kendall_ci: tuple[float, float] | None = None
-    time_s: float | None = None
-    error: str | None = None
+    if not 1 <= n_proxy <= n - 2:
+        raise ValueError(f"n_proxy must be in 1..{n - 2} (the test rows need at least 2 edits), got {n_proxy}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n_proxy])
 
 
 @dataclass
-class Study:
-    """What :func:`study` found. See the module doc for the protocol."""
+class Selections:
+    """Each selector's scores on the proxy edits, or why it could not run, and its seconds."""
 
-    name: str
-    sweep: SweepResult
-    rows: list[StudyRow]
-    selections: dict[str, LayerScores]
-    proxy_sweep: SweepResult | None = None
-    samples: Matrix | None = None
-    golden_ci: tuple[int, ...] = ()
-    transfer: dict[str, Any] = field(default_factory=dict)
-    versus: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def golden(self) -> int:
-        return self.sweep.golden
+    scores: dict[str, LayerScores] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "golden": self.golden, "golden_bootstrap": list(self.golden_ci),
-                "rows": [asdict(r) for r in self.rows], "transfer": self.transfer, "versus": self.versus,
-                "sweep": self.sweep.to_dict(),
-                "proxy_sweep": None if self.proxy_sweep is None else self.proxy_sweep.to_dict(),
-                "samples": None if self.samples is None else self.samples.to_dict(),
-                "selections": {k: v.to_dict() for k, v in self.selections.items()},
-                "timings": dict(self.timings), "params": self.params}
-
-    def to_markdown(self) -> str:
-        """The study's tables: selectors vs the golden layer; golden vs sample-wise optimum;
-        proxy-to-test transfer; the sweep; the CPU time of each part."""
-        def f(v: Any, p: int = 3) -> str:
-            return "n/a" if v is None else f"{v:.{p}f}"
-
-        def ci(c: Any) -> str:
-            return "" if c is None else f" [{c[0]:.2f}, {c[1]:.2f}]"
-
-        p = self.params
-        lines = [f"### {self.name}", "",
-                 f"{p.get('n_test')} test edits, {p.get('n_proxy')} proxy edits (the selectors see only these); "
-                 f"sweep over layers {_span(self.sweep.layers)}; overall = mean of {', '.join(self.sweep.averaged)} "
-                 f"(teacher-forced). Golden layer **{self.golden}** (overall {f(self.sweep.overall[self.sweep.layers.index(self.golden)])})"
-                 + (f"; in bootstrap resamples of the test edits the golden layer is one of {sorted(set(self.golden_ci))}"
-                    if self.golden_ci else "") + ".", "",
-                 "| selector | layer | regret [95% CI] | Spearman ρ [95% CI] | Kendall τ [95% CI] | time (s) |",
-                 "|---|---:|---:|---:|---:|---:|"]
-        for r in self.rows:
-            if r.error:
-                lines.append(f"| {r.selector} | could not run: {r.error[:80]} | | | | {f(r.time_s, 1)} |")
-            else:
-                lines.append(f"| {r.selector} | {r.layer} | {f(r.regret)}{ci(r.regret_ci)} | {f(r.spearman, 2)}"
-                             f"{ci(r.spearman_ci)} | {f(r.kendall, 2)}{ci(r.kendall_ci)} | {f(r.time_s, 1)} |")
-        if self.versus:
-            opt = self.samples.optimum() if self.samples else []
-            from collections import Counter
-
-            common = ", ".join(f"{l} ({c})" for l, c in Counter(opt).most_common(4))
-            lines += ["", f"Sample-wise: {self.samples.n_edits if self.samples else 0} test edits, each trained alone at "
-                      f"layers {_span(self.samples.layers) if self.samples else ''}; most common optimal layers: "
-                      f"{common}. Golden layer {self.golden} vs each edit's own optimum (paired t-test):", "",
-                      "| metric | at golden layer | at own optimum | t | p | edits |", "|---|---:|---:|---:|---:|---:|"]
-            for m, v in self.versus.items():
-                pval = "n/a" if v["p"] is None else f"{v['p']:.2g}"
-                lines.append(f"| {m} | {f(v['golden'])} | {f(v['optimum'])} | {f(v['t'], 2)} | {pval} | {v['n']} |")
-        if self.transfer:
-            t = self.transfer
-            lines += ["", f"Proxy-to-test transfer: the golden layer on the proxy edits is {t['proxy_golden']}, on the "
-                      f"test edits {t['test_golden']}; using the proxy's on the test edits loses "
-                      f"{f(t['regret'])}{ci(t.get('regret_ci'))} overall."]
-        unconv = self.sweep.unconverged
-        lines += ["", f"Training did not converge at layers {unconv}." if unconv else
-                  "LocFT-BF converged (mean loss below 1e-2) at every swept layer."]
-        lines += ["", "Time (wall clock, summed over what each part recorded, so a resumed run counts each layer "
-                  "once): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()) + "."]
-        return "\n".join(lines)
-
-    def plot(self, path: str | None = None) -> Any:
-        """The study on one page: the sweep's metrics and overall per layer with each
-        selector's pick; the selectors' normalised scores; the sample-wise optimal layers."""
-        from gradlocate.plotting import plot_study
-
-        fig = plot_study(self)
-        if path:
-            fig.savefig(path, dpi=110, bbox_inches="tight")
-        return fig
+        return {"scores": {k: v.to_dict() for k, v in self.scores.items()}, "errors": dict(self.errors),
+                "seconds": dict(self.seconds)}
 
     def __repr__(self) -> str:
-        picks = ", ".join(f"{r.selector}={r.layer}" for r in self.rows)
-        return f"Study({self.name!r}: golden={self.golden}; {picks})"
+        picks = ", ".join(f"{k}={v.selected}" for k, v in self.scores.items())
+        return f"Selections({picks}{'; failed: ' + ', '.join(self.errors) if self.errors else ''})"
 
 
-def _span(layers: Sequence[int]) -> str:
-    layers = list(layers)
-    if len(layers) > 2 and all(b - a == layers[1] - layers[0] for a, b in zip(layers, layers[1:])):
-        step = layers[1] - layers[0]
-        return f"{layers[0]}..{layers[-1]}" + (f" (every {step})" if step > 1 else "")
-    return ", ".join(map(str, layers))
+def _selection_store(h: Handles, proxy: Edits, retain: Any, out: str | Path) -> RecordStore:
+    base = {"model": model_identity(h), "proxy": [e.to_dict() for e in proxy], "retain": retain}
+    return RecordStore(out, lambda key: {**base, "selector": list(STUDY_SELECTORS[str(key)])})
 
 
-def _overall_of(sw: SweepResult, idx: Sequence[int]) -> dict[int, float | None]:
-    """Per-layer overall on a resample ``idx`` of the evaluated edits: each edit metric's
-    mean over the resample, with capability and fluency (global per layer) as they are."""
-    out = {}
-    for r in sw.records:
-        metrics = r.metrics(sw.scoring)
-        for m, vals in r.per_edit.items():
-            sample = [vals[i] for i in idx if vals[i] is not None]
-            metrics[m] = sum(sample) / len(sample) if sample else None
-        out[r.layer] = _score(sw, metrics)
-    return out
+def select(model: Any, proxy: Any, retain: Any = None, selectors: Sequence[str] | None = None, *,
+           out: str | Path | None = None, tokenizer: Any = None, progress: bool | None = None) -> Selections:
+    """Run each selector (names of :data:`STUDY_SELECTORS`, default all) on the ``proxy``
+    edits, or read it back from the record file ``out`` (when made with the same model,
+    proxy edits, retain texts and settings). A selector that cannot run is reported in
+    ``errors``; the others still run.
 
-
-def _score(sw: SweepResult, metrics: dict[str, float | None]) -> float | None:
-    return overall_score(metrics, OVERALL_METRICS if sw.overall_kind == "edit-only" else sw.weights)
-
-
-def _judge(sw: SweepResult, selections: dict[str, LayerScores], bootstrap: int, seed: int
-           ) -> tuple[dict[str, dict[str, Any]], list[int]]:
-    """Regret, Spearman and Kendall of each selection against the sweep, and their
-    bootstrap 95% intervals over the evaluated edits; the golden layer of each resample."""
-    n = len(next(iter(sw.records[0].per_edit.values()), [])) if sw.records[0].per_edit else 0
-
-    def measures(overall: dict[int, float | None]) -> dict[str, dict[str, float | None]]:
-        have = {l: v for l, v in overall.items() if v is not None}
-        golden = max(have, key=lambda l: (have[l], -l)) if have else None
-        res = {}
-        for name, s in selections.items():
-            scores = dict(zip(s.layers, s.maximised))
-            common = [l for l in sw.layers if l in scores]
-            got = overall.get(s.selected)
-            res[name] = {"regret": None if golden is None or got is None else have[golden] - got,
-                         "spearman": spearman([scores[l] for l in common], [overall[l] for l in common]),
-                         "kendall": kendall([scores[l] for l in common], [overall[l] for l in common])}
-        res["_golden"] = {"layer": golden}
-        return res
-
-    point = measures(_overall_of(sw, range(n)) if n else dict(zip(sw.layers, sw.overall)))
-    rng = random.Random(seed)
-    draws = [measures(_overall_of(sw, [rng.randrange(n) for _ in range(n)])) for _ in range(bootstrap if n else 0)]
-    goldens = [d["_golden"]["layer"] for d in draws]
-
-    def interval(name: str, key: str) -> tuple[float, float] | None:
-        vals = sorted(d[name][key] for d in draws if d[name][key] is not None)
-        if len(vals) < 2:
-            return None
-        return vals[int(0.025 * (len(vals) - 1))], vals[int(math.ceil(0.975 * (len(vals) - 1)))]
-
-    out = {name: {**point[name], **{f"{k}_ci": interval(name, k) for k in ("regret", "spearman", "kendall")}}
-           for name in selections}
-    return out, goldens
-
-
-def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, name: str = "study",
-          n_proxy: int = 16, n_test: int = 64, seed: int = 0, layers: Sequence[int] | None = None,
-          sample_layers: Sequence[int] | None = None, n_sample: int = 32, selectors: Sequence[str] | None = None,
-          trainer: dict[str, Any] | None = None, transfer: bool = True, bootstrap: int = 1000,
-          generation: bool = False, out_dir: str | Path | None = None, progress: bool | None = None) -> Study:
-    """The golden-layer study on one model and edit set (see the module doc).
-
-    Args:
-        model: a transformers causal LM, an nnsight wrapper, a bridge, or :class:`~gradlocate.handles.Handles`.
-        edits: at least ``n_proxy + n_test`` edits (any public form); shuffled with
-            ``seed`` and split.
-        retain: general texts for GradRatio (default: the built-in retain texts, 16).
-        n_proxy: the proxy split's size (the selectors see only these edits).
-        n_test: the test split's size.
-        layers: the sweep's candidate layer indices (default: all).
-        sample_layers: the single-edit matrix's layer indices (default: every second
-            layer; ``[]`` skips it); ``n_sample`` of the test edits are used.
-        selectors: names from :data:`STUDY_SELECTORS` (default: all of them).
-        trainer: LocFT-BF settings for every sweep.
-        transfer: also sweep the proxy edits (proxy-to-test transfer).
-        bootstrap: resamples of the test edits for the intervals.
-        generation: also score the sweeps by generation exact match (slower; the golden
-            layer is always by teacher-forced accuracy here).
-        out_dir: where each part is written as it finishes (resume on a re-run).
-        progress: progress bars (``None``: on a terminal only).
-
-    Returns:
-        :class:`Study`.
+    Raises:
+        ValueError: an unknown selector name.
     """
-    require_gradients("study")
-    plan = _plan(model, edits, tokenizer, n_proxy, n_test, seed, layers, sample_layers, selectors, retain,
-                 trainer, out_dir)
-    with using(plan.h):
-        picked = _select(plan, progress)
-        sweeps = _sweep_both(plan, picked, transfer, generation, progress)
-        samples = _sample_matrix(plan, n_sample, sweeps.test.golden, progress)
-    judged, goldens = _judge(sweeps.test, picked.selections, bootstrap, seed)
-    timings = {"selectors": sum(sum(s.timings.values()) for s in picked.selections.values()), **sweeps.timings}
-    if samples is not None:
-        timings["sample-wise sweep"] = sum(samples.timings.values())
-    return Study(name, sweeps.test, _rows(plan.selectors, picked, judged), picked.selections, sweeps.proxy,
-                 samples, tuple(goldens), _transfer(sweeps, bootstrap, seed),
-                 samples.versus(sweeps.test.golden) if samples is not None else {}, timings,
-                 {"n_proxy": n_proxy, "n_test": n_test, "n_sample": n_sample if samples else 0, "seed": seed,
-                  "bootstrap": bootstrap, "trainer": {k: v for k, v in plan.trainer.items() if k != "callback"},
-                  "selectors": plan.selectors, "proxy_prompts": [e.prompt for e in plan.proxy]})
-
-
-@dataclass
-class _StudyPlan:
-    """What a study works on: the model, the proxy/test split, layers, selectors, settings."""
-
-    h: Handles
-    proxy: Edits
-    test: Edits
-    layers: list[int]
-    sample_layers: list[int]
-    selectors: list[str]
-    retain: list[str] | LayerGradients
-    trainer: dict[str, Any]
-    out: Path | None
-
-
-def _plan(model: Any, edits: Any, tokenizer: Any, n_proxy: int, n_test: int, seed: int,
-          layers: Sequence[int] | None, sample_layers: Sequence[int] | None, selectors: Sequence[str] | None,
-          retain: Any, trainer: dict[str, Any] | None, out_dir: Any) -> _StudyPlan:
-    """Check the arguments, resolve the model, shuffle with ``seed`` and split the edits."""
-    edits = as_edits(edits)
-    if len(edits) < n_proxy + n_test:
-        raise ValueError(f"the study needs {n_proxy} proxy + {n_test} test edits, the data has {len(edits)}")
-    h = resolve(model, tokenizer)
-    cand = h.layer_indices(list(layers) if layers is not None else None)
-    s_layers = (list(range(0, h.n_layers, 2)) if sample_layers is None else
-                h.layer_indices(list(sample_layers)) if len(sample_layers) else [])
     names = list(STUDY_SELECTORS) if selectors is None else list(selectors)
     unknown = [s for s in names if s not in STUDY_SELECTORS]
     if unknown:
         raise ValueError(f"unknown study selectors {unknown}: choose from {list(STUDY_SELECTORS)}")
-    order = list(range(len(edits)))
-    random.Random(seed).shuffle(order)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    return _StudyPlan(h, as_edits([edits[i] for i in order[:n_proxy]]),
-                      as_edits([edits[i] for i in order[n_proxy:n_proxy + n_test]]), cand, s_layers, names,
-                      _retain(retain), dict(trainer or {}), out)
+    h, proxy, retain = resolve(model, tokenizer), as_edits(proxy), _retain(retain)
+    store = _selection_store(h, proxy, retain, out) if out is not None else None
+    saved = store.read() if store is not None else {}
+    got = Selections()
+    for sel in names:
+        if sel in saved:
+            got.scores[sel] = LayerScores(**saved[sel]["scores"])
+            got.seconds[sel] = sum(got.scores[sel].timings.values())
+            continue
+        kind, kw = STUDY_SELECTORS[sel]
+        t0 = time.perf_counter()
+        try:
+            got.scores[sel] = run_selector(kind, h, proxy, retain, progress=progress, **kw)
+        except ModelBusyError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported in its place; the rest still runs
+            got.errors[sel] = f"{type(e).__name__}: {e}"
+            continue
+        finally:
+            got.seconds[sel] = time.perf_counter() - t0
+        if store is not None:
+            store.append(sel, {"scores": _scores_dict(got.scores[sel])})
+    return got
+
+
+@dataclass
+class Batch:
+    """The second question: the test edits edited together (dataset-level sweep), its golden layer."""
+
+    sweep: SweepResult
+    golden: int
+    converged: dict[int, bool | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"golden": self.golden, "converged": self.converged, "sweep": self.sweep.to_dict()}
+
+
+@dataclass(repr=False)
+class Study:
+    """What :func:`study` found (see the module doc): the judgment of the single-edit
+    matrix, the selections it judged, the matrix, and the batch regime beside it."""
+
+    name: str
+    judgment: Judgment
+    selections: Selections
+    matrix: Matrix
+    batch: Batch | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def golden(self) -> int:
+        """The single-edit matrix's golden layer (primary definition, damage-gated)."""
+        return self.judgment.golden
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "golden": self.golden, "judgment": self.judgment.to_dict(),
+                "selections": self.selections.to_dict(), "matrix": self.matrix.to_dict(),
+                "batch": None if self.batch is None else self.batch.to_dict(), "params": self.params,
+                "timings": self.timings}
+
+    def to_markdown(self) -> str:
+        lines = [f"### {self.name}", "", self.judgment.to_markdown()]
+        for sel, err in self.selections.errors.items():
+            lines.append(f"- {sel} could not run: {err}")
+        if self.batch is not None:
+            conv = sum(bool(v) for v in self.batch.converged.values())
+            lines += ["", f"**Batch regime** (the second question: the {self.params.get('n_test')} test edits edited "
+                      f"together, dataset-level sweep): golden layer **{self.batch.golden}**; training converged at "
+                      f"{conv}/{len(self.batch.converged)} layers."]
+        return "\n".join(lines)
+
+    def plot(self, title: str | None = None) -> Any:
+        return self.judgment.plot(title or self.name)
+
+    def __repr__(self) -> str:
+        b = f", batch golden {self.batch.golden}" if self.batch is not None else ""
+        return f"Study({self.name!r}: {self.judgment!r}{b})"
+
+
+def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, name: str = "study",
+          n_proxy: int = 16, seed: int = 0, layers: Sequence[int] | None = None,
+          selectors: Sequence[str] | None = None, editor: str = DEFAULT_EDITOR, hparams: dict[str, Any] | None = None,
+          matrix: Matrix | None = None, capability_edits: int = 8, batch: bool = False,
+          threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200,
+          out_dir: str | Path | None = None, progress: bool | None = None) -> Study:
+    """The golden-layer study on one model and edit set (see the module doc).
+
+    Args:
+        edits: every edit (any public form); ``n_proxy`` of them, drawn with ``seed``, are the proxy rows.
+        retain: general texts for GradRatio (default: the built-in retain texts, 16).
+        layers: the matrix's layers (default: all); selectors: names of :data:`STUDY_SELECTORS`.
+        editor, hparams: the editor (:data:`~gradlocate.editors.EDITORS`) and its settings for the matrix.
+        matrix: a matrix of these edits made before (rows matched by :func:`~gradlocate.golden.matrix.edit_id`).
+        capability_edits: the first this many edits get the capability measurement (damage gate).
+        batch: also sweep the test edits together (the batch regime), reported beside.
+        threshold, n_boot, n_null, n_splits: the damage gate (nats) and the statistics' sizes.
+        out_dir: ``selections.jsonl``, ``matrix/`` and ``batch.jsonl`` written as each finishes (resume).
+    """
+    require_gradients("study")
+    h, edits = resolve(model, tokenizer), as_edits(edits)
+    proxy_rows = split_rows(len(edits), n_proxy, seed)
+    out = _out(out_dir)
+    t0 = time.perf_counter()
+    with using(h):
+        picked = select(h, [edits[i] for i in proxy_rows], retain, selectors, out=out and out / "selections.jsonl",
+                        progress=progress)
+        t1 = time.perf_counter()
+        m = _matrix(h, edits, matrix, editor, hparams, layers, capability_edits, out, progress)
+        t2 = time.perf_counter()
+        test = [e for i, e in enumerate(edits) if i not in set(proxy_rows)]
+        b = _batch(h, test, m.layers, hparams, out, progress) if batch else None
+    t3 = time.perf_counter()
+    j = judge(m, proxy_rows, picked.scores, threshold=threshold, n_boot=n_boot, n_null=n_null, n_splits=n_splits,
+              seed=seed)
+    params = {"n_proxy": n_proxy, "n_test": len(edits) - n_proxy, "seed": seed, "editor": editor,
+              "hparams": dict(hparams or {}), "threshold": threshold, "proxy_prompts": [edits[i].prompt for i in proxy_rows]}
+    timings = {"selectors": t1 - t0, "matrix": t2 - t1, "batch": t3 - t2, "judge": time.perf_counter() - t3}
+    return Study(name, j, picked, m, b, params, timings)
+
+
+def _out(out_dir: Any) -> Path | None:
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _matrix(h: Handles, edits: Edits, given: Matrix | None, editor: str, hparams: dict[str, Any] | None,
+            layers: Sequence[int] | None, capability_edits: int, out: Path | None, progress: bool | None) -> Matrix:
+    """The single-edit matrix of ``edits`` (rows in their order): ``given``, checked, or computed."""
+    if given is not None:
+        ids = [edit_id(e) for e in edits]
+        if given.edit_ids != ids:
+            raise ValueError(f"matrix= has rows for {given.n_edits} edits that are not these {len(ids)} edits in "
+                             f"this order (rows are matched by edit_id)")
+        return given
+    return run_matrix(h, edits, editor=editor, hparams=hparams, layers=layers, capability_edits=capability_edits,
+                      out=out / "matrix" if out is not None else None, progress=progress)
+
+
+def _batch(h: Handles, test: list[Any], layers: list[int], hparams: dict[str, Any] | None, out: Path | None,
+           progress: bool | None) -> Batch:
+    """The test edits edited together at every matrix layer (LocFT-BF with ``hparams``)."""
+    sw = sweep(h, test, layers=layers, trainer=dict(hparams or {}), generation=False, capability=False,
+               fluency=False, overall="edit-only", progress=progress, out=out / "batch.jsonl" if out else None)
+    return Batch(sw, sw.golden, {r.layer: r.converged for r in sw.records})
 
 
 def _retain(retain: Any) -> Any:
@@ -352,103 +270,6 @@ def _retain(retain: Any) -> Any:
     if retain is None:
         return default_retain_texts(16)
     return retain if isinstance(retain, LayerGradients) else load_texts(retain)
-
-
-@dataclass
-class _Selections:
-    """Each selector's scores on the proxy edits, or why it could not run (and its time)."""
-
-    selections: dict[str, LayerScores]
-    errors: dict[str, tuple[str, float]]
-
-
-def _select(plan: _StudyPlan, progress: bool | None) -> _Selections:
-    """Run each selector on the proxy edits, or read it back from ``selections.jsonl``
-    (when made with the same model, proxy edits, retain texts and selector settings)."""
-    store = None
-    if plan.out is not None:
-        base = {"model": model_identity(plan.h), "proxy": [e.to_dict() for e in plan.proxy], "retain": plan.retain}
-        store = RecordStore(plan.out / "selections.jsonl",
-                            lambda key: {**base, "selector": list(STUDY_SELECTORS[str(key)])})
-    saved = store.read() if store is not None else {}
-    got = _Selections({}, {})
-    for sel in plan.selectors:
-        if sel in saved:
-            got.selections[sel] = LayerScores(**saved[sel]["scores"])
-            continue
-        kind, kw = STUDY_SELECTORS[sel]
-        t1 = time.perf_counter()
-        try:
-            got.selections[sel] = run_selector(kind, plan.h, plan.proxy, plan.retain, progress=progress, **kw)
-        except ModelBusyError:
-            raise
-        except Exception as e:  # noqa: BLE001 - reported in this selector's row; the rest still runs
-            got.errors[sel] = (f"{type(e).__name__}: {e}", time.perf_counter() - t1)
-            continue
-        if store is not None:
-            store.append(sel, {"scores": _scores_dict(got.selections[sel])})
-    return got
-
-
-@dataclass
-class _Sweeps:
-    """The sweep on the test edits, the one on the proxy edits (if run), and their times."""
-
-    test: SweepResult
-    proxy: SweepResult | None
-    timings: dict[str, float]
-
-
-def _sweep_both(plan: _StudyPlan, picked: _Selections, transfer: bool, generation: bool,
-                progress: bool | None) -> _Sweeps:
-    """Sweep the test edits over the candidate and the selected layers; and the proxy
-    edits, for the transfer. Each part's time is the sum of what its records say, so a
-    resumed study reports the time the work took, not the time to read it back."""
-    out = plan.out
-    picks = {s.selected for s in picked.selections.values()}
-    test = sweep(plan.h, plan.test, layers=sorted(set(plan.layers) | picks), trainer=plan.trainer,
-                 generation=generation, progress=progress, out=out / "sweep_test.jsonl" if out else None)
-    timings = {"test sweep": sum(r.timings.get("total", 0.0) for r in test.records)}
-    proxy = None
-    if transfer:
-        proxy = sweep(plan.h, plan.proxy, layers=plan.layers, trainer=plan.trainer, generation=generation,
-                      progress=progress, out=out / "sweep_proxy.jsonl" if out else None)
-        timings["proxy sweep"] = sum(r.timings.get("total", 0.0) for r in proxy.records)
-    return _Sweeps(test, proxy, timings)
-
-
-def _sample_matrix(plan: _StudyPlan, n_sample: int, golden: int, progress: bool | None) -> Matrix | None:
-    """The first ``n_sample`` test edits, each alone at the sample layers and the golden layer."""
-    if not plan.sample_layers or not n_sample:
-        return None
-    return matrix(plan.h, plan.test[:n_sample], hparams=plan.trainer,
-                  layers=sorted(set(plan.sample_layers) | {golden}), capability_edits=0,
-                  out=plan.out / "samples.jsonl" if plan.out else None, progress=progress)
-
-
-def _rows(names: list[str], picked: _Selections, judged: dict[str, dict[str, Any]]) -> list[StudyRow]:
-    """One row per selector: its pick and how it fared, or why it could not run."""
-    rows = []
-    for sel in names:
-        if sel in picked.errors:
-            rows.append(StudyRow(sel, None, time_s=picked.errors[sel][1], error=picked.errors[sel][0]))
-            continue
-        j, s = judged[sel], picked.selections[sel]
-        rows.append(StudyRow(sel, s.selected, j["regret"], j["regret_ci"], j["spearman"], j["spearman_ci"],
-                             j["kendall"], j["kendall_ci"], sum(s.timings.values())))
-    return rows
-
-
-def _transfer(sweeps: _Sweeps, bootstrap: int, seed: int) -> dict[str, Any]:
-    """The proxy sweep's golden layer used on the test edits: what it loses (with an interval)."""
-    if sweeps.proxy is None:
-        return {}
-    pg, test = sweeps.proxy.golden, sweeps.test
-    as_choice = LayerScores("proxy golden", [v if v is not None else -1.0 for v in sweeps.proxy.overall],
-                            [True] * len(sweeps.proxy.layers), pg, layers=sweeps.proxy.layers)
-    j, _ = _judge(test, {"proxy": as_choice}, bootstrap, seed)
-    return {"proxy_golden": pg, "test_golden": test.golden, "regret": j["proxy"]["regret"],
-            "regret_ci": j["proxy"]["regret_ci"], "spearman": j["proxy"]["spearman"]}
 
 
 def _scores_dict(s: LayerScores) -> dict[str, Any]:

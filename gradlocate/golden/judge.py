@@ -1,0 +1,323 @@
+"""The golden-layer judgment: everything derived from one single-edit :class:`~gradlocate.golden.matrix.Matrix`.
+
+One instrument, one matrix ``[edits, layers]`` (every edit edited alone at every layer),
+answers every question of the study, so no number mixes two experiments:
+
+* per **definition of "overall"** (each metric alone, ``edit-only``, gradlocate's
+  capability-aware ``weighted``, the ``golden-layers`` normalised mean;
+  :func:`gradlocate.stats.overall`): the golden layer over the **test rows**, with its
+  bootstrap distribution (rows resampled jointly across every metric);
+* the **damage gate**: a layer whose edits raise the held-out LM loss by more than
+  ``threshold`` nats (mean over its capability cells) is damaging and cannot be golden;
+  the golden layer is reported with and without the gate;
+* each edit's **own optimum vs the golden layer** on the same rows: the paired tests
+  (t as the Golden Layers paper, Wilcoxon, sign-flip permutation) of the in-sample
+  difference, which is >= 0 by construction (the winner's curse), and the gain after
+  subtracting the permutation null's selection bias (:func:`gradlocate.stats.null_selection_bias`)
+  with its p-value: the test to read;
+* **proxy -> test transfer** of the golden layer over random splits (:func:`gradlocate.stats.transfer`);
+* per **selector** (its :class:`~gradlocate.results.LayerScores` on the proxy edits):
+  its layer, regret with a bootstrap interval, Spearman/Kendall over all and over its
+  eligible layers;
+* **convergence** per layer (fraction of cells converged, mean final loss).
+
+Capability enters the ``weighted`` and ``golden-layers`` overalls per layer (it is
+measured on a subsample of edits): ``capability`` = ``exp(-mean loss change)`` (the
+held-out perplexity ratio before/after, 1 = unharmed) and ``lm_loss`` = the mean loss
+change; the bootstrap resamples edits, not the capability subsample.
+
+Example:
+    >>> import numpy as np
+    >>> from gradlocate.golden.matrix import Matrix
+    >>> rng = np.random.default_rng(0)
+    >>> rel = np.clip(np.array([0.2, 0.9, 0.8]) + rng.normal(0, 0.05, (12, 3)), 0, 1)
+    >>> cap = np.full((12, 3), np.nan); cap[:4] = [0.0, 1.0, 0.1]
+    >>> m = Matrix([0, 1, 2], [str(i) for i in range(12)], {"reliability": rel}, capability=cap)
+    >>> j = judge(m, proxy=[0, 1, 2], n_boot=50, n_null=50, n_splits=20)
+    >>> j.gate.damaging, j.definition("reliability").golden_ungated, j.definition("reliability").golden
+    ([1], 1, 2)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradlocate import stats
+from gradlocate.golden.matrix import MATRIX_METRICS, Matrix
+
+__all__ = ["judge", "Judgment", "DefinitionResult", "SelectorResult", "Convergence", "matrix_metrics",
+           "DAMAGE_THRESHOLD"]
+
+#: The damage gate's default: a mean held-out loss rise above this many nats is damaging.
+DAMAGE_THRESHOLD = 0.5
+
+
+def _plain(v: Any) -> Any:
+    return stats._plain(v)  # the same JSON conversion as the statistics' results
+
+
+@dataclass(repr=False)
+class Convergence:
+    """Per layer (model layer indices): cells, fraction of cells converged, mean final loss."""
+
+    layers: list[int]
+    cells: list[int]
+    converged: list[float]
+    final_loss: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def __repr__(self) -> str:
+        c = np.array(self.converged, dtype=float)
+        return f"Convergence({len(self.layers)} layers, converged {np.nanmin(c):.2f}..{np.nanmax(c):.2f})"
+
+
+def convergence(m: Matrix) -> Convergence:
+    """The training summary of every layer of ``m`` (NaN where no cell says).
+
+    Example:
+        >>> m = Matrix([0, 1], ["a", "b"], {"reliability": np.ones((2, 2))},
+        ...            train={"converged": np.array([[1.0, 0], [1, 1]]), "final_loss": np.array([[0.1, 2], [0.3, 0]])})
+        >>> convergence(m).converged, convergence(m).final_loss
+        ([1.0, 0.5], [0.2, 1.0])
+    """
+    conv = m.train.get("converged", np.full(m.shape, np.nan))
+    loss = m.train.get("final_loss", np.full(m.shape, np.nan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layer with no summary: NaN
+        c, f = np.nanmean(conv, 0), np.nanmean(loss, 0)
+    cells = np.isfinite(m.scores["overall"]).sum(0)
+    return Convergence(list(m.layers), cells.tolist(), [float(x) for x in c], [float(x) for x in f])
+
+
+def matrix_metrics(m: Matrix, rows: Any = None) -> dict[str, np.ndarray]:
+    """The metrics :func:`gradlocate.stats.overall` takes, from ``m`` (rows ``rows``):
+    the edit metrics that have a value ``[edits, layers]``, and, where capability was
+    measured, per layer ``capability`` (``exp(-mean loss change)``) and ``lm_loss`` (the
+    mean change).
+
+    Example:
+        >>> cap = np.array([[0.0, 1.0], [np.nan, np.nan]])
+        >>> m = Matrix([0, 1], ["a", "b"], {"reliability": np.ones((2, 2))}, capability=cap)
+        >>> {k: np.round(v, 3).tolist() for k, v in matrix_metrics(m).items() if k != "reliability"}
+        {'capability': [1.0, 0.368], 'lm_loss': [0.0, 1.0]}
+    """
+    idx = np.arange(m.n_edits) if rows is None else np.asarray(rows, dtype=int)
+    out = {k: m.scores[k][idx] for k in MATRIX_METRICS if k in m.scores and np.isfinite(m.scores[k][idx]).any()}
+    if np.isfinite(m.capability).any():
+        change = m.curve("capability")
+        if np.isfinite(change).all():
+            out["capability"], out["lm_loss"] = np.exp(-change), change
+    return out
+
+
+@dataclass(repr=False)
+class DefinitionResult:
+    """One definition of "overall" judged on the test rows (layers are model layer indices).
+
+    Attributes:
+        definition: its name; golden: the golden layer with the gate; golden_ungated: without.
+        layer_mean: the test rows' mean overall per layer; boot: :class:`gradlocate.stats.Bootstrap`
+            (gated; golden_freq over layers); versus: own optimum vs golden (in-sample paired
+            tests of ``optimum - golden``; ``null``: the selection bias, the corrected gain, its p);
+        transfer: :class:`gradlocate.stats.Transfer` over random splits of all rows.
+    """
+
+    definition: str
+    golden: int
+    golden_ungated: int
+    layer_mean: list[float]
+    boot: stats.Bootstrap
+    versus: dict[str, Any]
+    transfer: stats.Transfer | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"definition": self.definition, "golden": self.golden, "golden_ungated": self.golden_ungated,
+                "layer_mean": _plain(self.layer_mean), "bootstrap": self.boot.to_dict(), "versus": _plain(self.versus),
+                "transfer": None if self.transfer is None else self.transfer.to_dict()}
+
+
+@dataclass(repr=False)
+class SelectorResult:
+    """A selector judged on the test rows: its layer, regret per definition (value, lo, hi;
+    ``None`` when its layer is not in the matrix), rank agreement with the primary overall."""
+
+    name: str
+    layer: int
+    regret: dict[str, tuple[float, float, float] | None]
+    rank: stats.RankAgreement | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "layer": self.layer, "regret": _plain(self.regret),
+                "rank": None if self.rank is None else self.rank.to_dict()}
+
+
+def _versus(score: np.ndarray, allowed: np.ndarray, n_null: int, seed: int) -> dict[str, Any]:
+    """Own optimum vs golden on ``score``: the in-sample paired tests (as the paper; each
+    difference is >= 0 by construction, so they are biased) and the permutation null's
+    selection bias, whose ``corrected`` gain (a lower bound) and one-sided ``p_value`` are
+    the result to read. (A paired test of the differences minus the null mean is not
+    given: the null mean is a constant, not a per-edit bias, and errs large.)"""
+    g = stats.golden_layer(score, allowed)
+    keep = np.isfinite(score[:, g]) & np.isfinite(score[:, allowed]).any(1)
+    s = score[keep]
+    opt = stats.own_optimum(s, allowed)
+    raw = stats.paired_tests(opt.values, s[:, g], seed=seed)
+    null = stats.null_selection_bias(s, n=n_null, seed=seed, allowed=allowed)
+    return {"optimum_mean": float(opt.values.mean()), "golden_mean": float(s[:, g].mean()), "n": int(len(s)),
+            "in_sample": raw.to_dict(), "null": null.to_dict(),
+            "optimum_layers": np.bincount(opt.layers, minlength=score.shape[1]).tolist()}
+
+
+def _definition(m: Matrix, definition: str, test: np.ndarray, n_proxy: int, gate: stats.DamageGate,
+                picks: Mapping[str, int], n_boot: int, n_null: int, n_splits: int, seed: int) -> DefinitionResult:
+    """One definition of overall: golden (gated, ungated), bootstrap, versus, transfer."""
+    test_metrics = matrix_metrics(m, test)
+    score = stats.overall(test_metrics, definition)  # golden-layers: normalised on the test rows
+    score_all = stats.overall(matrix_metrics(m), definition)
+    allowed = gate.allowed & np.isfinite(stats._layer_means(score))
+    ungated = m.layers[stats.golden_layer(score)]
+    boot = stats.bootstrap(test_metrics, definition, selectors=picks, allowed=allowed, n=n_boot,
+                           seed=seed)
+    versus = _versus(score, allowed, n_null, seed)
+    tr = None
+    if 1 <= n_proxy < m.n_edits and n_splits:
+        rows = np.isfinite(score_all[:, allowed]).any(1)
+        tr = stats.transfer(score_all[rows], n_proxy, n_splits, seed, allowed, n_null=min(n_null, 100))
+    return DefinitionResult(definition, m.layers[boot.golden], ungated, stats._layer_means(score).tolist(), boot,
+                            versus, tr)
+
+
+def _picks(m: Matrix, selections: Mapping[str, Any]) -> dict[str, int]:
+    """Each selector's picked layer as a column of ``m`` (selectors whose layer is not a column left out)."""
+    return {k: m.layers.index(s.selected) for k, s in selections.items() if s.selected in m.layers}
+
+
+def _selector(m: Matrix, name: str, sel: Any, defs: Mapping[str, DefinitionResult], primary: str) -> SelectorResult:
+    """A selector's regret per definition and its rank agreement (of what it maximises,
+    :attr:`~gradlocate.results.LayerScores.maximised`) with the primary overall's layer means."""
+    regret = {d: r.boot.regret.get(name) for d, r in defs.items()}
+    truth = np.asarray(defs[primary].layer_mean)
+    by_layer = dict(zip(sel.layers or range(len(sel.scores)), sel.maximised))  # what it maximises (LGA's sign)
+    ok = dict(zip(sel.layers or range(len(sel.eligible)), sel.eligible))
+    x = np.array([by_layer.get(l, np.nan) for l in m.layers], dtype=float)
+    x[~np.isfinite(x)] = np.nan
+    allowed = np.array([bool(ok.get(l, False)) for l in m.layers])
+    rank = stats.rank_agreement(x, truth, allowed) if np.isfinite(x).sum() >= 2 else None
+    return SelectorResult(name, int(sel.selected), regret, rank)
+
+
+def default_definitions(m: Matrix) -> list[str]:
+    """Each edit metric the matrix has, then ``edit-only``, ``weighted``, ``golden-layers``."""
+    have = [k for k in MATRIX_METRICS if np.isfinite(m.scores.get(k, np.full(1, np.nan))).any()]
+    return [*have, *stats.DEFINITIONS]
+
+
+def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | None = None, *,
+          definitions: Sequence[str] | None = None, primary: str = "weighted",
+          threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200,
+          seed: int = 0, regime: Mapping[str, Any] | None = None) -> Judgment:
+    """Judge the golden layer on one single-edit matrix (see the module doc).
+
+    Args:
+        m: the matrix (complete columns: give the complete layers only, see :func:`gradlocate.golden.load.load_matrix`).
+        proxy: row indices of the proxy edits (the selectors saw these); the rest are the
+            test rows. ``()``: every row is a test row (transfer then uses a quarter as proxy).
+        selections: selector name -> :class:`~gradlocate.results.LayerScores` (on the proxy edits).
+        definitions: the overalls (default :func:`default_definitions`); primary: the one
+            the selectors' rank agreement is measured against.
+        threshold: the damage gate, nats of mean held-out loss rise.
+        n_boot, n_null, n_splits: bootstrap resamples, null matrices, transfer splits (>= 200 to report).
+
+    Raises:
+        ValueError: no test row, a proxy row out of range, or ``primary`` not among the definitions.
+    """
+    if min(n_boot, n_null) < 1 or n_splits < 0:
+        raise ValueError(f"n_boot and n_null must be >= 1 and n_splits >= 0, got {n_boot}, {n_null}, {n_splits}")
+    proxy_rows = sorted({int(i) for i in proxy})
+    if any(not 0 <= i < m.n_edits for i in proxy_rows):
+        raise ValueError(f"proxy rows must be in 0..{m.n_edits - 1}, got {proxy_rows}")
+    test = np.array([i for i in range(m.n_edits) if i not in set(proxy_rows)], dtype=int)
+    if test.size < 2:
+        raise ValueError(f"the judgment needs at least 2 test rows, got {test.size}")
+    defs_wanted = list(definitions) if definitions is not None else default_definitions(m)
+    if primary not in defs_wanted:
+        raise ValueError(f"primary {primary!r} must be one of the definitions {defs_wanted}")
+    gate = stats.damage_gate(m.capability, threshold, higher_is_better=False)
+    sels = dict(selections or {})
+    picks = _picks(m, sels)
+    n_proxy = len(proxy_rows) or max(1, m.n_edits // 4)
+    defs = {d: _definition(m, d, test, n_proxy, gate, picks, n_boot, n_null, n_splits, seed) for d in defs_wanted}
+    rows = [_selector(m, k, s, defs, primary) for k, s in sels.items()]
+    return Judgment(list(m.layers), m.n_edits, proxy_rows, _regime(m, threshold, regime), gate, convergence(m),
+                    defs, rows, primary)
+
+
+def _regime(m: Matrix, threshold: float, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    hp = dict(m.params.get("hparams", {}))
+    return {"editor": m.editor, **hp, "damage_threshold_nats": threshold,
+            "capability_edits": m.params.get("capability_edits"), **dict(extra or {})}
+
+
+@dataclass(repr=False)
+class Judgment:
+    """What one matrix says about the golden layer (see the module doc)."""
+
+    layers: list[int]
+    n_edits: int
+    proxy: list[int]
+    regime: dict[str, Any]
+    gate: stats.DamageGate
+    convergence: Convergence
+    definitions: dict[str, DefinitionResult]
+    selectors: list[SelectorResult] = field(default_factory=list)
+    primary: str = "weighted"
+
+    def definition(self, name: str) -> DefinitionResult:
+        if name not in self.definitions:
+            raise KeyError(f"no definition {name!r}: judged {list(self.definitions)}")
+        return self.definitions[name]
+
+    @property
+    def golden(self) -> int:
+        """The golden layer under the primary definition, gated."""
+        return self.definitions[self.primary].golden
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "n_edits": self.n_edits, "proxy": self.proxy, "regime": _plain(self.regime),
+                "primary": self.primary, "gate": self.gate.to_dict(), "convergence": self.convergence.to_dict(),
+                "definitions": {k: v.to_dict() for k, v in self.definitions.items()},
+                "selectors": [s.to_dict() for s in self.selectors]}
+
+    def __repr__(self) -> str:
+        g = ", ".join(f"{k}={v.golden}" for k, v in self.definitions.items())
+        return (f"Judgment({self.n_edits - len(self.proxy)} test edits x {len(self.layers)} layers; golden by "
+                f"definition: {g}; damaging {[self.layers[i] for i in self.gate.damaging]})")
+
+    def to_markdown(self) -> str:
+        from gradlocate.golden.judge_report import judgment_markdown
+
+        return judgment_markdown(self)
+
+    def plot(self, title: str | None = None) -> Any:
+        """Per definition, the test rows' mean overall per layer (normalised to its range),
+        the golden layers marked, damaging layers shaded."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for d, r in self.definitions.items():
+            y = np.asarray(r.layer_mean, dtype=float)
+            span = np.nanmax(y) - np.nanmin(y)
+            ax.plot(self.layers, (y - np.nanmin(y)) / (span if span > 0 else 1), marker=".", label=f"{d} ({r.golden})")
+        for i in self.gate.damaging:
+            ax.axvspan(self.layers[i] - 0.5, self.layers[i] + 0.5, color="red", alpha=0.15)
+        ax.set_xlabel("layer"), ax.set_ylabel("mean overall (min-max per definition)")
+        ax.set_title(title or "golden layer by definition (red: damaging)")
+        ax.legend(fontsize=7, ncol=2)
+        return fig

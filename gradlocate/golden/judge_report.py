@@ -1,0 +1,157 @@
+"""Markdown tables of a :class:`~gradlocate.golden.judge.Judgment` (what ``docs/results.md`` shows).
+
+Example:
+    >>> import numpy as np
+    >>> from gradlocate.golden.matrix import Matrix
+    >>> from gradlocate.golden.judge import judge
+    >>> rel = np.tile([0.2, 0.9, 0.4], (8, 1)) + np.arange(8)[:, None] * 0.01
+    >>> md = judge(Matrix([0, 1, 2], list("abcdefgh"), {"reliability": rel}), n_boot=20, n_null=20, n_splits=10,
+    ...            primary="reliability").to_markdown()
+    >>> "| reliability | 1 |" in md
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["judgment_markdown"]
+
+
+def _f(v: Any, p: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"
+
+
+def _p(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"
+
+
+def _regime(j: Any) -> list[str]:
+    r = j.regime
+    keys = ", ".join(f"{k} {v}" for k, v in r.items() if v is not None)
+    return [f"Regime: {keys}. Size: {j.n_edits} edits ({len(j.proxy)} proxy, {j.n_edits - len(j.proxy)} test) "
+            f"x {len(j.layers)} layers ({j.layers[0]}..{j.layers[-1]}). Intervals: bootstrap "
+            f"{int(100 * next(iter(j.definitions.values())).boot.level)}% percentile over test edits.", ""]
+
+
+def _golden_table(j: Any) -> list[str]:
+    lines = ["| definition | golden (gated) | golden (ungated) | P(golden) in bootstrap | layers golden in >5% of resamples "
+             "| best mean [CI] |", "|---|---:|---:|---:|---|---:|"]
+    for d, r in j.definitions.items():
+        b = r.boot
+        often = ", ".join(f"{j.layers[i]} ({f:.0%})" for i, f in enumerate(b.golden_freq) if f > 0.05)
+        lines.append(f"| {d} | {r.golden} | {r.golden_ungated} | {b.p_golden:.2f} | {often} | "
+                     f"{_f(b.golden_value)} [{_f(b.golden_value_interval[0])}, {_f(b.golden_value_interval[1])}] |")
+    return lines + [""]
+
+
+def _versus_table(j: Any) -> list[str]:
+    lines = ["Own optimum vs golden layer, same matrix, test rows. *In-sample*: each edit's best layer "
+             "chosen and scored on the same cells, so every difference is >= 0 and the paired p-values are "
+             "biased (the paper's t-test). *Corrected*: the winner's curse estimated by a permutation null "
+             "(`null_selection_bias`: each layer's residuals permuted across edits, so no edit keeps its own best "
+             "layer) and subtracted; the corrected gain is a lower bound and p (null, one-sided) the test to read.",
+             "", "| definition | n | golden mean | optimum mean (in-sample) | in-sample gain, p_t / p_wilcoxon / p_perm "
+             "| null bias [CI] | corrected gain | p (null) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for d, r in j.definitions.items():
+        v = r.versus
+        ins, nul = v["in_sample"], v["null"]
+        lines.append(f"| {d} | {v['n']} | {_f(v['golden_mean'])} | {_f(v['optimum_mean'])} | {_f(ins['mean_diff'])}, "
+                     f"{_p(ins['p_t'])} / {_p(ins['p_wilcoxon'])} / {_p(ins['p_permutation'])} | "
+                     f"{_f(nul['null_mean'])} [{_f(nul['null_interval'][0])}, {_f(nul['null_interval'][1])}] | "
+                     f"{_f(nul['corrected'])} | {_p(nul['p_value'])} |")
+    return lines + [""]
+
+
+def _transfer_table(j: Any) -> list[str]:
+    lines = ["| definition | proxy/test | splits | agreement | chance (null) | p_null | test regret mean [CI] |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for d, r in j.definitions.items():
+        t = r.transfer
+        if t is None:
+            continue
+        lines.append(f"| {d} | {t.n_proxy}/{t.n_test} | {t.n_splits} | {t.agreement:.2f} | {_f(t.null_agreement, 2)} | "
+                     f"{_p(t.p_null)} | {_f(t.regret_mean)} [{_f(t.regret_interval[0])}, {_f(t.regret_interval[1])}] |")
+    return lines + [""]
+
+
+def _gate_table(j: Any) -> list[str]:
+    g, c = j.gate, j.convergence
+    dmg = [j.layers[i] for i in g.damaging]
+    lines = [f"Damage gate: a layer whose edits raise the held-out LM loss by more than {g.threshold} nats (mean over "
+             f"its capability cells) is damaging and cannot be golden. Damaging: {dmg or 'none'}.", "",
+             "| layer | cells | converged | mean final loss | held-out loss change (nats) | gate |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for k, l in enumerate(j.layers):
+        lines.append(f"| {l} | {c.cells[k]} | {_f(c.converged[k], 2)} | {_f(c.final_loss[k])} | {_f(g.values[k])} | "
+                     f"{'damaging' if not g.allowed[k] else 'ok'} |")
+    return lines + [""]
+
+
+def _selector_table(j: Any) -> list[str]:
+    if not j.selectors:
+        return ["No selector scores were given for this matrix.", ""]
+    defs = list(j.definitions)
+    head = "| selector | layer | " + " | ".join(f"regret ({d}) [CI]" for d in defs) + \
+        f" | ρ / τ all layers ({j.primary}) | ρ / τ eligible |"
+    lines = [head, "|---|---:|" + "---:|" * len(defs) + "---|---|"]
+    for s in j.selectors:
+        reg = " | ".join("not in matrix" if s.regret.get(d) is None else
+                         f"{_f(s.regret[d][0])} [{_f(s.regret[d][1])}, {_f(s.regret[d][2])}]" for d in defs)
+        rk = s.rank
+        ra = "n/a" if rk is None else f"{_f(rk.spearman, 2)} / {_f(rk.kendall, 2)} (n={rk.n})"
+        re = "n/a" if rk is None else f"{_f(rk.spearman_allowed, 2)} / {_f(rk.kendall_allowed, 2)} (n={rk.n_allowed})"
+        lines.append(f"| {s.name} | {s.layer} | {reg} | {ra} | {re} |")
+    return lines + [""]
+
+
+def _curves(j: Any) -> list[str]:
+    defs = list(j.definitions)
+    lines = ["| layer | " + " | ".join(defs) + " |", "|---:|" + "---:|" * len(defs)]
+    for k, l in enumerate(j.layers):
+        vals = " | ".join(_f(float(np.asarray(j.definitions[d].layer_mean)[k])) for d in defs)
+        lines.append(f"| {l} | {vals} |")
+    return lines + [""]
+
+
+def reading(j: Any) -> list[str]:
+    """Plain statements the numbers support (or not), each computed from the judgment."""
+    defs = j.definitions
+    goldens = {d: r.golden for d, r in defs.items()}
+    out = [f"- Golden layer by definition: {', '.join(f'{d} {g}' for d, g in goldens.items())}"
+           + (" — the definitions **disagree**: which layer is golden depends on what 'overall' means."
+              if len(set(goldens.values())) > 1 else " — every definition agrees.")]
+    shaky = [d for d, r in defs.items() if r.boot.p_golden < 0.8]
+    if shaky:
+        out.append(f"- Not determined at this size (golden in < 80% of bootstrap resamples): {', '.join(shaky)}.")
+    real = [d for d, r in defs.items() if r.versus["null"]["p_value"] < 0.05 and r.versus["null"]["corrected"] > 0]
+    out.append("- Own optimum beyond the winner's curse (p (null) < 0.05, corrected gain > 0): "
+               + (", ".join(real) if real else "none — per-edit layer choice is not shown to beat the golden layer."))
+    beat = [d for d, r in defs.items() if r.transfer is not None and r.transfer.p_null < 0.05]
+    out.append("- Proxy -> test transfer above chance (p_null < 0.05): " + (", ".join(beat) if beat else "none") + ".")
+    conv = np.asarray(j.convergence.converged, dtype=float)
+    if np.isfinite(conv).any() and np.nanmean(conv) < 0.5:
+        out.append(f"- Most cells did not converge (mean fraction {np.nanmean(conv):.2f}): they ran their full epoch "
+                   f"budget without reaching the loss threshold; the regime under-trains, and the results are about it.")
+    outside = [s.name for s in j.selectors if s.layer not in j.layers]
+    if outside:
+        out.append(f"- Picked a layer outside the judged layers {j.layers[0]}..{j.layers[-1]} (not judged yet): "
+                   f"{', '.join(outside)}.")
+    return out + [""]
+
+
+def judgment_markdown(j: Any) -> str:
+    """The judgment as markdown: regime, golden layer per definition, own optimum vs
+    golden, transfer, selectors, gate and convergence, per-layer means."""
+    parts = [*_regime(j), "**What these numbers say**", "", *reading(j),
+             "**Golden layer by definition of overall** (test rows; gated)", "", *_golden_table(j),
+             "**Own optimum vs golden layer**", "", *_versus_table(j),
+             "**Proxy -> test transfer** (random splits of all rows; chance = the same splits on row-permuted matrices)",
+             "", *_transfer_table(j), "**Selectors** (picked on the proxy edits; regret on the test rows)", "",
+             *_selector_table(j), "**Damage gate and convergence per layer**", "", *_gate_table(j),
+             "**Mean overall per layer, test rows**", "", *_curves(j)]
+    return "\n".join(parts)

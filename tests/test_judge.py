@@ -1,0 +1,210 @@
+"""The judgment's numbers recomputed independently (numpy/scipy, not gradlocate.stats) on hand-built matrices."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from gradlocate.golden.judge import judge, matrix_metrics
+from gradlocate.golden.load import load_matrix
+from gradlocate.golden.matrix import Matrix
+from gradlocate.golden.store import RecordStore
+from gradlocate.results import LayerScores
+
+N, L = 16, 4
+
+
+def _built(seed=0, damaging=2):
+    """Reliability best at layer 2, locality best at layer 0; layer ``damaging`` raises the held-out loss by 2 nats."""
+    rng = np.random.default_rng(seed)
+    rel = np.clip(np.array([0.3, 0.6, 0.95, 0.5]) + rng.normal(0, 0.1, (N, L)), 0, 1)
+    loc = np.clip(np.array([0.95, 0.7, 0.5, 0.6]) + rng.normal(0, 0.1, (N, L)), 0, 1)
+    gen = np.clip(np.array([0.2, 0.5, 0.6, 0.45]) + rng.normal(0, 0.1, (N, L)), 0, 1)
+    cap = np.full((N, L), np.nan)
+    cap[:4] = 0.05
+    if damaging is not None:
+        cap[:4, damaging] = 2.0
+    train = {"converged": (rng.random((N, L)) < 0.5).astype(float), "final_loss": rng.random((N, L))}
+    m = Matrix(list(range(10, 10 + L)), [f"e{i}" for i in range(N)],
+               {"reliability": rel, "locality": loc, "generalization": gen}, train, cap)
+    return m, rel, loc, gen, cap, train
+
+
+def _quick(m, **kw):
+    return judge(m, **{"n_boot": 100, "n_null": 100, "n_splits": 20, **kw})
+
+
+def _by_hand(rel, loc, gen, cap, rows):
+    """Each definition's cells on ``rows``, written out."""
+    capmean = np.nanmean(cap, axis=0)
+    r, lo, g = rel[rows], loc[rows], gen[rows]
+    edit = (r + lo + g) / 3
+    weighted = (r + lo + g + np.exp(-capmean)[None, :]) / 4
+
+    def mm(x):
+        mu = x.mean(0)
+        return (x - mu.min()) / (mu.max() - mu.min())
+    lm = np.broadcast_to(-capmean, r.shape)
+    gl = (mm(r) + mm(g) + mm(lo) + mm(lm)) / 4
+    return {"reliability": r, "locality": lo, "generalization": g, "edit-only": edit, "weighted": weighted,
+            "golden-layers": gl}
+
+
+def test_golden_per_definition_recomputed_and_gate_excludes_damaging_layer():
+    m, rel, loc, gen, cap, _ = _built()
+    proxy = [0, 1, 2, 3]
+    j = _quick(m, proxy=proxy)
+    test = np.arange(4, N)
+    assert j.gate.damaging == [2]
+    for d, cells in _by_hand(rel, loc, gen, cap, test).items():
+        means = cells.mean(0)
+        np.testing.assert_allclose(j.definition(d).layer_mean, means, atol=1e-12)
+        assert j.definition(d).golden_ungated == 10 + int(np.argmax(means)), d
+        gated = means.copy()
+        gated[2] = -np.inf
+        assert j.definition(d).golden == 10 + int(np.argmax(gated)), d
+    # the gate changes the answer: reliability's best layer (2) is damaging
+    assert j.definition("reliability").golden_ungated == 12 and j.definition("reliability").golden != 12
+
+
+def test_definitions_disagree_on_a_constructed_matrix():
+    m, *_ = _built(damaging=None)
+    j = _quick(m)
+    assert j.definition("reliability").golden == 12
+    assert j.definition("locality").golden == 10
+    assert len({r.golden for r in j.definitions.values()}) >= 2
+    assert "the definitions **disagree**" in j.to_markdown()
+    same = _quick(m, definitions=["reliability"], primary="reliability")
+    assert "every definition agrees" in same.to_markdown()
+
+
+def test_versus_paired_tests_and_selection_bias_recomputed():
+    m, rel, loc, gen, cap, _ = _built(damaging=None)
+    j = _quick(m, definitions=["edit-only"], primary="edit-only")
+    cells = (rel + loc + gen) / 3
+    g = int(np.argmax(cells.mean(0)))
+    best = cells.max(1)
+    v = j.definition("edit-only").versus
+    t = sps.ttest_rel(best, cells[:, g])
+    assert v["in_sample"]["t"] == pytest.approx(t.statistic) and v["in_sample"]["p_t"] == pytest.approx(t.pvalue)
+    nz = (best - cells[:, g])[best != cells[:, g]]
+    assert v["in_sample"]["p_wilcoxon"] == pytest.approx(sps.wilcoxon(nz).pvalue)
+    assert v["null"]["observed"] == pytest.approx(np.mean(best - cells[:, g]))
+    assert v["null"]["corrected"] == pytest.approx(v["null"]["observed"] - v["null"]["null_mean"])
+    assert v["null"]["null_mean"] > 0  # the winner's curse is positive on noisy cells
+    assert sum(v["optimum_layers"]) == N and v["optimum_layers"][int(np.argmax(np.bincount(cells.argmax(1))))] > 0
+
+
+def test_bootstrap_resamples_rows_jointly():
+    m, rel, loc, gen, cap, _ = _built(damaging=None)
+    j = _quick(m, definitions=["edit-only"], primary="edit-only", seed=3, n_boot=200)
+    rng = np.random.default_rng(3)
+    cells = (rel + loc + gen) / 3
+    goldens = [int(np.argmax(cells[rng.integers(0, N, N)].mean(0))) for _ in range(200)]
+    freq = np.bincount(goldens, minlength=L) / 200
+    np.testing.assert_allclose(j.definition("edit-only").boot.golden_freq, freq)
+
+
+def test_transfer_agreement_recomputed():
+    m, rel, loc, gen, cap, _ = _built(damaging=None)
+    j = judge(m, proxy=range(5), definitions=["reliability"], primary="reliability", n_boot=10, n_null=10,
+              n_splits=200, seed=1)
+    rng = np.random.default_rng(1)
+    agree = []
+    for _ in range(200):
+        o = rng.permutation(N)
+        agree.append(np.argmax(rel[o[:5]].mean(0)) == np.argmax(rel[o[5:]].mean(0)))
+    assert j.definition("reliability").transfer.agreement == pytest.approx(np.mean(agree))
+    assert j.definition("reliability").transfer.n_splits == 200
+
+
+def test_selector_regret_and_rank_recomputed():
+    m, rel, *_ = _built(damaging=None)
+    sel = LayerScores("lga", [0.1, 0.5, 0.2, 0.9], [False, True, True, True], 13, layers=[10, 11, 12, 13])
+    j = _quick(m, proxy=[0, 1], selections={"lga": sel}, definitions=["reliability"], primary="reliability")
+    means = rel[2:].mean(0)
+    row = j.selectors[0]
+    assert row.layer == 13 and row.regret["reliability"][0] == pytest.approx(means.max() - means[3])
+    assert row.rank.spearman == pytest.approx(sps.spearmanr([0.1, 0.5, 0.2, 0.9], means).statistic)
+    assert row.rank.kendall_allowed == pytest.approx(sps.kendalltau([0.5, 0.2, 0.9], means[1:]).statistic)
+    neg = LayerScores("lga", [0.1, 0.5, 0.2, 0.9], [True] * 4, 10, params={"sign": "negative"}, layers=[10, 11, 12, 13])
+    j = _quick(m, proxy=[0, 1], selections={"neg": neg}, definitions=["reliability"], primary="reliability")
+    assert j.selectors[0].rank.spearman == pytest.approx(sps.spearmanr([-0.1, -0.5, -0.2, -0.9], means).statistic)
+
+
+def test_convergence_and_capability_metrics():
+    m, _, _, _, cap, train = _built()
+    j = _quick(m)
+    np.testing.assert_allclose(j.convergence.converged, train["converged"].mean(0))
+    np.testing.assert_allclose(j.convergence.final_loss, train["final_loss"].mean(0))
+    np.testing.assert_allclose(matrix_metrics(m)["capability"], np.exp(-np.nanmean(cap, 0)))
+    assert "| 12 |" in j.to_markdown() and "damaging" in j.to_markdown()
+    assert json.dumps(j.to_dict())  # JSON-ready
+
+
+def test_errors_say_what_was_expected():
+    m, *_ = _built()
+    with pytest.raises(ValueError, match="proxy rows must be in"):
+        judge(m, proxy=[99])
+    with pytest.raises(ValueError, match="n_null"):
+        judge(m, n_null=0)
+    with pytest.raises(ValueError, match="primary"):
+        judge(m, definitions=["reliability"], primary="weighted")
+
+
+def test_load_matrix_partial_folder_and_regime_check(tmp_path):
+    ids = ["a", "b", "c"]
+    (tmp_path / "edits.json").write_text(json.dumps({"edits": [{"id": e} for e in ids]}))
+    fp = {"editor": {"name": "locft", "hparams": {"lr": 5e-4, "epochs": 25}}}  # the store digests each part
+    s = RecordStore(tmp_path, lambda k: fp, shard="shard0of1")
+    for l in (0, 1):
+        for e in ids[: 3 if l == 0 else 2]:
+            s.append(f"{e}/{l}", {"edit": e, "layer": l, "scores": {"reliability": 0.5 + l}, "train": {},
+                                  "capability": {"lm_loss": 3.0, "lm_loss_change": 0.1} if e == "a" else None})
+    m, c = load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-4, "epochs": 25})
+    assert m.layers == [0] and (c.cells, c.total, c.partial_layers) == (5, 12, [1])
+    assert m.capability[0, 0] == pytest.approx(0.1) and m.capability_base == pytest.approx(2.9)
+    with pytest.raises(ValueError, match="editor fingerprint"):
+        load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-3, "epochs": 100})
+
+
+def test_report_page_from_a_partial_matrix_folder(tmp_path, monkeypatch):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "report", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    folder = tmp_path / "matrix" / "tiny-run"
+    folder.mkdir(parents=True)
+    m, rel, loc, gen, cap, _ = _built(damaging=None)
+    (folder / "edits.json").write_text(json.dumps({"model": "tiny", "n_layers": 6, "editor": "locft",
+                                                   "hparams": {"lr": 1e-3, "epochs": 5},
+                                                   "edits": [{"id": e} for e in m.edit_ids]}))
+    s = RecordStore(folder, lambda k: {"editor": {"name": "locft", "hparams": {"lr": 1e-3, "epochs": 5}}},
+                    shard="shard0of1")
+    for i, e in enumerate(m.edit_ids):
+        for j in range(L):
+            s.append(f"{e}/{j}", {"edit": e, "layer": j, "train": {"converged": True, "final_loss": 0.0},
+                                  "scores": {"reliability": rel[i, j], "locality": loc[i, j],
+                                             "generalization": gen[i, j]},
+                                  "capability": {"lm_loss": 3.0, "lm_loss_change": 0.01} if i < 4 else None})
+    monkeypatch.setattr(report, "MATRICES", tmp_path / "matrix")
+    out = tmp_path / "results.md"
+    report.main(["--no-selectors", "--n-boot", "20", "--n-null", "20", "--out", str(out)])
+    text = out.read_text()
+    assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
+    assert "| edit-only |" in text and "Superseded" in text
+    assert json.loads((folder / "judgment.json").read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
+
+
+def test_plot_marks_each_definition():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    m, *_ = _built()
+    fig = _quick(m).plot()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(labels) == 6 and any(l.startswith("weighted (") for l in labels)
