@@ -288,7 +288,15 @@ def _trace_table(res: Any) -> str:
 
 
 def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The editor's settings from the command line (--lr/--epochs/--edits-per-step are LocFT-BF's)."""
     kw: dict[str, Any] = {}
+    if getattr(args, "editor", "locft") != "locft":
+        given = [f for f, v in (("--lr", args.lr), ("--epochs", args.epochs), ("--edits-per-step", args.edits_per_step))
+                 if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)}: LocFT-BF settings; --editor {args.editor} uses its published "
+                           f"hyper-parameters (override them from Python)")
+        return {"seed": args.seed} if getattr(args, "seed", 0) else {}
     if args.lr is not None:
         kw["lr"] = args.lr
     if args.epochs is not None:
@@ -301,7 +309,7 @@ def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from gradlocate.editors.locft import LocFTBF
+    from gradlocate.editors import editor_class
     from gradlocate.evaluation import evaluate
 
     if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()):
@@ -323,13 +331,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise CLIError(f"--layer {args.layer!r}: give an int or 'auto'") from None
     gen = not args.no_generation
     try:
-        ft = LocFTBF(h, layer, progress=True, **trainer)
+        ft = editor_class(args.editor)(h, layer, progress=True, **trainer)
     except (ValueError, TypeError, IndexError) as e:
         raise CLIError(str(e)) from None
     pre = evaluate(h, edits, generation=gen)
     fit = ft.fit(edits)
     post = evaluate(h, edits, pre=pre, generation=gen)
-    print(f"edited layer {layer} with LocFT-BF: {fit!r}")
+    print(f"edited layer {layer} with {type(ft).__name__}: {fit!r}")
     print("before:")
     print(pre.to_table())
     print("after:")
@@ -353,7 +361,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     h = _resolved(args)
     edits = _load_edits(args.edits, args.n, args.offset)
     try:
-        res = sweep(h, edits, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args),
+        res = sweep(h, edits, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args), editor=args.editor,
                     out=args.out, generation=not args.no_generation)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
@@ -370,7 +378,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     retain = _retain_texts(args.retain, args.edits, args.n_retain)
     try:
         cmp = compare(h, edits, retain, selectors=_methods(args.method), proxy=args.proxy,
-                      seed=args.seed, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args), out=args.out,
+                      seed=args.seed, layers=_parse_layers(args.layers), trainer=_trainer_kwargs(args),
+                      editor=args.editor, out=args.out,
                       generation=not args.no_generation, selector_kwargs={"cma": {"samples": args.samples}})
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
@@ -386,10 +395,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     retain = _retain_texts(args.retain, args.edits, args.n_retain)
     try:
         res = study(h, edits, retain, name=args.name or f"{args.model} on {Path(args.edits).stem}",
-                    n_proxy=args.n_proxy, n_test=args.n_test, seed=args.seed, layers=_parse_layers(args.layers),
-                    sample_layers=_parse_layers(args.sample_layers) if args.sample_layers != "none" else [],
-                    n_sample=args.n_sample, trainer=_trainer_kwargs(args), bootstrap=args.bootstrap,
-                    generation=False, out_dir=args.out, transfer=not args.no_transfer)
+                    n_proxy=args.n_proxy, seed=args.seed, layers=_parse_layers(args.layers), editor=args.editor,
+                    hparams=_trainer_kwargs(args), capability_edits=args.capability_edits, batch=args.batch,
+                    threshold=args.threshold, n_boot=args.bootstrap, out_dir=args.out)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     print(res.to_markdown())
@@ -413,6 +421,8 @@ def _add_select_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _add_trainer_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--editor", default="locft", choices=["locft", "rome", "r-rome", "emmet"],
+                   help="the editor (default: LocFT-BF)")
     p.add_argument("--lr", type=float, default=None, help="LocFT-BF learning rate")
     p.add_argument("--epochs", type=int, default=None, help="LocFT-BF maximum epochs")
     p.add_argument("--edits-per-step", type=int, default=None, help="LocFT-BF edits per optimizer step")
@@ -465,17 +475,17 @@ def _parsers(sub: Any) -> None:
     _add_select_opts(p)
     _add_trainer_opts(p)
 
-    p = sub.add_parser("study", help="the golden-layer study: selectors vs sweep, sample-wise optima, transfer")
+    p = sub.add_parser("study", help="the golden-layer study: the single-edit matrix, judged; selectors against it")
     _common(p)
     p.add_argument("--name", default=None, help="the study's title")
-    p.add_argument("--n-proxy", type=int, default=16, help="edits the selectors see")
-    p.add_argument("--n-test", type=int, default=64, help="edits the sweep judges them on")
-    p.add_argument("--layers", default=None, help="sweep layers (default: all)")
-    p.add_argument("--sample-layers", default=None,
-                   help="sample-wise sweep layers, e.g. 0:30:2 (default: every second layer; none to skip)")
-    p.add_argument("--n-sample", type=int, default=32, help="test edits in the sample-wise sweep")
+    p.add_argument("--n-proxy", type=int, default=16, help="edits the selectors see (the rest are the test rows)")
+    p.add_argument("--layers", default=None, help="the matrix's layers (default: all)")
+    p.add_argument("--capability-edits", type=int, default=8,
+                   help="edits whose held-out loss change is measured at every layer (the damage gate)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="damage gate: a layer whose edits raise the held-out loss by more nats cannot be golden")
+    p.add_argument("--batch", action="store_true", help="also the batch regime: all test edits edited together")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test edits for the intervals")
-    p.add_argument("--no-transfer", action="store_true", help="skip the proxy sweep (proxy-to-test transfer)")
     p.add_argument("--out", default=None, metavar="DIR", help="write each part here as it finishes; a re-run resumes")
     p.add_argument("--plot", default=None, metavar="OUT.png")
     _add_select_opts(p)

@@ -213,39 +213,6 @@ def plot_optimum_histogram(layers: Any, optima: Any, *, golden: int | None = Non
 __all__ += ["plot_optimum_histogram"]
 
 
-def plot_study(study: Any) -> Any:
-    """A golden-layer study on one figure: the sweep's metrics and overall per layer,
-    each selector's pick marked; the selectors' min-max normalised scores; and, if run,
-    how many edits have each layer as their own optimum."""
-    import matplotlib.pyplot as plt
-
-    panels = 3 if study.samples is not None else 2
-    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.8 * panels), sharex=True)
-    plot_sweep(study.sweep, ax=axes[0], title=f"{study.name}: LocFT-BF sweep (golden layer {study.golden})")
-    ys: dict[int, float] = {}
-    for r in study.rows:
-        if r.layer is not None:
-            ys[r.layer] = ys.get(r.layer, 1.02) - 0.06
-            axes[0].annotate(r.selector, (r.layer, ys[r.layer]), fontsize=7, rotation=0, ha="center", color="#555")
-    for name, sel in study.selections.items():
-        vals = [float(v) for v in sel.maximised]
-        lo, hi = min(vals), max(vals)
-        axes[1].plot(sel.layers, [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals], marker="o", ms=2,
-                     label=f"{name} ({sel.selected})", lw=1)
-    axes[1].axvline(study.golden, color="black", lw=1, ls=":")
-    axes[1].set_ylabel("selector score\n(min-max)")
-    axes[1].legend(fontsize=7, ncol=2, loc="best")
-    if study.samples is not None:
-        plot_optimum_histogram(study.samples.layers, [l for l in study.samples.optimum() if l is not None],
-                               golden=study.golden, ax=axes[2],
-                               title="sample-wise optimal layers")
-    fig.tight_layout()
-    return fig
-
-
-__all__ += ["plot_study"]
-
-
 def plot_matrix(m: Any, metric: str = "overall", *, golden: int | None = None, title: str | None = None) -> Any:
     """A :class:`~gradlocate.golden.matrix.Matrix`: ``metric`` per edit x layer as a
     heatmap, and below it the mean over edits per layer with the golden layer marked."""

@@ -200,6 +200,7 @@ class Comparison:
 def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None,
             selectors: Sequence[str] = SELECTORS, sweep: SweepResult | None = None, proxy: float = 0.1,
             seed: int = 0, layers: Sequence[int] | None = None, trainer: dict[str, Any] | None = None,
+            editor: str = "locft",
             out: str | None = None, generation: bool = True, scoring: str = "teacher_forced",
             selector_kwargs: dict[str, dict[str, Any]] | None = None, progress: bool | None = None) -> Comparison:
     """Run each selector on a proxy subset and judge its layer with a sweep on the rest.
@@ -213,7 +214,8 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
         sweep: a finished sweep on the test edits to reuse (else one is run over
             ``layers`` plus every selected layer).
         layers: the sweep's candidate layer indices (default: all).
-        trainer: LocFT-BF keyword arguments for the sweep.
+        trainer: the editor's keyword arguments for the sweep.
+        editor: the sweep's editor (``"locft"``, ``"rome"``, ``"r-rome"``, ``"emmet"``).
         out: JSONL file for the sweep (resumable).
         selector_kwargs: per-selector keyword arguments, e.g. ``{"cma": {"samples": 5}}``.
         progress: progress bars (``None``: on a terminal only).
@@ -236,7 +238,7 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
     with using(h):  # one caller owns the model for the whole comparison
         picked = _run_selectors(h, selectors, as_edits(proxy_edits), retain, selector_kwargs or {}, progress)
         judge = _judging_sweep(h, test_edits, layers, picked, sweep,
-                               dict(trainer=trainer, out=out, generation=generation, scoring=scoring,
+                               dict(trainer=trainer, editor=editor, out=out, generation=generation, scoring=scoring,
                                     progress=progress))
     return Comparison(_selector_rows(selectors, picked, judge), judge.sweep.golden, judge.sweep, picked.selections,
                       len(proxy_edits), len(test_edits), judge.time_s,

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from gradlocate.data import Edits, as_edits
-from gradlocate.editors.locft import LocFTBF
+from gradlocate.editors import DEFAULT_EDITOR, editor_class
 from gradlocate.evaluation import EditEvaluation, evaluate
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
@@ -331,6 +331,7 @@ class _SweepPlan:
     trainer: dict[str, Any]
     evaluation: dict[str, Any]
     store: RecordStore | None
+    editor: str = DEFAULT_EDITOR
 
 
 @dataclass
@@ -344,7 +345,7 @@ class _LayersRun:
 
 @overload
 def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int] | None = ...,
-          trainer: dict[str, Any] | None = ..., eval_edits: Any = ..., out: str | Path | None = ...,
+          trainer: dict[str, Any] | None = ..., editor: str = ..., eval_edits: Any = ..., out: str | Path | None = ...,
           scoring: str = ..., generation: bool = ..., capability: bool | Sequence[str] = ..., fluency: bool = ...,
           fluency_prompts: int | None = ..., fluency_tokens: int = ..., overall: str = ...,
           weights: dict[str, float] | None = ..., per_sample: Literal[False] = ...,
@@ -353,14 +354,15 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int]
 
 @overload
 def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int] | None = ...,
-          trainer: dict[str, Any] | None = ..., eval_edits: Any = ..., out: str | Path | None = ...,
+          trainer: dict[str, Any] | None = ..., editor: str = ..., eval_edits: Any = ..., out: str | Path | None = ...,
           scoring: str = ..., generation: bool = ..., capability: bool | Sequence[str] = ..., fluency: bool = ...,
           fluency_prompts: int | None = ..., fluency_tokens: int = ..., overall: str = ...,
           weights: dict[str, float] | None = ..., per_sample: Literal[True], progress: bool | None = ...) -> Matrix: ...
 
 
 def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | None = None,
-          trainer: dict[str, Any] | None = None, eval_edits: Any = None, out: str | Path | None = None,
+          trainer: dict[str, Any] | None = None, editor: str = DEFAULT_EDITOR, eval_edits: Any = None,
+          out: str | Path | None = None,
           scoring: str = "teacher_forced", generation: bool = True, capability: bool | Sequence[str] = True,
           fluency: bool = True, fluency_prompts: int | None = 8, fluency_tokens: int = 64,
           overall: str = "weighted", weights: dict[str, float] | None = None, per_sample: bool = False,
@@ -373,7 +375,9 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         edits: the edits to make (any public form, see :func:`~gradlocate.data.as_edits`).
         tokenizer: defaults to the one the model carries.
         layers: candidate layer indices (default: all).
-        trainer: keyword arguments for :class:`~gradlocate.editors.locft.LocFTBF`.
+        trainer: the editor's keyword arguments (for LocFT-BF: ``lr``, ``epochs`` ...).
+        editor: the editor at every layer (:data:`~gradlocate.editors.EDITORS`: ``"locft"``,
+            ``"rome"``, ``"r-rome"``, ``"emmet"``).
         eval_edits: the edits to evaluate on (default: ``edits``).
         out: a JSONL file (a :class:`~gradlocate.golden.store.RecordStore`); each finished
             layer is appended as it comes, and layers already there are skipped (resume).
@@ -404,9 +408,9 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     """
     require_gradients("sweep (it trains LocFT-BF at every layer)")
     if per_sample:
-        return matrix(model, edits, tokenizer=tokenizer, layers=layers, hparams=trainer, out=out,
+        return matrix(model, edits, tokenizer=tokenizer, layers=layers, editor=editor, hparams=trainer, out=out,
                       capability_edits=0, progress=progress)
-    plan = _plan(model, edits, tokenizer, layers, trainer, eval_edits, out, scoring, overall,
+    plan = _plan(model, edits, tokenizer, layers, trainer, editor, eval_edits, out, scoring, overall,
                  {"generation": generation, "capability": capability, "fluency": fluency,
                   "fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens})
     done = _records_of(plan.store) if plan.store is not None else {}
@@ -415,28 +419,28 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     evaluation = {k: (list(v) if k == "capability" and not isinstance(v, bool) else v)
                   for k, v in plan.evaluation.items()}
     return SweepResult(records, scoring=scoring, path=relative_path(plan.store.path) if plan.store else None,
-                       params={"trainer": plan.trainer, **evaluation, "n_edits": len(plan.edits),
+                       params={"trainer": plan.trainer, "editor": plan.editor, **evaluation, "n_edits": len(plan.edits),
                                "n_eval": len(plan.eval_edits), "pre_eval_s": ran.pre_s, "layers": plan.layers,
                                "pre_general": ran.pre.general},
                        overall_kind=overall, weights=dict(weights or OVERALL_WEIGHTS))
 
 
 def _plan(model: Any, edits: Any, tokenizer: Any, layers: Sequence[int] | None, trainer: dict[str, Any] | None,
-          eval_edits: Any, out: Any, scoring: str, overall: str, evaluation: dict[str, Any]) -> _SweepPlan:
+          editor: str, eval_edits: Any, out: Any, scoring: str, overall: str, evaluation: dict[str, Any]) -> _SweepPlan:
     """Check the arguments (before anything runs), resolve the model, open the store."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "generation" and not evaluation["generation"]:
         raise ValueError("scoring='generation' needs generation=True")
     if trainer is not None and not isinstance(trainer, dict):
-        raise TypeError(f"trainer must be a dict of LocFTBF keyword arguments, got {type(trainer).__name__}")
+        raise TypeError(f"trainer must be a dict of the editor's keyword arguments, got {type(trainer).__name__}")
     edits = as_edits(edits)
     eval_edits = edits if eval_edits is None else as_edits(eval_edits)
     h = resolve(model, tokenizer)
     check_materialized(h.root)  # before the fingerprint reads the weights
     cand = h.layer_indices(list(layers) if layers is not None else None)
     trainer = {"progress": False, **(trainer or {})}
-    LocFTBF(h, cand[0], **trainer)  # bad trainer settings fail here, before anything runs
+    editor_class(editor)(h, cand[0], **trainer)  # a bad editor or setting fails here, before anything runs
     SweepResult([LayerRecord(0)], scoring, overall_kind=overall)  # bad overall: fail before running
     store = None
     if out is not None:
@@ -448,9 +452,10 @@ def _plan(model: Any, edits: Any, tokenizer: Any, layers: Sequence[int] | None, 
             "model": model_identity(h), "edits": [e.to_dict() for e in edits],
             "eval": [e.to_dict() for e in eval_edits],
             "trainer": {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
+            "editor": editor_class(editor).__name__,
             "evaluation": {**evaluation, "capability": cap if isinstance(cap, bool) else list(cap)},
             "metrics": METRICS_VERSION})
-    return _SweepPlan(h, edits, eval_edits, cand, trainer, evaluation, store)
+    return _SweepPlan(h, edits, eval_edits, cand, trainer, evaluation, store, editor)
 
 
 def _run_layers(plan: _SweepPlan, todo: list[int], scoring: str, progress: bool | None) -> _LayersRun:
@@ -466,7 +471,8 @@ def _run_layers(plan: _SweepPlan, todo: list[int], scoring: str, progress: bool 
         bar = tqdm(todo, desc="sweep", unit="layer", disable=(None if progress is None else not progress) or not todo)
         for layer in bar:
             bar.set_postfix(layer=layer)
-            rec = _sweep_layer(plan.h, layer, plan.edits, plan.eval_edits, pre, plan.trainer, plan.evaluation)
+            rec = _sweep_layer(plan.h, layer, plan.edits, plan.eval_edits, pre, plan.trainer, plan.evaluation,
+                               plan.editor)
             records.append(rec)
             if plan.store is not None:
                 plan.store.append(layer, rec.to_dict())
@@ -475,12 +481,12 @@ def _run_layers(plan: _SweepPlan, todo: list[int], scoring: str, progress: bool 
 
 
 def _sweep_layer(h: Handles, layer: int, edits: Edits, eval_edits: Edits, pre: EditEvaluation,
-                 trainer: dict[str, Any], ev_kw: dict[str, Any]) -> LayerRecord:
+                 trainer: dict[str, Any], ev_kw: dict[str, Any], editor: str = DEFAULT_EDITOR) -> LayerRecord:
     """Edit one layer, evaluate, restore. A failure of this layer (a non-finite loss, a
     structure the trainer cannot handle) becomes the record's ``error``."""
     t1 = time.perf_counter()
     try:
-        with LocFTBF(h, layer, **trainer) as ft:
+        with editor_class(editor)(h, layer, **trainer) as ft:
             fit = ft.fit(edits)
             t2 = time.perf_counter()
             ev = evaluate(h, eval_edits, pre=pre, **ev_kw)
