@@ -708,14 +708,16 @@ def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None
     before = pre.general if pre is not None else {}
     if lm is not None:
         out["lm_loss"] = lm
-        if before.get("lm_loss") is not None:
-            change = lm - before["lm_loss"]
+        lm_before = before.get("lm_loss")
+        if lm_before is not None:
+            change = lm - lm_before
             out["lm_loss_change"] = change
             out["capability"] = min(1.0, math.exp(-change))
     if fluency is not None:
         out["fluency"] = fluency
-        if before.get("fluency"):
-            out["fluency_ratio"] = min(1.0, fluency / before["fluency"])
+        fluency_before = before.get("fluency")
+        if fluency_before:
+            out["fluency_ratio"] = min(1.0, fluency / fluency_before)
     return out
 
 
@@ -801,12 +803,12 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
             groups += [f"{kind}/{g}" for g in names]
     for m in (*METRICS, *groups):
         each, teacher[m] = _aggregate(per_tf, m)
-        for r, v in zip(rows, each):
-            r[f"{m}_tf"] = v
+        for r, value in zip(rows, each):
+            r[f"{m}_tf"] = value
         if gen_scores is not None:
             each_em, gen_scores[m] = _aggregate(per_em, m)
-            for r, v in zip(rows, each_em):
-                r[f"{m}_em"] = v
+            for r, value in zip(rows, each_em):
+                r[f"{m}_em"] = value
     notes = _notes(qs, ref)
     fluency = None
     if flu is not None:

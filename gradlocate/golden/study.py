@@ -115,7 +115,7 @@ class Study:
     selections: dict[str, LayerScores]
     proxy_sweep: SweepResult | None = None
     samples: Matrix | None = None
-    golden_ci: tuple[int, ...] = ()
+    golden_ci: tuple[int | None, ...] = ()  # None: a resample in which no layer has a score
     transfer: dict[str, Any] = field(default_factory=dict)
     versus: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -148,7 +148,7 @@ class Study:
                  f"{p.get('n_test')} test edits, {p.get('n_proxy')} proxy edits (the selectors see only these); "
                  f"sweep over layers {_span(self.sweep.layers)}; overall = mean of {', '.join(self.sweep.averaged)} "
                  f"(teacher-forced). Golden layer **{self.golden}** (overall {f(self.sweep.overall[self.sweep.layers.index(self.golden)])})"
-                 + (f"; in bootstrap resamples of the test edits the golden layer is one of {sorted(set(self.golden_ci))}"
+                 + (f"; in bootstrap resamples of the test edits the golden layer is one of {sorted({g for g in self.golden_ci if g is not None})}"
                     if self.golden_ci else "") + ".", "",
                  "| selector | layer | regret [95% CI] | Spearman ρ [95% CI] | Kendall τ [95% CI] | time (s) |",
                  "|---|---:|---:|---:|---:|---:|"]
@@ -212,7 +212,7 @@ def _overall_of(sw: SweepResult, idx: Sequence[int]) -> dict[int, float | None]:
     for r in sw.records:
         metrics = r.metrics(sw.scoring)
         for m, vals in r.per_edit.items():
-            sample = [vals[i] for i in idx if vals[i] is not None]
+            sample = [v for v in (vals[i] for i in idx) if v is not None]
             metrics[m] = sum(sample) / len(sample) if sample else None
         out[r.layer] = _score(sw, metrics)
     return out
@@ -223,15 +223,15 @@ def _score(sw: SweepResult, metrics: dict[str, float | None]) -> float | None:
 
 
 def _judge(sw: SweepResult, selections: dict[str, LayerScores], bootstrap: int, seed: int
-           ) -> tuple[dict[str, dict[str, Any]], list[int]]:
+           ) -> tuple[dict[str, dict[str, Any]], list[int | None]]:
     """Regret, Spearman and Kendall of each selection against the sweep, and their
     bootstrap 95% intervals over the evaluated edits; the golden layer of each resample."""
     n = len(next(iter(sw.records[0].per_edit.values()), [])) if sw.records[0].per_edit else 0
 
-    def measures(overall: dict[int, float | None]) -> dict[str, dict[str, float | None]]:
+    def measures(overall: dict[int, float | None]) -> tuple[dict[str, dict[str, float | None]], int | None]:
         have = {l: v for l, v in overall.items() if v is not None}
         golden = max(have, key=lambda l: (have[l], -l)) if have else None
-        res = {}
+        res: dict[str, dict[str, float | None]] = {}
         for name, s in selections.items():
             scores = dict(zip(s.layers, s.maximised))
             common = [l for l in sw.layers if l in scores]
@@ -239,16 +239,15 @@ def _judge(sw: SweepResult, selections: dict[str, LayerScores], bootstrap: int, 
             res[name] = {"regret": None if golden is None or got is None else have[golden] - got,
                          "spearman": spearman([scores[l] for l in common], [overall[l] for l in common]),
                          "kendall": kendall([scores[l] for l in common], [overall[l] for l in common])}
-        res["_golden"] = {"layer": golden}
-        return res
+        return res, golden
 
-    point = measures(_overall_of(sw, range(n)) if n else dict(zip(sw.layers, sw.overall)))
+    point, _ = measures(_overall_of(sw, range(n)) if n else dict(zip(sw.layers, sw.overall)))
     rng = random.Random(seed)
-    draws = [measures(_overall_of(sw, [rng.randrange(n) for _ in range(n)])) for _ in range(bootstrap if n else 0)]
-    goldens = [d["_golden"]["layer"] for d in draws]
+    resampled = [measures(_overall_of(sw, [rng.randrange(n) for _ in range(n)])) for _ in range(bootstrap if n else 0)]
+    draws, goldens = [d for d, _ in resampled], [g for _, g in resampled]
 
     def interval(name: str, key: str) -> tuple[float, float] | None:
-        vals = sorted(d[name][key] for d in draws if d[name][key] is not None)
+        vals = sorted(v for v in (d[name][key] for d in draws) if v is not None)
         if len(vals) < 2:
             return None
         return vals[int(0.025 * (len(vals) - 1))], vals[int(math.ceil(0.975 * (len(vals) - 1)))]

@@ -103,7 +103,7 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str],
         emb[:, s0:s0 + noise.shape[1]] += noise.to(emb.dtype)
         return emb.requires_grad_(True)
 
-    with torch.enable_grad(), replaced(h, path_of(h, h.embed), noised_leaf), capture(h, every) as cor, \
+    with torch.enable_grad(), replaced(h, path_of(h, h.require_embed("attribution patching noises its outputs")), noised_leaf), capture(h, every) as cor, \
             last_only(h, S, T):
         out = run(h, input_ids=ids.expand(S, -1), **no_cache(h.root))
         p = last_probs(h, out, answer)  # [S]

@@ -164,7 +164,7 @@ class TracePrompt:
         text, special = render_prompt(tok, prompt, getattr(h, "chat", False))
         try:
             enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-            offsets = [tuple(map(int, o)) for o in enc["offset_mapping"]]
+            offsets: list[tuple[int, int]] | None = [(int(o[0]), int(o[1])) for o in enc["offset_mapping"]]
         except (NotImplementedError, KeyError, TypeError, ValueError):
             enc, offsets = tok(text, add_special_tokens=special), None
         ids = [int(i) for i in enc["input_ids"]]
@@ -265,13 +265,14 @@ def embedding_std(model: Any, subjects: Sequence[str] | None = None, *, tokenize
     """
     h = resolve(model, tokenizer) if subjects is not None else (
         model if isinstance(model, Handles) else resolve(model, tokenizer) if tokenizer else down_projections(model))
-    emb = h.embed
+    emb = h.require_embed("embedding_std measures its outputs")
     dev = input_device(h.root)
     with torch.no_grad():
         if subjects is None:
             if type(emb) is nn.Embedding:  # its outputs are its weight's rows
                 return float(emb.weight.double().std().item())
-            n_vocab = int(emb.weight.shape[0]) if hasattr(emb, "weight") else int(emb.num_embeddings)
+            w = getattr(emb, "weight", None)
+            n_vocab = int(w.shape[0]) if isinstance(w, Tensor) else int(getattr(emb, "num_embeddings"))
             total, sq, count = 0.0, 0.0, 0
             for a in range(0, n_vocab, 8192):
                 x = emb(torch.arange(a, min(n_vocab, a + 8192), device=dev)).double()
