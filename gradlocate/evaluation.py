@@ -347,12 +347,12 @@ def teacher_forced_scores(h: Handles, prompts: Sequence[str], answers: Sequence[
     return out
 
 
-def _logits(h: Handles, ids: Int[Tensor, "b t"], am: Int[Tensor, "b t"]) -> Float[Tensor, "b t vocab"]:
+def _logits(h: Handles, ids: Int[Tensor, "rows pos"], am: Int[Tensor, "rows pos"]) -> Float[Tensor, "rows pos vocab"]:
     return logits_of(run(h, input_ids=ids, attention_mask=am, **no_cache(h.root)))
 
 
 def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any,
-              chat: bool = False) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
+              chat: bool = False) -> tuple[Int[Tensor, "rows pos"], Int[Tensor, "rows pos"]]:
     rows = [prompt_ids(tokenizer, p, chat) for p in prompts]
     for p, r in zip(prompts, rows):
         if not r:
@@ -427,8 +427,8 @@ def greedy_generate(h: Handles, prompts: Sequence[str], *, max_new_tokens: int =
     return out
 
 
-def _greedy_tokens(h: Handles, ids: Int[Tensor, "b p"], am: Int[Tensor, "b p"], budget: int,
-                   stop: _StopStrings | None, fixed_length: bool) -> Int[Tensor, "b p_new"]:
+def _greedy_tokens(h: Handles, ids: Int[Tensor, "rows pos"], am: Int[Tensor, "rows pos"], budget: int,
+                   stop: _StopStrings | None, fixed_length: bool) -> Int[Tensor, "rows _"]:
     """``ids`` and up to ``budget`` greedy tokens, as transformers' greedy search: the
     scores are the last position's logits in float32 (EOS masked with ``fixed_length``),
     a finished row gets pad tokens, and decoding ends once every row is finished."""
@@ -457,7 +457,7 @@ class _Decoder:
     cache (under the forward's keyword for it, :func:`~gradlocate._compat.cache_argument`);
     a forward that takes no cache gets the whole sequence each step."""
 
-    def __init__(self, h: Handles, ids: Int[Tensor, "b p"], am: Int[Tensor, "b p"]):
+    def __init__(self, h: Handles, ids: Int[Tensor, "rows pos"], am: Int[Tensor, "rows pos"]):
         self.h, self.ids = h, ids
         self.key = _compat.cache_argument(h.root)
         self.pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # left padding: positions from the mask
@@ -466,7 +466,7 @@ class _Decoder:
         self.cache: Any = None
         self.new = ids
 
-    def next_logits(self) -> Float[Tensor, "b vocab"]:
+    def next_logits(self) -> Float[Tensor, "rows vocab"]:
         kw: dict[str, Any] = {"input_ids": self.new}
         if self.am is not None:
             kw["attention_mask"] = self.am
@@ -480,7 +480,7 @@ class _Decoder:
         self.cache = _compat.returned_cache(out) if self.key is not None else None
         return logits_of(out)[:, -1]
 
-    def advance(self, nxt: Int[Tensor, " b"]) -> None:
+    def advance(self, nxt: Int[Tensor, " rows"]) -> None:
         self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
         self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], dim=1)
         if self.am is not None:

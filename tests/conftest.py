@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 
@@ -20,6 +21,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def unchecked(fn):
+    """``fn`` without the test-time type checker's wrapper (``inspect.unwrap``).
+
+    The checker (jaxtyping + beartype, ``addopts`` in ``pyproject.toml``) would reject a
+    wrongly typed argument before the library's own check runs. A test that checks the
+    library's own error message calls ``unchecked(fn)(...)``: users never run the
+    checker, so that message is what they see.
+    """
+    return inspect.unwrap(fn)
+
+
+@pytest.fixture(name="unchecked")
+def _unchecked():
+    """:func:`unchecked` as a fixture, for test modules in any folder (the name
+    ``conftest`` is not importable reliably: pytest loads one per folder under it)."""
+    return unchecked
 
 
 @pytest.fixture(scope="session")

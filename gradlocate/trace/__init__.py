@@ -85,7 +85,7 @@ def _embed_dtype(h: Handles) -> torch.dtype:
 
 
 def _grid(s: Setup, cells: Sequence[Cell], values: Sequence[float], shape: tuple[int, int],
-          prompt: str) -> Float[Tensor, "tokens layers"]:
+          prompt: str) -> Float[Tensor, "pos layers"]:
     """The score grid: each computed cell's value, ``low_score`` where no forward was
     needed; an error if a probability is not finite."""
     scores = torch.full(shape, s.low, dtype=torch.float32)

@@ -54,7 +54,7 @@ from gradlocate.trace.fast import FastTrace
 __all__ = ["atp_estimates", "verify_cells", "window_sum"]
 
 
-def window_sum(effects: Float[Tensor, "*batch layers"], window: int) -> Float[Tensor, "*batch layers"]:
+def window_sum(effects: Float[Tensor, "*lead layers"], window: int) -> Float[Tensor, "*lead layers"]:
     """Column ``l`` (last dimension) of the result is the sum of ``effects`` over
     ``window_layers(l, window)``: the first-order effect of restoring that whole window.
 

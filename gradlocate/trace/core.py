@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -132,6 +132,18 @@ def _range_from_decoding(tokenizer: Any, ids: list[int], subject: str) -> tuple[
     return None
 
 
+@runtime_checkable
+class Tokenizes(Protocol):
+    """What :meth:`TracePrompt.of` needs of :class:`~gradlocate.handles.Handles`: the
+    tokenizer (and ``chat``, if present, for the prompt format) and the model's root, for
+    its context length (``None``: no model, no limit)."""
+
+    @property
+    def root(self) -> Any: ...
+
+    def require_tokenizer(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class TracePrompt:
     """A prompt as causal tracing sees it, tokenized once.
@@ -150,7 +162,7 @@ class TracePrompt:
     subject_range: tuple[int, int]
 
     @classmethod
-    def of(cls, h: Handles, prompt: str, subject: str, where: str = "") -> TracePrompt:
+    def of(cls, h: Tokenizes, prompt: str, subject: str, where: str = "") -> TracePrompt:
         """Tokenize ``prompt`` and find ``subject`` in it (character offsets where the
         tokenizer reports them, so a leading space inside a token does not matter; else
         ROME's decode-and-search)."""
@@ -212,7 +224,7 @@ class _TokenizerOnly:
         return self.tokenizer
 
     def trace_prompt(self, prompt: str, subject: str) -> TracePrompt:
-        return TracePrompt.of(self, prompt, subject)  # type: ignore[arg-type]
+        return TracePrompt.of(self, prompt, subject)
 
 
 def answer_id(h: Handles, prompt: str, answer: int | str | None) -> int | None:
