@@ -150,8 +150,8 @@ def using(h: Handles, params: Sequence[Tensor] = ()) -> Iterator[None]:
             t.grad = g
         for p, f in flags:
             p.requires_grad_(f)
-        for m, t in modes:
-            m.training = t
+        for m, training in modes:
+            m.training = training
         with _sessions_lock:
             s.depth -= 1
             if s.depth == 0:
