@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import warnings
 
@@ -24,14 +23,29 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def unchecked(fn):
-    """``fn`` without the test-time type checker's wrapper (``inspect.unwrap``).
+    """``fn`` (a function, bound method or class) called without the test-time type checker.
 
     The checker (jaxtyping + beartype, ``addopts`` in ``pyproject.toml``) would reject a
     wrongly typed argument before the library's own check runs. A test that checks the
     library's own error message calls ``unchecked(fn)(...)``: users never run the
     checker, so that message is what they see.
+
+    Not just ``inspect.unwrap(fn)``: the library's own check often sits one call deeper
+    (``Handles.layer_indices`` under ``gradratio``, a class's ``__init__``), where the
+    checker would still intercept. So the checker is off (jaxtyping's
+    ``jaxtyping_disable``, read at every call) for the duration of this one call.
     """
-    return inspect.unwrap(fn)
+    from jaxtyping import config
+
+    def call(*args, **kwargs):
+        was = config.jaxtyping_disable
+        config.update("jaxtyping_disable", True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            config.update("jaxtyping_disable", was)
+
+    return call
 
 
 @pytest.fixture(name="unchecked")
