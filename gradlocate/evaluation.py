@@ -784,7 +784,7 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
                     per_tf[q.edit].setdefault(key, []).append(v)
                     if gens is not None:
                         per_em[q.edit].setdefault(key, []).append(
-                            float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]
+                            float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]  # not None: pre= without generations is refused above when gens is
         else:
             for key in (q.kind, f"{q.kind}/{q.group}") if q.group else (q.kind,):
                 per_tf[q.edit].setdefault(key, []).append(acc)

@@ -134,7 +134,7 @@ class FastTrace:
         noise = s.noise[:, a - s0:max(a, s1) - s0].repeat(C, 1, 1)
 
         def entering() -> Any:  # the corrupted stream entering block `first`, for these rows and positions
-            raw = s.corrupted[first - 1]  # type: ignore[index]
+            raw = s.corrupted[first - 1]  # type: ignore[index]  # not None: setup(record_blocks=True) records every block
             return rewrap(raw, states(raw)[:, o:].repeat(C, 1, 1))
 
         kw: dict[str, Any] = {"use_cache": False} if self.cache_arg else {}
@@ -188,4 +188,4 @@ class FastTrace:
                 i = cut[i]
             if best is None or total[n] < best[0]:
                 best = (total[n], chunks[::-1])
-        return best[1]  # type: ignore[index]
+        return best[1]  # type: ignore[index]  # not None: cells is non-empty, so the loop set it
