@@ -21,6 +21,7 @@ every use of a name must have the same size. So a name means one thing everywher
 | `samples` | causal tracing's noise samples (one corrupted run each) |
 | `subject` | the subject's tokens inside a prompt (the span causal tracing corrupts) |
 | `*lead` | any number of leading dimensions (broadcast) |
+| `_` | a dimension left unchecked: OPT's flattened ``rows * pos`` (a product cannot be bound), positions after generation |
 
 ``1`` is a literal dimension of size one (a single prompt). A scalar is ``""``.
 A name's size is bound per call: ``rows`` in an argument and in the return value

@@ -347,12 +347,12 @@ def teacher_forced_scores(h: Handles, prompts: Sequence[str], answers: Sequence[
     return out
 
 
-def _logits(h: Handles, ids: Int[Tensor, "b t"], am: Int[Tensor, "b t"]) -> Float[Tensor, "b t vocab"]:
+def _logits(h: Handles, ids: Int[Tensor, "rows pos"], am: Int[Tensor, "rows pos"]) -> Float[Tensor, "rows pos vocab"]:
     return logits_of(run(h, input_ids=ids, attention_mask=am, **no_cache(h.root)))
 
 
 def _left_pad(tokenizer: Any, prompts: Sequence[str], device: Any,
-              chat: bool = False) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
+              chat: bool = False) -> tuple[Int[Tensor, "rows pos"], Int[Tensor, "rows pos"]]:
     rows = [prompt_ids(tokenizer, p, chat) for p in prompts]
     for p, r in zip(prompts, rows):
         if not r:
@@ -427,8 +427,8 @@ def greedy_generate(h: Handles, prompts: Sequence[str], *, max_new_tokens: int =
     return out
 
 
-def _greedy_tokens(h: Handles, ids: Int[Tensor, "b p"], am: Int[Tensor, "b p"], budget: int,
-                   stop: _StopStrings | None, fixed_length: bool) -> Int[Tensor, "b p_new"]:
+def _greedy_tokens(h: Handles, ids: Int[Tensor, "rows pos"], am: Int[Tensor, "rows pos"], budget: int,
+                   stop: _StopStrings | None, fixed_length: bool) -> Int[Tensor, "rows _"]:
     """``ids`` and up to ``budget`` greedy tokens, as transformers' greedy search: the
     scores are the last position's logits in float32 (EOS masked with ``fixed_length``),
     a finished row gets pad tokens, and decoding ends once every row is finished."""
@@ -457,7 +457,7 @@ class _Decoder:
     cache (under the forward's keyword for it, :func:`~gradlocate._compat.cache_argument`);
     a forward that takes no cache gets the whole sequence each step."""
 
-    def __init__(self, h: Handles, ids: Int[Tensor, "b p"], am: Int[Tensor, "b p"]):
+    def __init__(self, h: Handles, ids: Int[Tensor, "rows pos"], am: Int[Tensor, "rows pos"]):
         self.h, self.ids = h, ids
         self.key = _compat.cache_argument(h.root)
         self.pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # left padding: positions from the mask
@@ -466,7 +466,7 @@ class _Decoder:
         self.cache: Any = None
         self.new = ids
 
-    def next_logits(self) -> Float[Tensor, "b vocab"]:
+    def next_logits(self) -> Float[Tensor, "rows vocab"]:
         kw: dict[str, Any] = {"input_ids": self.new}
         if self.am is not None:
             kw["attention_mask"] = self.am
@@ -480,7 +480,7 @@ class _Decoder:
         self.cache = _compat.returned_cache(out) if self.key is not None else None
         return logits_of(out)[:, -1]
 
-    def advance(self, nxt: Int[Tensor, " b"]) -> None:
+    def advance(self, nxt: Int[Tensor, " rows"]) -> None:
         self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
         self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], dim=1)
         if self.am is not None:
@@ -708,14 +708,16 @@ def _general(fluency: float | None, lm: float | None, pre: EditEvaluation | None
     before = pre.general if pre is not None else {}
     if lm is not None:
         out["lm_loss"] = lm
-        if before.get("lm_loss") is not None:
-            change = lm - before["lm_loss"]
+        lm_before = before.get("lm_loss")
+        if lm_before is not None:
+            change = lm - lm_before
             out["lm_loss_change"] = change
             out["capability"] = min(1.0, math.exp(-change))
     if fluency is not None:
         out["fluency"] = fluency
-        if before.get("fluency"):
-            out["fluency_ratio"] = min(1.0, fluency / before["fluency"])
+        fluency_before = before.get("fluency")
+        if fluency_before:
+            out["fluency_ratio"] = min(1.0, fluency / fluency_before)
     return out
 
 
@@ -782,7 +784,7 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
                     per_tf[q.edit].setdefault(key, []).append(v)
                     if gens is not None:
                         per_em[q.edit].setdefault(key, []).append(
-                            float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]
+                            float(exact_match(gens[k], ref.generations[q.edit][q.item])))  # type: ignore[index]  # not None: pre= without generations is refused above when gens is
         else:
             for key in (q.kind, f"{q.kind}/{q.group}") if q.group else (q.kind,):
                 per_tf[q.edit].setdefault(key, []).append(acc)
@@ -801,12 +803,12 @@ def _assemble(edits: list[EditRequest], qs: list[_Query], tf: list[tuple[float, 
             groups += [f"{kind}/{g}" for g in names]
     for m in (*METRICS, *groups):
         each, teacher[m] = _aggregate(per_tf, m)
-        for r, v in zip(rows, each):
-            r[f"{m}_tf"] = v
+        for r, value in zip(rows, each):
+            r[f"{m}_tf"] = value
         if gen_scores is not None:
             each_em, gen_scores[m] = _aggregate(per_em, m)
-            for r, v in zip(rows, each_em):
-                r[f"{m}_em"] = v
+            for r, value in zip(rows, each_em):
+                r[f"{m}_em"] = value
     notes = _notes(qs, ref)
     fluency = None
     if flu is not None:

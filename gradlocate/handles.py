@@ -384,6 +384,12 @@ class Handles(Sequence[Handle]):
                              f"{type(self.root).__name__}); plain torch models carry none")
         return self.tokenizer
 
+    def require_embed(self, why: str = "this method acts on it") -> nn.Module:
+        """The input embedding (``get_input_embeddings()``), or a clear error if the model has none."""
+        if self.embed is None:
+            raise HandleError(f"{type(self.root).__name__} has no get_input_embeddings(): {why}")
+        return self.embed
+
     def with_options(self, tokenizer: Any = None, chat: bool | None = None) -> Handles:
         """The same resolution with another tokenizer and/or prompt format."""
         same_tok = tokenizer is None or tokenizer is self.tokenizer

@@ -107,7 +107,7 @@ def _session(h: Handles) -> _Session:
 
 
 @contextlib.contextmanager
-def using(h: Handles, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+def using(h: Handles, params: Sequence[Tensor] = ()) -> Iterator[None]:
     """Own ``h``'s model for the block: eval mode (no dropout), gradients only for
     ``params`` (their ``.grad`` set aside and put back), nnsight's instrumentation on;
     every flag, mode, ``.grad`` and attribute is restored on exit, also on errors.
@@ -131,8 +131,8 @@ def using(h: Handles, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
         s.depth += 1
     flags = [(p, p.requires_grad) for p in root.parameters()]
     modes = [(m, m.training) for m in root.modules()]
-    keep = {id(p) for p in params}
-    grads = [(p, p.grad) for p in params]
+    keep = {id(t) for t in params}
+    grads = [(t, t.grad) for t in params]
     try:
         if s.envoy is None:
             from nnsight import NNsight
@@ -142,16 +142,16 @@ def using(h: Handles, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
         root.eval()
         for p, _ in flags:
             p.requires_grad_(id(p) in keep)
-        for p in params:
-            p.grad = None
+        for t in params:
+            t.grad = None
         yield
     finally:
-        for p, g in grads:
-            p.grad = g
+        for t, g in grads:
+            t.grad = g
         for p, f in flags:
             p.requires_grad_(f)
-        for m, t in modes:
-            m.training = t
+        for m, training in modes:
+            m.training = training
         with _sessions_lock:
             s.depth -= 1
             if s.depth == 0:
@@ -345,7 +345,7 @@ def no_cache(root: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if _compat.cache_argument(root) else {}
 
 
-def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos d"] | Float[Tensor, "rows_pos d"]:
+def states(output: Any, rows: int | None = None) -> Float[Tensor, "rows pos features"] | Float[Tensor, "_ features"]:
     """The state tensor of a module's output as ``[rows, pos, d]`` (a view: writing into
     it edits the output). Blocks return a tensor or a tuple led by it; OPT's MLP works on
     flattened ``[rows * pos, d]`` states, reshaped with ``rows`` (left flat without it)."""
@@ -363,7 +363,7 @@ def rewrappable(output: Any) -> bool:
                                           and isinstance(output[0], Tensor) and all(x is None for x in output[1:]))
 
 
-def rewrap(like: Any, hidden: Float[Tensor, "rows pos d"]) -> Any:
+def rewrap(like: Any, hidden: Float[Tensor, "rows pos features"]) -> Any:
     """``hidden`` in the structure of the block output ``like`` (see :func:`rewrappable`)."""
     return hidden if isinstance(like, Tensor) else (hidden, *like[1:])
 
@@ -440,7 +440,7 @@ def edited(h: Handles, path: str, fn: Callable[[Float[Tensor, "rows pos d_in"], 
 
 
 @contextlib.contextmanager
-def noised(h: Handles, noise: Float[Tensor, "rows n d"], start: int) -> Iterator[None]:
+def noised(h: Handles, noise: Float[Tensor, "rows subject d_model"], start: int) -> Iterator[None]:
     """Add ``noise`` to the input embeddings at positions ``start .. start + n``
     (causal tracing's corruption of the subject tokens)."""
     def add(out: Tensor) -> Tensor:
@@ -459,7 +459,7 @@ class Patch:
 
     rows: Int[Tensor, " k"]
     pos: Int[Tensor, " k"]
-    values: Float[Tensor, "k d"]
+    values: Float[Tensor, "k d_model"]
 
 
 @contextlib.contextmanager
@@ -496,7 +496,7 @@ def from_layer(h: Handles, layer: int, state: Callable[[], Any]) -> Iterator[Non
 
 @contextlib.contextmanager
 def head_at(h: Handles, rows: Int[Tensor, " k"], pos: Int[Tensor, " k"], *,
-            skip: Callable[[Float[Tensor, "k d"]], Any] | None = None) -> Iterator[None]:
+            skip: Callable[[Float[Tensor, "k d_model"]], Any] | None = None) -> Iterator[None]:
     """The LM head sees only the hidden states at ``(rows, pos)``, as one row
     ``[1, k, d]``: the model's logits come out ``[1, k, vocab]``. An edit scores a few
     target tokens of a longer sequence; the rest of the vocabulary projection is waste.

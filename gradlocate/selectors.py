@@ -221,15 +221,17 @@ def gradratio(model: Any, edits: Any, retain: Any, *, tokenizer: Any = None,
         edits = as_edits(edits)
     if not isinstance(retain, LayerGradients):
         retain = load_texts(retain)
-    kw = dict(layers=idx, batch_size=batch_size, keep=True, progress=progress, max_memory=max_memory)
     if isinstance(edits, LayerGradients):
         _check_precomputed(edits, "edit", idx)
     if isinstance(retain, LayerGradients):
         _check_precomputed(retain, "retain", idx)
     with using(h):  # one caller owns the model for the whole selection
-        g_e = edits if isinstance(edits, LayerGradients) else edit_gradients(h, edits, append_eos=append_eos, **kw)
-        g_r = retain if isinstance(retain, LayerGradients) else retain_gradients(h, retain, max_length=max_length,
-                                                                                 **kw)
+        g_e = edits if isinstance(edits, LayerGradients) else edit_gradients(
+            h, edits, append_eos=append_eos, layers=idx, batch_size=batch_size, keep=True, progress=progress,
+            max_memory=max_memory)
+        g_r = retain if isinstance(retain, LayerGradients) else retain_gradients(
+            h, retain, max_length=max_length, layers=idx, batch_size=batch_size, keep=True, progress=progress,
+            max_memory=max_memory)
 
     e, r = g_e.sq_norms, g_r.sq_norms
     if g_e.grads is not None and g_r.grads is not None:
@@ -414,7 +416,10 @@ def lga(model: Any, edits: Any, *, tokenizer: Any = None, k: float = 1.5,
                                                     max_new_tokens=max_new_tokens)):
                 answers[i] = g
         t_old = time.perf_counter() - t1
-        prods = per_sample_inner_products(h, [e.prompt for e in edits], [e.target_new for e in edits], answers,
+        olds = [a for a in answers if a is not None]
+        if len(olds) != len(edits):  # greedy_answers gives one answer per prompt
+            raise RuntimeError(f"lga_layer: {len(edits) - len(olds)} edits got no old answer")
+        prods = per_sample_inner_products(h, [e.prompt for e in edits], [e.target_new for e in edits], olds,
                                           layers=idx, batch_size=batch_size, append_eos=append_eos,
                                           progress=progress, max_memory=max_memory)
     per = prods.dot  # [edits, layers], float64
@@ -516,16 +521,18 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     if isinstance(noise, torch.Tensor):
         raise TypeError("cma_layer takes a multiple of the embedding std, or a list with one noise tensor per edit "
                         "(subjects differ in length), not one tensor")
-    explicit = not isinstance(noise, (int, float)) or isinstance(noise, bool)
-    if explicit:
-        noise = list(noise)  # type: ignore[arg-type]
-        if len(noise) != len(edits):
-            raise ValueError(f"{len(noise)} explicit noise tensors for {len(edits)} edits: give one per edit")
+    if isinstance(noise, bool):
+        raise ValueError(f"noise must be a non-negative multiple of the embedding std or a list of tensors, "
+                         f"got {noise!r}")
+    scale, noises = (noise, None) if isinstance(noise, (int, float)) else (3.0, list(noise))
+    explicit = noises is not None
+    if noises is not None and len(noises) != len(edits):
+        raise ValueError(f"{len(noises)} explicit noise tensors for {len(edits)} edits: give one per edit")
     h = resolve(model, tokenizer)
     prompts = [TracePrompt.of(h, e.prompt, e.subject, where=f"edit {i}") for i, e in enumerate(edits)]
     t0 = time.perf_counter()
     if std is None and not explicit:
-        std = embedding_std(h, [e.subject for e in edits])  # type: ignore[misc]
+        std = embedding_std(h, [e.subject for e in edits])
     t_std = time.perf_counter() - t0
     ies, probs, lows, highs = [], [], [], []
     layer_idx: list[int] = []
@@ -533,7 +540,7 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     bar = tqdm(list(zip(edits, prompts)), desc="cma_layer", disable=None if progress is None else not progress)
     with using(h):  # one caller owns the model for the whole selection
         for i, (e, tp) in enumerate(bar):
-            r = trace_prompt(h, tp, kind="mlp", samples=samples, noise=noise[i] if explicit else noise,  # type: ignore[index]
+            r = trace_prompt(h, tp, kind="mlp", samples=samples, noise=scale if noises is None else noises[i],
                              std=std, seed=seed, window=window, answer=_edit_answer(e, answer),
                              tokens=[tp.subject_range[1] - 1], layers=layers, batch_size=batch_size, merge=merge,
                              method=method, progress=False)
@@ -547,7 +554,7 @@ def cma_layer(model: Any, edits: Any, *, tokenizer: Any = None, samples: int | N
     return LayerScores(
         method="cma", scores=mean.tolist(), eligible=[True] * len(layer_idx), selected=layer_idx[int(mean.argmax())],
         params={"kind": "mlp", "token": "last_subject", "samples": r.samples if r else samples,
-                "noise": "explicit" if explicit else float(noise), "std": std, "seed": seed,  # type: ignore[arg-type]
+                "noise": "explicit" if explicit else float(scale), "std": std, "seed": seed,
                 "window": window, "answer": answer, "n_edits": len(edits), "method": method,
                 "low_score": float(sum(lows) / len(lows)), "high_score": float(sum(highs) / len(highs))},
         extras={"ie_std": (ie.std(0) if len(ies) > 1 else torch.zeros_like(mean)).tolist(),

@@ -93,10 +93,10 @@ class _Result:
     """``to_dict()`` (JSON-ready: arrays as lists) and a short ``repr``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        return {k: _plain(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]  # a mixin: every subclass is a dataclass
 
     def __repr__(self) -> str:
-        shown = [f for f in fields(self) if f.repr]  # type: ignore[arg-type]
+        shown = [f for f in fields(self) if f.repr]  # type: ignore[arg-type]  # a mixin: every subclass is a dataclass
         body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in shown)
         return f"{type(self).__name__}({body})"
 

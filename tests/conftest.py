@@ -22,6 +22,39 @@ warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def unchecked(fn):
+    """``fn`` (a function, bound method or class) called without the test-time type checker.
+
+    The checker (jaxtyping + beartype, ``addopts`` in ``pyproject.toml``) would reject a
+    wrongly typed argument before the library's own check runs. A test that checks the
+    library's own error message calls ``unchecked(fn)(...)``: users never run the
+    checker, so that message is what they see.
+
+    Not just ``inspect.unwrap(fn)``: the library's own check often sits one call deeper
+    (``Handles.layer_indices`` under ``gradratio``, a class's ``__init__``), where the
+    checker would still intercept. So the checker is off (jaxtyping's
+    ``jaxtyping_disable``, read at every call) for the duration of this one call.
+    """
+    from jaxtyping import config
+
+    def call(*args, **kwargs):
+        was = config.jaxtyping_disable
+        config.update("jaxtyping_disable", True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            config.update("jaxtyping_disable", was)
+
+    return call
+
+
+@pytest.fixture(name="unchecked")
+def _unchecked():
+    """:func:`unchecked` as a fixture, for test modules in any folder (the name
+    ``conftest`` is not importable reliably: pytest loads one per folder under it)."""
+    return unchecked
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     from gradlocate.models import tiny

@@ -281,7 +281,7 @@ def test_generation_refuses_nan_logits(gpt2):
             w.copy_(saved)
 
 
-def test_bad_input_and_mismatched_pre(gpt2):
+def test_bad_input_and_mismatched_pre(gpt2, unchecked):
     model, _ = gpt2
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, [])
@@ -293,7 +293,7 @@ def test_bad_input_and_mismatched_pre(gpt2):
     with pytest.raises(ValueError, match="generation"):
         evaluate(model, EDITS[:2], pre=pre)  # pre has no generations
     with pytest.raises(TypeError, match="pre must be"):
-        evaluate(model, EDITS, pre={"locality": 1})
+        unchecked(evaluate)(model, EDITS, pre={"locality": 1})
     no_loc = evaluate(model, EDITS[2:], generation=False)
     again = evaluate(model, EDITS[2:], pre=no_loc, generation=False)  # no locality prompts: absent, not an error
     assert again.teacher_forced["locality"] is None

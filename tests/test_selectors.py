@@ -203,11 +203,11 @@ def test_adaptive_min_layer_formula(L):
     assert adaptive_min_layer(L) == ref_l_min(L)
 
 
-def test_adaptive_min_layer_errors_and_known_values():
+def test_adaptive_min_layer_errors_and_known_values(unchecked):
     assert [adaptive_min_layer(L) for L in (20, 30, 32, 40)] == [3, 5, 5, 6]
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="n_layers"):
-            adaptive_min_layer(bad)
+            unchecked(adaptive_min_layer)(bad)
 
 
 def test_gradratio_l_min_clamped_on_shallow_models():
@@ -217,7 +217,7 @@ def test_gradratio_l_min_clamped_on_shallow_models():
     assert r.params["l_min"] == 2 and r.eligible == [False, False, True] and r.selected == 2
 
 
-def test_gradratio_min_layer_and_layers_options():
+def test_gradratio_min_layer_and_layers_options(unchecked):
     model, _ = model_for("llama")
     full = gradratio(model, EDITS, TEXTS, min_layer=0)
     assert all(full.eligible) and full.selected == max(range(N_LAYERS), key=lambda l: full.scores[l])
@@ -229,7 +229,7 @@ def test_gradratio_min_layer_and_layers_options():
     with pytest.raises(ValueError, match="min_layer"):
         gradratio(model, EDITS, TEXTS, min_layer=N_LAYERS)
     with pytest.raises(ValueError, match="min_layer"):
-        gradratio(model, EDITS, TEXTS, min_layer="auto")
+        unchecked(gradratio)(model, EDITS, TEXTS, min_layer="auto")
 
 
 # --------------------------------------------------------------------------- LGA
@@ -279,14 +279,14 @@ def test_lga_generated_old_answer_equals_given_one():
     assert close(r.scores, given.scores) and r.selected == given.selected
 
 
-def test_lga_bad_options():
+def test_lga_bad_options(unchecked):
     model, _ = model_for("gpt2")
     with pytest.raises(ValueError, match="k"):
         lga(model, EDITS, k=-1)
     with pytest.raises(ValueError, match="aggregate"):
-        lga(model, EDITS, aggregate="median")
+        unchecked(lga)(model, EDITS, aggregate="median")
     with pytest.raises(ValueError, match="sign"):
-        lga(model, EDITS, sign="positive")
+        unchecked(lga)(model, EDITS, sign="positive")
     with pytest.raises(ValueError, match="empty"):
         lga(model, [])
     with pytest.raises(ValueError, match="out of range"):

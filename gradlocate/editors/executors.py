@@ -84,7 +84,7 @@ class Executor:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cached.values())
 
-    def losses(self, rows: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+    def losses(self, rows: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
         """Each row's edit loss (float32, differentiable in the site's weight)."""
         mb = self.batch[rows]
         r, p = scored_positions(mb.labels)
@@ -140,8 +140,8 @@ class Executor:
         return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def row_delta(x: Float[Tensor, "rows pos d_in"] | Float[Tensor, "rows_pos d_in"],
-              delta: Float[Tensor, "rows d_out d_in"]) -> Float[Tensor, "rows pos d_out"] | Float[Tensor, "rows_pos d_out"]:
+def row_delta(x: Float[Tensor, "rows pos d_in"] | Float[Tensor, "_ d_in"],
+              delta: Float[Tensor, "rows d_out d_in"]) -> Float[Tensor, "rows pos d_out"] | Float[Tensor, "_ d_out"]:
     """``x @ delta[r].T`` for each row ``r``: what a per-row weight change adds to a
     linear map's output (``x`` is ``[rows, pos, d_in]``, or OPT's flat ``[rows * pos, d_in]``)."""
     flat = x.dim() == 2

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+from gradlocate.handles import Handles
+
 __all__ = ["RecordStore", "StoreError", "Fingerprint", "digest", "relative_path", "model_identity"]
 
 Key = Union[int, str]
@@ -89,7 +91,7 @@ def relative_path(path: str | os.PathLike[str] | None, root: str | os.PathLike[s
     return str(path)
 
 
-def model_identity(h: Any) -> dict[str, Any]:
+def model_identity(h: Handles) -> dict[str, Any]:
     """What identifies a resolved model for a fingerprint: its class, checkpoint name,
     edited site, and a checksum of the site's weights (tells another checkpoint apart)."""
     import torch

@@ -77,8 +77,8 @@ def overall_score(metrics: dict[str, float | None], weights: Any = OVERALL_METRI
         0.625
     """
     w = weights if isinstance(weights, dict) else {m: 1.0 for m in weights}
-    pairs = [(metrics.get(m), float(k)) for m, k in w.items()]
-    pairs = [(v, k) for v, k in pairs if v is not None and not (isinstance(v, float) and math.isnan(v)) and k]
+    given = [(metrics.get(m), float(k)) for m, k in w.items()]
+    pairs = [(v, k) for v, k in given if v is not None and not (isinstance(v, float) and math.isnan(v)) and k]
     return sum(v * k for v, k in pairs) / sum(k for _, k in pairs) if pairs else None
 
 

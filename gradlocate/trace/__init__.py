@@ -69,16 +69,23 @@ def _check_options(h: Handles, kind: str, window: int, batch_size: int, method: 
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise ValueError(f"verify must be an int >= 0 (cells to re-run exactly), got {verify!r}")
     site_paths(h, kind)  # a clear error if the model has no module of this kind
-    if h.embed is None or getattr(h.embed, "weight", None) is None:
-        raise HandleError(f"{type(h.root).__name__} has no get_input_embeddings() with a weight: causal tracing adds "
-                          f"noise to the input embeddings and needs that module")
+    _embed_dtype(h)
     window_layers(0, window, 1)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 (rows per forward), got {batch_size!r}")
 
 
+def _embed_dtype(h: Handles) -> torch.dtype:
+    """The input embedding's weight dtype (the noise's), or a clear error if there is none."""
+    w = getattr(h.embed, "weight", None)
+    if not isinstance(w, Tensor):
+        raise HandleError(f"{type(h.root).__name__} has no get_input_embeddings() with a weight: causal tracing adds "
+                          f"noise to the input embeddings and needs that module")
+    return w.dtype
+
+
 def _grid(s: Setup, cells: Sequence[Cell], values: Sequence[float], shape: tuple[int, int],
-          prompt: str) -> Float[Tensor, "tokens layers"]:
+          prompt: str) -> Float[Tensor, "pos layers"]:
     """The score grid: each computed cell's value, ``low_score`` where no forward was
     needed; an error if a probability is not finite."""
     scores = torch.full(shape, s.low, dtype=torch.float32)
@@ -106,7 +113,7 @@ def trace_prompt(h: Handles, tp: TracePrompt, *, kind: str = "hidden", samples: 
                                                                         f"the prompt has {T} tokens")
     layer_idx = h.layer_indices(layers)
     noise_t, info = make_noise(noise, samples, tp.subject_range[1] - tp.subject_range[0], h.d_model, std, seed, h)
-    noise_t = noise_t.to(device=input_device(h.root), dtype=h.embed.weight.dtype)
+    noise_t = noise_t.to(device=input_device(h.root), dtype=_embed_dtype(h))
     answer_tok = answer_id(h, tp.prompt, answer)
     cells = cells_of(h, kind, window, token_idx, layer_idx, tp.subject_range[0])
     stats = {"cells": len(token_idx) * len(layer_idx), "cells_before_subject": len(token_idx) * len(layer_idx) - len(cells)}

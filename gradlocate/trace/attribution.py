@@ -54,7 +54,7 @@ from gradlocate.trace.fast import FastTrace
 __all__ = ["atp_estimates", "verify_cells", "window_sum"]
 
 
-def window_sum(effects: Float[Tensor, "*batch layers"], window: int) -> Float[Tensor, "*batch layers"]:
+def window_sum(effects: Float[Tensor, "*lead layers"], window: int) -> Float[Tensor, "*lead layers"]:
     """Column ``l`` (last dimension) of the result is the sum of ``effects`` over
     ``window_layers(l, window)``: the first-order effect of restoring that whole window.
 
@@ -103,7 +103,7 @@ def atp_estimates(h: Handles, tp: TracePrompt, kinds: Sequence[str],
         emb[:, s0:s0 + noise.shape[1]] += noise.to(emb.dtype)
         return emb.requires_grad_(True)
 
-    with torch.enable_grad(), replaced(h, path_of(h, h.embed), noised_leaf), capture(h, every) as cor, \
+    with torch.enable_grad(), replaced(h, path_of(h, h.require_embed("attribution patching noises its outputs")), noised_leaf), capture(h, every) as cor, \
             last_only(h, S, T):
         out = run(h, input_ids=ids.expand(S, -1), **no_cache(h.root))
         p = last_probs(h, out, answer)  # [S]

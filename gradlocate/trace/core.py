@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -132,6 +132,18 @@ def _range_from_decoding(tokenizer: Any, ids: list[int], subject: str) -> tuple[
     return None
 
 
+@runtime_checkable
+class Tokenizes(Protocol):
+    """What :meth:`TracePrompt.of` needs of :class:`~gradlocate.handles.Handles`: the
+    tokenizer (and ``chat``, if present, for the prompt format) and the model's root, for
+    its context length (``None``: no model, no limit)."""
+
+    @property
+    def root(self) -> Any: ...
+
+    def require_tokenizer(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class TracePrompt:
     """A prompt as causal tracing sees it, tokenized once.
@@ -150,7 +162,7 @@ class TracePrompt:
     subject_range: tuple[int, int]
 
     @classmethod
-    def of(cls, h: Handles, prompt: str, subject: str, where: str = "") -> TracePrompt:
+    def of(cls, h: Tokenizes, prompt: str, subject: str, where: str = "") -> TracePrompt:
         """Tokenize ``prompt`` and find ``subject`` in it (character offsets where the
         tokenizer reports them, so a leading space inside a token does not matter; else
         ROME's decode-and-search)."""
@@ -164,7 +176,7 @@ class TracePrompt:
         text, special = render_prompt(tok, prompt, getattr(h, "chat", False))
         try:
             enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-            offsets = [tuple(map(int, o)) for o in enc["offset_mapping"]]
+            offsets: list[tuple[int, int]] | None = [(int(o[0]), int(o[1])) for o in enc["offset_mapping"]]
         except (NotImplementedError, KeyError, TypeError, ValueError):
             enc, offsets = tok(text, add_special_tokens=special), None
         ids = [int(i) for i in enc["input_ids"]]
@@ -212,7 +224,7 @@ class _TokenizerOnly:
         return self.tokenizer
 
     def trace_prompt(self, prompt: str, subject: str) -> TracePrompt:
-        return TracePrompt.of(self, prompt, subject)  # type: ignore[arg-type]
+        return TracePrompt.of(self, prompt, subject)
 
 
 def answer_id(h: Handles, prompt: str, answer: int | str | None) -> int | None:
@@ -265,13 +277,14 @@ def embedding_std(model: Any, subjects: Sequence[str] | None = None, *, tokenize
     """
     h = resolve(model, tokenizer) if subjects is not None else (
         model if isinstance(model, Handles) else resolve(model, tokenizer) if tokenizer else down_projections(model))
-    emb = h.embed
+    emb = h.require_embed("embedding_std measures its outputs")
     dev = input_device(h.root)
     with torch.no_grad():
         if subjects is None:
             if type(emb) is nn.Embedding:  # its outputs are its weight's rows
                 return float(emb.weight.double().std().item())
-            n_vocab = int(emb.weight.shape[0]) if hasattr(emb, "weight") else int(emb.num_embeddings)
+            w = getattr(emb, "weight", None)
+            n_vocab = int(w.shape[0]) if isinstance(w, Tensor) else int(getattr(emb, "num_embeddings"))
             total, sq, count = 0.0, 0.0, 0
             for a in range(0, n_vocab, 8192):
                 x = emb(torch.arange(a, min(n_vocab, a + 8192), device=dev)).double()

@@ -69,8 +69,9 @@ class FastTrace:
         """The clean and corrupted runs, recording every block's corrupted output and,
         if asked, the corrupted key/value cache."""
         t0 = time.perf_counter()
-        cache = _compat.new_cache(self.h.root) if self.reuse_prefix and self.cache_arg else None
-        kw = {self.cache_arg: cache, "use_cache": True} if cache is not None else None
+        arg = self.cache_arg
+        cache = _compat.new_cache(self.h.root) if self.reuse_prefix and arg else None
+        kw = {arg: cache, "use_cache": True} if cache is not None and arg else None
         s = setup(self.h, tp, self.kind, noise, answer, record_blocks=True, cache_kw=kw)
         self._count(2, len(tp.ids), 0, rows=1 + s.samples)
         why = None
@@ -133,11 +134,13 @@ class FastTrace:
         noise = s.noise[:, a - s0:max(a, s1) - s0].repeat(C, 1, 1)
 
         def entering() -> Any:  # the corrupted stream entering block `first`, for these rows and positions
-            raw = s.corrupted[first - 1]  # type: ignore[index]
+            raw = s.corrupted[first - 1]  # type: ignore[index]  # not None: setup(record_blocks=True) records every block
             return rewrap(raw, states(raw)[:, o:].repeat(C, 1, 1))
 
         kw: dict[str, Any] = {"use_cache": False} if self.cache_arg else {}
         if o > 0:
+            if self.cache_arg is None:  # s.cache is only kept when the forward takes one (setup)
+                raise RuntimeError("causal_trace: a prefix cache without a key/value cache argument")
             kw = {self.cache_arg: _compat.prefix_cache(s.cache, o, torch.arange(S, device=self.device).repeat(C)),
                   "use_cache": True}
         with noised(self.h, noise, a - o), restored(self.h, s.patches(chunk, offset=o), rows=rows), \
@@ -146,7 +149,7 @@ class FastTrace:
         self._count(1, T - o, first, rows)
         return last_probs(self.h, out, s.answer).view(C, S).mean(1).tolist()
 
-    def plan(self, cells: list[Cell], S: int, T: int, prefix: bool) -> list[list[Cell]]:
+    def plan(self, cells: Sequence[Cell], S: int, T: int, prefix: bool) -> list[list[Cell]]:
         """Split the cells into forwards of at most ``batch_size`` rows, minimising a cost
         model: a forward that runs blocks ``f..L-1`` on ``R`` rows of ``P`` positions costs
         ``(L - f) * (K + R * P)`` plus the output head's share, where ``K`` (the fixed
@@ -185,4 +188,4 @@ class FastTrace:
                 i = cut[i]
             if best is None or total[n] < best[0]:
                 best = (total[n], chunks[::-1])
-        return best[1]  # type: ignore[index]
+        return best[1]  # type: ignore[index]  # not None: cells is non-empty, so the loop set it

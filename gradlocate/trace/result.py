@@ -51,7 +51,7 @@ class TraceResult:
         exact: with ``method="atp"``, the cells re-run exactly (``verify=``), same shape as ``scores``.
     """
 
-    scores: Float[Tensor, "tokens layers"]
+    scores: Float[Tensor, "pos layers"]
     low_score: float
     high_score: float
     subject_range: tuple[int, int]
@@ -69,7 +69,7 @@ class TraceResult:
     stats: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     method: str = "exact"
-    exact: Bool[Tensor, "tokens layers"] | None = None
+    exact: Bool[Tensor, "pos layers"] | None = None
 
     @property
     def estimated(self) -> bool:
@@ -78,7 +78,7 @@ class TraceResult:
         return self.method != "exact"
 
     @property
-    def indirect_effect(self) -> Float[Tensor, "tokens layers"]:
+    def indirect_effect(self) -> Float[Tensor, "pos layers"]:
         """``scores - low_score``: how much restoring each state brings the answer back."""
         return self.scores - self.low_score
 

@@ -6,6 +6,7 @@ Written independently of gradlocate's internals: plain torch attributes only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -191,41 +192,42 @@ TRAINER = {"epochs": 2, "lr": 1e-2, "edits_per_step": 2}
 
 
 def call(name: str, model: Any, *, tokenizer: Any = None, edits: Any = None, texts: Any = None,
-         layers: Any = None, **kw: Any) -> Any:
-    """Run public function ``name`` with small, fast settings."""
+         layers: Any = None, via: Callable[[Any], Any] = lambda fn: fn, **kw: Any) -> Any:
+    """Run public function ``name`` with small, fast settings; ``via=unchecked`` (the
+    fixture) runs it without the test-time type checker, for a wrongly typed argument."""
     edits = EDITS if edits is None else edits
     texts = TEXTS if texts is None else texts
     lay = {} if layers is None else {"layers": layers}
     if name == "down_projections":
-        return gl.down_projections(model)
+        return via(gl.down_projections)(model)
     if name == "edit_gradients":
-        return gl.edit_gradients(model, edits, tokenizer=tokenizer, **lay, **kw)
+        return via(gl.edit_gradients)(model, edits, tokenizer=tokenizer, **lay, **kw)
     if name == "retain_gradients":
-        return gl.retain_gradients(model, texts, tokenizer=tokenizer, **lay, **kw)
+        return via(gl.retain_gradients)(model, texts, tokenizer=tokenizer, **lay, **kw)
     if name == "gradratio":
-        return gl.gradratio(model, edits, texts, tokenizer=tokenizer, min_layer=0, **lay, **kw)
+        return via(gl.gradratio)(model, edits, texts, tokenizer=tokenizer, min_layer=0, **lay, **kw)
     if name == "lga":
-        return gl.lga(model, edits, tokenizer=tokenizer, **lay, **kw)
+        return via(gl.lga)(model, edits, tokenizer=tokenizer, **lay, **kw)
     if name == "causal_trace":
         e = gl.data.as_edits(edits)[0]
-        return causal_trace(model, e.prompt, e.subject, tokenizer=tokenizer, samples=2, window=2,
-                            progress=False, **lay, **kw)
+        return via(causal_trace)(model, e.prompt, e.subject, tokenizer=tokenizer, samples=2, window=2,
+                                 progress=False, **lay, **kw)
     if name == "cma_layer":
-        return cma_layer(model, edits, tokenizer=tokenizer, samples=2, window=2, progress=False, **lay, **kw)
+        return via(cma_layer)(model, edits, tokenizer=tokenizer, samples=2, window=2, progress=False, **lay, **kw)
     if name == "LocFTBF.fit":
         layer = -1 if layers is None else layers
-        with gl.LocFTBF(model, layer, tokenizer=tokenizer, progress=False, **{**TRAINER, **kw}) as ft:
+        with via(gl.LocFTBF)(model, layer, tokenizer=tokenizer, progress=False, **{**TRAINER, **kw}) as ft:
             return ft.fit(edits)
     if name == "evaluate":
-        return gl.evaluate(model, edits, tokenizer=tokenizer, max_new_tokens=3, **kw)
+        return via(gl.evaluate)(model, edits, tokenizer=tokenizer, max_new_tokens=3, **kw)
     if name == "sweep":
-        return sweep(model, edits, tokenizer=tokenizer, layers=layers if layers is not None else [0, 2],
-                     trainer=dict(TRAINER, **kw.pop("trainer", {})), generation=False, progress=False, **kw)
+        return via(sweep)(model, edits, tokenizer=tokenizer, layers=layers if layers is not None else [0, 2],
+                          trainer=dict(TRAINER, **kw.pop("trainer", {})), generation=False, progress=False, **kw)
     if name == "compare":
-        return compare(model, edits, texts, tokenizer=tokenizer, proxy=0.5,
-                       layers=layers if layers is not None else [0, 2], trainer=dict(TRAINER, **kw.pop("trainer", {})),
-                       generation=False, progress=False,
-                       selector_kwargs={"gradratio": {"min_layer": 0}, "cma": {"samples": 2, "window": 2}}, **kw)
+        return via(compare)(model, edits, texts, tokenizer=tokenizer, proxy=0.5,
+                            layers=layers if layers is not None else [0, 2], trainer=dict(TRAINER, **kw.pop("trainer", {})),
+                            generation=False, progress=False,
+                            selector_kwargs={"gradratio": {"min_layer": 0}, "cma": {"samples": 2, "window": 2}}, **kw)
     raise KeyError(name)
 
 

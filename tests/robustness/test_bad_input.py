@@ -183,18 +183,18 @@ def test_non_string_fields(guarded, name, record, msg):
     _raises(TypeError, msg, call, name, model, tokenizer=tok, edits=[EDITS[0], record])
 
 
-def test_non_string_fields_elsewhere(guarded):
+def test_non_string_fields_elsewhere(guarded, unchecked):
     model, tok = guarded
     # a list whose first item is a string is read as that string (ZsRE's answers lists)
     assert gl.data.as_edits([NON_STRINGS[2][0]])[0].subject == "Paris"
     _raises(TypeError, "edit 1 is a str", gl.data.as_edits, [EDITS[0], "Paris is in France"])
     _raises(FileNotFoundError, "no edits file", gl.data.as_edits, "edits.json")
     _raises(TypeError, "text 1 is a int", gl.retain_gradients, model, ["a text", 5], tokenizer=tok)
-    _raises(TypeError, "prompt and target must be strings", gl.losses.tokenize_edits, tok, ["a"], [5])
+    _raises(TypeError, "prompt and target must be strings", unchecked(gl.losses.tokenize_edits), tok, ["a"], [5])
     _raises(TypeError, "edit 0: prompt must be a string", gl.LocFTBF(model, 0, tokenizer=tok).fit,
-            [gl.data.EditRequest(5, "x")])
-    _raises(TypeError, "prompt must be a string", gl.causal_trace, model, 5, "Paris", tokenizer=tok)
-    _raises(TypeError, "subject must be a string", gl.causal_trace, model, "Paris is", 5, tokenizer=tok)
+            [unchecked(gl.data.EditRequest)(5, "x")])
+    _raises(TypeError, "prompt must be a string", unchecked(gl.causal_trace), model, 5, "Paris", tokenizer=tok)
+    _raises(TypeError, "subject must be a string", unchecked(gl.causal_trace), model, "Paris is", 5, tokenizer=tok)
 
 
 @pytest.mark.parametrize("name", ["edit_gradients", "gradratio", "lga", "cma_layer", "LocFTBF.fit", "sweep",
@@ -239,17 +239,20 @@ def test_tokenizer_without_pad_or_eos_is_refused(guarded):
 @pytest.mark.parametrize("bad,msg", [([4], "layer 4 out of range: the model has 4"), ([-5], "out of range"),
                                      ([], "empty"), ([1, 1], "duplicates"), (["1"], "must be ints")])
 @pytest.mark.parametrize("name", [n for n in TAKES_LAYERS if n != "LocFTBF.fit"])
-def test_layers_out_of_range(guarded, name, bad, msg):
+def test_layers_out_of_range(guarded, unchecked, name, bad, msg):
     model, tok = guarded
-    _raises(TypeError if bad == ["1"] else ValueError, msg, call, name, model, tokenizer=tok, layers=bad)
+    if bad == ["1"]:
+        _raises(TypeError, msg, call, name, model, tokenizer=tok, layers=bad, via=unchecked)
+    else:
+        _raises(ValueError, msg, call, name, model, tokenizer=tok, layers=bad)
 
 
 @pytest.mark.parametrize("bad,exc,msg", [(4, ValueError, "layer 4 out of range: the model has 4"),
                                          (-5, ValueError, "out of range"), ([0, 1], TypeError, "edits one layer"),
                                          ("1", TypeError, "edits one layer"), (True, TypeError, "edits one layer")])
-def test_trainer_layer_out_of_range(guarded, bad, exc, msg):
+def test_trainer_layer_out_of_range(guarded, unchecked, bad, exc, msg):
     model, tok = guarded
-    _raises(exc, msg, gl.LocFTBF, model, bad, tokenizer=tok)
+    _raises(exc, msg, unchecked(gl.LocFTBF) if exc is TypeError else gl.LocFTBF, model, bad, tokenizer=tok)
 
 
 @pytest.mark.parametrize("name", TAKES_LAYERS)
