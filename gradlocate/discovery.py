@@ -198,8 +198,8 @@ def find_structure(root: nn.Module, *, blocks: str | None = None, down: str | No
                 f"blocks with parameters and found none (top-level modules: {names}). "
                 f"Pass blocks='path.to.blocks', down='path.in.block' explicitly.")
     searched: list[str] = []
-    for blocks_path, blocks in candidates:
-        first = blocks[0]
+    for blocks_path, block_list in candidates:
+        first = block_list[0]
         if down is not None:
             site = _override_down(blocks_path, first, down)
         else:
@@ -214,10 +214,10 @@ def find_structure(root: nn.Module, *, blocks: str | None = None, down: str | No
             found = _find_down(first, d_model)
             if found is None:
                 lin = [f"{n} {dims[:2]}" for n, m in first.named_modules() if n and (dims := linear_dims(m))]
-                searched.append(f"{blocks_path} ({len(blocks)} x {type(first).__name__}; linear maps (in, out): {lin})")
+                searched.append(f"{blocks_path} ({len(block_list)} x {type(first).__name__}; linear maps (in, out): {lin})")
                 continue
             site = found
-        for i, block in enumerate(blocks):
+        for i, block in enumerate(block_list):
             try:
                 mod = block.get_submodule(site)
             except AttributeError:
@@ -225,7 +225,7 @@ def find_structure(root: nn.Module, *, blocks: str | None = None, down: str | No
                                   f"pass down=...") from None
             if linear_dims(mod) is None:
                 raise HandleError(f"{blocks_path}.{i}.{site} is not a linear map")
-        return blocks_path, site, blocks
+        return blocks_path, site, block_list
     raise HandleError(
         f"no MLP down-projection found in {type(root).__name__} (d_model={d_model}): looked for a linear map "
         f"outside attention writing d_model features in: {'; '.join(searched)}. "
