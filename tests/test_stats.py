@@ -58,7 +58,7 @@ def test_single_metric_definition_returns_that_metric():
 
 
 def _sweep_golden_layers(rel, loc, lm_loss):
-    from gradlocate.sweep import LayerRecord, SweepResult
+    from gradlocate.golden.sweep import LayerRecord, SweepResult
 
     recs = [LayerRecord(layer=l, teacher_forced={"reliability": float(np.mean(rel[:, l])),
                                                  "locality": float(np.mean(loc[:, l]))},

@@ -205,12 +205,17 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
     Args:
         edits: every edit (any public form); ``n_proxy`` of them, drawn with ``seed``, are the proxy rows.
         retain: general texts for GradRatio (default: the built-in retain texts, 16).
-        layers: the matrix's layers (default: all); selectors: names of :data:`STUDY_SELECTORS`.
-        editor, hparams: the editor (:data:`~gradlocate.editors.EDITORS`) and its settings for the matrix.
+        layers: the matrix's layers (default: all).
+        selectors: names of :data:`STUDY_SELECTORS` (default: all of them).
+        editor: the editor that fills the matrix (:data:`~gradlocate.editors.EDITORS`).
+        hparams: the editor's settings.
         matrix: a matrix of these edits made before (rows matched by :func:`~gradlocate.golden.matrix.edit_id`).
         capability_edits: the first this many edits get the capability measurement (damage gate).
         batch: also sweep the test edits together (the batch regime), reported beside.
-        threshold, n_boot, n_null, n_splits: the damage gate (nats) and the statistics' sizes.
+        threshold: the damage gate: a layer whose edits raise the held-out loss by more nats cannot be golden.
+        n_boot: bootstrap resamples of the test edits.
+        n_null: permutations of the selection-bias null.
+        n_splits: random proxy/test splits for transfer.
         out_dir: ``selections.jsonl``, ``matrix/`` and ``batch.jsonl`` written as each finishes (resume).
     """
     require_gradients("study")

@@ -212,14 +212,14 @@ def test_a_folder_as_sweep_file(model_tok, tmp_path):
 # --------------------------------------------------------------------------- the public boundary
 
 
-def test_unclear_errors_are_now_clear(model_tok, tmp_path):
+def test_unclear_errors_are_now_clear(model_tok, tmp_path, unchecked):
     model, tok = model_tok
     with pytest.raises(TypeError, match="edits is None"):
         gl.gradratio(model, None, TEXTS)
     with pytest.raises(TypeError, match="retain texts are one string"):
         gl.gradratio(model, EDITS, "The sky was grey all morning, and then it rained.")
     with pytest.raises(TypeError, match="callback must be callable"):
-        gl.LocFTBF(model, 1, callback=5)
+        unchecked(gl.LocFTBF)(model, 1, callback=5)
     bad = tmp_path / "edits.jsonl"
     bad.write_text(json.dumps(EDITS[0]) + "\n" + json.dumps(EDITS[1]) + "\n{oops\n")
     with pytest.raises(ValueError, match="line 3: not JSON"):
