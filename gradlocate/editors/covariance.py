@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,8 @@ def _collect(h: Handles, layers: list[int], tokens: int, corpus: Any, seed: int,
     return {l: (sums[p] / seen).float() for l, p in zip(layers, paths)}
 
 
-def _sampled_keys(h: Handles, paths: list[str], tokens: int, seed: int):
+def _sampled_keys(h: Handles, paths: list[str], tokens: int,
+                  seed: int) -> Generator[dict[str, Float[Tensor, "rows d_mlp"]], None, None]:
     """Sample text from the model (seeded, temperature 1) and yield, per step, every
     site's input at the newly generated tokens ``{path: [rows, d_mlp]}``."""
     tok = h.require_tokenizer()
@@ -193,7 +194,7 @@ def _sampled_keys(h: Handles, paths: list[str], tokens: int, seed: int):
             past = _compat.new_cache(h.root) if arg else None
             for t in range(_LENGTH):
                 step = ids if past is None else ids[:, -1:]
-                kw = {arg: past, "use_cache": True} if past is not None else no_cache(h.root)
+                kw = no_cache(h.root) if past is None or arg is None else {arg: past, "use_cache": True}
                 am = torch.ones(ids.shape, dtype=torch.long, device=dev)
                 out = run(h, input_ids=step.to(dev), attention_mask=am, **kw)
                 if t > 0:  # the start token's keys are not text
@@ -205,7 +206,8 @@ def _sampled_keys(h: Handles, paths: list[str], tokens: int, seed: int):
                 ids = torch.cat([ids, nxt], 1)
 
 
-def _text_keys(h: Handles, paths: list[str], texts: Sequence[str], batch: int = 16):
+def _text_keys(h: Handles, paths: list[str], texts: Sequence[str],
+               batch: int = 16) -> Generator[dict[str, Float[Tensor, "k d_mlp"]], None, None]:
     """Yield every site's inputs at the real tokens of ``texts`` (128 tokens each at most)."""
     from gradlocate.losses import tokenize_texts
 

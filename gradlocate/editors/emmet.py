@@ -40,14 +40,14 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.editors.rank_one import emmet_update, locate, optimise_value, site_io
+from gradlocate.editors.rank_one import emmet_update, locate, optimise_value, site_io, subject_of
 from gradlocate.editors.rome import RankOneResult, _need_subject, _RankOneEditor
 from gradlocate.handles import Handles
 
@@ -68,12 +68,13 @@ EMMET_HPARAMS: dict[str, Any] = {
 
 
 def emmet_ingredients(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequence[str]],
-                      hp: dict[str, Any], callback: Any = None) -> dict[str, Any]:
+                      hp: dict[str, Any], callback: Callable[[int, float], Any] | None = None) -> dict[str, Any]:
     """One edit's key (mean of the template groups' mean keys), v* and residual
     ``r = v* − o_p``, computed on the model as it is."""
     tok, prefixes = h.require_tokenizer(), [p for g in groups for p in g]
+    subject = subject_of(edit)
     t0 = time.perf_counter()
-    K, O = site_io(h, layer, [locate(tok, p + edit.prompt, edit.subject, len(p)) for p in prefixes])
+    K, O = site_io(h, layer, [locate(tok, p + edit.prompt, subject, len(p)) for p in prefixes])
     sizes = [len(g) for g in groups]
     key = torch.stack([k.mean(0) for k in K.split(sizes)]).mean(0)
     t_keys = time.perf_counter() - t0

@@ -105,6 +105,14 @@ class Located:
     last: int
 
 
+def subject_of(edit: EditRequest) -> str:
+    """The edit's subject, which ROME-style editors need (the key is read at its last token)."""
+    if not edit.subject:
+        raise ValueError(f"edit {edit.prompt!r} -> {edit.target_new!r} has no subject: ROME-style editors read "
+                         f"the key at the subject's last token; give 'subject'")
+    return edit.subject
+
+
 def locate(tok: Any, text: str, subject: str, start: int = 0) -> Located:
     """Tokenize ``text`` (special tokens added, as prompts are fed) and find the last
     token of ``subject``'s first occurrence at or after character ``start``.
@@ -187,7 +195,7 @@ class _ValueBatch:
 def _value_batch(tok: Any, edit: EditRequest, prefixes: Sequence[str]) -> _ValueBatch:
     """ROME's rewriting prompts (each template's prompt + the target but its last token)
     and its KL prompt ``"{subject} is a"``."""
-    subject = edit.subject
+    subject = subject_of(edit)
     rewrite = [locate(tok, p + edit.prompt, subject, len(p)) for p in prefixes]
     tgt = target_ids(tok, edit.prompt, edit.target_new)
     if not tgt:

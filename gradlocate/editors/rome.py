@@ -42,7 +42,7 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -50,7 +50,7 @@ from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
 from gradlocate.editors.covariance import SAMPLED, second_moment
-from gradlocate.editors.rank_one import context_templates, locate, optimise_value, rank_one, site_io
+from gradlocate.editors.rank_one import context_templates, locate, optimise_value, rank_one, site_io, subject_of
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients
 from gradlocate.state import Undo
@@ -158,7 +158,8 @@ def rome_update(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequ
     prefixes = [p for g in groups for p in g]
     tok = h.require_tokenizer()
     t0 = time.perf_counter()
-    K, O = site_io(h, layer, [locate(tok, p + edit.prompt, edit.subject, len(p)) for p in prefixes])
+    subject = subject_of(edit)
+    K, O = site_io(h, layer, [locate(tok, p + edit.prompt, subject, len(p)) for p in prefixes])
     k_bar, t_keys = K.mean(0), time.perf_counter() - t0
     vf = optimise_value(h, layer, edit, prefixes, steps=hp["v_num_grad_steps"], lr=hp["v_lr"],
                         kl_factor=hp["kl_factor"], weight_decay=hp["v_weight_decay"],
@@ -182,9 +183,20 @@ class _RankOneEditor:
     method = "ROME"
     DEFAULTS: dict[str, Any] = ROME_HPARAMS
 
+    h: Handles
+    layer: int
+    handle: Handle
+    hp: dict[str, Any]
+    seed: int
+    _C: Float[Tensor, "d_mlp d_mlp"] | None
+    mom2_corpus: str | Sequence[str]
+    progress: bool | None
+    callback: Callable[[int, float], Any] | None
+    undo: Undo
+
     def __init__(self, model: Any, layer: int, *, tokenizer: Any = None, seed: int = 0,
-                 covariance: Tensor | None = None, mom2_corpus: Any = SAMPLED, progress: bool | None = None,
-                 callback: Callable[[int, float], Any] | None = None, **hparams: Any):
+                 covariance: Tensor | None = None, mom2_corpus: str | Sequence[str] = SAMPLED,
+                 progress: bool | None = None, callback: Callable[[int, float], Any] | None = None, **hparams: Any):
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise TypeError(f"{self.method} edits one layer: give an int, got {layer!r}")
         unknown = sorted(set(hparams) - set(self.DEFAULTS))
@@ -228,7 +240,7 @@ class _RankOneEditor:
     def __enter__(self) -> _RankOneEditor:
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         if not self.undo.committed:
             self.restore()
         return False
@@ -337,7 +349,8 @@ class RROME(_RankOneEditor):
     method = "R-ROME"
 
 
-def _per_edit(cls: type, h: Handles, layer: int, edits: Any, **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any,
+              **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
     ed = cls(h, layer, **{"progress": False, **hparams})
     edits = [_need_subject(e, i) for i, e in enumerate(as_edits(edits))]
     groups, C = ed.templates(), ed.covariance()

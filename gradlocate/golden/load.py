@@ -88,11 +88,13 @@ def _check_regime(records: dict[Any, dict[str, Any]], editor: str | None, hparam
                          f"state the regime the cells were made with")
 
 
-def _tables(ids: list[str], layers: list[int], cells: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
-    """The score, train and capability tables of ``ids`` x ``layers`` (NaN where absent)."""
+def _tables(ids: list[str], layers: list[int],
+            cells: dict[tuple[str, int], dict[str, Any]]) -> tuple[dict[str, np.ndarray], float | None]:
+    """The score, train and capability tables of ``ids`` x ``layers`` (NaN where absent),
+    and the unedited model's held-out loss (``None`` if no cell has a capability record)."""
     shape = (len(ids), len(layers))
     t = {k: np.full(shape, np.nan) for k in (*MATRIX_METRICS, *TRAIN_FIELDS, "capability")}
-    base = None
+    base: float | None = None
     for i, e in enumerate(ids):
         for j, l in enumerate(layers):
             rec = cells.get((e, l))
@@ -106,8 +108,7 @@ def _tables(ids: list[str], layers: list[int], cells: dict[tuple[str, int], dict
             if cap:
                 t["capability"][i, j] = cap["lm_loss_change"]
                 base = cap["lm_loss"] - cap["lm_loss_change"]
-    t["base"] = base
-    return t
+    return t, base
 
 
 def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | None = None,
@@ -136,10 +137,10 @@ def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | 
     layers = complete if complete_only else sorted(complete + partial)
     if not layers:
         raise ValueError(f"{folder}: no {'complete ' if complete_only else ''}layer yet ({len(cells)} cells)")
-    t = _tables(ids, layers, cells)
+    t, base = _tables(ids, layers, cells)
     params = {"hparams": dict(hparams or {}), "capability_edits": int(np.isfinite(t["capability"]).any(1).sum())}
     m = Matrix(layers, ids, {k: t[k] for k in MATRIX_METRICS}, {k: t[k] for k in TRAIN_FIELDS}, t["capability"],
-               t["base"], editor or "unknown", params, relative_path(folder))
+               base, editor or "unknown", params, relative_path(folder))
     return m, Completeness(len(cells), len(ids) * n_layers, complete, partial, n_layers, len(ids))
 
 
