@@ -37,7 +37,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
-from gradlocate.data import Edits
+from gradlocate.data import as_edits
 from gradlocate.editors.emmet import EMMET, emmet_per_edit
 from gradlocate.editors.locft import LocFTBF
 from gradlocate.editors.locft_rows import train_per_sample
@@ -72,9 +72,9 @@ def editor_class(name: str) -> type:
     return EDITORS[_known(name)]
 
 
-def per_edit_deltas(name: str, h: Handles, layer: int, edits: Edits,
+def per_edit_deltas(name: str, h: Handles, layer: int, edits: Any,
                     **hparams: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
     """Each edit edited alone at ``layer`` by editor ``name``: the weight changes
     ``[edits, d_model, d_mlp]`` (float32, canonical layout) and one summary per edit
     (e.g. epochs, final loss, converged). The model is left as it was."""
-    return _PER_EDIT[_known(name)](h, layer, edits, **hparams)
+    return _PER_EDIT[_known(name)](h, layer, as_edits(edits), **hparams)
