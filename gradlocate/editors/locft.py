@@ -36,16 +36,16 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import Edits, as_edits
-from gradlocate.dims import Weight
 from gradlocate.editors.executors import Executor, probe_additive
 from gradlocate.gradients import edit_batch
+from gradlocate.editors.base import InPlaceEdit
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients, using
 from gradlocate.losses import APPEND_EOS, TokenBatch
@@ -169,7 +169,7 @@ class _Run:
         self.converged = False
 
 
-class LocFTBF:
+class LocFTBF(InPlaceEdit):
     """LocFT-BF: fine-tune the site of one layer, breadth first, editing the model in place.
 
     Undo with :meth:`restore` (bit for bit), or use the trainer as a context manager,
@@ -252,33 +252,6 @@ class LocFTBF:
         self.cache, self.cache_budget, self.head = cache, int(cache_budget), head
         self.progress, self.callback = progress, callback
         self.undo = Undo(self.handle.parameter)
-
-    # -- undo
-    @property
-    def edited(self) -> bool:
-        """Whether the weight differs (bitwise) from when the trainer was made."""
-        return self.undo.changed
-
-    @property
-    def delta(self) -> Weight:
-        """The edit: current weight minus the original, as ``[d_model, d_mlp]``."""
-        return self.handle.canonical(self.undo.delta)
-
-    def restore(self) -> None:
-        """Put the original weight back, bit for bit."""
-        self.undo.restore()
-
-    def commit(self) -> None:
-        """Keep the edit: the context manager will not restore it; the copy is released."""
-        self.undo.commit()
-
-    def __enter__(self) -> LocFTBF:
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        if not self.undo.committed:
-            self.restore()
-        return False
 
     # -- training
     def fit(self, edits: Any) -> FitResult:

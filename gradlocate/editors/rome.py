@@ -42,7 +42,7 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -51,6 +51,7 @@ from torch import Tensor
 from gradlocate.data import EditRequest, as_edits
 from gradlocate.editors.covariance import SAMPLED, second_moment
 from gradlocate.editors.rank_one import context_templates, locate, optimise_value, rank_one, site_io, subject_of
+from gradlocate.editors.base import InPlaceEdit
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients
 from gradlocate.state import Undo
@@ -177,7 +178,7 @@ def rome_update(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequ
     return dW, info
 
 
-class _RankOneEditor:
+class _RankOneEditor(InPlaceEdit):
     """The LocFT-BF editor interface around a closed-form update (see :class:`ROME`)."""
 
     method = "ROME"
@@ -217,33 +218,6 @@ class _RankOneEditor:
         self.seed, self._C, self.mom2_corpus = int(seed), covariance, mom2_corpus
         self.progress, self.callback = progress, callback
         self.undo = Undo(self.handle.parameter)
-
-    # -- undo (as LocFTBF)
-    @property
-    def edited(self) -> bool:
-        """Whether the weight differs (bitwise) from when the editor was made."""
-        return self.undo.changed
-
-    @property
-    def delta(self) -> Float[Tensor, "d_model d_mlp"]:
-        """The edit: current weight minus the original, as ``[d_model, d_mlp]``."""
-        return self.handle.canonical(self.undo.delta)
-
-    def restore(self) -> None:
-        """Put the original weight back, bit for bit."""
-        self.undo.restore()
-
-    def commit(self) -> None:
-        """Keep the edit: the context manager will not restore it."""
-        self.undo.commit()
-
-    def __enter__(self) -> _RankOneEditor:
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        if not self.undo.committed:
-            self.restore()
-        return False
 
     # -- ingredients
     def covariance(self) -> Float[Tensor, "d_mlp d_mlp"] | None:
