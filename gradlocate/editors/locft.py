@@ -36,7 +36,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 from jaxtyping import Float
@@ -224,7 +224,7 @@ class LocFTBF(InPlaceEdit):
     callback: Callable[[int, int, float], Any] | None
     undo: Undo
 
-    def __init__(self, model: Any, layer: int, *, tokenizer: Any = None, lr: float = PAPER_LR,
+    def __init__(self, model: Any, layer: SupportsIndex, *, tokenizer: Any = None, lr: float = PAPER_LR,
                  edits_per_step: int | None = None, epochs: int = PAPER_EPOCHS, append_eos: bool = APPEND_EOS,
                  seed: int = 0, loss_threshold: float = LOSS_THRESHOLD, cache: bool | str = "auto",
                  cache_budget: int = CACHE_BUDGET, head: str = "auto", progress: bool | None = None,

@@ -42,7 +42,7 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 from jaxtyping import Float
@@ -195,7 +195,7 @@ class _RankOneEditor(InPlaceEdit):
     callback: Callable[[int, float], Any] | None
     undo: Undo
 
-    def __init__(self, model: Any, layer: int, *, tokenizer: Any = None, seed: int = 0,
+    def __init__(self, model: Any, layer: SupportsIndex, *, tokenizer: Any = None, seed: int = 0,
                  covariance: Tensor | None = None, mom2_corpus: str | Sequence[str] = SAMPLED,
                  progress: bool | None = None, callback: Callable[[int, float], Any] | None = None, **hparams: Any):
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):

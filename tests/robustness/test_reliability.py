@@ -225,7 +225,7 @@ def test_unclear_errors_are_now_clear(model_tok, tmp_path, unchecked):
     with pytest.raises(ValueError, match="line 3: not JSON"):
         gl.load_edits(bad)
     with pytest.raises(ValueError, match="n must be an int >= 1, got 2.5"):
-        gl.load_edits(EDITS, n=2.5)
+        unchecked(gl.load_edits)(EDITS, n=2.5)
     with pytest.raises(ValueError, match="offset must be an int >= 0, got -1"):
         gl.load_edits(EDITS, offset=-1)
     with pytest.raises(ValueError, match="is a folder"):
