@@ -143,6 +143,11 @@ def test_rrome_and_rome_differ_only_in_denominator_and_residual(llama, C):
     _, (d_rrome, b) = _update(llama, RROME, C)
     torch.testing.assert_close(a["v_star"], b["v_star"])          # the same v* optimisation
     torch.testing.assert_close(a["k_bar"], b["k_bar"])
+    # R-ROME's update from ROME's run: one key/v* computation serves both (benchmarks/rome_study.py)
+    torch.testing.assert_close(ro.rank_one(C, a["k_bar"], a["k_bar"], a["v_star"] - a["o_bar"]), d_rrome,
+                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ro.rank_one(C, a["k_bar"], a["k_prompt"], a["v_star"] - a["o_prompt"]), d_rome,
+                               rtol=1e-9, atol=1e-12)
     assert not torch.allclose(d_rome, d_rrome)                     # several templates: they differ ...
     u_a, u_b = torch.linalg.svd(d_rome)[2][0], torch.linalg.svd(d_rrome)[2][0]
     assert abs(float(u_a @ u_b)) == pytest.approx(1.0, abs=1e-9)   # ... but share the key direction C⁻¹k̄

@@ -174,7 +174,7 @@ def rome_update(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequ
     info = {"key_norm": float(k_bar.norm()), "value_norm": float(v_star.norm()), "residual_norm": float(residual.norm()),
             "delta_norm": float(vf.delta.norm()), "update_norm": float(dW.norm()), "history": vf.history,
             "final_nll": vf.nll[-1], "t_keys": t_keys, "t_value": vf.seconds, "t_update": time.perf_counter() - t1,
-            "k_bar": k_bar, "k_prompt": K[0], "v_star": v_star}
+            "k_bar": k_bar, "k_prompt": K[0], "o_bar": O.mean(0), "o_prompt": O[0], "v_star": v_star}
     return dW, info
 
 
