@@ -119,3 +119,30 @@ def test_bad_arguments(model):
         matrix(model, EDITS, editor="nope")
     with pytest.raises(TypeError):
         matrix(model, EDITS, hparams={"bogus": 1})
+
+
+def test_cells_equal_a_plain_pytorch_loop():
+    """The matrix against benchmarks/bench_matrix.py's plain loop (Adam on one weight, full
+    forwards and logits, no gradlocate kernel): the same weight changes and scores."""
+    import importlib.util
+    from pathlib import Path
+
+    from gradlocate.editors import per_edit_deltas
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_matrix.py"
+    spec = importlib.util.spec_from_file_location("bench_matrix", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _ = tiny("llama", n_layers=3, d_model=32, seed=3)
+    h = gl.down_projections(model)
+    edits = gl.data.as_edits(EDITS)
+    hp = {"lr": 5e-3, "epochs": 6, "loss_threshold": 1e-2}
+    m = matrix(h, edits, hparams={"lr": 5e-3, "epochs": 6}, layers=[0, 2], capability_edits=0, progress=False)
+    plain = bench.plain_matrix(model, h, edits, [0, 2], hp)
+    for j, layer in enumerate([0, 2]):
+        d, _ = per_edit_deltas("locft", h, layer, edits, lr=5e-3, epochs=6)
+        for i in range(len(edits)):
+            want = plain["deltas"][i, layer]
+            assert float((d[i] - want).norm() / want.norm()) < 1e-4, (i, layer)
+            for k, v in plain["scores"][i, layer].items():
+                assert m.scores[k][i, j] == pytest.approx(v, abs=1e-6), (i, layer, k)
