@@ -146,3 +146,18 @@ def test_cells_equal_a_plain_pytorch_loop():
             assert float((d[i] - want).norm() / want.norm()) < 1e-4, (i, layer)
             for k, v in plain["scores"][i, layer].items():
                 assert m.scores[k][i, j] == pytest.approx(v, abs=1e-6), (i, layer, k)
+
+
+def test_chunks_group_edits_of_similar_length(model, monkeypatch):
+    """Rows of a chunk are padded to its longest: edits are chunked in order of length,
+    and the cells do not depend on the chunking."""
+    edits = [{"prompt": "A" + " word" * n, "target_new": "x"} for n in (9, 1, 7, 2, 8, 3)]
+    seen = []
+    real = matrix_module.per_edit_deltas
+    monkeypatch.setattr(matrix_module, "per_edit_deltas",
+                        lambda name, h, layer, part, **k: seen.append([e.prompt.count("word") for e in part])
+                        or real(name, h, layer, part, **k))
+    sorted_run = matrix(model, edits, hparams=TRAINER, layers=[1], chunk=3, capability_edits=0, progress=False)
+    assert seen == [[1, 2, 3], [7, 8, 9]]
+    one = matrix(model, edits, hparams=TRAINER, layers=[1], chunk=6, capability_edits=0, progress=False)
+    np.testing.assert_allclose(sorted_run.scores["overall"], one.scores["overall"], atol=1e-6)

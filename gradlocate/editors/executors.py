@@ -90,7 +90,9 @@ class Executor:
         r, p = scored_positions(mb.labels)
         width = mb.input_ids.shape[1]
         kept: list[Tensor] = []
-        d = None if self.delta is None else self.delta[rows]
+        d = self.delta
+        if d is not None and not (len(rows) == len(d) and bool((rows.cpu() == torch.arange(len(d))).all())):
+            d = d[rows]  # a copy (and a scatter in the backward): only when some rows have stopped
         with contextlib.ExitStack() as stack:
             if self.cache == "down_input":  # blocks 0..layer skipped: the edited block's output is c + site(x)
                 def entering() -> Any:

@@ -91,15 +91,23 @@ def train_per_sample(h: Handles, layer: int, edits: Edits, *, lr: float = PAPER_
 
 @torch.no_grad()
 def _adam(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, steps: Tensor, rows: Tensor, lr: float) -> None:
-    """``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8, no weight decay) on the rows that
-    step; each row keeps its own step count, as its own optimizer would."""
+    """``torch.optim.Adam``'s step (betas 0.9/0.999, eps 1e-8, no weight decay; the same
+    operations as its single-tensor path) on the rows that step; each row keeps its own
+    step count, as its own optimizer would. In place: at ``[edits, d_model, d_mlp]`` the
+    update is memory-bound, and gathering rows copied every state tensor."""
     b1, b2 = _BETAS
-    r = rows.to(param.device)
-    g = grad[r]
     steps[rows] += 1
-    t = steps[rows].to(param.device, torch.float32).view(-1, 1, 1)
-    m[r] = m[r] * b1 + g * (1 - b1)
-    v[r] = v[r] * b2 + g * g * (1 - b2)
-    denom = (v[r].sqrt() / (1 - b2 ** t).sqrt()) + _EPS
-    param[r] -= (lr / (1 - b1 ** t)) * m[r] / denom
-
+    every = rows.numel() == param.shape[0]
+    for t in sorted(set(steps[rows].tolist())):  # rows with one step count share the bias corrections
+        same = rows[steps[rows] == t]
+        if every and same.numel() == param.shape[0]:
+            p, g, mm, vv = param, grad, m, v
+        else:
+            r = same.to(param.device)
+            p, g, mm, vv = param[r], grad[r], m[r], v[r]
+        mm.lerp_(g, 1 - b1)
+        vv.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (vv.sqrt() / math.sqrt(1 - b2 ** t)).add_(_EPS)
+        p.addcdiv_(mm, denom, value=-lr / (1 - b1 ** t))
+        if p is not param:
+            param[r], m[r], v[r] = p, mm, vv

@@ -349,8 +349,11 @@ def _fill(plan: _Plan, cells: dict[tuple[str, int], dict[str, Any]], progress: b
         rec = cells.get((plan.ids[i], layer))
         return rec is None or (i < plan.cap_edits and rec.get("capability") is None)
 
+    # Edits of similar length share a chunk: every row of a chunk is padded to its longest
+    # (on 96 CounterFact or ZsRE edits, 1.5x the real tokens in file order, 1.2x sorted).
+    length = _lengths(plan)
     jobs = [(layer, tuple(rows[k:k + plan.chunk])) for layer in plan.layers
-            for rows in [[i for i in range(len(plan.edits)) if missing(i, layer)]]
+            for rows in [sorted((i for i in range(len(plan.edits)) if missing(i, layer)), key=lambda i: (length[i], i))]
             for k in range(0, len(rows), plan.chunk)]
     if not jobs:
         return []
@@ -374,6 +377,12 @@ def _fill(plan: _Plan, cells: dict[tuple[str, int], dict[str, Any]], progress: b
         run_jobs(work, jobs, done, engine=kind, address=address, workers=workers, progress=progress,
                  desc=f"matrix ({plan.editor})")
     return errors
+
+
+def _lengths(plan: _Plan) -> list[int]:
+    """Each edit's token count, prompt and target (the chunks' sort key)."""
+    tok = plan.h.require_tokenizer()
+    return [len(tok(f"{e.prompt} {e.target_new}")["input_ids"]) for e in plan.edits]
 
 
 def _job_here(plan: _Plan, ref: list[Any], base: float | None, job: tuple[int, tuple[int, ...]]) -> list[dict[str, Any]]:
