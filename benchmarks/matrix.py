@@ -14,6 +14,12 @@ Run (two processes on one machine):
     python benchmarks/matrix.py --model smollm2 --data zsre --n 96 --shard 0/2 --out benchmarks/results/matrix/smollm2-zsre/ &
     python benchmarks/matrix.py --model smollm2 --data zsre --n 96 --shard 1/2 --out benchmarks/results/matrix/smollm2-zsre/ &
 
+R-ROME (the LGA paper's editor; EasyEdit's settings unless ``--set``; every layer's C is
+sampled once, in one pass, before the cells):
+
+    python benchmarks/matrix.py --model smollm2 --data counterfact --n 16 --editor r-rome --set mom2_n_tokens=50000 \
+        --layers 0,3,6,9,12,15,18,21,24,27 --out benchmarks/results/matrix/smollm2-counterfact-r-rome/
+
 Smoke test:  python benchmarks/matrix.py --model tiny-llama --n 3 --epochs 2 --out /tmp/mx/
 
 The data files are found as :func:`gradlocate.data.shared_data_path` finds them
@@ -29,6 +35,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,8 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="the shuffle's seed")
     ap.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     ap.add_argument("--editor", default="locft", help="a registered editor (gradlocate.editors.EDITORS)")
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--lr", type=float, default=5e-4, help="LocFT-BF's learning rate (editor locft)")
+    ap.add_argument("--epochs", type=int, default=25, help="LocFT-BF's epochs (editor locft)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a hyper-parameter of a rank-one editor (rome, r-rome, emmet), e.g. --set mom2_n_tokens=50000; "
+                         "repeatable; the editor's defaults otherwise")
     ap.add_argument("--chunk", type=int, default=32, help="edits edited together")
     ap.add_argument("--capability-edits", type=int, default=8, help="the first k edits get the capability measurement")
     ap.add_argument("--shard", default="0/1", help="K/N: every N-th layer, starting at layer index K")
@@ -82,6 +92,25 @@ def shard_layers(spec: str, layers: list[int]) -> tuple[list[int], str]:
     return layers[k::n], f"shard{k}of{n}"
 
 
+def editor_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """The editor's settings as the cells' fingerprint records them: LocFT-BF's ``--lr`` /
+    ``--epochs``; a rank-one editor's ``--set`` values (numbers parsed as JSON)."""
+    if args.editor == "locft":
+        if args.set:
+            raise SystemExit("--set is for the rank-one editors; LocFT-BF takes --lr and --epochs")
+        return {"lr": args.lr, "epochs": args.epochs}
+    out: dict[str, Any] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
 def write_manifest(out: Path, args: argparse.Namespace, edits: gl.data.Edits, chosen: list[int], n_layers: int) -> None:
     """Which records were used (index in the file, content id) and the regime (model,
     layers, editor and its settings: ``benchmarks/report.py`` states it and checks it
@@ -89,7 +118,7 @@ def write_manifest(out: Path, args: argparse.Namespace, edits: gl.data.Edits, ch
     A folder that holds another run's edits is refused."""
     rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in zip(chosen, edits)]
     manifest = {"data": DATA[args.data], "seed": args.seed, "model": args.model, "n_layers": n_layers,
-                "editor": args.editor, "hparams": {"lr": args.lr, "epochs": args.epochs}, "edits": rows}
+                "editor": args.editor, "hparams": editor_hparams(args), "edits": rows}
     old = out / "edits.json"
     if old.exists():
         had = json.loads(old.read_text())
@@ -114,7 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     write_manifest(out, args, edits, chosen, h.n_layers)
     every = list(range(h.n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     mine, shard = shard_layers(args.shard, every)
-    hparams = {"lr": args.lr, "epochs": args.epochs}
+    hparams = editor_hparams(args)
+    if args.editor != "locft":  # every layer's C in one sampling pass (cached), not one pass per layer
+        from gradlocate.editors import editor_class
+        from gradlocate.editors.covariance import second_moments
+
+        hp = editor_class(args.editor)(h, mine[0], progress=False, **hparams).hp
+        if hp["mom2_adjustment"]:
+            second_moments(h, mine, tokens=hp["mom2_n_tokens"], progress=True)
     print(f"{args.model} on {args.n} {args.data} edits (file indices {chosen[:8]}{' ...' if args.n > 8 else ''}); "
           f"{args.editor} at layers {mine} -> {relative_path(out / shard)}.jsonl", flush=True)
     t0 = time.perf_counter()
