@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-CHECKED = ["gradients", "interventions", "locft", "tracing", "samplewise", "atp", "rome"]
+CHECKED = ["gradients", "interventions", "locft", "tracing", "samplewise", "atp", "rome", "matrix_speed"]
 
 
 @pytest.mark.parametrize("name", [n for n in CHECKED if (RESULTS / f"{n}.json").exists()])
