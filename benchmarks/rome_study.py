@@ -172,13 +172,11 @@ def part_single(model: Any, h: Any, args: argparse.Namespace) -> None:
     C = second_moment(h, args.layer, tokens=MOM2_TOKENS, progress=True)
     for data in ("counterfact", "zsre"):
         chosen = pick(data, args.n, args.seed)
-        pres = {}
         for index, edit in chosen:
             names = ["rome", "r-rome", "emmet", *LOCFT]
             if all(f"{data}/{index}/{n}" in done for n in names):
                 continue
             pre = evaluation(model, [edit], None)
-            pres[index] = pre
             ing = ingredients(h, args.layer, data, index, edit, C)
             forms = closed_forms(ing, C)
             check = float((forms["rome"] - ing["rome_dW"].double()).norm() / ing["rome_dW"].double().norm())

@@ -97,10 +97,9 @@ def _adam(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, steps: Tensor, rows
     update is memory-bound, and gathering rows copied every state tensor."""
     b1, b2 = _BETAS
     steps[rows] += 1
-    every = rows.numel() == param.shape[0]
     for t in sorted(set(steps[rows].tolist())):  # rows with one step count share the bias corrections
         same = rows[steps[rows] == t]
-        if every and same.numel() == param.shape[0]:
+        if same.numel() == param.shape[0]:  # every row, one count: no gather, no scatter
             p, g, mm, vv = param, grad, m, v
         else:
             r = same.to(param.device)
