@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,10 +99,74 @@ def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Comp
     return j, done, regime, picked
 
 
-def section(name: str, j: Judgment, done: Completeness, picked: Any) -> str:
+def section(name: str, j: Judgment, done: Completeness, picked: Any, batch: str = "") -> str:
     state = "complete" if done.done else f"**partial**: {done} (layers {done.complete_layers} judged)"
     errs = "".join(f"\n- selector {k} could not run: {v}" for k, v in (picked.errors if picked else {}).items())
-    return f"### {name}\n\nMatrix: {state}.{errs}\n\n" + j.to_markdown()
+    return f"### {name}\n\nMatrix: {state}.{errs}\n\n" + j.to_markdown() + batch
+
+
+def batch_records(folder: Path) -> list[Any]:
+    """The batch regime's layer records (``benchmarks/batch_regime.py``), by layer; [] if none."""
+    from gradlocate.golden.store import RecordStore
+    from gradlocate.golden.sweep import LayerRecord
+
+    d = folder / "batch"
+    recs = [LayerRecord.from_dict(r) for r in RecordStore(d).read().values()] if d.is_dir() else []
+    return sorted((r for r in recs if r.error is None), key=lambda r: r.layer)
+
+
+def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_boot: int) -> str:
+    """The batch regime beside the matrix: the test edits edited together at each layer,
+    its golden layer per definition (bootstrap over edits, damage-gated like the matrix),
+    and what the single-edit golden layer costs the batch (its regret)."""
+    from gradlocate import stats
+
+    recs = batch_records(folder)
+    if not recs:
+        return ""
+    layers = [r.layer for r in recs]
+    metrics: dict[str, Any] = {k: np.array([[np.nan if v is None else v for v in r.per_edit[k]] for r in recs]).T
+                               for k in ("reliability", "generalization", "locality") if k in recs[0].per_edit}
+    change = np.array([np.nan if r.general.get("lm_loss_change") is None else r.general["lm_loss_change"]
+                       for r in recs])
+    if np.isfinite(change).all():
+        metrics["capability"], metrics["lm_loss"] = np.exp(-change), change
+    gate = stats.damage_gate(change, threshold, higher_is_better=False)
+    n_edits = next(iter(metrics.values())).shape[0]
+    state = "complete" if len(layers) == n_layers else f"**partial**: {len(layers)} of {n_layers} layers"
+    per_step = recs[0].train.get("edits_per_step")
+    out = ["", f"**Batch regime** (the second question: the {n_edits} test edits edited *together* at each layer, "
+           f"the same editor and hyper-parameters, {per_step} edits per optimizer step, `benchmarks/batch_regime.py`; {state}). Golden layer by definition "
+           f"(bootstrap over the test edits, gated at {threshold} nats), against the single-edit matrix's, and the batch's "
+           f"regret of editing it at the single-edit golden layer:", "",
+           "| definition | batch golden | P(golden) | best mean [CI] | single-edit golden | batch regret there [CI] |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for d in [k for k in ("reliability", "generalization", "locality") if k in metrics] + list(stats.DEFINITIONS):
+        if d not in j.definitions:
+            continue
+        single = j.definitions[d].golden
+        sel = {"single": layers.index(single)} if single in layers else {}
+        b = stats.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0, selectors=sel)
+        reg = b.regret.get("single")
+        there = f"{reg[0]:.3f} [{reg[1]:.3f}, {reg[2]:.3f}]" if reg else "not swept"
+        lo, hi = b.golden_value_interval
+        out.append(f"| {d} | {layers[b.golden]} | {b.p_golden:.2f} | {b.golden_value:.3f} [{lo:.3f}, {hi:.3f}] | "
+                   f"{single} | {there} |")
+    out += ["", "Per layer (means over the test edits; Δloss = held-out LM loss change, nats; converged = an epoch's "
+            "mean loss fell below the threshold):", "",
+            "| layer | reliability | generalization | locality | Δloss | damaging | converged | final loss | train s |",
+            "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    for i, r in enumerate(recs):
+        tf = r.teacher_forced
+        fl = r.train.get("final_loss")
+        out.append(f"| {r.layer} | {_f(tf.get('reliability'))} | {_f(tf.get('generalization'))} | "
+                   f"{_f(tf.get('locality'))} | {_f(change[i])} | {'yes' if r.layer in [layers[k] for k in gate.damaging] else ''} | "
+                   f"{r.converged} | {_f(fl)} | {_f(r.timings.get('train'), 1)} |")
+    return "\n".join(out) + "\n"
+
+
+def _f(v: Any, p: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{float(v):.{p}f}"
 
 
 HEAD = """# Results: which layer to edit, and which selector finds it?
@@ -128,10 +193,14 @@ How to read it:
 * **Convergence**: LocFT-BF stops when an epoch's mean loss falls below {loss}; a cell that
   did not, ran its full epoch budget. The fraction is reported for every layer.
 
+* **Batch regime**, where a matrix has one: the same test edits edited *together* at each
+  layer (how LocFT-BF is used), a second question with its own golden layer, shown after
+  the matrix it belongs to; its regret column is what the single-edit golden layer costs it.
+
 What this page does **not** support: claims about layers not yet in a partial matrix; claims
 about other editors, learning rates or epoch budgets than the regime stated per result;
-the batch regime (many edits at once), which is a second question not measured here; and
-capability beyond the held-out texts of the capability subsample (its uncertainty is not
+the batch regime where no batch section is shown, and batch sizes other than the one stated;
+and capability beyond the held-out texts of the capability subsample (its uncertainty is not
 in the bootstrap, which resamples edits).
 """
 
@@ -171,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     sections = []
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
         j, done, regime, picked = judge_folder(folder, args)
-        sections.append(section(folder.name, j, done, picked))
+        batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
+        sections.append(section(folder.name, j, done, picked, batch))
         (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},
                                                          default=float, indent=1))
         print(f"{folder.name}: {done}; {j!r}", flush=True)

@@ -1,0 +1,81 @@
+"""benchmarks/batch_regime.py and report.py's batch section: the matrix's test edits edited
+together at each layer, and the golden layer read from those records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _module(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def batch_folder(tmp_path_factory):
+    from gradlocate.data import load_edits
+    from gradlocate.golden.matrix import edit_id
+
+    folder = tmp_path_factory.mktemp("matrix") / "tiny-run"
+    folder.mkdir()
+    edits = load_edits("zsre", n=8)
+    rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in enumerate(edits)]
+    (folder / "edits.json").write_text(json.dumps({"model": "tiny-llama", "n_layers": 4, "editor": "locft",
+                                                   "hparams": {"lr": 1e-2, "epochs": 3}, "edits": rows}))
+    _module("batch_regime").main([str(folder)])
+    return folder
+
+
+def _lines(folder):
+    return [json.loads(l) for l in (folder / "batch" / "shard0of1.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_every_layer_edits_the_test_rows_together(batch_folder):
+    from gradlocate.golden.study import split_rows
+
+    recs = _lines(batch_folder)
+    assert sorted(r["layer"] for r in recs) == [0, 1, 2, 3]
+    proxy = split_rows(8, 2, seed=0)
+    for r in recs:
+        assert r["n_edits"] == r["n_eval"] == 8 - len(proxy)
+        assert len(r["per_edit"]["reliability"]) == 6 and r["train"]["epochs"] <= 3
+        assert r["general"]["lm_loss_change"] is not None
+    # a second run resumes: nothing is trained or appended again
+    _module("batch_regime").main([str(batch_folder)])
+    assert len(_lines(batch_folder)) == len(recs)
+
+
+def test_report_reads_the_golden_layer_and_the_regret_off_the_records(batch_folder):
+    report = _module("report")
+    recs = sorted(_lines(batch_folder), key=lambda r: r["layer"])
+    means = {k: np.array([np.mean(r["per_edit"][k]) for r in recs]) for k in ("reliability", "locality")}
+    j = SimpleNamespace(definitions={d: SimpleNamespace(golden=1) for d in ("reliability", "locality", "edit-only")})
+    text = report.batch_section(batch_folder, j, 4, threshold=0.5, n_boot=50)
+    assert "complete" in text and "6 test edits edited *together*" in text
+    for k, mean in means.items():
+        row = next(l for l in text.splitlines() if l.startswith(f"| {k} |")).split("|")
+        golden = int(np.argmax(mean))  # ties go to the first layer, as golden_layer does
+        assert int(row[2]) == golden
+        assert float(row[4].split()[0]) == pytest.approx(mean[golden], abs=5e-4)
+        assert float(row[6].split()[0]) == pytest.approx(mean[golden] - mean[1], abs=5e-4)
+    per_layer = [l for l in text.splitlines() if l.startswith("| 2 |")][0].split("|")
+    assert float(per_layer[5]) == pytest.approx(recs[2]["general"]["lm_loss_change"], abs=5e-4)
+
+
+def test_a_folder_without_batch_records_adds_nothing(tmp_path):
+    assert _module("report").batch_section(tmp_path, SimpleNamespace(definitions={}), 4, 0.5, 10) == ""
