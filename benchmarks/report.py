@@ -87,7 +87,7 @@ def selections_for(folder: Path, regime: dict[str, Any], proxy: list[int], names
                   progress=False)
 
 
-def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Completeness, dict[str, Any], Any]:
+def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Completeness, dict[str, Any], Any, Any]:
     regime = regime_of(folder)
     m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
     proxy = split_rows(m.n_edits, max(1, m.n_edits // 4), seed=0)
@@ -96,7 +96,7 @@ def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Comp
     extra = {"model": regime["model"], "data": regime.get("data"), "loss_threshold": LOSS_THRESHOLD}
     j = judge(m, proxy, picked.scores if picked else None, threshold=args.threshold, n_boot=args.n_boot,
               n_null=args.n_null, n_splits=200, regime=extra)
-    return j, done, regime, picked
+    return j, done, regime, picked, m
 
 
 def section(name: str, j: Judgment, done: Completeness, picked: Any, batch: str = "") -> str:
@@ -163,6 +163,56 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
                    f"{_f(tf.get('locality'))} | {_f(change[i])} | {'yes' if r.layer in [layers[k] for k in gate.damaging] else ''} | "
                    f"{r.converged} | {_f(fl)} | {_f(r.timings.get('train'), 1)} |")
     return "\n".join(out) + "\n"
+
+
+def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: float, n_boot: int) -> str:
+    """Regimes side by side: for each model and data set with more than one matrix folder
+    (another learning rate, another editor), the golden layer per definition of each, on
+    the edits and layers every one of them has (all shared rows: no selector is judged
+    here), with convergence and the worst held-out loss change. A golden layer that moves
+    with the regime is a statement about the regime."""
+    from gradlocate import stats
+    from gradlocate.golden.judge import matrix_metrics
+
+    groups: dict[tuple[str, str], list[tuple[str, dict[str, Any], Any]]] = {}
+    for name, regime, m in runs:
+        groups.setdefault((regime["model"], str(regime.get("data"))), []).append((name, regime, m))
+    out = []
+    for (model, data), group in groups.items():
+        if len(group) < 2:
+            continue
+        ids = [e for e in group[0][2].edit_ids if all(e in m.edit_ids for _, _, m in group)]
+        layers = [l for l in group[0][2].layers if all(l in m.layers for _, _, m in group)]
+        if len(ids) < 2 or len(layers) < 2:
+            continue
+        defs = ["reliability", "generalization", "locality", *stats.DEFINITIONS]
+        out += [f"### Regimes side by side: {model}, {data}", "",
+                f"The same {len(ids)} edits (every edit the folders share, proxy and test alike) at the "
+                f"{len(layers)} layers every folder has ({', '.join(map(str, layers))}); golden layer per definition, "
+                f"gated at {threshold} nats, with P(golden) over {n_boot} bootstrap resamples of the edits.", "",
+                "| folder | editor, settings | converged | worst Δloss (layer) | " + " | ".join(defs) + " |",
+                "|---|---|---:|---:|" + "---:|" * len(defs)]
+        for name, regime, m in group:
+            rows = [m.edit_ids.index(e) for e in ids]
+            cols = [m.layers.index(l) for l in layers]
+            metrics = {k: (v[:, cols] if v.ndim == 2 else v[cols]) for k, v in matrix_metrics(m, rows).items()}
+            change = metrics.get("lm_loss")
+            gate = stats.damage_gate(change if change is not None else np.full(len(cols), np.nan), threshold,
+                                     higher_is_better=False)
+            conv = m.train["converged"][np.ix_(rows, cols)] if "converged" in m.train else np.full(1, np.nan)
+            worst = "n/a" if change is None else f"{np.nanmax(change):+.3f} ({layers[int(np.nanargmax(change))]})"
+            goldens = []
+            for d in defs:
+                try:
+                    b = stats.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0)
+                    goldens.append(f"{layers[b.golden]} ({b.p_golden:.2f})")
+                except ValueError:
+                    goldens.append("n/a")
+            hp = ", ".join(f"{k} {v}" for k, v in regime["hparams"].items())
+            out.append(f"| {name} | {regime['editor']}, {hp} | {_f(float(np.nanmean(conv)), 2)} | {worst} | "
+                       + " | ".join(goldens) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _f(v: Any, p: int = 3) -> str:
@@ -237,15 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sections = []
+    sections, runs = [], []
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
-        j, done, regime, picked = judge_folder(folder, args)
+        j, done, regime, picked, m = judge_folder(folder, args)
+        runs.append((folder.name, regime, m))
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
         sections.append(section(folder.name, j, done, picked, batch))
         (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},
                                                          default=float, indent=1))
         print(f"{folder.name}: {done}; {j!r}", flush=True)
-    text = page(sections, args.threshold)
+    side = regimes_section(runs, args.threshold, args.n_boot)
+    text = page(sections + ([side] if side else []), args.threshold)
     Path(args.out).write_text(text)
     if args.print:
         print(text)

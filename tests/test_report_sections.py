@@ -1,5 +1,5 @@
-"""benchmarks/batch_regime.py and report.py's batch section: the matrix's test edits edited
-together at each layer, and the golden layer read from those records."""
+"""benchmarks/batch_regime.py and report.py's extra sections: the batch regime (the matrix's test
+edits edited together at each layer) and regimes side by side."""
 
 from __future__ import annotations
 
@@ -79,3 +79,32 @@ def test_report_reads_the_golden_layer_and_the_regret_off_the_records(batch_fold
 
 def test_a_folder_without_batch_records_adds_nothing(tmp_path):
     assert _module("report").batch_section(tmp_path, SimpleNamespace(definitions={}), 4, 0.5, 10) == ""
+
+
+def test_regimes_side_by_side_judge_the_shared_edits_and_layers():
+    from gradlocate.golden.matrix import Matrix
+
+    rng = np.random.default_rng(0)
+
+    def built(ids, layers, best):
+        rel = rng.uniform(0, 0.5, (len(ids), len(layers)))
+        rel[:, layers.index(best)] += 0.5
+        cap = np.full((len(ids), len(layers)), np.nan)
+        cap[:2] = 0.01 * np.arange(len(layers))
+        return Matrix(layers, ids, {"reliability": rel, "locality": np.ones_like(rel)},
+                      {"converged": np.ones_like(rel)}, cap, 3.0, "locft")
+
+    a = built(list("abcdef"), [0, 1, 2, 3], best=1)
+    b = built(list("abcdefgh"), [0, 2, 3], best=3)            # g, h and layer 1 are not shared
+    c = built(list("xyz"), [0, 1], best=0)                     # another data set: not compared
+    runs = [("lr-a", {"model": "m", "data": "d", "editor": "locft", "hparams": {"lr": 1}}, a),
+            ("lr-b", {"model": "m", "data": "d", "editor": "locft", "hparams": {"lr": 2}}, b),
+            ("other", {"model": "m", "data": "e", "editor": "locft", "hparams": {"lr": 1}}, c)]
+    text = _module("report").regimes_section(runs, threshold=0.5, n_boot=50)
+    assert "The same 6 edits" in text and "layers every folder has (0, 2, 3)" in text and "other" not in text
+    for name, m, worst in (("lr-a", a, "+0.030 (3)"), ("lr-b", b, "+0.020 (3)")):
+        row = next(l for l in text.splitlines() if l.startswith(f"| {name} |")).split("|")
+        shared = m.scores["reliability"][:6][:, [m.layers.index(l) for l in (0, 2, 3)]]
+        assert int(row[5].split()[0]) == (0, 2, 3)[int(np.argmax(shared.mean(0)))]
+        assert row[4].strip() == worst                          # the worst held-out loss change, its own cells
+    assert _module("report").regimes_section(runs[:1], 0.5, 10) == ""
