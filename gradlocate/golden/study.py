@@ -50,13 +50,20 @@ from gradlocate.golden.sweep import SweepResult, sweep
 
 __all__ = ["study", "Study", "Selections", "Batch", "select", "split_rows", "STUDY_SELECTORS", "StudyRow"]
 
-#: The selectors a study compares: name -> (selector, its keyword arguments).
+#: The selectors a study compares: name -> (selector, its keyword arguments). The
+#: defaults are the papers' (answer tokens only, Tukey's k = 1.5); each variant where a
+#: definition could decide the answer is its own row: GradRatio's l_min, LGA's sign
+#: convention, the fences' k = 2.2 (Hoaglin, Iglewicz & Tukey 1986's recommendation),
+#: and EOS scored after each answer (EasyEdit's LocFT-BF loss does; the selectors' papers do not).
 STUDY_SELECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "gradratio": ("gradratio", {}),
     "gradratio (no l_min)": ("gradratio", {"min_layer": 0}),
+    "gradratio (EOS)": ("gradratio", {"append_eos": True}),
     "lga": ("lga", {"sign": "signed"}),
     "lga (negative)": ("lga", {"sign": "negative"}),
     "lga (abs)": ("lga", {"sign": "abs"}),
+    "lga (k 2.2)": ("lga", {"sign": "signed", "k": 2.2}),
+    "lga (EOS)": ("lga", {"sign": "signed", "append_eos": True}),
     "cma": ("cma", {}),
 }
 
