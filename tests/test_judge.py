@@ -208,3 +208,20 @@ def test_plot_marks_each_definition():
     fig = _quick(m).plot()
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert len(labels) == 6 and any(l.startswith("weighted (") for l in labels)
+
+
+def test_lga_versus_cma_is_decided_only_by_disjoint_intervals():
+    from types import SimpleNamespace
+
+    from gradlocate.golden.judge_report import _lga_versus_cma
+
+    def j(lga, cma):
+        sel = [SimpleNamespace(name="lga", layer=3, regret={"golden-layers": lga, "weighted": lga}),
+               SimpleNamespace(name="cma", layer=9, regret={"golden-layers": cma, "weighted": None})]
+        return SimpleNamespace(selectors=sel, primary="weighted")
+
+    assert "holds" in _lga_versus_cma(j((0.01, 0.0, 0.05), (0.2, 0.1, 0.3)))[0]
+    assert "reversed" in _lga_versus_cma(j((0.2, 0.1, 0.3), (0.01, 0.0, 0.05)))[0]
+    line = _lga_versus_cma(j((0.1, 0.0, 0.2), (0.15, 0.1, 0.3)))[0]
+    assert "not resolved" in line and "layer 3 vs 9" in line and "weighted" not in line  # CMA has no weighted regret
+    assert _lga_versus_cma(SimpleNamespace(selectors=[], primary="weighted")) == []

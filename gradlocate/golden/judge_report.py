@@ -137,11 +137,32 @@ def reading(j: Any) -> list[str]:
     if np.isfinite(conv).any() and np.nanmean(conv) < 0.5:
         out.append(f"- Most cells did not converge (mean fraction {np.nanmean(conv):.2f}): they ran their full epoch "
                    f"budget without reaching the loss threshold; the regime under-trains, and the results are about it.")
+    out += _lga_versus_cma(j)
     outside = [s.name for s in j.selectors if s.layer not in j.layers]
     if outside:
         out.append(f"- Picked a layer outside the judged layers {j.layers[0]}..{j.layers[-1]} (not judged yet): "
                    f"{', '.join(outside)}.")
     return out + [""]
+
+
+def _lga_versus_cma(j: Any) -> list[str]:
+    """The Golden Layers paper's claim that LGA finds better layers than CMA, read off the
+    regret intervals: decided only when the two intervals do not overlap (conservative)."""
+    sel = {s.name: s for s in j.selectors}
+    if "lga" not in sel or "cma" not in sel:
+        return []
+    said = []
+    for d in dict.fromkeys(("golden-layers", j.primary)):
+        a, b = sel["lga"].regret.get(d), sel["cma"].regret.get(d)
+        if a is None or b is None:
+            continue
+        verdict = ("holds" if a[2] < b[1] else "reversed: CMA's regret is lower" if b[2] < a[1]
+                   else "not resolved (the intervals overlap)")
+        said.append(f"{d}: LGA {_f(a[0])} [{_f(a[1])}, {_f(a[2])}] vs CMA {_f(b[0])} [{_f(b[1])}, {_f(b[2])}], {verdict}")
+    if not said:
+        return []
+    return [f"- 'LGA beats CMA' (the Golden Layers paper; regret on the test rows, layer {sel['lga'].layer} vs "
+            f"{sel['cma'].layer}): " + "; ".join(said) + "."]
 
 
 def judgment_markdown(j: Any) -> str:
