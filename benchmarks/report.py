@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, judge  # noqa: E402
+from gradlocate.golden.judge_report import _f, claims_table  # noqa: E402
 from gradlocate.golden.load import Completeness, load_matrix  # noqa: E402
 from gradlocate.golden.study import STUDY_SELECTORS, select, split_rows  # noqa: E402
 
@@ -156,11 +157,12 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
             "mean loss fell below the threshold):", "",
             "| layer | reliability | generalization | locality | Δloss | damaging | converged | final loss | train s |",
             "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    damaging = {layers[k] for k in gate.damaging}
     for i, r in enumerate(recs):
         tf = r.teacher_forced
         fl = r.train.get("final_loss")
         out.append(f"| {r.layer} | {_f(tf.get('reliability'))} | {_f(tf.get('generalization'))} | "
-                   f"{_f(tf.get('locality'))} | {_f(change[i])} | {'yes' if r.layer in [layers[k] for k in gate.damaging] else ''} | "
+                   f"{_f(tf.get('locality'))} | {_f(change[i])} | {'yes' if r.layer in damaging else ''} | "
                    f"{r.converged} | {_f(fl)} | {_f(r.timings.get('train'), 1)} |")
     return "\n".join(out) + "\n"
 
@@ -215,10 +217,6 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
     return "\n".join(out)
 
 
-def _f(v: Any, p: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{float(v):.{p}f}"
-
-
 HEAD = """# Results: which layer to edit, and which selector finds it?
 
 Written by `python benchmarks/report.py` ({date}, {machine}, torch {torch}) from the single-edit
@@ -267,13 +265,26 @@ cite them; the matrices above replace them.
 """
 
 
-def page(sections: list[str], threshold: float) -> str:
+def claims(studies: list[tuple[str, str, Judgment]]) -> str:
+    """The summary at the top: the Golden Layers paper's claims per study, under its own
+    definition of overall (each study's section shows the others)."""
+    if not studies:
+        return ""
+    return ("## Summary: the Golden Layers paper's claims, study by study\n\n"
+            "Under the paper's definition of overall (`golden-layers`: min-max normalised reliability, "
+            "generalization, locality and held-out loss, averaged); each study's section below shows every other "
+            "definition, and the regime it was edited in. 'yes' / 'holds' are read off the intervals and null "
+            "tests defined under *How to read it*; a partial matrix speaks only for its judged layers.\n\n"
+            + "\n".join(claims_table(studies)) + "\n")
+
+
+def page(sections: list[str], threshold: float, summary: str = "") -> str:
     head = HEAD.format(date=datetime.date.today().isoformat(), machine=platform.machine(), torch=torch.__version__,
                        thr=threshold, loss=LOSS_THRESHOLD)
     body = "\n\n".join(sections) if sections else "No matrix folder has a complete layer yet."
     old = SUPERSEDED.read_text().split("\n", 1)[1] if SUPERSEDED.exists() else ""
     old = old.replace("\n## ", "\n#### ").replace("\n### ", "\n#### ")
-    return head + "\n## Single-edit matrices\n\n" + body + "\n" + FOOT + old
+    return head + "\n" + summary + "\n## Single-edit matrices\n\n" + body + "\n" + FOOT + old
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,17 +298,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sections, runs = [], []
+    sections, runs, studies = [], [], []
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
         j, done, regime, picked, m = judge_folder(folder, args)
         runs.append((folder.name, regime, m))
+        size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
+        studies.append((folder.name, size, j))
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
         sections.append(section(folder.name, j, done, picked, batch))
         (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},
                                                          default=float, indent=1))
         print(f"{folder.name}: {done}; {j!r}", flush=True)
     side = regimes_section(runs, args.threshold, args.n_boot)
-    text = page(sections + ([side] if side else []), args.threshold)
+    text = page(sections + ([side] if side else []), args.threshold, claims(studies))
     Path(args.out).write_text(text)
     if args.print:
         print(text)

@@ -225,3 +225,28 @@ def test_lga_versus_cma_is_decided_only_by_disjoint_intervals():
     line = _lga_versus_cma(j((0.1, 0.0, 0.2), (0.15, 0.1, 0.3)))[0]
     assert "not resolved" in line and "layer 3 vs 9" in line and "weighted" not in line  # CMA has no weighted regret
     assert _lga_versus_cma(SimpleNamespace(selectors=[], primary="weighted")) == []
+
+
+def test_claims_table_reads_each_claim_off_the_judgment():
+    from gradlocate.golden.judge_report import claims_table
+
+    m, rel, *_ = _built(damaging=None)
+    layers = [10, 11, 12, 13]
+    lga = LayerScores("lga", [0.1, 0.2, 0.9, 0.3], [True] * 4, 12, layers=layers)  # the golden layer (12)
+    cma = LayerScores("cma", [0.9, 0.2, 0.1, 0.3], [True] * 4, 10, layers=layers)  # the worst one
+    j = _quick(m, proxy=[0, 1, 2, 3], selections={"lga": lga, "cma": cma}, definitions=["reliability"],
+               primary="reliability")
+    r = j.definition("reliability")
+    nul, t = r.versus["null"], r.transfer
+    means = rel[4:].mean(0)
+    assert r.golden == 12 and j.selectors[1].regret["reliability"][0] == pytest.approx(means.max() - means[0])
+    lines = claims_table([("toy", "16 edits x 4 layers", j)], definition="reliability")
+    row = lines[2]
+    fixed = "no: the own optimum is better" if nul["p_value"] < 0.05 and nul["corrected"] > 0 else "yes"
+    assert row.startswith(f"| toy | 16 edits x 4 layers | 12, {r.boot.p_golden:.2f} | {fixed} ")
+    assert f"holds ({t.agreement:.2f} vs" in row and t.p_null < 0.05  # layer 12 is far ahead: transfer holds
+    assert "| holds (0.000 vs " in row and "| lga 0.000 [0.000, 0.000] |" in row
+    # no CMA row -> not measured; a definition the judgment lacks is named
+    j2 = _quick(m, proxy=[0, 1, 2, 3], selections={"lga": lga}, definitions=["reliability"], primary="reliability")
+    assert "| not measured |" in claims_table([("a", "x", j2)], definition="reliability")[2]
+    assert "no golden-layers definition judged" in claims_table([("a", "x", j2)])[2]

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["judgment_markdown"]
+__all__ = ["claims_table", "judgment_markdown"]
 
 
 def _f(v: Any, p: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"
+    # float() first: numpy scalars are not `float` instances; inf/nan print as n/a
+    return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.{p}f}"
 
 
 def _p(v: Any) -> str:
@@ -156,13 +157,54 @@ def _lga_versus_cma(j: Any) -> list[str]:
         a, b = sel["lga"].regret.get(d), sel["cma"].regret.get(d)
         if a is None or b is None:
             continue
-        verdict = ("holds" if a[2] < b[1] else "reversed: CMA's regret is lower" if b[2] < a[1]
-                   else "not resolved (the intervals overlap)")
+        verdict = _lower_regret(a, b, "CMA")
         said.append(f"{d}: LGA {_f(a[0])} [{_f(a[1])}, {_f(a[2])}] vs CMA {_f(b[0])} [{_f(b[1])}, {_f(b[2])}], {verdict}")
     if not said:
         return []
     return [f"- 'LGA beats CMA' (the Golden Layers paper; regret on the test rows, layer {sel['lga'].layer} vs "
             f"{sel['cma'].layer}): " + "; ".join(said) + "."]
+
+
+def _lower_regret(a: tuple[float, float, float], b: tuple[float, float, float], other: str) -> str:
+    """Whether regret ``a`` (value, lo, hi) is below ``b``: only when the intervals are disjoint."""
+    return ("holds" if a[2] < b[1] else f"reversed: {other}'s regret is lower" if b[2] < a[1]
+            else "not resolved (the intervals overlap)")
+
+
+def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-layers") -> list[str]:
+    """The Golden Layers paper's three claims, one row per study, read as :func:`reading` reads
+    them under one ``definition`` of overall (the paper's own by default).
+
+    ``studies``: (name, completeness note, judgment). A fixed golden layer is *supported* when
+    no per-edit optimum beats it beyond the winner's curse (corrected gain <= 0 or p (null) >=
+    0.05); transfer *holds* when the proxy's golden layer is the test's more often than on
+    row-permuted matrices (p_null < 0.05); "LGA beats CMA" only when their regret intervals are
+    disjoint. A study whose judgment lacks the definition is listed as such.
+    """
+    lines = [f"| study | size | golden layer, P(golden) | a fixed layer as good as each edit's own? (corrected gain, "
+             f"p null) | proxy -> test transfer (agreement vs chance, p_null) | 'LGA beats CMA' (regret) | "
+             f"lowest regret [CI] |", "|---|---|---|---|---|---|---|"]
+    for name, size, j in studies:
+        r = j.definitions.get(definition)
+        if r is None:
+            lines.append(f"| {name} | {size} | no {definition} definition judged | | | | |")
+            continue
+        nul = r.versus["null"]
+        fixed = ("no: the own optimum is better" if nul["p_value"] < 0.05 and nul["corrected"] > 0 else "yes")
+        t = r.transfer
+        tr = "n/a" if t is None else (f"{'holds' if t.p_null < 0.05 else 'not shown'} ({t.agreement:.2f} vs "
+                                      f"{_f(t.null_agreement, 2)}, {_p(t.p_null)})")
+        sel = {s.name: s for s in j.selectors}
+        a = sel["lga"].regret.get(definition) if "lga" in sel else None
+        b = sel["cma"].regret.get(definition) if "cma" in sel else None
+        lc = "not measured" if a is None or b is None else (
+            f"{_lower_regret(a, b, 'CMA')} ({_f(a[0])} vs {_f(b[0])})")
+        judged = [(s.regret[definition], s.name) for s in j.selectors if s.regret.get(definition) is not None]
+        best = min(judged, key=lambda x: x[0][0]) if judged else None
+        bs = "none" if best is None else f"{best[1]} {_f(best[0][0])} [{_f(best[0][1])}, {_f(best[0][2])}]"
+        lines.append(f"| {name} | {size} | {r.golden}, {r.boot.p_golden:.2f} | {fixed} ({_f(nul['corrected'])}, "
+                     f"{_p(nul['p_value'])}) | {tr} | {lc} | {bs} |")
+    return lines + [""]
 
 
 def judgment_markdown(j: Any) -> str:
