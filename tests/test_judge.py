@@ -249,4 +249,8 @@ def test_claims_table_reads_each_claim_off_the_judgment():
     # no CMA row -> not measured; a definition the judgment lacks is named
     j2 = _quick(m, proxy=[0, 1, 2, 3], selections={"lga": lga}, definitions=["reliability"], primary="reliability")
     assert "| not measured |" in claims_table([("a", "x", j2)], definition="reliability")[2]
+    off = LayerScores("cma", [0.0] * 5, [True] * 5, 14, layers=[10, 11, 12, 13, 14])  # picks a layer with no cells
+    j3 = _quick(m, proxy=[0, 1, 2, 3], selections={"lga": lga, "cma": off}, definitions=["reliability"],
+                primary="reliability")
+    assert "not judged yet (layers 12 / 14 not in the matrix)" in claims_table([("a", "x", j3)], "reliability")[2]
     assert "no golden-layers definition judged" in claims_table([("a", "x", j2)])[2]

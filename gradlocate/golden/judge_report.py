@@ -197,8 +197,12 @@ def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-
         sel = {s.name: s for s in j.selectors}
         a = sel["lga"].regret.get(definition) if "lga" in sel else None
         b = sel["cma"].regret.get(definition) if "cma" in sel else None
-        lc = "not measured" if a is None or b is None else (
-            f"{_lower_regret(a, b, 'CMA')} ({_f(a[0])} vs {_f(b[0])})")
+        if "lga" not in sel or "cma" not in sel:
+            lc = "not measured"
+        elif a is None or b is None:  # a partial matrix: the picked layer has no cells yet
+            lc = f"not judged yet (layers {sel['lga'].layer} / {sel['cma'].layer} not in the matrix)"
+        else:
+            lc = f"{_lower_regret(a, b, 'CMA')} ({_f(a[0])} vs {_f(b[0])})"
         judged = [(s.regret[definition], s.name) for s in j.selectors if s.regret.get(definition) is not None]
         best = min(judged, key=lambda x: x[0][0]) if judged else None
         bs = "none" if best is None else f"{best[1]} {_f(best[0][0])} [{_f(best[0][1])}, {_f(best[0][2])}]"
