@@ -139,7 +139,8 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
     out = ["", f"**Batch regime** (the second question: the {n_edits} test edits edited *together* at each layer, "
            f"the same editor and hyper-parameters, {per_step} edits per optimizer step, `benchmarks/batch_regime.py`; {state}). Golden layer by definition "
            f"(bootstrap over the test edits, gated at {threshold} nats), against the single-edit matrix's, and the batch's "
-           f"regret of editing it at the single-edit golden layer:", "",
+           f"regret of editing it at the single-edit golden layer (against the best layer the gate allows, so "
+           f"negative where the single-edit golden layer is damaging in the batch):", "",
            "| definition | batch golden | P(golden) | best mean [CI] | single-edit golden | batch regret there [CI] |",
            "|---|---:|---:|---:|---:|---:|"]
     for d in [k for k in ("reliability", "generalization", "locality") if k in metrics] + list(stats.DEFINITIONS):
@@ -150,6 +151,9 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
         b = stats.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0, selectors=sel)
         reg = b.regret.get("single")
         there = f"{reg[0]:.3f} [{reg[1]:.3f}, {reg[2]:.3f}]" if reg else "not swept"
+        if single in layers and not gate.allowed[layers.index(single)]:
+            # regret is measured against the best *allowed* layer, so it can be negative here
+            there += f"; damaging in the batch (Δloss {change[layers.index(single)]:.2f})"
         lo, hi = b.golden_value_interval
         out.append(f"| {d} | {layers[b.golden]} | {b.p_golden:.2f} | {b.golden_value:.3f} [{lo:.3f}, {hi:.3f}] | "
                    f"{single} | {there} |")

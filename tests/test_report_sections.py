@@ -77,6 +77,19 @@ def test_report_reads_the_golden_layer_and_the_regret_off_the_records(batch_fold
     assert float(per_layer[5]) == pytest.approx(recs[2]["general"]["lm_loss_change"], abs=5e-4)
 
 
+def test_a_single_edit_golden_layer_that_damages_the_batch_is_named(batch_folder):
+    report = _module("report")
+    recs = sorted(_lines(batch_folder), key=lambda r: r["layer"])
+    change = np.array([r["general"]["lm_loss_change"] for r in recs])
+    worst = int(np.argmax(change))
+    j = SimpleNamespace(definitions={"reliability": SimpleNamespace(golden=worst)})
+    text = report.batch_section(batch_folder, j, 4, threshold=float(change[worst]) - 1e-9, n_boot=20)
+    row = next(l for l in text.splitlines() if l.startswith("| reliability |"))
+    assert f"damaging in the batch (Δloss {change[worst]:.2f})" in row and int(row.split("|")[2]) != worst
+    rows = [l for l in text.splitlines() if l.startswith("| reliability |") or l.startswith("| locality |")]
+    assert len(rows) == 1  # a definition the judgment lacks gets no row
+
+
 def test_a_folder_without_batch_records_adds_nothing(tmp_path):
     assert _module("report").batch_section(tmp_path, SimpleNamespace(definitions={}), 4, 0.5, 10) == ""
 
