@@ -129,10 +129,10 @@ def reading(j: Any) -> list[str]:
     shaky = [d for d, r in defs.items() if r.boot.p_golden < 0.8]
     if shaky:
         out.append(f"- Not determined at this size (golden in < 80% of bootstrap resamples): {', '.join(shaky)}.")
-    real = [d for d, r in defs.items() if r.versus["null"]["p_value"] < 0.05 and r.versus["null"]["corrected"] > 0]
+    real = [d for d, r in defs.items() if _optimum_beats_golden(r)]
     out.append("- Own optimum beyond the winner's curse (p (null) < 0.05, corrected gain > 0): "
                + (", ".join(real) if real else "none — per-edit layer choice is not shown to beat the golden layer."))
-    beat = [d for d, r in defs.items() if r.transfer is not None and r.transfer.p_null < 0.05]
+    beat = [d for d, r in defs.items() if _transfers(r)]
     out.append("- Proxy -> test transfer above chance (p_null < 0.05): " + (", ".join(beat) if beat else "none") + ".")
     conv = np.asarray(j.convergence.converged, dtype=float)
     if np.isfinite(conv).any() and np.nanmean(conv) < 0.5:
@@ -144,6 +144,16 @@ def reading(j: Any) -> list[str]:
         out.append(f"- Picked a layer outside the judged layers {j.layers[0]}..{j.layers[-1]} (not judged yet): "
                    f"{', '.join(outside)}.")
     return out + [""]
+
+
+def _optimum_beats_golden(r: Any) -> bool:
+    """Each edit's own optimum beats the golden layer beyond the winner's curse."""
+    return r.versus["null"]["p_value"] < 0.05 and r.versus["null"]["corrected"] > 0
+
+
+def _transfers(r: Any) -> bool:
+    """The proxy's golden layer is the test's more often than on row-permuted matrices."""
+    return r.transfer is not None and r.transfer.p_null < 0.05
 
 
 def _lga_versus_cma(j: Any) -> list[str]:
@@ -190,17 +200,15 @@ def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-
             lines.append(f"| {name} | {size} | no {definition} definition judged | | | | |")
             continue
         nul = r.versus["null"]
-        fixed = ("no: the own optimum is better" if nul["p_value"] < 0.05 and nul["corrected"] > 0 else "yes")
+        fixed = "no: the own optimum is better" if _optimum_beats_golden(r) else "yes"
         t = r.transfer
-        tr = "n/a" if t is None else (f"{'holds' if t.p_null < 0.05 else 'not shown'} ({t.agreement:.2f} vs "
+        tr = "n/a" if t is None else (f"{'holds' if _transfers(r) else 'not shown'} ({t.agreement:.2f} vs "
                                       f"{_f(t.null_agreement, 2)}, {_p(t.p_null)})")
         sel = {s.name: s for s in j.selectors}
-        a = sel["lga"].regret.get(definition) if "lga" in sel else None
-        b = sel["cma"].regret.get(definition) if "cma" in sel else None
         if "lga" not in sel or "cma" not in sel:
             lc = "not measured"
-        elif a is None or b is None:  # a partial matrix: the picked layer has no cells yet
-            lc = f"not judged yet (layers {sel['lga'].layer} / {sel['cma'].layer} not in the matrix)"
+        elif None in (a := sel["lga"].regret.get(definition), b := sel["cma"].regret.get(definition)):
+            lc = f"not judged yet (layers {sel['lga'].layer} / {sel['cma'].layer} not in the matrix)"  # partial matrix
         else:
             lc = f"{_lower_regret(a, b, 'CMA')} ({_f(a[0])} vs {_f(b[0])})"
         judged = [(s.regret[definition], s.name) for s in j.selectors if s.regret.get(definition) is not None]
