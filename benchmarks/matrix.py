@@ -115,16 +115,25 @@ def write_manifest(out: Path, args: argparse.Namespace, edits: gl.data.Edits, ch
     """Which records were used (index in the file, content id) and the regime (model,
     layers, editor and its settings: ``benchmarks/report.py`` states it and checks it
     against the records' fingerprint), written atomically: every shard writes the same.
-    A folder that holds another run's edits is refused."""
+    A larger ``--n`` with the same seed grows the folder (its edits are the old ones
+    followed by new ones; a smaller ``--n`` leaves the manifest as it is); a folder that
+    holds another run's edits is refused."""
     rows = [{"index": i, "id": edit_id(e), **e.to_dict()} for i, e in zip(chosen, edits)]
     manifest = {"data": DATA[args.data], "seed": args.seed, "model": args.model, "n_layers": n_layers,
                 "editor": args.editor, "hparams": editor_hparams(args), "edits": rows}
     old = out / "edits.json"
     if old.exists():
         had = json.loads(old.read_text())
-        if [r["id"] for r in had.get("edits", [])] != [r["id"] for r in rows]:
-            raise SystemExit(f"{relative_path(out)} holds a matrix of other edits ({had.get('data')}, seed "
-                             f"{had.get('seed')}, {len(had.get('edits', []))} edits): use another --out")
+        was, now = [r["id"] for r in had.get("edits", [])], [r["id"] for r in rows]
+        n = min(len(was), len(now))
+        same = all(had[k] == manifest[k] for k in ("model", "editor", "hparams") if k in had)
+        if was[:n] != now[:n] or not same:
+            raise SystemExit(f"{relative_path(out)} holds a matrix of other edits or another regime ({had.get('data')}, "
+                             f"seed {had.get('seed')}, {len(was)} edits, {had.get('editor')} {had.get('hparams')}): "
+                             f"use another --out")
+        if len(now) <= len(was):
+            return
+        manifest["sizes"] = sorted(set(had.get("sizes", [len(was)])) | {len(now)})
     tmp = out / f".edits.{os.getpid()}.json"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, old)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+import gradlocate as gl
+
 from gradlocate.golden.judge import judge, matrix_metrics
 from gradlocate.golden.load import load_matrix
 from gradlocate.golden.matrix import Matrix
@@ -167,6 +169,54 @@ def test_load_matrix_partial_folder_and_regime_check(tmp_path):
     assert m.capability[0, 0] == pytest.approx(0.1) and m.capability_base == pytest.approx(2.9)
     with pytest.raises(ValueError, match="editor fingerprint"):
         load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-3, "epochs": 100})
+
+
+def test_a_grown_folder_shows_its_complete_rows_until_the_new_ones_hold_more(tmp_path):
+    ids = ["a", "b", "c", "d"]
+    (tmp_path / "edits.json").write_text(json.dumps({"edits": [{"id": e} for e in ids], "sizes": [2, 4]}))
+    s = RecordStore(tmp_path, shard="shard0of1")
+    for e in ("a", "b"):
+        for l in range(3):
+            s.append(f"{e}/{l}", {"edit": e, "layer": l, "scores": {"reliability": 1.0}, "train": {}})
+    s.append("c/0", {"edit": "c", "layer": 0, "scores": {"reliability": 0.0}, "train": {}})
+    m, c = load_matrix(tmp_path, 3)
+    assert (m.edit_ids, m.layers) == (["a", "b"], [0, 1, 2])  # 2 x 3 cells beat 4 x 0
+    assert (c.n_edits, c.edits_used, c.total) == (4, 2, 12) and "first 2 of 4 edits" in str(c)
+    for e in ("c", "d"):
+        for l in range(2):
+            s.append(f"{e}/{l}", {"edit": e, "layer": l, "scores": {"reliability": 0.0}, "train": {}})
+    m, c = load_matrix(tmp_path, 3)
+    assert (m.edit_ids, m.layers) == (ids, [0, 1])  # 4 x 2 = 8 > 2 x 3
+    # without the growth history a partial layer does not trade rows for layers
+    (tmp_path / "edits.json").write_text(json.dumps({"edits": [{"id": e} for e in ids]}))
+    assert load_matrix(tmp_path, 3)[0].edit_ids == ids
+
+
+def test_matrix_script_grows_a_folder_and_refuses_other_edits(tmp_path):
+    import argparse
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "matrix_script", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "matrix.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    every = gl.data.as_edits([gl.data.EditRequest(f"p{i}", f" t{i}", subject=f"s{i}") for i in range(6)])
+
+    def write(n, editor="locft", lr=5e-4, order=range(6)):
+        args = argparse.Namespace(data="counterfact", seed=0, model="tiny", editor=editor, lr=lr, epochs=25, set=[])
+        rows = [every[i] for i in list(order)[:n]]
+        script.write_manifest(tmp_path, args, gl.data.as_edits(rows), list(order)[:n], 4)
+        return json.loads((tmp_path / "edits.json").read_text())
+
+    assert len(write(2)["edits"]) == 2
+    grown = write(4)
+    assert len(grown["edits"]) == 4 and grown["sizes"] == [2, 4]
+    assert len(write(3)["edits"]) == 4  # a smaller run leaves the manifest as it is
+    with pytest.raises(SystemExit, match="other edits or another regime"):
+        write(4, order=[5, 4, 3, 2, 1, 0])
+    with pytest.raises(SystemExit, match="other edits or another regime"):
+        write(5, lr=5e-5)
 
 
 def test_report_page_from_a_partial_matrix_folder(tmp_path, monkeypatch):

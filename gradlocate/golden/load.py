@@ -5,7 +5,8 @@ their content ids) and one record per (edit, layer) cell to ``<folder>/*.jsonl``
 :class:`~gradlocate.golden.store.RecordStore` folder) as the layers finish. :func:`load_matrix`
 reads them without a model: the rows are the manifest's edits, the columns the layers
 whose every row has a cell (``complete_only``), and :class:`Completeness` says how much
-of the whole is there. A stated regime (``editor``, ``hparams``) is checked against the
+of the whole is there. A folder grown to more edits (``sizes`` in the manifest) shows the
+earlier, complete rows until the new ones hold more cells. A stated regime (``editor``, ``hparams``) is checked against the
 records' editor fingerprint, so a page never labels cells with settings they were not made with.
 
 Example:
@@ -49,6 +50,7 @@ class Completeness:
     partial_layers: list[int]
     n_layers: int
     n_edits: int
+    edits_used: int | None = None  # the first rows the matrix shows (None: all n_edits)
 
     @property
     def done(self) -> bool:
@@ -60,17 +62,23 @@ class Completeness:
     def __str__(self) -> str:
         return (f"{self.cells}/{self.total} cells ({self.cells / max(self.total, 1):.0%}); "
                 f"{len(self.complete_layers)}/{self.n_layers} layers complete"
-                + (f", {len(self.partial_layers)} partial" if self.partial_layers else ""))
+                + (f", {len(self.partial_layers)} partial" if self.partial_layers else "")
+                + (f" over the first {self.edits_used} of {self.n_edits} edits"
+                   if self.edits_used is not None and self.edits_used < self.n_edits else ""))
 
 
-def _manifest(folder: Path) -> list[str]:
+def _manifest(folder: Path) -> tuple[list[str], list[int]]:
+    """The edits' ids in row order, and the sizes the manifest has had (``sizes``: a
+    folder grown from 32 to 64 edits says ``[32, 64]``)."""
     f = folder / "edits.json"
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: a matrix folder holds edits.json (written by benchmarks/matrix.py)")
-    rows = json.loads(f.read_text()).get("edits", [])
+    manifest = json.loads(f.read_text())
+    rows = manifest.get("edits", [])
     if not rows or any("id" not in r for r in rows):
         raise ValueError(f"{f}: expected {{'edits': [{{'id': ..., ...}}, ...]}} with an id per edit")
-    return [r["id"] for r in rows]
+    sizes = sorted({int(k) for k in manifest.get("sizes", []) if 0 < int(k) < len(rows)} | {len(rows)})
+    return [r["id"] for r in rows], sizes
 
 
 def _check_regime(records: dict[Any, dict[str, Any]], editor: str | None, hparams: dict[str, Any] | None) -> None:
@@ -127,10 +135,13 @@ def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | 
         FileNotFoundError: no ``edits.json``; ValueError: mixed or mismatched fingerprints, no layer to show.
     """
     folder = Path(folder)
-    ids = _manifest(folder)
+    ids, sizes = _manifest(folder)
     records = {k: r for k, r in RecordStore(folder).read().items() if "edit" in r and "layer" in r}
     _check_regime(records, editor, hparams)
     cells = {(r["edit"], int(r["layer"])): r for r in records.values() if r.get("edit") in set(ids)}
+    every = len(ids)
+    if complete_only:  # a grown manifest: its first rows may be complete before the new ones are
+        ids = _best_prefix(ids, sizes, cells, n_layers)
     count = {l: sum((e, l) in cells for e in ids) for l in range(n_layers)}
     complete = [l for l, c in count.items() if c == len(ids)]
     partial = [l for l, c in count.items() if 0 < c < len(ids)]
@@ -141,7 +152,17 @@ def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | 
     params = {"hparams": dict(hparams or {}), "capability_edits": int(np.isfinite(t["capability"]).any(1).sum())}
     m = Matrix(layers, ids, {k: t[k] for k in MATRIX_METRICS}, {k: t[k] for k in TRAIN_FIELDS}, t["capability"],
                base, editor or "unknown", params, relative_path(folder))
-    return m, Completeness(len(cells), len(ids) * n_layers, complete, partial, n_layers, len(ids))
+    return m, Completeness(len(cells), every * n_layers, complete, partial, n_layers, every, len(ids))
+
+
+def _best_prefix(ids: list[str], sizes: list[int], cells: dict[tuple[str, int], Any], n_layers: int) -> list[str]:
+    """The rows in view: of the sizes the manifest has had, the first ``k`` edits whose
+    complete layers hold the most cells (the larger ``k`` on a tie). A folder grown from
+    32 to 64 edits keeps its 32 complete rows in view while the new rows are filled."""
+    def held(k: int) -> int:
+        return k * sum(all((e, l) in cells for e in ids[:k]) for l in range(n_layers))
+
+    return ids[:max(sorted(sizes, reverse=True), key=held)]
 
 
 def _num(v: Any) -> float:
