@@ -6,8 +6,10 @@ alone at each layer with ``--editor`` (:func:`gradlocate.golden.matrix.matrix`) 
 one record per (edit, layer) cell to ``<out>/shard<K>of<N>.jsonl`` as each chunk
 finishes. A re-run resumes from every shard in ``<out>``; ``--shard K/N`` takes every
 N-th layer starting at layer index K, so N processes (or machines, their shard files
-copied into one folder) split the work. When every cell is in ``<out>``, the process that
-finishes last writes ``matrix.json`` and ``matrix.png`` there.
+copied into one folder) split the work. A later run with a larger ``--n`` (same seed,
+model and regime) grows the folder: its first edits are the old ones, whose cells are
+kept. When every cell is in ``<out>``, the process that finishes last writes
+``matrix.json`` and ``matrix.png`` there.
 
 Run (two processes on one machine):
 

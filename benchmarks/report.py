@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, judge  # noqa: E402
 from gradlocate.golden.judge_report import _f, claims_table  # noqa: E402
 from gradlocate.golden.load import Completeness, load_matrix  # noqa: E402
+from gradlocate.editors.rank_one import EARLY_STOP  # noqa: E402
 from gradlocate.golden.study import STUDY_SELECTORS, select, split_rows  # noqa: E402
 
 MATRICES = ROOT / "benchmarks" / "results" / "matrix"
@@ -243,7 +244,9 @@ How to read it:
 * **Transfer** is judged against the chance agreement of the same splits on matrices
   whose rows are permuted across layers (`p_null`), not against 1/L.
 * **Convergence**: LocFT-BF stops when an epoch's mean loss falls below {loss}; a cell that
-  did not, ran its full epoch budget. The fraction is reported for every layer.
+  did not, ran its full epoch budget. R-ROME / ROME stop their v* optimisation when its loss
+  falls below {v_stop} (EasyEdit's early stop); the final loss shown is v*'s. The fraction
+  is reported for every layer.
 
 * **Batch regime**, where a matrix has one: the same test edits edited *together* at each
   layer (how LocFT-BF is used), a second question with its own golden layer, shown after
@@ -284,7 +287,7 @@ def claims(studies: list[tuple[str, str, Judgment]]) -> str:
 
 def page(sections: list[str], threshold: float, summary: str = "") -> str:
     head = HEAD.format(date=datetime.date.today().isoformat(), machine=platform.machine(), torch=torch.__version__,
-                       thr=threshold, loss=LOSS_THRESHOLD)
+                       thr=threshold, loss=LOSS_THRESHOLD, v_stop=EARLY_STOP)
     body = "\n\n".join(sections) if sections else "No matrix folder has a complete layer yet."
     old = SUPERSEDED.read_text().split("\n", 1)[1] if SUPERSEDED.exists() else ""
     old = old.replace("\n## ", "\n#### ").replace("\n### ", "\n#### ")

@@ -229,6 +229,11 @@ def test_registry_and_per_edit_deltas(llama, C):
     with ROME(llama, L, covariance=C, progress=False, **FAST) as ed:
         r = ed.fit(EDITS[:1])
         torch.testing.assert_close(ed.delta, d[0], rtol=1e-5, atol=1e-6)
+    # the matrix's training fields: v*'s last loss, and converged iff it fell below the early stop
+    assert summaries[0]["final_loss"] == r.histories[0][-1] and summaries[0]["steps"] == len(r.histories[0])
+    assert summaries[0]["converged"] == (r.histories[0][-1] < ro.EARLY_STOP)
+    _, strict = per_edit_deltas("rome", resolve(llama), L, EDITS[:1], covariance=C, **{**FAST, "v_num_grad_steps": 1})
+    assert strict[0]["steps"] == 1 and strict[0]["converged"] is (strict[0]["final_loss"] < ro.EARLY_STOP)
     assert set(r.to_dict()) >= {"update_norms", "histories", "timings"} and "ROME" in repr(r)
     with pytest.raises(ValueError, match="subject"):
         ROME(llama, L, covariance=C, **FAST).fit([{"prompt": "a b", "target_new": "c"}])

@@ -50,7 +50,8 @@ from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
 from gradlocate.editors.covariance import SAMPLED, second_moment
-from gradlocate.editors.rank_one import context_templates, locate, optimise_value, rank_one, site_io, subject_of
+from gradlocate.editors.rank_one import (EARLY_STOP, context_templates, locate, optimise_value, rank_one, site_io,
+                                         subject_of)
 from gradlocate.editors.base import InPlaceEdit
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients
@@ -333,7 +334,10 @@ def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any,
         dW, info = rome_update(ed.h, ed.layer, e, groups, C, ed.hp, averaged=cls is RROME)
         out.append(dW.float())
         summaries.append({k: info[k] for k in ("key_norm", "value_norm", "residual_norm", "delta_norm",
-                                               "update_norm", "final_nll")} | {"steps": len(info["history"])})
+                                               "update_norm", "final_nll")}
+                         # the matrix's training fields: v*'s last loss and whether it fell below the early stop
+                         | {"steps": len(info["history"]), "final_loss": info["history"][-1],
+                            "converged": info["history"][-1] < EARLY_STOP})
     return torch.stack(out), summaries
 
 
