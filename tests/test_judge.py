@@ -145,6 +145,23 @@ def test_convergence_and_capability_metrics():
     assert json.dumps(j.to_dict())  # JSON-ready
 
 
+def test_unconverged_cells_are_called_under_training_only_when_the_edits_did_not_take():
+    from gradlocate.golden.judge_report import reading
+
+    m, rel, loc, gen, cap, _ = _built()
+    never = {"converged": np.zeros((N, L)), "final_loss": np.ones((N, L))}
+
+    def said(r):
+        mx = Matrix(m.layers, m.edit_ids, {"reliability": r, "locality": loc, "generalization": gen}, never, cap)
+        return " ".join(reading(_quick(mx)))
+
+    low = said(rel * 0.5)  # the edits did not take: best mean reliability about 0.47
+    assert "under-trains" in low and "missed the threshold" not in low
+    high = said(np.ones((N, L)))
+    assert "missed the threshold, not the edit" in high and "under-trains" not in high
+    assert "did not converge (mean fraction 0.00)" in high
+
+
 def test_errors_say_what_was_expected():
     m, *_ = _built()
     with pytest.raises(ValueError, match="proxy rows must be in"):
