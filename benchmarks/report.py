@@ -34,10 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gradlocate.editors.rank_one import EARLY_STOP  # noqa: E402
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, judge  # noqa: E402
 from gradlocate.golden.judge_report import _f, claims_table  # noqa: E402
 from gradlocate.golden.load import Completeness, load_matrix  # noqa: E402
-from gradlocate.editors.rank_one import EARLY_STOP  # noqa: E402
 from gradlocate.golden.study import STUDY_SELECTORS, select, split_rows  # noqa: E402
 
 MATRICES = ROOT / "benchmarks" / "results" / "matrix"

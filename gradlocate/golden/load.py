@@ -6,8 +6,9 @@ their content ids) and one record per (edit, layer) cell to ``<folder>/*.jsonl``
 reads them without a model: the rows are the manifest's edits, the columns the layers
 whose every row has a cell (``complete_only``), and :class:`Completeness` says how much
 of the whole is there. A folder grown to more edits (``sizes`` in the manifest) shows the
-earlier, complete rows until the new ones hold more cells. A stated regime (``editor``, ``hparams``) is checked against the
-records' editor fingerprint, so a page never labels cells with settings they were not made with.
+earlier, complete rows until the new ones hold more cells. A stated regime (``editor``,
+``hparams``) is checked against the records' editor fingerprint, so a page never labels
+cells with settings they were not made with.
 
 Example:
     >>> import json, tempfile, pathlib
