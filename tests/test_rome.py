@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gradlocate.data import EditRequest
 from gradlocate.editors import EDITORS, editor_class, per_edit_deltas
 from gradlocate.editors import covariance as cov
 from gradlocate.editors import rank_one as ro
@@ -282,3 +283,32 @@ def test_covariance_cache_is_keyed_and_refuses_stale(tmp_path, monkeypatch):
     torch.save(saved, path)
     with pytest.raises(cov.StaleStatisticsError):
         cov._load(path, {"x": 1})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "opt"])
+def test_value_cache_agrees_with_full_forwards_and_skips_the_blocks_below(arch):
+    """v* with the frozen blocks computed once (residual-additive block: its output; Gemma's
+    post-norm: the stream entering it) equals v* from full forwards, and the cached steps
+    do not run the blocks below the edited layer."""
+    model, _ = tiny(arch, n_layers=3, d_model=32)
+    h = resolve(model)
+    edit = EditRequest(**EDIT)
+    hp = dict(steps=6, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4)
+    calls = {"n": 0}
+    hook = h[0].module.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        for layer in (0, 1, 2):
+            fits = {}
+            for cache in (False, True):
+                calls["n"] = 0
+                fits[cache] = ro.optimise_value(h, layer, edit, ["{}", "Hi. {}"], cache=cache, **hp)
+                if layer > 0:
+                    assert calls["n"] == (len(fits[cache].history) if not cache else 3), (layer, cache)
+            a, b = fits[True], fits[False]
+            assert len(a.history) == len(b.history) == 6
+            torch.testing.assert_close(a.delta, b.delta, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.target_init, b.target_init, rtol=1e-5, atol=1e-6)
+            assert a.history == pytest.approx(b.history, rel=1e-5)
+            assert float(a.delta.norm()) > 0
+    finally:
+        hook.remove()

@@ -23,9 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +35,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import EditRequest
+from gradlocate.editors.executors import probe_additive
 from gradlocate.editors.locft import EditTrainingError
 from gradlocate.handles import Handles
-from gradlocate.interventions import capture, head_at, no_cache, replaced, run, stop_after, using
-from gradlocate.losses import target_ids
+from gradlocate.interventions import capture, from_layer, head_at, no_cache, replaced, rewrap, run, stop_after, using
+from gradlocate.losses import TokenBatch, target_ids
 from gradlocate.state import input_device
 
 __all__ = ["context_templates", "Located", "locate", "site_io", "ValueFit", "optimise_value",
@@ -223,7 +225,7 @@ def _nll(logp: Float[Tensor, "k vocab"], vb: _ValueBatch) -> Float[Tensor, ""]:
 
 def optimise_value(h: Handles, layer: int, edit: EditRequest, prefixes: Sequence[str], *, steps: int, lr: float,
                    kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                   callback: Callable[[int, float], Any] | None = None) -> ValueFit:
+                   callback: Callable[[int, float], Any] | None = None, cache: bool = True) -> ValueFit:
     """ROME's ``compute_v``: Adam on δ (zeros, ``lr``) added to the site's output at the
     subject's last token of every prompt, minimising
 
@@ -231,26 +233,26 @@ def optimise_value(h: Handles, layer: int, edit: EditRequest, prefixes: Sequence
                + weight_decay · ‖δ‖ / ‖target_init‖²
 
     stopping below :data:`EARLY_STOP`, after ``steps`` forwards (the last takes no step),
-    with ‖δ‖ clamped to ``clamp_norm_factor · ‖target_init‖`` after each step."""
-    tok, path = h.require_tokenizer(), h[layer].path
+    with ‖δ‖ clamped to ``clamp_norm_factor · ‖target_init‖`` after each step.
+
+    ``cache``: the blocks below ``layer`` (and, where the block is residual-additive, the
+    edited block itself) do not change while δ is optimised, so their output is computed
+    once and each step runs only the blocks above (:func:`_delta_at_site`). ``False`` runs
+    the whole model every step (the reference; ``tests/test_rome.py`` checks they agree)."""
+    tok = h.require_tokenizer()
     vb = _value_batch(tok, edit, prefixes)
     dev = input_device(h.root)
     delta = torch.zeros(h.d_model, device=h[layer].device, requires_grad=True)
     where = torch.zeros(vb.ids.shape + (1,), device=h[layer].device)
     where[torch.arange(len(vb.lookup)), vb.lookup] = 1.0
     fit = ValueFit(delta, torch.zeros(h.d_model))
-    seen: dict[str, Tensor] = {}
-
-    def add(out: Tensor) -> Tensor:
-        if "init" not in seen:
-            seen["init"] = out.reshape(where.shape[:2] + (-1,))[0, int(vb.lookup[0])].detach().float().cpu()
-        return out + (where.reshape(out.shape[:-1] + (1,)) * delta).to(out.dtype)
-
+    ids, am = vb.ids.to(dev), vb.mask.to(dev)
     opt, kl0, t0 = torch.optim.Adam([delta], lr=lr), None, time.perf_counter()
-    with using(h), torch.enable_grad(), replaced(h, path, add), head_at(h, vb.head_rows, vb.head_pos):
+    with using(h), torch.enable_grad(), _delta_at_site(h, layer, ids, am, where, delta, int(vb.lookup[0]), cache) as seen, \
+            head_at(h, vb.head_rows, vb.head_pos):
         for it in range(steps):
             opt.zero_grad()
-            logits = run(h, input_ids=vb.ids.to(dev), attention_mask=vb.mask.to(dev), **no_cache(h.root)).logits[0]
+            logits = run(h, input_ids=ids, attention_mask=am, **no_cache(h.root)).logits[0]
             logp = torch.log_softmax(logits.float(), -1)
             kl_now = logp[-1:]
             kl0 = kl_now.detach().clone() if kl0 is None else kl0
@@ -276,6 +278,52 @@ def optimise_value(h: Handles, layer: int, edit: EditRequest, prefixes: Sequence
                     delta.mul_(cap / delta.norm())
     fit.delta, fit.target_init, fit.seconds = delta.detach().float().cpu(), seen["init"], time.perf_counter() - t0
     return fit
+
+
+@contextlib.contextmanager
+def _delta_at_site(h: Handles, layer: int, ids: Tensor, am: Tensor, where: Float[Tensor, "rows pos 1"],
+                   delta: Float[Tensor, " d_model"], lookup0: int, cache: bool) -> Iterator[dict[str, Tensor]]:
+    """Forwards in the block see ``where * delta`` added to ``layer``'s site output; the dict
+    yielded holds ``"init"``, the site's unedited output at row 0's subject token.
+
+    With ``cache``, what cannot change is computed once: for a residual-additive block
+    (its output is ``c + site(x)``, :func:`~gradlocate.editors.executors.probe_additive`)
+    the block's output, so the site's change enters as ``+ where * delta`` above it;
+    otherwise the stream entering the block. Else, and at layer 0 of a non-additive
+    model, the whole model runs every step."""
+    site, block = h[layer], h.block_paths[layer]
+    seen: dict[str, Tensor] = {}
+
+    def keep_init(out: Tensor) -> None:
+        seen["init"] = out.reshape(where.shape[:2] + (-1,))[0, lookup0].detach().float().cpu()
+
+    mode = "none"
+    if cache:
+        additive, skippable = probe_additive(h, layer, TokenBatch(ids, am, torch.full_like(ids, -100)))
+        mode = "block" if additive else ("entering" if layer > 0 and skippable else "none")
+    if mode == "block":
+        with torch.no_grad(), capture(h, [block, site.path], detach=True) as cap, stop_after(h, block):
+            run(h, input_ids=ids, attention_mask=am, **no_cache(h.root))
+        like, state = cap.raw[block], cap.outputs[block]
+        keep_init(cap.outputs[site.path])
+        with from_layer(h, layer + 1, lambda: rewrap(like, state + (where.to(state.device) * delta).to(state.dtype))):
+            yield seen
+        return
+
+    def add(out: Tensor) -> Tensor:
+        if "init" not in seen:
+            keep_init(out)
+        return out + (where.reshape(out.shape[:-1] + (1,)) * delta).to(out.dtype)
+
+    with contextlib.ExitStack() as stack:
+        if mode == "entering":
+            below = h.block_paths[layer - 1]
+            with torch.no_grad(), capture(h, [below], detach=True) as cap, stop_after(h, below):
+                run(h, input_ids=ids, attention_mask=am, **no_cache(h.root))
+            like, state = cap.raw[below], cap.outputs[below]
+            stack.enter_context(from_layer(h, layer, lambda: rewrap(like, state)))
+        stack.enter_context(replaced(h, site.path, add))
+        yield seen
 
 
 # --------------------------------------------------------------------------- closed forms
