@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -74,8 +75,9 @@ def markdown(res) -> str:
     lines = [f"### v* with the frozen blocks cached, SmolLM2-135M-Instruct ({res['n_layers']} layers)", "",
              f"{res['machine']}; 1 thread; one CounterFact edit ({res['edit']}), {len(res['prefixes'])} prompts "
              f"(ROME's context templates), at most {res['steps']} v* steps (early stop 0.05). Times are the v* "
-             "optimisation for gradlocate and the whole ROME edit for the plain loop (its key pass is one forward "
-             "per prompt, about 1 % of it). CPU time is this process's own.", "",
+             "optimisation for gradlocate and the whole ROME edit for the plain loop (its key pass included: one "
+             "forward per prompt). CPU time is this process's own" + (f"; load average {res['load'][0]:.1f} at start, "
+             f"{res['load'][1]:.1f} at end." if "load" in res else "."), "",
              "| layer | steps | cached s (cpu) | full forwards s (cpu) | plain loop s (cpu) | **cached / full** | "
              "cached / plain | δ cached vs full | ΔW vs plain |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -102,9 +104,10 @@ def main() -> None:
     from gradlocate.handles import resolve
     from gradlocate.models import smollm2
 
+    load0 = os.getloadavg()[0]
     model, tok = smollm2(verbose=False)
     h = resolve(model, tokenizer=tok)
-    edit = gradlocate.load_edits("/work/shared/data/counterfact_3k.json", n=1)[0]
+    edit = gradlocate.load_edits(gradlocate.data.shared_data_path("counterfact_3k.json"), n=1)[0]
     ed = ROME(model, 0, progress=False, v_num_grad_steps=args.steps)
     prefixes = [p for g in ed.templates() for p in g]
     rows = []
@@ -114,6 +117,7 @@ def main() -> None:
         rows.append(one_layer(h, model, tok, layer, edit, prefixes, C, ed.hp))
     res = {"machine": f"{platform.machine()}, torch {torch.__version__}", "n_layers": h.n_layers,
            "edit": f"{edit.prompt!r} -> {edit.target_new!r}", "prefixes": prefixes, "steps": args.steps, "rows": rows,
+           "load": [load0, os.getloadavg()[0]],
            "checks": {"cached_matches_full_1e-5": all(r["rel_diff_cached_full"] <= 1e-5 for r in rows),
                       "delta_matches_plain_1e-4": all(r["rel_diff_plain"] <= 1e-4 for r in rows)}}
     RESULTS.mkdir(exist_ok=True)
