@@ -168,15 +168,24 @@ def main(argv: list[str] | None = None) -> None:
     m = matrix(h, edits, editor=args.editor, hparams=hparams, layers=mine, out=out, shard=shard, chunk=args.chunk,
                capability_edits=args.capability_edits, progress=True)
     print(f"{m}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+    write_whole(out, h, edits, args)
+
+
+def write_whole(out: Path, h: Any, edits: gl.data.Edits, args: argparse.Namespace) -> None:
+    """Once every edit has a cell at every layer of the model (all shards, all runs), the
+    whole matrix's ``matrix.json`` and ``matrix.png``; before that, how far the folder is."""
     stored = RecordStore(out).read()
-    if all(f"{edit_id(e)}/{l}" in stored for e in edits for l in every):  # every shard is done: the whole matrix
-        whole = matrix(h, edits, editor=args.editor, hparams=hparams, layers=every, out=out, chunk=args.chunk,
-                       capability_edits=args.capability_edits, progress=False)
-        (out / "matrix.json").write_text(json.dumps({"model": args.model, "data": args.data, **whole.to_dict()},
-                                                    indent=1))
-        whole.plot(title=f"{args.model} on {args.n} {args.data} edits: overall per edit x layer"
-                   ).savefig(out / "matrix.png", dpi=110, bbox_inches="tight")
-        print(f"whole matrix: {whole}; golden layer {whole.golden()}; wrote {relative_path(out / 'matrix.json')}")
+    done = [l for l in range(h.n_layers) if all(f"{edit_id(e)}/{l}" in stored for e in edits)]
+    if len(done) < h.n_layers:
+        print(f"the folder holds all {len(edits)} edits at {len(done)} of {h.n_layers} layers {done}; "
+              f"matrix.json is written once every layer is in", flush=True)
+        return
+    whole = matrix(h, edits, editor=args.editor, hparams=editor_hparams(args), layers=done, out=out, chunk=args.chunk,
+                   capability_edits=args.capability_edits, progress=False)
+    (out / "matrix.json").write_text(json.dumps({"model": args.model, "data": args.data, **whole.to_dict()}, indent=1))
+    whole.plot(title=f"{args.model} on {args.n} {args.data} edits: overall per edit x layer"
+               ).savefig(out / "matrix.png", dpi=110, bbox_inches="tight")
+    print(f"whole matrix: {whole}; golden layer {whole.golden()}; wrote {relative_path(out / 'matrix.json')}")
 
 
 if __name__ == "__main__":

@@ -321,3 +321,26 @@ def test_claims_table_reads_each_claim_off_the_judgment():
                 primary="reliability")
     assert "not judged yet (layers 12 / 14 not in the matrix)" in claims_table([("a", "x", j3)], "reliability")[2]
     assert "no golden-layers definition judged" in claims_table([("a", "x", j2)])[2]
+
+
+def test_matrix_script_writes_the_whole_matrix_only_once_every_layer_is_in(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "matrix_script", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "matrix.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    edits = gl.data.as_edits([gl.data.EditRequest("Paris is in", " Rome", subject="Paris"),
+                              gl.data.EditRequest("Oslo is in", " Peru", subject="Oslo")])
+    monkeypatch.setattr(script, "pick_edits", lambda data, n, seed: (edits, [0, 1]))
+    base = ["--model", "tiny-gpt2", "--data", "counterfact", "--n", "2", "--epochs", "1", "--chunk", "2",
+            "--out", str(tmp_path)]
+    script.main(base + ["--layers", "0,2"])  # a subset: 2 of the model's layers
+    n_layers = json.loads((tmp_path / "edits.json").read_text())["n_layers"]
+    assert n_layers > 2 and not (tmp_path / "matrix.json").exists()
+    assert f"at 2 of {n_layers} layers [0, 2]" in capsys.readouterr().out
+    rest = ",".join(str(l) for l in range(n_layers) if l not in (0, 2))
+    script.main(base + ["--layers", rest])
+    whole = json.loads((tmp_path / "matrix.json").read_text())
+    assert whole["layers"] == list(range(n_layers))
