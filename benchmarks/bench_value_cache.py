@@ -39,10 +39,6 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 
-def _cpu() -> float:
-    return time.process_time()
-
-
 def one_layer(h, model, tok, layer, edit, prefixes, C, hp):
     from bench_rome import plain_rome
 
@@ -53,12 +49,12 @@ def one_layer(h, model, tok, layer, edit, prefixes, C, hp):
     row = {"layer": layer}
     fits = {}
     for name, cache in (("full", False), ("cached", True)):
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), time.process_time()
         fits[name] = optimise_value(h, layer, edit, prefixes, cache=cache, **kw)
-        row[name] = {"wall": time.perf_counter() - t0, "cpu": _cpu() - c0, "steps": len(fits[name].history)}
-    t0, c0 = time.perf_counter(), _cpu()
+        row[name] = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "steps": len(fits[name].history)}
+    t0, c0 = time.perf_counter(), time.process_time()
     d_plain = plain_rome(model, tok, layer, edit, prefixes, C, hp)
-    row["plain"] = {"wall": time.perf_counter() - t0, "cpu": _cpu() - c0}
+    row["plain"] = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
     a, b = fits["cached"].delta, fits["full"].delta
     row["rel_diff_cached_full"] = float((a - b).norm() / b.norm().clamp_min(1e-12))
     K, O = site_io(h, layer, [locate(h.require_tokenizer(), p + edit.prompt, subject_of(edit), len(p)) for p in prefixes])

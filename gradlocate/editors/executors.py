@@ -43,7 +43,7 @@ from gradlocate.interventions import (capture, edited, from_layer, head_at, no_c
                                       run, stop_after)
 from gradlocate.losses import TokenBatch, edit_nll, head_nll, logits_of, row_means, scored_positions
 
-__all__ = ["Executor", "CACHE_MODES", "HEAD_MODES", "probe_additive", "row_delta"]
+__all__ = ["Executor", "CACHE_MODES", "HEAD_MODES", "cache_mode", "probe_additive", "row_delta"]
 
 CACHE_MODES = ("none", "down_input", "residual")
 HEAD_MODES = ("full", "select", "fused")
@@ -150,6 +150,14 @@ def row_delta(x: Float[Tensor, "rows pos d_in"] | Float[Tensor, "_ d_in"],
     xs = x.view(delta.shape[0], -1, x.shape[-1]) if flat else x
     out = torch.einsum("bti,boi->bto", xs.to(delta.dtype), delta).to(x.dtype)
     return out.reshape(-1, out.shape[-1]) if flat else out
+
+
+def cache_mode(h: Handles, layer: int, batch: TokenBatch) -> str:
+    """The fastest of :data:`CACHE_MODES` that is exact at ``layer``: ``"down_input"`` where
+    the block is residual-additive, else ``"residual"`` where a skipped block can stand in
+    (not at layer 0: nothing runs below it), else ``"none"``."""
+    additive, skippable = probe_additive(h, layer, batch)
+    return "down_input" if additive else ("residual" if layer > 0 and skippable else "none")
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import Edits
-from gradlocate.editors.executors import Executor, probe_additive
+from gradlocate.editors.executors import Executor, cache_mode
 from gradlocate.editors.locft import LOSS_THRESHOLD, PAPER_EPOCHS, PAPER_LR, EditTrainingError
 from gradlocate.gradients import edit_batch
 from gradlocate.handles import Handles
@@ -60,8 +60,7 @@ def train_per_sample(h: Handles, layer: int, edits: Edits, *, lr: float = PAPER_
     with using(h), torch.enable_grad():
         mode = "none"
         if cache is not False:
-            additive, skippable = probe_additive(h, layer, batch)
-            mode = "down_input" if additive else ("residual" if layer > 0 and skippable else "none")
+            mode = cache_mode(h, layer, batch)
         heads = {"auto": "fused", "fused": "fused", "select": "select", "full": "full"}
         head_mode = heads[head] if h.head is not None and getattr(h.head, "weight", None) is not None else "full"
         with Executor(h, layer, batch, mode, head_mode, delta=delta) as ex:

@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import EditRequest
-from gradlocate.editors.executors import probe_additive
+from gradlocate.editors.executors import cache_mode
 from gradlocate.editors.locft import EditTrainingError
 from gradlocate.handles import Handles
 from gradlocate.interventions import capture, from_layer, head_at, no_cache, replaced, rewrap, run, stop_after, using
@@ -287,7 +287,7 @@ def _delta_at_site(h: Handles, layer: int, ids: Tensor, am: Tensor, where: Float
     yielded holds ``"init"``, the site's unedited output at row 0's subject token.
 
     With ``cache``, what cannot change is computed once: for a residual-additive block
-    (its output is ``c + site(x)``, :func:`~gradlocate.editors.executors.probe_additive`)
+    (its output is ``c + site(x)``, :func:`~gradlocate.editors.executors.cache_mode`)
     the block's output, so the site's change enters as ``+ where * delta`` above it;
     otherwise the stream entering the block. Else, and at layer 0 of a non-additive
     model, the whole model runs every step."""
@@ -297,11 +297,8 @@ def _delta_at_site(h: Handles, layer: int, ids: Tensor, am: Tensor, where: Float
     def keep_init(out: Tensor) -> None:
         seen["init"] = out.reshape(where.shape[:2] + (-1,))[0, lookup0].detach().float().cpu()
 
-    mode = "none"
-    if cache:
-        additive, skippable = probe_additive(h, layer, TokenBatch(ids, am, torch.full_like(ids, -100)))
-        mode = "block" if additive else ("entering" if layer > 0 and skippable else "none")
-    if mode == "block":
+    mode = cache_mode(h, layer, TokenBatch(ids, am, torch.full_like(ids, -100))) if cache else "none"
+    if mode == "down_input":
         with torch.no_grad(), capture(h, [block, site.path], detach=True) as cap, stop_after(h, block):
             run(h, input_ids=ids, attention_mask=am, **no_cache(h.root))
         like, state = cap.raw[block], cap.outputs[block]
@@ -316,7 +313,7 @@ def _delta_at_site(h: Handles, layer: int, ids: Tensor, am: Tensor, where: Float
         return out + (where.reshape(out.shape[:-1] + (1,)) * delta).to(out.dtype)
 
     with contextlib.ExitStack() as stack:
-        if mode == "entering":
+        if mode == "residual":
             below = h.block_paths[layer - 1]
             with torch.no_grad(), capture(h, [below], detach=True) as cap, stop_after(h, below):
                 run(h, input_ids=ids, attention_mask=am, **no_cache(h.root))
