@@ -20,6 +20,7 @@ layer list. This module imports only numpy, scipy and the standard library.
 * :func:`transfer` - proxy -> test transfer of the golden layer over random splits.
 * :func:`rank_agreement` - Spearman and Kendall between a selector's scores and the truth.
 * :func:`damage_gate` - layers whose edits cost too much capability, excluded.
+* :func:`layer_effect` - whether a per-cell measure differs between layers at all (Friedman).
 
 Example:
     >>> import numpy as np
@@ -45,8 +46,9 @@ from scipy import stats as sps
 __all__ = [
     "EDIT_METRICS", "WEIGHTS", "GOLDEN_LAYERS_METRICS", "LOWER_IS_BETTER", "DEFINITIONS",
     "overall", "golden_layer", "own_optimum", "selection_gain", "held_out_optimum", "null_selection_bias",
-    "paired_tests", "bootstrap", "transfer", "rank_agreement", "damage_gate",
+    "paired_tests", "bootstrap", "transfer", "rank_agreement", "damage_gate", "layer_effect",
     "Optimum", "HeldOut", "NullBias", "PairedTests", "Bootstrap", "Transfer", "RankAgreement", "DamageGate",
+    "LayerEffect",
 ]
 
 #: The edit metrics: the "edit-only" overall is their mean per cell.
@@ -826,3 +828,49 @@ def damage_gate(capability: Any, threshold: float, higher_is_better: bool = True
     bad = (v < threshold) if higher_is_better else (v > threshold)
     bad &= np.isfinite(v)
     return DamageGate(~bad, np.flatnonzero(bad).tolist(), v, float(threshold), bool(higher_is_better))
+
+
+# --------------------------------------------------------------------------- layer effect
+
+
+@dataclass(repr=False)
+class LayerEffect(_Result):
+    """Whether a per-cell measure differs between layers (Friedman's rank test, edits as blocks).
+
+    Attributes:
+        statistic, p_value: Friedman's chi-square and its p-value (NaN when fewer than 2
+            complete edits or 3 layers).
+        n_edits: edits with a value at every layer (the blocks tested).
+        n_layers: layers (the treatments).
+        spread: max - min of the per-layer means over those edits (the measure's units).
+    """
+
+    statistic: float
+    p_value: float
+    n_edits: int
+    n_layers: int
+    spread: float
+
+
+def layer_effect(cells: Any) -> LayerEffect:
+    """Friedman's test of "no difference between layers" on ``cells [edits, layers]``
+    (e.g. the held-out loss change of the capability subsample), over the edits with a
+    value at every layer. A min-max normalised overall (``golden-layers``) stretches a
+    metric's spread to ``[0, 1]`` whatever its size; a large ``p_value`` says the
+    stretched differences are noise.
+
+    Example:
+        >>> e = layer_effect([[0.0, 1.0, 2.0], [0.1, 1.1, 2.1], [0.2, 1.2, 2.2]])
+        >>> round(e.p_value, 4), e.n_edits, round(e.spread, 3)
+        (0.0498, 3, 2.0)
+    """
+    c = _matrix(cells, "cells")
+    done = c[np.isfinite(c).all(axis=1)]
+    n, k = done.shape
+    if n < 2 or k < 3:
+        return LayerEffect(float("nan"), float("nan"), int(n), int(k), float("nan"))
+    spread = float(np.ptp(done.mean(axis=0)))
+    if np.all(done == done[:, :1]):  # no layer differs from another in any edit: no ranks to test
+        return LayerEffect(0.0, 1.0, int(n), int(k), spread)
+    res = sps.friedmanchisquare(*done.T)
+    return LayerEffect(float(res.statistic), float(res.pvalue), int(n), int(k), spread)

@@ -344,3 +344,28 @@ def test_matrix_script_writes_the_whole_matrix_only_once_every_layer_is_in(tmp_p
     script.main(base + ["--layers", rest])
     whole = json.loads((tmp_path / "matrix.json").read_text())
     assert whole["layers"] == list(range(n_layers))
+
+
+def test_golden_layers_is_flagged_when_the_held_out_loss_it_normalises_is_noise():
+    from gradlocate.golden.judge_report import reading
+
+    m, rel, loc, gen, _, train = _built(damaging=None)
+    rng = np.random.default_rng(5)
+    noise = np.full((N, L), np.nan)
+    noise[:8] = rng.normal(0.001, 1e-4, (8, L))  # no layer effect: layer means within noise
+    quiet = judge(Matrix(m.layers, m.edit_ids, m.scores, train, noise), n_boot=50, n_null=50, n_splits=10)
+    e = quiet.capability_effect
+    by_hand = sps.friedmanchisquare(*noise[:8].T)
+    assert e.n_edits == 8 and e.p_value == pytest.approx(by_hand.pvalue) and e.p_value >= 0.05
+    assert e.spread == pytest.approx(np.ptp(noise[:8].mean(0)))
+    text = " ".join(reading(quiet))
+    assert "ranks the layers by noise" in text and f"Friedman p {e.p_value:.2g}" in text
+    assert "Layer effect on the held-out loss change" in quiet.to_markdown()
+    assert json.loads(json.dumps(quiet.to_dict()))["capability_effect"]["n_edits"] == 8
+    loud = noise.copy()
+    loud[:8, 2] += 0.5  # layer 2 costs half a nat in every edit: a real effect, no flag
+    j = judge(Matrix(m.layers, m.edit_ids, m.scores, train, loud), n_boot=50, n_null=50, n_splits=10)
+    assert j.capability_effect.p_value < 0.05 and "ranks the layers by noise" not in " ".join(reading(j))
+    no_golden_layers = judge(Matrix(m.layers, m.edit_ids, m.scores, train, noise), n_boot=20, n_null=20,
+                             n_splits=10, definitions=["edit-only", "weighted"], primary="weighted")
+    assert "ranks the layers by noise" not in " ".join(reading(no_golden_layers))

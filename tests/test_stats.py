@@ -427,6 +427,34 @@ def test_damage_gate_per_layer_per_cell_and_with_the_golden_layer():
         st.damage_gate(np.ones((2, 2, 2)), 0.5)
 
 
+def _friedman_by_hand(x):
+    """Friedman's chi-square without ties: ranks within each edit, then the textbook formula."""
+    n, k = x.shape
+    ranks = np.argsort(np.argsort(x, axis=1), axis=1) + 1.0
+    stat = 12.0 / (n * k * (k + 1)) * (ranks.sum(0) ** 2).sum() - 3.0 * n * (k + 1)
+    return stat, sps.chi2.sf(stat, k - 1)
+
+
+def test_layer_effect_is_friedmans_test_over_the_complete_edits():
+    rng = np.random.default_rng(21)
+    x = rng.normal(0, 1e-3, (9, 5))
+    x[:, 3] += 0.01  # one layer differs in every edit
+    with_gaps = np.vstack([x, [NAN, 0.0, 0.1, 0.2, 0.3]])  # an edit without every layer is left out
+    e = st.layer_effect(with_gaps)
+    stat, p = _friedman_by_hand(x)
+    assert e.n_edits == 9 and e.n_layers == 5
+    assert e.statistic == pytest.approx(stat) and e.p_value == pytest.approx(p) and p < 0.01
+    assert e.spread == pytest.approx(np.ptp(x.mean(0)))
+    assert np.isnan(st.layer_effect(x[:, :2]).p_value)  # two layers: no Friedman test
+    assert st.layer_effect(np.zeros((4, 3))).p_value == 1.0  # no layer differs at all
+
+
+def test_layer_effect_p_value_is_calibrated_on_noise():
+    rng = np.random.default_rng(3)
+    ps = np.array([st.layer_effect(rng.normal(size=(8, 6))).p_value for _ in range(400)])
+    assert 0.02 < (ps < 0.05).mean() < 0.09  # the null rejects at about its level
+
+
 # --------------------------------------------------------------------------- result objects
 
 
@@ -435,7 +463,7 @@ def test_results_serialise_and_print():
     s = rng.random((10, 4))
     objs = [st.own_optimum(s), st.held_out_optimum(s, rng.random((10, 4))), st.null_selection_bias(s, n=5),
             st.paired_tests(s[:, 0], s[:, 1]), st.bootstrap({"x": s}, "x", n=5, selectors={"a": 0}),
-            st.transfer(s, 5, n_splits=5), st.rank_agreement(s[0], s[1]), st.damage_gate(s, 0.5)]
+            st.transfer(s, 5, n_splits=5), st.rank_agreement(s[0], s[1]), st.damage_gate(s, 0.5), st.layer_effect(s)]
     for o in objs:
         d = json.loads(json.dumps(o.to_dict()))
         assert set(d) == set(o.__dataclass_fields__)

@@ -255,8 +255,9 @@ def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | 
     n_proxy = len(proxy_rows) or max(1, m.n_edits // 4)
     defs = {d: _definition(m, d, test, n_proxy, gate, picks, n_boot, n_null, n_splits, seed) for d in defs_wanted}
     rows = [_selector(m, k, s, defs, primary) for k, s in sels.items()]
+    effect = stats.layer_effect(m.capability) if np.isfinite(m.capability).any() else None
     return Judgment(list(m.layers), m.n_edits, proxy_rows, _regime(m, threshold, regime), gate, convergence(m),
-                    defs, rows, primary)
+                    defs, rows, primary, effect)
 
 
 def _regime(m: Matrix, threshold: float, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -278,6 +279,8 @@ class Judgment:
     definitions: dict[str, DefinitionResult]
     selectors: list[SelectorResult] = field(default_factory=list)
     primary: str = "weighted"
+    #: Does the held-out loss change differ between layers at all (Friedman over the capability subsample)?
+    capability_effect: stats.LayerEffect | None = None
 
     def definition(self, name: str) -> DefinitionResult:
         if name not in self.definitions:
@@ -293,7 +296,8 @@ class Judgment:
         return {"layers": self.layers, "n_edits": self.n_edits, "proxy": self.proxy, "regime": _plain(self.regime),
                 "primary": self.primary, "gate": self.gate.to_dict(), "convergence": self.convergence.to_dict(),
                 "definitions": {k: v.to_dict() for k, v in self.definitions.items()},
-                "selectors": [s.to_dict() for s in self.selectors]}
+                "selectors": [s.to_dict() for s in self.selectors],
+                "capability_effect": None if self.capability_effect is None else self.capability_effect.to_dict()}
 
     def __repr__(self) -> str:
         g = ", ".join(f"{k}={v.golden}" for k, v in self.definitions.items())

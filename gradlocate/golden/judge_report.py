@@ -85,12 +85,31 @@ def _gate_table(j: Any) -> list[str]:
     dmg = [j.layers[i] for i in g.damaging]
     lines = [f"Damage gate: a layer whose edits raise the held-out LM loss by more than {g.threshold} nats (mean over "
              f"its capability cells) is damaging and cannot be golden. Damaging: {dmg or 'none'}.", "",
+             *_effect_line(j),
              "| layer | cells | converged | mean final loss | held-out loss change (nats) | gate |",
              "|---:|---:|---:|---:|---:|---|"]
     for k, l in enumerate(j.layers):
         lines.append(f"| {l} | {c.cells[k]} | {_f(c.converged[k], 2)} | {_f(c.final_loss[k])} | {_f(g.values[k])} | "
                      f"{'damaging' if not g.allowed[k] else 'ok'} |")
     return lines + [""]
+
+
+def _effect_line(j: Any) -> list[str]:
+    e = j.capability_effect
+    if e is None or not math.isfinite(e.p_value):
+        return []
+    return [f"Layer effect on the held-out loss change (Friedman, {e.n_edits} edits x {e.n_layers} layers): "
+            f"chi-square {e.statistic:.1f}, p {_p(e.p_value)}; spread of the layer means {e.spread:.4f} nats.", ""]
+
+
+def _noise_line(j: Any) -> list[str]:
+    """golden-layers min-max normalises the held-out loss: say so when that stretches noise."""
+    e = j.capability_effect
+    if "golden-layers" not in j.definitions or e is None or not math.isfinite(e.p_value) or e.p_value < 0.05:
+        return []
+    return [f"- The held-out loss change does not differ between layers (Friedman p {_p(e.p_value)}, {e.n_edits} "
+            f"edits; layer means within {e.spread:.4f} nats), yet golden-layers min-max normalises it to [0, 1]: "
+            f"its held-out-loss term ranks the layers by noise. Read golden-layers beside edit-only."]
 
 
 def _selector_table(j: Any) -> list[str]:
@@ -152,6 +171,7 @@ def reading(j: Any) -> list[str]:
     conv = np.asarray(j.convergence.converged, dtype=float)
     if np.isfinite(conv).any() and np.nanmean(conv) < 0.5:
         out.append(_convergence_line(j, float(np.nanmean(conv))))
+    out += _noise_line(j)
     out += _lga_versus_cma(j)
     outside = [s.name for s in j.selectors if s.layer not in j.layers]
     if outside:
