@@ -107,9 +107,9 @@ def _noise_line(j: Any) -> list[str]:
     e = j.capability_effect
     if "golden-layers" not in j.definitions or e is None or not math.isfinite(e.p_value) or e.p_value < 0.05:
         return []
-    return [f"- The held-out loss change does not differ between layers (Friedman p {_p(e.p_value)}, {e.n_edits} "
+    return [f"- No layer effect on the held-out loss change is detected (Friedman p {_p(e.p_value)}, {e.n_edits} "
             f"edits; layer means within {e.spread:.4f} nats), yet golden-layers min-max normalises it to [0, 1]: "
-            f"its held-out-loss term ranks the layers by noise. Read golden-layers beside edit-only."]
+            f"its held-out-loss term may rank the layers by noise. Read golden-layers beside edit-only."]
 
 
 def _selector_table(j: Any) -> list[str]:
