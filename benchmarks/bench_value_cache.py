@@ -1,5 +1,6 @@
-"""ROME's v* optimisation with the frozen blocks computed once, beside full forwards
-and a plain-PyTorch loop, on SmolLM2-135M at a few layers.
+"""ROME's v* optimisation with what δ cannot change computed once (the frozen blocks,
+and the positions before the subject), beside full forwards and a plain-PyTorch loop, on
+SmolLM2-135M at a few layers.
 
 Run from the repository root (about 10 min on one CPU thread)::
 
@@ -10,16 +11,20 @@ Writes ``benchmarks/results/value_cache.{json,md}``.
 The v* loss does not depend on the blocks below the edited layer, nor (on a
 residual-additive block such as LLaMA's) on the edited block itself: their output is
 computed once and each step runs only the blocks above
-(:func:`gradlocate.editors.rank_one.optimise_value`, ``cache=True``, the default). Timed
-side by side, one edit, the same context templates and ``--steps`` v* steps:
+(:func:`gradlocate.editors.rank_one.optimise_value`, ``cache=True``, the default). Nor do the
+positions before each prompt's subject-last token (causal attention): their keys and values
+come from a cache computed once, and each step runs only the positions from δ on
+(``reuse_prefix=True``, the default). Timed side by side, one edit, the same context
+templates and ``--steps`` v* steps:
 
-* ``cached``: gradlocate, ``cache=True``;
+* ``prefix``: gradlocate, ``cache=True, reuse_prefix=True`` (the default);
+* ``cached``: gradlocate, ``cache=True, reuse_prefix=False``;
 * ``full``: gradlocate, ``cache=False`` (every step runs the whole model);
 * ``plain``: ROME's computation in plain PyTorch (``bench_rome.plain_rome``: forward hooks,
   one prompt per forward, full logits), whose ΔW the others are checked against.
 
-Checks (exit status 1 after writing if one fails): cached and full δ agree to 1e-5
-(relative); the plain loop's ΔW and gradlocate's agree to 1e-4 (relative Frobenius).
+Checks (exit status 1 after writing if one fails): prefix, cached and full δ agree to
+1e-5 (relative); the plain loop's ΔW and gradlocate's agree to 1e-4 (relative Frobenius).
 """
 
 from __future__ import annotations
@@ -48,39 +53,48 @@ def one_layer(h, model, tok, layer, edit, prefixes, C, hp):
               weight_decay=hp["v_weight_decay"], clamp_norm_factor=hp["clamp_norm_factor"])
     row = {"layer": layer}
     fits = {}
-    for name, cache in (("full", False), ("cached", True)):
+    for name, cache, prefix in (("full", False, False), ("cached", True, False), ("prefix", True, True)):
         t0, c0 = time.perf_counter(), time.process_time()
-        fits[name] = optimise_value(h, layer, edit, prefixes, cache=cache, **kw)
+        fits[name] = optimise_value(h, layer, edit, prefixes, cache=cache, reuse_prefix=prefix, **kw)
         row[name] = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "steps": len(fits[name].history)}
     t0, c0 = time.perf_counter(), time.process_time()
     d_plain = plain_rome(model, tok, layer, edit, prefixes, C, hp)
     row["plain"] = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
-    a, b = fits["cached"].delta, fits["full"].delta
-    row["rel_diff_cached_full"] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    b = fits["full"].delta
+    for name in ("cached", "prefix"):
+        row[f"rel_diff_{name}_full"] = float((fits[name].delta - b).norm() / b.norm().clamp_min(1e-12))
     K, O = site_io(h, layer, [locate(h.require_tokenizer(), p + edit.prompt, subject_of(edit), len(p)) for p in prefixes])
-    v_star = fits["cached"].v_star.double()
+    v_star = fits["prefix"].v_star.double()
     d_lib = rank_one(C, K.mean(0), K[0], v_star - O[0].double())  # ROME's denominator and residual, as plain_rome
     row["rel_diff_plain"] = float((d_lib.double() - d_plain).norm() / d_plain.norm())
     row["ratio_cached_vs_full_cpu"] = row["cached"]["cpu"] / row["full"]["cpu"]
-    row["ratio_cached_vs_plain_cpu"] = row["cached"]["cpu"] / row["plain"]["cpu"]
+    row["ratio_prefix_vs_full_cpu"] = row["prefix"]["cpu"] / row["full"]["cpu"]
+    row["ratio_prefix_vs_cached_cpu"] = row["prefix"]["cpu"] / row["cached"]["cpu"]
+    row["ratio_prefix_vs_plain_cpu"] = row["prefix"]["cpu"] / row["plain"]["cpu"]
     print(json.dumps(row), flush=True)
     return row
 
 
 def markdown(res) -> str:
-    lines = [f"### v* with the frozen blocks cached, SmolLM2-135M-Instruct ({res['n_layers']} layers)", "",
+    lines = [f"### v* with what δ cannot change computed once, SmolLM2-135M-Instruct ({res['n_layers']} layers)", "",
              f"{res['machine']}; 1 thread; one CounterFact edit ({res['edit']}), {len(res['prefixes'])} prompts "
-             f"(ROME's context templates), at most {res['steps']} v* steps (early stop 0.05). Times are the v* "
-             "optimisation for gradlocate and the whole ROME edit for the plain loop (its key pass included: one "
-             "forward per prompt). CPU time is this process's own" + (f"; load average {res['load'][0]:.1f} at start, "
-             f"{res['load'][1]:.1f} at end." if "load" in res else "."), "",
-             "| layer | steps | cached s (cpu) | full forwards s (cpu) | plain loop s (cpu) | **cached / full** | "
-             "cached / plain | δ cached vs full | ΔW vs plain |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"(ROME's context templates), at most {res['steps']} v* steps (early stop 0.05). *full*: every step runs "
+             "the whole model; *cached*: the blocks below the edited layer (and the edited block) computed once; "
+             "*prefix*: also the positions before each prompt's subject-last token (their keys and values cached), "
+             "the default. Times are the v* optimisation for gradlocate and the whole ROME edit for the plain loop "
+             "(its key pass included: one forward per prompt). CPU time is this process's own" +
+             (f"; load average {res['load'][0]:.1f} at start, {res['load'][1]:.1f} at end." if "load" in res else "."), "",
+             "| layer | steps | prefix s (cpu) | cached s (cpu) | full forwards s (cpu) | plain loop s (cpu) | "
+             "**prefix / full** | prefix / cached | prefix / plain | δ cached vs full | δ prefix vs full | ΔW vs plain |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['layer']} | {r['cached']['steps']} | {r['cached']['cpu']:.1f} | {r['full']['cpu']:.1f} | "
-                     f"{r['plain']['cpu']:.1f} | **{r['ratio_cached_vs_full_cpu']:.2f}** | "
-                     f"{r['ratio_cached_vs_plain_cpu']:.2f} | {r['rel_diff_cached_full']:.1e} | {r['rel_diff_plain']:.1e} |")
+        lines.append(f"| {r['layer']} | {r['prefix']['steps']} | {r['prefix']['cpu']:.1f} | {r['cached']['cpu']:.1f} | "
+                     f"{r['full']['cpu']:.1f} | {r['plain']['cpu']:.1f} | **{r['ratio_prefix_vs_full_cpu']:.2f}** | "
+                     f"{r['ratio_prefix_vs_cached_cpu']:.2f} | {r['ratio_prefix_vs_plain_cpu']:.2f} | "
+                     f"{r['rel_diff_cached_full']:.1e} | {r['rel_diff_prefix_full']:.1e} | {r['rel_diff_plain']:.1e} |")
+    tot = {k: sum(r[k]["cpu"] for r in res["rows"]) for k in ("prefix", "cached", "full", "plain")}
+    lines += ["", f"All layers: full / prefix = **{tot['full'] / tot['prefix']:.2f}x**, cached / prefix = "
+              f"{tot['cached'] / tot['prefix']:.2f}x, plain / prefix = {tot['plain'] / tot['prefix']:.1f}x (CPU seconds)."]
     checks = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in res["checks"].items())
     lines += ["", f"Checks: {checks}.", ""]
     return "\n".join(lines)
@@ -115,6 +129,7 @@ def main() -> None:
            "edit": f"{edit.prompt!r} -> {edit.target_new!r}", "prefixes": prefixes, "steps": args.steps, "rows": rows,
            "load": [load0, os.getloadavg()[0]],
            "checks": {"cached_matches_full_1e-5": all(r["rel_diff_cached_full"] <= 1e-5 for r in rows),
+                      "prefix_matches_full_1e-5": all(r["rel_diff_prefix_full"] <= 1e-5 for r in rows),
                       "delta_matches_plain_1e-4": all(r["rel_diff_plain"] <= 1e-4 for r in rows)}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "value_cache.json").write_text(json.dumps(res, indent=1))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from gradlocate import _compat
 from gradlocate.data import EditRequest
 from gradlocate.editors.executors import cache_mode
 from gradlocate.editors.locft import EditTrainingError
@@ -223,9 +225,93 @@ def _nll(logp: Float[Tensor, "k vocab"], vb: _ValueBatch) -> Float[Tensor, ""]:
     return -(got.sum(1) / t).mean()
 
 
+@dataclass
+class _Forward:
+    """The value batch as each v* step's forward sees it. ``whole``: every row from its
+    first token, right-padded. ``suffix``: the rows left-aligned so every subject-last
+    token (where δ enters) is at column ``past``; the positions before it cannot see δ
+    (causal attention), so their keys and values are computed once (``cache``) and each
+    step runs only the columns from ``past`` on."""
+
+    ids: Tensor             # [rows, width]: the positions each forward runs
+    mask: Tensor            # [rows, past + width]
+    where: Tensor           # [rows, width, 1]: 1 where δ is added
+    head_rows: Tensor
+    head_pos: Tensor        # columns of ``ids``
+    col0: int               # row 0's δ column in ``ids``
+    past: int = 0
+    positions: Tensor | None = None
+    cache: Any = None
+    cache_arg: str | None = None
+    no_cache: dict[str, Any] = field(default_factory=dict)
+
+    def inputs(self) -> dict[str, Any]:
+        """One forward's keyword arguments (a fresh copy of the prefix cache: a forward appends to it)."""
+        kw: dict[str, Any] = {"input_ids": self.ids, "attention_mask": self.mask}
+        if self.cache is None:
+            return kw | self.no_cache
+        rows = torch.arange(self.ids.shape[0], device=self.ids.device)
+        return kw | {"position_ids": self.positions, self.cache_arg or "cache": _compat.prefix_cache(self.cache, self.past, rows),
+                     "use_cache": True}
+
+
+def _whole(h: Handles, vb: _ValueBatch, dev: Any) -> _Forward:
+    where = torch.zeros(vb.ids.shape + (1,), device=dev)
+    where[torch.arange(len(vb.lookup)), vb.lookup] = 1.0
+    return _Forward(vb.ids.to(dev), vb.mask.to(dev), where, vb.head_rows, vb.head_pos, int(vb.lookup[0]),
+                    no_cache=no_cache(h.root))
+
+
+@torch.no_grad()
+def _suffix(h: Handles, vb: _ValueBatch, dev: Any) -> tuple[_Forward | None, str | None]:
+    """The ``suffix`` layout with its prefix cache, or ``None`` and why it cannot engage."""
+    arg = _compat.cache_argument(h.root)
+    if arg is None:
+        return None, f"{type(h.root).__name__}'s forward takes no key/value cache"
+    lengths, lookup = vb.mask.sum(1), vb.lookup
+    past, width = int(lookup.max()), int((lengths - lookup).max())
+    if past == 0:
+        return None, None  # nothing precedes δ anywhere: the whole rows are the suffix
+    rows = len(lookup)
+    ids = torch.zeros((rows, past + width), dtype=torch.long)  # left padding: masked, its id never matters
+    mask = torch.zeros_like(ids)
+    for i in range(rows):
+        a, n = past - int(lookup[i]), int(lengths[i])
+        ids[i, a:a + n], mask[i, a:a + n] = vb.ids[i, :n], 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+    cache = _compat.new_cache(h.root)
+    if cache is None:
+        return None, "this transformers has no DynamicCache that takes the model's config"
+    with head_at(h, torch.tensor([0]), torch.tensor([past - 1])):  # the prefix's logits are not needed
+        out = run(h, input_ids=ids[:, :past], attention_mask=mask[:, :past], position_ids=positions[:, :past],
+                  **{arg: cache, "use_cache": True})
+    cache = _compat.returned_cache(out)
+    for layer in range(h.n_layers):
+        got = int(cache.get_seq_length(layer)) if cache is not None else -1
+        if got != past:
+            return None, (f"its key/value cache holds {got} of the prompts' {past} prefix positions at layer {layer} "
+                          f"(a sliding window shorter than the prefix?)")
+    where = torch.zeros((rows, width, 1), device=dev)
+    where[:, 0] = 1.0
+    head_pos = vb.head_pos - lookup[vb.head_rows]
+    return _Forward(ids[:, past:], mask, where, vb.head_rows, head_pos, 0, past, positions[:, past:], cache, arg), None
+
+
+def _forward_layout(h: Handles, vb: _ValueBatch, dev: Any, reuse_prefix: bool) -> _Forward:
+    if not reuse_prefix:
+        return _whole(h, vb, dev)
+    fw, why = _suffix(h, vb, dev)
+    if why is not None:
+        warnings.warn(f"v*: prefix reuse is off ({why}): every step recomputes the positions before the subject, "
+                      f"which is slower; the result is the same", stacklevel=3)
+    return fw if fw is not None else _whole(h, vb, dev)
+
+
 def optimise_value(h: Handles, layer: int, edit: EditRequest, prefixes: Sequence[str], *, steps: int, lr: float,
                    kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                   callback: Callable[[int, float], Any] | None = None, cache: bool = True) -> ValueFit:
+                   callback: Callable[[int, float], Any] | None = None, cache: bool = True,
+                   reuse_prefix: bool = True) -> ValueFit:
     """ROME's ``compute_v``: Adam on δ (zeros, ``lr``) added to the site's output at the
     subject's last token of every prompt, minimising
 
@@ -235,72 +321,78 @@ def optimise_value(h: Handles, layer: int, edit: EditRequest, prefixes: Sequence
     stopping below :data:`EARLY_STOP`, after ``steps`` forwards (the last takes no step),
     with ‖δ‖ clamped to ``clamp_norm_factor · ‖target_init‖`` after each step.
 
-    ``cache``: the blocks below ``layer`` (and, where the block is residual-additive, the
-    edited block itself) do not change while δ is optimised, so their output is computed
-    once and each step runs only the blocks above (:func:`_delta_at_site`). ``False`` runs
-    the whole model every step (the reference; ``tests/test_rome.py`` checks they agree)."""
+    What δ cannot change is computed once (``False`` for either runs the whole model every
+    step: the reference, ``tests/test_rome.py`` checks they agree):
+
+    * ``cache``: the blocks below ``layer`` (and, where the block is residual-additive,
+      the edited block itself); each step runs only the blocks above (:func:`_delta_at_site`);
+    * ``reuse_prefix`` (with ``cache``): the positions before each prompt's subject-last
+      token, whose keys and values come from a cache computed once; each step runs only
+      the positions from δ on (a quarter of the tokens with ROME's templates). Where the
+      model has no usable cache this is off, with a warning naming why."""
     tok = h.require_tokenizer()
     vb = _value_batch(tok, edit, prefixes)
     dev = input_device(h.root)
     delta = torch.zeros(h.d_model, device=h[layer].device, requires_grad=True)
-    where = torch.zeros(vb.ids.shape + (1,), device=h[layer].device)
-    where[torch.arange(len(vb.lookup)), vb.lookup] = 1.0
     fit = ValueFit(delta, torch.zeros(h.d_model))
-    ids, am = vb.ids.to(dev), vb.mask.to(dev)
     opt, kl0, t0 = torch.optim.Adam([delta], lr=lr), None, time.perf_counter()
-    with using(h), torch.enable_grad(), _delta_at_site(h, layer, ids, am, where, delta, int(vb.lookup[0]), cache) as seen, \
-            head_at(h, vb.head_rows, vb.head_pos):
-        for it in range(steps):
-            opt.zero_grad()
-            logits = run(h, input_ids=ids, attention_mask=am, **no_cache(h.root)).logits[0]
-            logp = torch.log_softmax(logits.float(), -1)
-            kl_now = logp[-1:]
-            kl0 = kl_now.detach().clone() if kl0 is None else kl0
-            nll = _nll(logp, vb)
-            kl = kl_factor * torch.nn.functional.kl_div(kl0, kl_now, log_target=True, reduction="batchmean")
-            init = seen["init"].to(delta.device)
-            loss = nll + kl + weight_decay * (delta.norm() / init.norm() ** 2)
-            value = float(loss.item())
-            if not math.isfinite(value):
-                raise EditTrainingError(f"the v* loss became {value} at step {it} for {edit.prompt!r} -> "
-                                        f"{edit.target_new!r}; the weight was restored. Try a smaller v_lr (now {lr:g})")
-            fit.history.append(value)
-            fit.nll.append(float(nll.item()))
-            if callback is not None:
-                callback(it, value)
-            if value < EARLY_STOP or it == steps - 1:
-                break
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                cap = clamp_norm_factor * init.norm()
-                if delta.norm() > cap:
-                    delta.mul_(cap / delta.norm())
+    with using(h):
+        fw = _forward_layout(h, vb, dev, reuse_prefix and cache)
+        probe = TokenBatch(vb.ids.to(dev), vb.mask.to(dev), torch.full_like(vb.ids, -100).to(dev))
+        with torch.enable_grad(), _delta_at_site(h, layer, fw, probe, delta, cache) as seen, \
+                head_at(h, fw.head_rows, fw.head_pos):
+            for it in range(steps):
+                opt.zero_grad()
+                logits = run(h, **fw.inputs()).logits[0]
+                logp = torch.log_softmax(logits.float(), -1)
+                kl_now = logp[-1:]
+                kl0 = kl_now.detach().clone() if kl0 is None else kl0
+                nll = _nll(logp, vb)
+                kl = kl_factor * torch.nn.functional.kl_div(kl0, kl_now, log_target=True, reduction="batchmean")
+                init = seen["init"].to(delta.device)
+                loss = nll + kl + weight_decay * (delta.norm() / init.norm() ** 2)
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise EditTrainingError(f"the v* loss became {value} at step {it} for {edit.prompt!r} -> "
+                                            f"{edit.target_new!r}; the weight was restored. Try a smaller v_lr (now {lr:g})")
+                fit.history.append(value)
+                fit.nll.append(float(nll.item()))
+                if callback is not None:
+                    callback(it, value)
+                if value < EARLY_STOP or it == steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    cap = clamp_norm_factor * init.norm()
+                    if delta.norm() > cap:
+                        delta.mul_(cap / delta.norm())
     fit.delta, fit.target_init, fit.seconds = delta.detach().float().cpu(), seen["init"], time.perf_counter() - t0
     return fit
 
 
 @contextlib.contextmanager
-def _delta_at_site(h: Handles, layer: int, ids: Tensor, am: Tensor, where: Float[Tensor, "rows pos 1"],
-                   delta: Float[Tensor, " d_model"], lookup0: int, cache: bool) -> Iterator[dict[str, Tensor]]:
-    """Forwards in the block see ``where * delta`` added to ``layer``'s site output; the dict
-    yielded holds ``"init"``, the site's unedited output at row 0's subject token.
+def _delta_at_site(h: Handles, layer: int, fw: _Forward, probe: TokenBatch, delta: Float[Tensor, " d_model"],
+                   cache: bool) -> Iterator[dict[str, Tensor]]:
+    """Forwards in the block see ``fw.where * delta`` added to ``layer``'s site output; the
+    dict yielded holds ``"init"``, the site's unedited output at row 0's subject token.
 
     With ``cache``, what cannot change is computed once: for a residual-additive block
-    (its output is ``c + site(x)``, :func:`~gradlocate.editors.executors.cache_mode`)
-    the block's output, so the site's change enters as ``+ where * delta`` above it;
-    otherwise the stream entering the block. Else, and at layer 0 of a non-additive
-    model, the whole model runs every step."""
+    (its output is ``c + site(x)``, :func:`~gradlocate.editors.executors.cache_mode`,
+    probed on the right-padded rows ``probe``) the block's output, so the site's change
+    enters as ``+ where * delta`` above it; otherwise the stream entering the block. Else,
+    and at layer 0 of a non-additive model, the whole model runs every step."""
     site, block = h[layer], h.block_paths[layer]
+    where = fw.where
     seen: dict[str, Tensor] = {}
 
     def keep_init(out: Tensor) -> None:
-        seen["init"] = out.reshape(where.shape[:2] + (-1,))[0, lookup0].detach().float().cpu()
+        seen["init"] = out.reshape(where.shape[:2] + (-1,))[0, fw.col0].detach().float().cpu()
 
-    mode = cache_mode(h, layer, TokenBatch(ids, am, torch.full_like(ids, -100))) if cache else "none"
+    mode = cache_mode(h, layer, probe) if cache else "none"
     if mode == "down_input":
         with torch.no_grad(), capture(h, [block, site.path], detach=True) as cap, stop_after(h, block):
-            run(h, input_ids=ids, attention_mask=am, **no_cache(h.root))
+            run(h, **fw.inputs())
         like, state = cap.raw[block], cap.outputs[block]
         keep_init(cap.outputs[site.path])
         with from_layer(h, layer + 1, lambda: rewrap(like, state + (where.to(state.device) * delta).to(state.dtype))):
@@ -310,13 +402,13 @@ def _delta_at_site(h: Handles, layer: int, ids: Tensor, am: Tensor, where: Float
     def add(out: Tensor) -> Tensor:
         if "init" not in seen:
             keep_init(out)
-        return out + (where.reshape(out.shape[:-1] + (1,)) * delta).to(out.dtype)
+        return out + (where.to(out.device).reshape(out.shape[:-1] + (1,)) * delta).to(out.dtype)
 
     with contextlib.ExitStack() as stack:
         if mode == "residual":
             below = h.block_paths[layer - 1]
             with torch.no_grad(), capture(h, [below], detach=True) as cap, stop_after(h, below):
-                run(h, input_ids=ids, attention_mask=am, **no_cache(h.root))
+                run(h, **fw.inputs())
             like, state = cap.raw[below], cap.outputs[below]
             stack.enter_context(from_layer(h, layer, lambda: rewrap(like, state)))
         stack.enter_context(replaced(h, site.path, add))
