@@ -11,7 +11,9 @@ cell in ``*.jsonl`` shards, as layers finish). For each matrix folder this scrip
    ``<folder>/selections/selections.jsonl`` (fingerprinted; a subfolder, since every ``*.jsonl``
    of the matrix folder is read as cells; ``--no-cma`` leaves CMA out, ``--no-selectors`` all);
 3. judges the matrix (:func:`gradlocate.golden.judge.judge`) and writes the page, with the
-   superseded lr 5e-3 study kept at the end, marked as such.
+   superseded lr 5e-3 study kept at the end, marked as such. A folder growing to more edits
+   is judged on its complete first rows; the layers the new rows already have get a growth
+   check beside it (the first edits against the new ones: the same best layer? the same order?).
 
     python benchmarks/report.py                    # every matrix folder, selectors included
     python benchmarks/report.py --no-cma           # GradRatio and LGA only (seconds)
@@ -172,6 +174,58 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
     return "\n".join(out) + "\n"
 
 
+def growth_section(m: Any, first: int, threshold: float) -> str:
+    """A folder growing to more edits while the page still judges its first ``first`` rows
+    (``m``: every row, the layers complete at every row): a replication check on those
+    layers. The first rows and the new rows are different edits, so a golden layer that
+    is a property of the layers (and not of the edits drawn) is found by both; the rank
+    correlation of the two halves' layer means says how much of the layer ordering
+    repeats. Damage-gated like the judgment; "golden-layers" is normalised on each half."""
+    from scipy.stats import spearmanr
+
+    from gradlocate import stats
+    from gradlocate.golden.judge import default_definitions, matrix_metrics
+
+    if not first < m.n_edits or len(m.layers) < 2:
+        return ""
+    halves = {"first": np.arange(first), "new": np.arange(first, m.n_edits), "all": np.arange(m.n_edits)}
+    gate = stats.damage_gate(m.capability, threshold, higher_is_better=False)
+    out = ["", f"**Growth check** ({m.n_edits - first} edits added to the first {first}; the judgment above "
+           f"still uses the first {first}). Over the {len(m.layers)} layers every one of the {m.n_edits} edits "
+           f"has ({', '.join(map(str, m.layers))}), the best layer of each half by definition, its mean, and "
+           f"Spearman's ρ between the halves' layer means (independent edits: how much of the ordering repeats):", "",
+           f"| definition | first {first}: best (mean) | new {m.n_edits - first}: best (mean) | "
+           f"all {m.n_edits}: best (mean) | ρ first vs new |", "|---|---:|---:|---:|---:|"]
+    for d in default_definitions(m):
+        means = {}
+        for name, rows in halves.items():
+            score = stats.overall(matrix_metrics(m, rows), d)
+            means[name] = np.nanmean(score, 0)
+        cells = []
+        for name in halves:
+            k = stats.golden_layer(means[name][None], gate.allowed)
+            cells.append(f"{m.layers[k]} ({means[name][k]:.3f})")
+        rho = spearmanr(means["first"], means["new"]).statistic
+        out.append(f"| {d} | " + " | ".join(cells) + f" | {_f(rho, 2)} |")
+    return "\n".join(out) + "\n"
+
+
+def complete_at_every_edit(folder: Path, regime: dict[str, Any]) -> tuple[Any, int] | None:
+    """Every row of a grown folder over the layers complete at every row (``None`` when the
+    page already judges every row, or no layer is complete yet), and the rows judged."""
+    from gradlocate.golden.matrix import Matrix
+
+    m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"],
+                          complete_only=False)
+    cols = [m.layers.index(l) for l in done.complete_layers]
+    view, _ = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
+    if view.n_edits >= m.n_edits or len(cols) < 2:
+        return None
+    pick = {k: v[:, cols] for k, v in m.scores.items()}
+    return Matrix([m.layers[c] for c in cols], m.edit_ids, pick, {k: v[:, cols] for k, v in m.train.items()},
+                  m.capability[:, cols], m.capability_base, m.editor, m.params), view.n_edits
+
+
 def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: float, n_boot: int) -> str:
     """Regimes side by side: for each model and data set with more than one matrix folder
     (another learning rate, another editor), the golden layer per definition of each, on
@@ -312,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
         studies.append((folder.name, size, j))
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
+        grown = complete_at_every_edit(folder, regime)
+        batch += growth_section(*grown, args.threshold) if grown else ""
         sections.append(section(folder.name, j, done, picked, batch))
         (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},
                                                          default=float, indent=1))

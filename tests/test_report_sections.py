@@ -121,3 +121,40 @@ def test_regimes_side_by_side_judge_the_shared_edits_and_layers():
         assert int(row[5].split()[0]) == (0, 2, 3)[int(np.argmax(shared.mean(0)))]
         assert row[4].strip() == worst                          # the worst held-out loss change, its own cells
     assert _module("report").regimes_section(runs[:1], 0.5, 10) == ""
+
+
+def test_growth_check_compares_the_first_and_the_new_edits_on_the_layers_both_have(tmp_path):
+    from scipy.stats import spearmanr
+
+    from gradlocate.golden.store import RecordStore
+
+    report = _module("report")
+    hp = {"lr": 1e-3, "epochs": 5}
+    regime = {"model": "tiny", "n_layers": 7, "editor": "locft", "hparams": hp}
+    ids = [f"e{i}" for i in range(8)]
+    (tmp_path / "edits.json").write_text(json.dumps({**regime, "edits": [{"id": e} for e in ids], "sizes": [4, 8]}))
+    s = RecordStore(tmp_path, lambda k: {"editor": {"name": "locft", "hparams": hp}}, shard="shard0of1")
+    rel = np.random.default_rng(1).uniform(0, 1, (8, 7))
+    rel[:, 2] += 1.0  # the most reliable layer, but it damages: the gate must keep it from being best
+    for i, e in enumerate(ids):
+        for l in (range(7) if i < 4 else (0, 1, 2, 3) if i == 4 else (0, 1, 2)):
+            cap = {"lm_loss": 3.0, "lm_loss_change": 1.0 if l == 2 else 0.01} if i < 2 else None
+            s.append(f"{e}/{l}", {"edit": e, "layer": l, "scores": {"reliability": rel[i, l]},
+                                  "train": {"converged": True}, "capability": cap})
+    m, first = report.complete_at_every_edit(tmp_path, regime)
+    assert (m.layers, m.n_edits, first) == ([0, 1, 2], 8, 4)  # 4 x 7 cells are judged; 8 x 3 are checked
+    text = report.growth_section(m, first, threshold=0.5)
+    row = next(l for l in text.splitlines() if l.startswith("| reliability |")).split("|")
+    halves = (rel[:4, :3], rel[4:, :3], rel[:, :3])
+    for cell, half in zip(row[2:5], halves):
+        mean = half.mean(0)
+        best = int(np.argmax(mean[:2]))  # layer 2 is gated
+        assert cell.strip() == f"{best} ({mean[best]:.3f})"
+    assert float(row[5]) == pytest.approx(spearmanr(halves[0].mean(0), halves[1].mean(0)).statistic, abs=5e-3)
+    assert "4 edits added to the first 4" in text
+    # once the page judges every row there is nothing to check
+    for i in range(4, 8):
+        for l in range(3, 7):
+            s.append(f"{ids[i]}/{l}", {"edit": ids[i], "layer": l, "scores": {"reliability": 0.5}, "train": {}})
+    assert report.complete_at_every_edit(tmp_path, regime) is None
+    assert report.growth_section(m, 8, threshold=0.5) == ""
