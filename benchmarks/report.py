@@ -193,7 +193,9 @@ def growth_section(m: Any, first: int, threshold: float) -> str:
     out = ["", f"**Growth check** ({m.n_edits - first} edits added to the first {first}; the judgment above "
            f"still uses the first {first}). Over the {len(m.layers)} layers every one of the {m.n_edits} edits "
            f"has ({', '.join(map(str, m.layers))}), the best layer of each half by definition, its mean, and "
-           f"Spearman's ρ between the halves' layer means (independent edits: how much of the ordering repeats):", "",
+           f"Spearman's ρ between the halves' layer means (independent edits: how much of the ordering repeats; "
+           f"capability, in the definitions that use it, is the per-layer curve of the first "
+           f"{m.params.get('capability_edits', '?')} edits in both halves, so under those definitions the halves are not independent):", "",
            f"| definition | first {first}: best (mean) | new {m.n_edits - first}: best (mean) | "
            f"all {m.n_edits}: best (mean) | ρ first vs new |", "|---|---:|---:|---:|---:|"]
     for d in default_definitions(m):
