@@ -212,20 +212,21 @@ def growth_section(m: Any, first: int, threshold: float) -> str:
     return "\n".join(out) + "\n"
 
 
-def complete_at_every_edit(folder: Path, regime: dict[str, Any]) -> tuple[Any, int] | None:
+def complete_at_every_edit(folder: Path, regime: dict[str, Any], judged: int) -> tuple[Any, int] | None:
     """Every row of a grown folder over the layers complete at every row (``None`` when the
-    page already judges every row, or no layer is complete yet), and the rows judged."""
+    page already judges every row, or fewer than two layers are complete yet), and the rows
+    judged (``judged``: the page's ``Completeness.edits_used``, passed in so the records are
+    read once more, not twice)."""
     from gradlocate.golden.matrix import Matrix
 
     m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"],
                           complete_only=False)
     cols = [m.layers.index(l) for l in done.complete_layers]
-    view, _ = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
-    if view.n_edits >= m.n_edits or len(cols) < 2:
+    if judged >= m.n_edits or len(cols) < 2:
         return None
     pick = {k: v[:, cols] for k, v in m.scores.items()}
     return Matrix([m.layers[c] for c in cols], m.edit_ids, pick, {k: v[:, cols] for k, v in m.train.items()},
-                  m.capability[:, cols], m.capability_base, m.editor, m.params), view.n_edits
+                  m.capability[:, cols], m.capability_base, m.editor, m.params), judged
 
 
 def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: float, n_boot: int) -> str:
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
         studies.append((folder.name, size, j))
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
-        grown = complete_at_every_edit(folder, regime)
+        grown = complete_at_every_edit(folder, regime, done.edits_used)
         batch += growth_section(*grown, args.threshold) if grown else ""
         sections.append(section(folder.name, j, done, picked, batch))
         (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},

@@ -141,7 +141,8 @@ def test_growth_check_compares_the_first_and_the_new_edits_on_the_layers_both_ha
             cap = {"lm_loss": 3.0, "lm_loss_change": 1.0 if l == 2 else 0.01} if i < 2 else None
             s.append(f"{e}/{l}", {"edit": e, "layer": l, "scores": {"reliability": rel[i, l]},
                                   "train": {"converged": True}, "capability": cap})
-    m, first = report.complete_at_every_edit(tmp_path, regime)
+    _, done = report.load_matrix(tmp_path, 7, editor="locft", hparams=hp)  # what the page judges
+    m, first = report.complete_at_every_edit(tmp_path, regime, done.edits_used)
     assert (m.layers, m.n_edits, first) == ([0, 1, 2], 8, 4)  # 4 x 7 cells are judged; 8 x 3 are checked
     text = report.growth_section(m, first, threshold=0.5)
     row = next(l for l in text.splitlines() if l.startswith("| reliability |")).split("|")
@@ -156,5 +157,6 @@ def test_growth_check_compares_the_first_and_the_new_edits_on_the_layers_both_ha
     for i in range(4, 8):
         for l in range(3, 7):
             s.append(f"{ids[i]}/{l}", {"edit": ids[i], "layer": l, "scores": {"reliability": 0.5}, "train": {}})
-    assert report.complete_at_every_edit(tmp_path, regime) is None
+    _, done = report.load_matrix(tmp_path, 7, editor="locft", hparams=hp)
+    assert done.edits_used == 8 and report.complete_at_every_edit(tmp_path, regime, done.edits_used) is None
     assert report.growth_section(m, 8, threshold=0.5) == ""
