@@ -8,7 +8,7 @@ cell in ``*.jsonl`` shards, as layers finish). For each matrix folder this scrip
    has are judged, and the page says how complete the matrix is;
 2. splits the rows into proxy and test edits (:func:`gradlocate.golden.study.split_rows`,
    seed 0, a quarter proxy) and runs the selectors on the proxy edits once, cached in
-   ``<folder>/selections/selections.jsonl`` (fingerprinted; a subfolder, since every ``*.jsonl``
+   ``<folder>/selections/first<n>.jsonl`` for the first n rows judged (fingerprinted; a subfolder, since every ``*.jsonl``
    of the matrix folder is read as cells; ``--no-cma`` leaves CMA out, ``--no-selectors`` all);
 3. judges the matrix (:func:`gradlocate.golden.judge.judge`) and writes the page, with the
    superseded lr 5e-3 study kept at the end, marked as such. A folder growing to more edits
@@ -79,15 +79,17 @@ def edit_of(row: dict[str, Any]) -> Any:
     return e
 
 
-def selections_for(folder: Path, regime: dict[str, Any], proxy: list[int], names: list[str]) -> Any:
-    """The selectors on the matrix's proxy edits, read from / written to ``selections/selections.jsonl``."""
+def selections_for(folder: Path, regime: dict[str, Any], proxy: list[int], names: list[str], judged: int) -> Any:
+    """The selectors on the matrix's proxy edits, read from / written to ``selections/first<judged>.jsonl``
+    (one file per judged size: a folder grown to more edits draws a new proxy, and the
+    records of the old one stay valid for the page judged on fewer rows)."""
     import gradlocate as gl
 
     rows = json.loads((folder / "edits.json").read_text())["edits"]
     edits = [edit_of(rows[i]) for i in proxy]
     model, tok = gl.models.load_model(regime["model"])
     (folder / "selections").mkdir(exist_ok=True)  # not beside the cells: a matrix folder's *.jsonl are all cells
-    return select(model, edits, None, names, out=folder / "selections" / "selections.jsonl", tokenizer=tok,
+    return select(model, edits, None, names, out=folder / "selections" / f"first{judged}.jsonl", tokenizer=tok,
                   progress=False)
 
 
@@ -96,7 +98,7 @@ def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Comp
     m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
     proxy = split_rows(m.n_edits, max(1, m.n_edits // 4), seed=0)
     names = [] if args.no_selectors else [n for n in STUDY_SELECTORS if not (args.no_cma and n == "cma")]
-    picked = selections_for(folder, regime, proxy, names) if names else None
+    picked = selections_for(folder, regime, proxy, names, m.n_edits) if names else None
     extra = {"model": regime["model"], "data": regime.get("data"), "loss_threshold": LOSS_THRESHOLD}
     j = judge(m, proxy, picked.scores if picked else None, threshold=args.threshold, n_boot=args.n_boot,
               n_null=args.n_null, n_splits=200, regime=extra)
