@@ -218,7 +218,7 @@ def complete_at_every_edit(folder: Path, regime: dict[str, Any], judged: int) ->
     """Every row of a grown folder over the layers complete at every row (``None`` when the
     page already judges every row, or fewer than two layers are complete yet), and the rows
     judged (``judged``: the page's ``Completeness.edits_used``, passed in so the records are
-    read once more, not twice)."""
+    not read a second time to learn it)."""
     from gradlocate.golden.matrix import Matrix
 
     m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"],
