@@ -105,6 +105,25 @@ def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Comp
     return j, done, regime, picked, m
 
 
+def draws_section(folder: Path, j: Judgment) -> str:
+    """The selectors over several proxy draws (``benchmarks/proxy_draws.py``), when made at the judged size."""
+    from gradlocate.golden.draws import Draws
+
+    f = folder / "proxy_draws.json"
+    if not f.exists():
+        return ""
+    d = Draws.from_dict(json.loads(f.read_text()))
+    if d.n_edits != j.n_edits:
+        return (f"\n**Selectors over proxy draws**: made at {d.n_edits} edits, not the {j.n_edits} judged here "
+                f"(stale; re-run `python benchmarks/proxy_draws.py --folders {folder.name}`).\n")
+    return (f"\n**Selectors over {len(d.draws)} proxy draws** ({d.n_proxy} proxy / {d.n_edits - d.n_proxy} test "
+            f"edits each, seeds {d.draws[0].seed}-{d.draws[-1].seed}; seed 0 is the draw judged above; "
+            f"`benchmarks/proxy_draws.py`). Each draw's selectors ran on its proxy edits and are judged on its own "
+            f"test rows; LGA and CMA are compared by the paired bootstrap of their regret difference. The draws "
+            f"share edits, so they are not independent replicates: read the counts as how much one draw can "
+            f"say, not as a test.\n\n" + d.to_markdown())
+
+
 def section(name: str, j: Judgment, done: Completeness, picked: Any, batch: str = "") -> str:
     state = "complete" if done.done else f"**partial**: {done} (layers {done.complete_layers} judged)"
     errs = "".join(f"\n- selector {k} could not run: {v}" for k, v in (picked.errors if picked else {}).items())
@@ -302,6 +321,10 @@ How to read it:
   selection bias, with its p, is. The corrected gain is a lower bound.
 * **Transfer** is judged against the chance agreement of the same splits on matrices
   whose rows are permuted across layers (`p_null`), not against 1/L.
+* **LGA vs CMA** is decided by the paired bootstrap of their regret difference (both regrets
+  on the same resamples of the test edits): "holds" or "reversed" only when its interval
+  excludes 0. That verdict is about the one proxy draw judged; where a section has
+  **Selectors over proxy draws**, it shows how the picks and the verdict move with the draw.
 * **Convergence**: LocFT-BF stops when an epoch's mean loss falls below {loss}; a cell that
   did not, ran its full epoch budget. R-ROME / ROME stop their v* optimisation when its loss
   falls below {v_stop} (EasyEdit's early stop); the final loss shown is v*'s. The fraction
@@ -331,7 +354,16 @@ cite them; the matrices above replace them.
 """
 
 
-def claims(studies: list[tuple[str, str, Judgment]]) -> str:
+def current_draws(folder: Path, n_edits: int) -> Any:
+    """The folder's :class:`~gradlocate.golden.draws.Draws` if made at ``n_edits`` edits, else None."""
+    from gradlocate.golden.draws import Draws
+
+    f = folder / "proxy_draws.json"
+    d = Draws.from_dict(json.loads(f.read_text())) if f.exists() else None
+    return d if d is not None and d.n_edits == n_edits else None
+
+
+def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | None = None) -> str:
     """The summary at the top: the Golden Layers paper's claims per study, under its own
     definition of overall (each study's section shows the others)."""
     if not studies:
@@ -341,7 +373,7 @@ def claims(studies: list[tuple[str, str, Judgment]]) -> str:
             "generalization, locality and held-out loss, averaged); each study's section below shows every other "
             "definition, and the regime it was edited in. 'yes' / 'holds' are read off the intervals and null "
             "tests defined under *How to read it*; a partial matrix speaks only for its judged layers.\n\n"
-            + "\n".join(claims_table(studies)) + "\n")
+            + "\n".join(claims_table(studies, draws=draws)) + "\n")
 
 
 def page(sections: list[str], threshold: float, summary: str = "") -> str:
@@ -364,21 +396,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sections, runs, studies = [], [], []
+    sections, runs, studies, draws = [], [], [], {}
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
-        j, done, regime, picked, m = judge_folder(folder, args)
+        try:
+            j, done, regime, picked, m = judge_folder(folder, args)
+        except Exception as e:  # noqa: BLE001 - one folder's failure is reported in its place; the rest still runs
+            sections.append(f"### {folder.name}\n\nNot judged: {type(e).__name__}: {e}\n")
+            print(f"{folder.name}: not judged: {type(e).__name__}: {e}", flush=True)
+            continue
         runs.append((folder.name, regime, m))
         size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
         studies.append((folder.name, size, j))
+        if (d := current_draws(folder, j.n_edits)) is not None:
+            draws[folder.name] = d
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
         grown = complete_at_every_edit(folder, regime, done.edits_used)
         batch += growth_section(*grown, args.threshold) if grown else ""
+        batch += draws_section(folder, j)
         sections.append(section(folder.name, j, done, picked, batch))
         (folder / "judgment.json").write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()},
                                                          default=float, indent=1))
         print(f"{folder.name}: {done}; {j!r}", flush=True)
     side = regimes_section(runs, args.threshold, args.n_boot)
-    text = page(sections + ([side] if side else []), args.threshold, claims(studies))
+    text = page(sections + ([side] if side else []), args.threshold, claims(studies, draws))
     Path(args.out).write_text(text)
     if args.print:
         print(text)

@@ -16,7 +16,8 @@ layer list. This module imports only numpy, scipy and the standard library.
 * :func:`held_out_optimum`, :func:`null_selection_bias` - the winner's curse of the
   own optimum, measured on a replicate or estimated under a permutation null.
 * :func:`paired_tests` - paired t, Wilcoxon signed-rank and sign-flip permutation tests.
-* :func:`bootstrap` - edits resampled jointly across every metric matrix.
+* :func:`bootstrap` - edits resampled jointly across every metric matrix; selectors'
+  regrets and their paired differences (:meth:`Bootstrap.difference`).
 * :func:`transfer` - proxy -> test transfer of the golden layer over random splits.
 * :func:`rank_agreement` - Spearman and Kendall between a selector's scores and the truth.
 * :func:`damage_gate` - layers whose edits cost too much capability, excluded.
@@ -47,7 +48,7 @@ __all__ = [
     "EDIT_METRICS", "WEIGHTS", "GOLDEN_LAYERS_METRICS", "LOWER_IS_BETTER", "DEFINITIONS",
     "overall", "golden_layer", "own_optimum", "selection_gain", "held_out_optimum", "null_selection_bias",
     "paired_tests", "bootstrap", "transfer", "rank_agreement", "damage_gate", "layer_effect",
-    "Optimum", "HeldOut", "NullBias", "PairedTests", "Bootstrap", "Transfer", "RankAgreement", "DamageGate",
+    "Optimum", "HeldOut", "NullBias", "PairedTests", "Bootstrap", "RegretDifference", "Transfer", "RankAgreement", "DamageGate",
     "LayerEffect",
 ]
 
@@ -565,6 +566,32 @@ def paired_tests(a: Any, b: Any, *, n_permutations: int = 10000, seed: int = 0, 
 
 
 @dataclass(repr=False)
+class RegretDifference(_Result):
+    """Paired bootstrap of ``regret(a) - regret(b)``: both regrets on the **same** resamples.
+
+    The resample's golden layer cancels, so this is the difference of the two chosen layers'
+    mean overalls (b's minus a's), resampled jointly over edits: negative when ``a`` is better.
+
+    Attributes:
+        a, b: the two selectors.
+        value: the full data's difference; lo, hi: its percentile interval.
+        p_a_lower, p_b_lower: fractions of resamples where a's (b's) regret is strictly lower.
+    """
+
+    a: str
+    b: str
+    value: float
+    lo: float
+    hi: float
+    p_a_lower: float
+    p_b_lower: float
+
+    def flipped(self) -> RegretDifference:
+        """The same comparison as ``regret(b) - regret(a)``."""
+        return RegretDifference(self.b, self.a, -self.value, -self.hi, -self.lo, self.p_b_lower, self.p_a_lower)
+
+
+@dataclass(repr=False)
 class Bootstrap(_Result):
     """Edits resampled with replacement, jointly across every metric matrix.
 
@@ -576,6 +603,8 @@ class Bootstrap(_Result):
         golden_value: the best layer mean; golden_value_interval: the best mean's interval.
         regret: name -> (full-data regret, lo, hi) of each given layer: the resample's best
             layer mean minus the mean at that layer (0 when it is the golden layer).
+        differences: ``"a - b"`` -> :class:`RegretDifference` for each pair of selectors
+            (in the order given); read them with :meth:`difference`.
         n, level: resamples and interval level (percentile intervals).
     """
 
@@ -588,8 +617,21 @@ class Bootstrap(_Result):
     golden_value: float
     golden_value_interval: tuple[float, float]
     regret: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    differences: dict[str, RegretDifference] = field(default_factory=dict)
     n: int = 0
     level: float = 0.95
+
+    def difference(self, a: str, b: str) -> RegretDifference:
+        """``regret(a) - regret(b)``, paired over the same resamples (either order given).
+
+        Raises:
+            KeyError: ``a`` or ``b`` is not a selector of this bootstrap.
+        """
+        if f"{a} - {b}" in self.differences:
+            return self.differences[f"{a} - {b}"]
+        if f"{b} - {a}" in self.differences:
+            return self.differences[f"{b} - {a}"].flipped()
+        raise KeyError(f"no regret for {a!r} and {b!r} together: the selectors are {list(self.regret)}")
 
 
 def _summary(metrics: dict[str, np.ndarray], definition: str, weights: Any, allowed: np.ndarray,
@@ -645,8 +687,13 @@ def bootstrap(metrics: Mapping[str, Any], definition: str = "edit-only", *, weig
     lohi = np.array([_interval(means[:, l], level) for l in range(n_layers)])
     freq = np.bincount(goldens, minlength=n_layers) / n
     regret = {name: (float(reg0[j]), *_interval(regs[:, j], level)) for j, name in enumerate(chosen)}
+    diffs = {}
+    for (i, a), (j, b) in itertools.combinations(enumerate(chosen), 2):
+        d = regs[:, i] - regs[:, j]
+        diffs[f"{a} - {b}"] = RegretDifference(a, b, float(reg0[i] - reg0[j]), *_interval(d, level),
+                                               float(np.mean(d < 0)), float(np.mean(d > 0)))
     return Bootstrap(g0, freq, float(freq[g0]), means0, lohi[:, 0], lohi[:, 1], best0, _interval(bests, level),
-                     regret, n, level)
+                     regret, diffs, n, level)
 
 
 # --------------------------------------------------------------------------- transfer

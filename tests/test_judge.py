@@ -258,10 +258,17 @@ def test_report_page_from_a_partial_matrix_folder(tmp_path, monkeypatch):
                                   "scores": {"reliability": rel[i, j], "locality": loc[i, j],
                                              "generalization": gen[i, j]},
                                   "capability": {"lm_loss": 3.0, "lm_loss_change": 0.01} if i < 4 else None})
+    started = tmp_path / "matrix" / "a-started"  # sorted first: its failure must not stop the other folder
+    started.mkdir()
+    (started / "edits.json").write_text(json.dumps({"model": "tiny", "n_layers": 6, "editor": "locft",
+                                                    "hparams": {"lr": 1e-3, "epochs": 5},
+                                                    "edits": [{"id": e} for e in m.edit_ids]}))
     monkeypatch.setattr(report, "MATRICES", tmp_path / "matrix")
     out = tmp_path / "results.md"
     report.main(["--no-selectors", "--n-boot", "20", "--n-null", "20", "--out", str(out)])
     text = out.read_text()
+    assert "### a-started\n\nNot judged: ValueError:" in text and "no complete layer yet (0 cells)" in text
+    assert not (started / "judgment.json").exists()
     assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
     assert "| edit-only |" in text and "Superseded" in text
     assert json.loads((folder / "judgment.json").read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
@@ -277,20 +284,28 @@ def test_plot_marks_each_definition():
     assert len(labels) == 6 and any(l.startswith("weighted (") for l in labels)
 
 
-def test_lga_versus_cma_is_decided_only_by_disjoint_intervals():
+def test_lga_versus_cma_is_decided_by_the_paired_difference():
     from types import SimpleNamespace
 
     from gradlocate.golden.judge_report import _lga_versus_cma
+    from gradlocate.stats import RegretDifference
 
-    def j(lga, cma):
+    def j(lga, cma, diff):
         sel = [SimpleNamespace(name="lga", layer=3, regret={"golden-layers": lga, "weighted": lga}),
                SimpleNamespace(name="cma", layer=9, regret={"golden-layers": cma, "weighted": None})]
-        return SimpleNamespace(selectors=sel, primary="weighted")
+        d = RegretDifference("lga", "cma", *diff)
+        boot = SimpleNamespace(difference=lambda a, b: d if (a, b) == ("lga", "cma") else d.flipped())
+        return SimpleNamespace(selectors=sel, primary="weighted",
+                               definitions={"golden-layers": SimpleNamespace(boot=boot)})
 
-    assert "holds" in _lga_versus_cma(j((0.01, 0.0, 0.05), (0.2, 0.1, 0.3)))[0]
-    assert "reversed" in _lga_versus_cma(j((0.2, 0.1, 0.3), (0.01, 0.0, 0.05)))[0]
-    line = _lga_versus_cma(j((0.1, 0.0, 0.2), (0.15, 0.1, 0.3)))[0]
+    # separate intervals overlap, the paired one excludes 0: decided by the paired difference
+    line = _lga_versus_cma(j((0.1, 0.0, 0.2), (0.15, 0.1, 0.3), (-0.05, -0.08, -0.01, 0.99, 0.0)))[0]
+    assert "holds" in line and "paired difference -0.050 [-0.080, -0.010] (LGA lower in 99% of resamples)" in line
+    assert "reversed" in _lga_versus_cma(j((0.2, 0.1, 0.3), (0.01, 0.0, 0.05), (0.19, 0.05, 0.3, 0.0, 1.0)))[0]
+    # disjoint separate intervals never override a paired interval that covers 0
+    line = _lga_versus_cma(j((0.01, 0.0, 0.05), (0.2, 0.1, 0.3), (-0.19, -0.3, 0.01, 0.9, 0.1)))[0]
     assert "not resolved" in line and "layer 3 vs 9" in line and "weighted" not in line  # CMA has no weighted regret
+    assert "a tie" in _lga_versus_cma(j((0.1, 0.0, 0.2), (0.1, 0.0, 0.2), (0.0, 0.0, 0.0, 0.0, 0.0)))[0]
     assert _lga_versus_cma(SimpleNamespace(selectors=[], primary="weighted")) == []
 
 
@@ -312,7 +327,20 @@ def test_claims_table_reads_each_claim_off_the_judgment():
     fixed = "no: the own optimum is better" if nul["p_value"] < 0.05 and nul["corrected"] > 0 else "yes"
     assert row.startswith(f"| toy | 16 edits x 4 layers | 12, {r.boot.p_golden:.2f} | {fixed} ")
     assert f"holds ({t.agreement:.2f} vs" in row and t.p_null < 0.05  # layer 12 is far ahead: transfer holds
-    assert "| holds (0.000 vs " in row and "| lga 0.000 [0.000, 0.000] |" in row
+    d = r.boot.difference("lga", "cma")
+    assert d.value == pytest.approx(-(means.max() - means[0])) and d.hi < 0
+    assert f"| holds (0.000 vs {j.selectors[1].regret['reliability'][0]:.3f}; difference [{d.lo:.3f}, {d.hi:.3f}]) |" in row
+    assert "| lga 0.000 [0.000, 0.000] |" in row
+    # over proxy draws: LGA (the golden layer) is lower in every draw, resolved where its interval says so
+    from gradlocate.golden.draws import over_draws
+
+    dr = over_draws(m, [(s, [s, s + 1, s + 2, s + 3], {"lga": lga, "cma": cma}) for s in range(3)],
+                    definitions=["reliability"], n_boot=50)
+    rs = dr.resolved("reliability")
+    with_draws = claims_table([("toy", "16 edits x 4 layers", j)], definition="reliability", draws={"toy": dr})[2]
+    assert f"; over 3 proxy draws LGA lower in 3, CMA in 0 (resolved: {rs['lga']} / {rs['cma']}) |" in with_draws
+    assert rs["lga"] == 3
+    assert claims_table([("toy", "x", j)], definition="reliability", draws={"other": dr})[2].count("proxy draws") == 0
     # no CMA row -> not measured; a definition the judgment lacks is named
     j2 = _quick(m, proxy=[0, 1, 2, 3], selections={"lga": lga}, definitions=["reliability"], primary="reliability")
     assert "| not measured |" in claims_table([("a", "x", j2)], definition="reliability")[2]

@@ -160,3 +160,49 @@ def test_growth_check_compares_the_first_and_the_new_edits_on_the_layers_both_ha
     _, done = report.load_matrix(tmp_path, 7, editor="locft", hparams=hp)
     assert done.edits_used == 8 and report.complete_at_every_edit(tmp_path, regime, done.edits_used) is None
     assert report.growth_section(m, 8, threshold=0.5) == ""
+
+
+def test_proxy_draws_judge_each_draw_share_selections_and_resume(tmp_path, monkeypatch):
+    from gradlocate.golden.draws import Draws
+    from gradlocate.golden.study import split_rows
+
+    matrices = tmp_path / "matrix"
+    base = ["--model", "tiny-llama", "--data", "zsre", "--n", "8", "--epochs", "1", "--chunk", "8",
+            "--capability-edits", "2"]
+    _module("matrix").main(base + ["--lr", "1e-3", "--out", str(matrices / "a")])
+    _module("matrix").main(base + ["--lr", "1e-2", "--out", str(matrices / "b")])  # the same edits, another regime
+    draws = _module("proxy_draws")
+    monkeypatch.setattr(draws, "MATRICES", matrices)
+    args = ["--draws", "2", "--selectors", "lga,gradratio", "--n-boot", "20"]
+    draws.main(args)
+    for name in ("a", "b"):
+        got = json.loads((matrices / name / "proxy_draws.json").read_text())
+        d = Draws.from_dict(got)
+        assert got["selectors"] == ["lga", "gradratio"] and [x.seed for x in d.draws] == [0, 1]
+        assert [x.proxy for x in d.draws] == [split_rows(8, 2, seed=s) for s in (0, 1)]
+        assert d.n_proxy == 2 and set(d.draws[0].regret) == {"lga", "gradratio"}
+    sel = matrices / "a" / "selections"
+    assert sorted(p.name for p in sel.iterdir()) == ["draw1-first8.jsonl", "first8.jsonl"]
+    # b's selections are a's, copied (the selectors do not see the editor)
+    assert (matrices / "b" / "selections" / "first8.jsonl").read_text() == (sel / "first8.jsonl").read_text()
+    # a re-run reads every draw back: no selector runs again
+    stamps = {p: p.stat().st_mtime_ns for p in sel.iterdir()}
+    import gradlocate.golden.study as study
+
+    def no_rerun(*a, **k):
+        raise AssertionError("a selector ran again")
+
+    monkeypatch.setattr(study, "run_selector", no_rerun)
+    draws.main(args)
+    assert {p: p.stat().st_mtime_ns for p in sel.iterdir()} == stamps
+    again = Draws.from_dict(json.loads((matrices / "a" / "proxy_draws.json").read_text()))
+    assert all(set(x.regret) == {"lga", "gradratio"} for x in again.draws)  # a selector that ran again failed
+    # the report shows it under the judgment at the judged size, and calls it stale at another
+    report = _module("report")
+    text = report.draws_section(matrices / "a", SimpleNamespace(n_edits=8))
+    assert "**Selectors over 2 proxy draws** (2 proxy / 6 test edits each" in text and "| lga |" in text
+    assert "stale" in report.draws_section(matrices / "a", SimpleNamespace(n_edits=16))
+    assert report.draws_section(tmp_path, SimpleNamespace(n_edits=8)) == ""
+    with pytest.raises(SystemExit, match="no matrix folder"):
+        draws.main(["--folders", "nope"])
+

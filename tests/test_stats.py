@@ -325,6 +325,40 @@ def test_bootstrap_golden_layers_definition_is_renormalised_and_respects_allowed
         st.bootstrap(m, selectors={"x": 4})
 
 
+def test_bootstrap_regret_difference_is_paired_over_the_same_resamples():
+    rng = np.random.default_rng(13)
+    # layers 1 and 2 share a large per-edit difficulty, 1 ahead by 0.02; layers 0 and 3 are
+    # better and noisy: the two regret intervals overlap, the paired difference's does not cover 0
+    shared = rng.normal(size=(60, 1))
+    s = np.hstack([rng.normal(size=(60, 1)) + 0.7, shared + 0.52, shared + 0.5, rng.normal(size=(60, 1)) + 0.7])
+    s[:, 1:3] += rng.normal(scale=0.01, size=(60, 2))
+    b = st.bootstrap({"x": s}, "x", selectors={"one": 1, "two": 2, "zero": 0}, n=400, seed=5)
+    one, two = b.regret["one"], b.regret["two"]
+    assert one[1] < two[2] and two[1] < one[2]  # separate intervals overlap
+    d = b.difference("one", "two")
+    # reference: the same resamples drawn by hand, the regret difference per resample
+    ref_rng = np.random.default_rng(5)
+    ref = []
+    for _ in range(400):
+        rows = ref_rng.integers(0, 60, 60)
+        means = s[rows].mean(0)
+        ref.append((means.max() - means[1]) - (means.max() - means[2]))
+    ref = np.array(ref)
+    assert d.value == pytest.approx(one[0] - two[0])
+    assert d.value == pytest.approx(s[:, 2].mean() - s[:, 1].mean())
+    assert (d.lo, d.hi) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])))
+    assert d.p_a_lower == pytest.approx(np.mean(ref < 0)) and d.p_b_lower == pytest.approx(np.mean(ref > 0))
+    assert d.hi < 0 and d.p_a_lower == 1.0
+    # either order; flipping negates and swaps
+    r = b.difference("two", "one")
+    assert (r.a, r.value, r.lo, r.hi, r.p_a_lower) == ("two", -d.value, -d.hi, -d.lo, d.p_b_lower)
+    assert set(b.differences) == {"one - two", "one - zero", "two - zero"}
+    assert b.difference("one", "zero").value == pytest.approx(s[:, 0].mean() - s[:, 1].mean())
+    with pytest.raises(KeyError, match="selectors are"):
+        b.difference("one", "lga")
+    assert json.loads(json.dumps(b.to_dict()))["differences"]["one - two"]["a"] == "one"
+
+
 # --------------------------------------------------------------------------- transfer
 
 

@@ -18,7 +18,8 @@ answers every question of the study, so no number mixes two experiments:
 * **proxy -> test transfer** of the golden layer over random splits (:func:`gradlocate.stats.transfer`);
 * per **selector** (its :class:`~gradlocate.results.LayerScores` on the proxy edits):
   its layer, regret with a bootstrap interval, Spearman/Kendall over all and over its
-  eligible layers;
+  eligible layers; two selectors are compared by the paired bootstrap of their regret
+  difference (:meth:`gradlocate.stats.Bootstrap.difference`), not by overlapping intervals;
 * **convergence** per layer (fraction of cells converged, mean final loss).
 
 Capability enters the ``weighted`` and ``golden-layers`` overalls per layer (it is

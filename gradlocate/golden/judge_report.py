@@ -192,7 +192,8 @@ def _transfers(r: Any) -> bool:
 
 def _lga_versus_cma(j: Any) -> list[str]:
     """The Golden Layers paper's claim that LGA finds better layers than CMA, read off the
-    regret intervals: decided only when the two intervals do not overlap (conservative)."""
+    paired bootstrap of their regret difference (both regrets on the same resamples of
+    the test edits): decided only when its interval excludes 0."""
     sel = {s.name: s for s in j.selectors}
     if "lga" not in sel or "cma" not in sel:
         return []
@@ -201,29 +202,37 @@ def _lga_versus_cma(j: Any) -> list[str]:
         a, b = sel["lga"].regret.get(d), sel["cma"].regret.get(d)
         if a is None or b is None:
             continue
-        verdict = _lower_regret(a, b, "CMA")
-        said.append(f"{d}: LGA {_f(a[0])} [{_f(a[1])}, {_f(a[2])}] vs CMA {_f(b[0])} [{_f(b[1])}, {_f(b[2])}], {verdict}")
+        diff = j.definitions[d].boot.difference("lga", "cma")
+        said.append(f"{d}: LGA {_f(a[0])} [{_f(a[1])}, {_f(a[2])}] vs CMA {_f(b[0])} [{_f(b[1])}, {_f(b[2])}], "
+                    f"paired difference {_f(diff.value)} [{_f(diff.lo)}, {_f(diff.hi)}] (LGA lower in "
+                    f"{diff.p_a_lower:.0%} of resamples), {_lower_regret(diff, 'CMA')}")
     if not said:
         return []
     return [f"- 'LGA beats CMA' (the Golden Layers paper; regret on the test rows, layer {sel['lga'].layer} vs "
             f"{sel['cma'].layer}): " + "; ".join(said) + "."]
 
 
-def _lower_regret(a: tuple[float, float, float], b: tuple[float, float, float], other: str) -> str:
-    """Whether regret ``a`` (value, lo, hi) is below ``b``: only when the intervals are disjoint."""
-    return ("holds" if a[2] < b[1] else f"reversed: {other}'s regret is lower" if b[2] < a[1]
-            else "not resolved (the intervals overlap)")
+def _lower_regret(diff: Any, other: str) -> str:
+    """The verdict on a :class:`~gradlocate.stats.RegretDifference` (a's regret minus
+    ``other``'s): decided only when its paired interval excludes 0."""
+    if diff.lo == diff.hi == diff.value == 0:
+        return "a tie (the same layer)"
+    return ("holds" if diff.hi < 0 else f"reversed: {other}'s regret is lower" if diff.lo > 0
+            else "not resolved (the paired interval covers 0)")
 
 
-def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-layers") -> list[str]:
+def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-layers",
+                 draws: dict[str, Any] | None = None) -> list[str]:
     """The Golden Layers paper's three claims, one row per study, read as :func:`reading` reads
     them under one ``definition`` of overall (the paper's own by default).
 
     ``studies``: (name, completeness note, judgment). A fixed golden layer is *supported* when
     no per-edit optimum beats it beyond the winner's curse (corrected gain <= 0 or p (null) >=
     0.05); transfer *holds* when the proxy's golden layer is the test's more often than on
-    row-permuted matrices (p_null < 0.05); "LGA beats CMA" only when their regret intervals are
-    disjoint. A study whose judgment lacks the definition is listed as such.
+    row-permuted matrices (p_null < 0.05); "LGA beats CMA" only when the paired bootstrap
+    interval of their regret difference excludes 0. A study whose judgment lacks the definition is listed as such.
+    ``draws``: study name -> :class:`~gradlocate.golden.draws.Draws` of its matrix (LGA vs CMA);
+    where given, the verdict is followed by how it went over those proxy draws.
     """
     lines = [f"| study | size | golden layer, P(golden) | a fixed layer as good as each edit's own? (corrected gain, "
              f"p null) | proxy -> test transfer (agreement vs chance, p_null) | 'LGA beats CMA' (regret) | "
@@ -244,7 +253,13 @@ def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-
         elif None in (a := sel["lga"].regret.get(definition), b := sel["cma"].regret.get(definition)):
             lc = f"not judged yet (layers {sel['lga'].layer} / {sel['cma'].layer} not in the matrix)"  # partial matrix
         else:
-            lc = f"{_lower_regret(a, b, 'CMA')} ({_f(a[0])} vs {_f(b[0])})"
+            diff = r.boot.difference("lga", "cma")
+            lc = f"{_lower_regret(diff, 'CMA')} ({_f(a[0])} vs {_f(b[0])}; difference [{_f(diff.lo)}, {_f(diff.hi)}])"
+        dr = (draws or {}).get(name)
+        if dr is not None and lc != "not measured" and tuple(dr.pair) == ("lga", "cma") and definition in dr.definitions:
+            lo, rs = dr.lower(definition), dr.resolved(definition)
+            lc += (f"; over {len(dr.draws)} proxy draws LGA lower in {lo['lga']}, CMA in {lo['cma']} (resolved: "
+                   f"{rs['lga']} / {rs['cma']})")
         judged = [(s.regret[definition], s.name) for s in j.selectors if s.regret.get(definition) is not None]
         best = min(judged, key=lambda x: x[0][0]) if judged else None
         bs = "none" if best is None else f"{best[1]} {_f(best[0][0])} [{_f(best[0][1])}, {_f(best[0][2])}]"
