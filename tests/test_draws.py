@@ -55,6 +55,9 @@ def test_each_draw_is_judged_on_its_own_test_rows(matrix):
     assert sum(res.values()) == 3 and res["neither"] >= 1  # the tie's interval is [0, 0]
     md = d.to_markdown()
     assert "| lga | 12, 11, 13 |" in md and "lga's regret is lower in" in md
+    marks = ["*" if x.difference["edit-only"].hi < 0 or x.difference["edit-only"].lo > 0 else "" for x in d.draws]
+    per = ", ".join(f"{v:+.3f}{m}" for v, m in zip(values, marks))
+    assert f"Regret lga - cma per draw (* its interval excludes 0): {per}." in md
     assert "3 proxy draws of 5/20 edits" in repr(d)
 
 

@@ -136,9 +136,11 @@ class Draws:
         for d in self.definitions:
             lo, rs = self.lower(d), self.resolved(d)
             n = sum(lo.values())
+            per = ", ".join("-" if (x := dr.difference.get(d)) is None else
+                            f"{x.value:+.3f}{'*' if x.hi < 0 or x.lo > 0 else ''}" for dr in self.draws)
             lines.append(f"- {d}: {a}'s regret is lower in {lo[a]} of {n} draws, {b}'s in {lo[b]} (ties {lo['tie']}); "
                          f"the paired interval excludes 0 in favour of {a} in {rs[a]}, of {b} in {rs[b]}, "
-                         f"neither in {rs['neither']}.")
+                         f"neither in {rs['neither']}. Regret {a} - {b} per draw (* its interval excludes 0): {per}.")
         return "\n".join(lines) + "\n"
 
     def plot(self, definition: str | None = None) -> Any:
