@@ -302,6 +302,9 @@ def test_lga_versus_cma_is_decided_by_the_paired_difference():
     line = _lga_versus_cma(j((0.1, 0.0, 0.2), (0.15, 0.1, 0.3), (-0.05, -0.08, -0.01, 0.99, 0.0)))[0]
     assert "holds" in line and "paired difference -0.050 [-0.080, -0.010] (LGA lower in 99% of resamples)" in line
     assert "reversed" in _lga_versus_cma(j((0.2, 0.1, 0.3), (0.01, 0.0, 0.05), (0.19, 0.05, 0.3, 0.0, 1.0)))[0]
+    # a bound just above 0 is printed so that it does not read 0.000 beside "reversed"
+    line = _lga_versus_cma(j((0.03, 0.0, 0.06), (0.01, 0.0, 0.04), (0.021, 3e-4, 0.047, 0.0, 0.97)))[0]
+    assert "paired difference 0.021 [3.0e-04, 0.047]" in line and "reversed" in line
     # disjoint separate intervals never override a paired interval that covers 0
     line = _lga_versus_cma(j((0.01, 0.0, 0.05), (0.2, 0.1, 0.3), (-0.19, -0.3, 0.01, 0.9, 0.1)))[0]
     assert "not resolved" in line and "layer 3 vs 9" in line and "weighted" not in line  # CMA has no weighted regret

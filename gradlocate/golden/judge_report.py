@@ -26,6 +26,12 @@ def _f(v: Any, p: int = 3) -> str:
     return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.{p}f}"
 
 
+def _d(v: float) -> str:
+    """A difference whose sign decides a verdict: three decimals, or two significant digits
+    when rounding to three would print a nonzero bound as 0.000."""
+    return f"{v:.1e}" if 0 < abs(v) < 5e-4 else _f(v)
+
+
 def _p(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"
 
@@ -204,7 +210,7 @@ def _lga_versus_cma(j: Any) -> list[str]:
             continue
         diff = j.definitions[d].boot.difference("lga", "cma")
         said.append(f"{d}: LGA {_f(a[0])} [{_f(a[1])}, {_f(a[2])}] vs CMA {_f(b[0])} [{_f(b[1])}, {_f(b[2])}], "
-                    f"paired difference {_f(diff.value)} [{_f(diff.lo)}, {_f(diff.hi)}] (LGA lower in "
+                    f"paired difference {_d(diff.value)} [{_d(diff.lo)}, {_d(diff.hi)}] (LGA lower in "
                     f"{diff.p_a_lower:.0%} of resamples), {_lower_regret(diff, 'CMA')}")
     if not said:
         return []
@@ -254,7 +260,7 @@ def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-
             lc = f"not judged yet (layers {sel['lga'].layer} / {sel['cma'].layer} not in the matrix)"  # partial matrix
         else:
             diff = r.boot.difference("lga", "cma")
-            lc = f"{_lower_regret(diff, 'CMA')} ({_f(a[0])} vs {_f(b[0])}; difference [{_f(diff.lo)}, {_f(diff.hi)}])"
+            lc = f"{_lower_regret(diff, 'CMA')} ({_f(a[0])} vs {_f(b[0])}; difference [{_d(diff.lo)}, {_d(diff.hi)}])"
         dr = (draws or {}).get(name)
         if dr is not None and lc != "not measured" and tuple(dr.pair) == ("lga", "cma") and definition in dr.definitions:
             lo, rs = dr.lower(definition), dr.resolved(definition)
