@@ -105,14 +105,19 @@ def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Comp
     return j, done, regime, picked, m
 
 
-def draws_section(folder: Path, j: Judgment) -> str:
-    """The selectors over several proxy draws (``benchmarks/proxy_draws.py``), when made at the judged size."""
+def read_draws(folder: Path) -> Any:
+    """The folder's :class:`~gradlocate.golden.draws.Draws` (``benchmarks/proxy_draws.py``), or None."""
     from gradlocate.golden.draws import Draws
 
     f = folder / "proxy_draws.json"
-    if not f.exists():
+    return Draws.from_dict(json.loads(f.read_text())) if f.exists() else None
+
+
+def draws_section(folder: Path, j: Judgment) -> str:
+    """The selectors over several proxy draws, when made at the judged size."""
+    d = read_draws(folder)
+    if d is None:
         return ""
-    d = Draws.from_dict(json.loads(f.read_text()))
     if d.n_edits != j.n_edits:
         return (f"\n**Selectors over proxy draws**: made at {d.n_edits} edits, not the {j.n_edits} judged here "
                 f"(stale; re-run `python benchmarks/proxy_draws.py --folders {folder.name}`).\n")
@@ -354,15 +359,6 @@ cite them; the matrices above replace them.
 """
 
 
-def current_draws(folder: Path, n_edits: int) -> Any:
-    """The folder's :class:`~gradlocate.golden.draws.Draws` if made at ``n_edits`` edits, else None."""
-    from gradlocate.golden.draws import Draws
-
-    f = folder / "proxy_draws.json"
-    d = Draws.from_dict(json.loads(f.read_text())) if f.exists() else None
-    return d if d is not None and d.n_edits == n_edits else None
-
-
 def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | None = None) -> str:
     """The summary at the top: the Golden Layers paper's claims per study, under its own
     definition of overall (each study's section shows the others)."""
@@ -407,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append((folder.name, regime, m))
         size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
         studies.append((folder.name, size, j))
-        if (d := current_draws(folder, j.n_edits)) is not None:
+        if (d := read_draws(folder)) is not None and d.n_edits == j.n_edits:
             draws[folder.name] = d
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
         grown = complete_at_every_edit(folder, regime, done.edits_used)
