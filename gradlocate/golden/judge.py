@@ -176,16 +176,22 @@ def _versus(score: np.ndarray, allowed: np.ndarray, n_null: int, seed: int) -> d
             "optimum_layers": np.bincount(opt.layers, minlength=score.shape[1]).tolist()}
 
 
+def gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: stats.DamageGate,
+                    picks: Mapping[str, int], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, stats.Bootstrap]:
+    """``definition``'s score of ``metrics``, the layers it may call golden (not damaging,
+    scored) and the bootstrap of the golden layer and ``picks``' regret over those layers."""
+    score = stats.overall(metrics, definition)
+    allowed = gate.allowed & np.isfinite(stats._layer_means(score))
+    return score, allowed, stats.bootstrap(metrics, definition, selectors=picks, allowed=allowed, n=n_boot, seed=seed)
+
+
 def _definition(m: Matrix, definition: str, test: np.ndarray, n_proxy: int, gate: stats.DamageGate,
                 picks: Mapping[str, int], n_boot: int, n_null: int, n_splits: int, seed: int) -> DefinitionResult:
     """One definition of overall: golden (gated, ungated), bootstrap, versus, transfer."""
-    test_metrics = matrix_metrics(m, test)
-    score = stats.overall(test_metrics, definition)  # golden-layers: normalised on the test rows
+    # golden-layers' score is normalised on the test rows
+    score, allowed, boot = gated_bootstrap(matrix_metrics(m, test), definition, gate, picks, n_boot, seed)
     score_all = stats.overall(matrix_metrics(m), definition)
-    allowed = gate.allowed & np.isfinite(stats._layer_means(score))
     ungated = m.layers[stats.golden_layer(score)]
-    boot = stats.bootstrap(test_metrics, definition, selectors=picks, allowed=allowed, n=n_boot,
-                           seed=seed)
     versus = _versus(score, allowed, n_null, seed)
     tr = None
     if 1 <= n_proxy < m.n_edits and n_splits:
