@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from gradlocate.golden.matrix import layer_span
+
 __all__ = ["claims_table", "judgment_markdown"]
 
 
@@ -40,7 +42,7 @@ def _regime(j: Any) -> list[str]:
     r = j.regime
     keys = ", ".join(f"{k} {v}" for k, v in r.items() if v is not None)
     return [f"Regime: {keys}. Size: {j.n_edits} edits ({len(j.proxy)} proxy, {j.n_edits - len(j.proxy)} test) "
-            f"x {len(j.layers)} layers ({j.layers[0]}..{j.layers[-1]}). Intervals: bootstrap "
+            f"x {len(j.layers)} layers ({layer_span(j.layers)}). Intervals: bootstrap "
             f"{int(100 * next(iter(j.definitions.values())).boot.level)}% percentile over test edits.", ""]
 
 
@@ -181,7 +183,7 @@ def reading(j: Any) -> list[str]:
     out += _lga_versus_cma(j)
     outside = [s.name for s in j.selectors if s.layer not in j.layers]
     if outside:
-        out.append(f"- Picked a layer outside the judged layers {j.layers[0]}..{j.layers[-1]} (not judged yet): "
+        out.append(f"- Picked a layer outside the judged layers {layer_span(j.layers)} (not judged yet): "
                    f"{', '.join(outside)}.")
     return out + [""]
 

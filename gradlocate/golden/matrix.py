@@ -127,6 +127,27 @@ def edited_text_loss(h: Handles, layer: int, delta: Tensor | None, texts: Sequen
             return text_loss(h, texts)
 
 
+def layer_span(layers: Sequence[int]) -> str:
+    """Layers as a reader scans them: runs as ``a..b``, an even stride as ``a..b every s``.
+
+    >>> layer_span([20, 21, 22]), layer_span([0, 3, 6, 9]), layer_span([4, 8, 18, 19, 20]), layer_span([])
+    ('20..22', '0..9 every 3', '4, 8, 18..20', 'none')
+    """
+    ls = sorted(int(x) for x in layers)
+    if not ls:
+        return "none"
+    steps = {b - a for a, b in zip(ls, ls[1:])}
+    if len(ls) > 2 and len(steps) == 1 and steps != {1}:
+        return f"{ls[0]}..{ls[-1]} every {steps.pop()}"
+    runs: list[list[int]] = []
+    for x in ls:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
 def _nan_table(n: int, m: int) -> np.ndarray:
     return np.full((n, m), np.nan)
 
@@ -254,7 +275,7 @@ class Matrix:
         filled = int(np.isfinite(self.scores["overall"]).sum())
         cap = int(np.isfinite(self.capability).sum())
         golden = f"golden={self.golden()} (mean overall {np.nanmax(c):.3f})" if np.isfinite(c).any() else "no scores"
-        return (f"Matrix({n} edits x {m} layers {self.layers[0]}..{self.layers[-1]}, editor={self.editor!r}: "
+        return (f"Matrix({n} edits x {m} layers {layer_span(self.layers)}, editor={self.editor!r}: "
                 f"{golden}; {filled}/{n * m} cells, capability on {cap})")
 
 

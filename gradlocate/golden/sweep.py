@@ -51,7 +51,7 @@ from gradlocate.evaluation import EditEvaluation, evaluate
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.state import check_materialized
-from gradlocate.golden.matrix import Matrix, matrix
+from gradlocate.golden.matrix import Matrix, layer_span, matrix
 from gradlocate.golden.store import RecordStore, StoreError, model_identity, relative_path
 
 __all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score"]
@@ -274,7 +274,7 @@ class SweepResult:
         t = sum(r.timings.get("total", 0.0) for r in self.records)
         if best is None:
             return f"SweepResult({len(self.records)} layers, no metric available)"
-        return (f"SweepResult({len(self.records)} layers {self.layers[0]}..{self.layers[-1]}, golden={self.golden} "
+        return (f"SweepResult({len(self.records)} layers {layer_span(self.layers)}, golden={self.golden} "
                 f"(overall {best:.3f}), scoring={self.scoring!r}, time={t:.1f}s)")
 
     def _repr_html_(self) -> str:
