@@ -40,6 +40,7 @@ from gradlocate.editors.rank_one import EARLY_STOP  # noqa: E402
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, judge  # noqa: E402
 from gradlocate.golden.judge_report import _f, claims_table  # noqa: E402
 from gradlocate.golden.load import Completeness, load_matrix  # noqa: E402
+from gradlocate.golden.matrix import layer_span  # noqa: E402
 from gradlocate.golden.study import STUDY_SELECTORS, select, split_rows  # noqa: E402
 
 MATRICES = ROOT / "benchmarks" / "results" / "matrix"
@@ -130,7 +131,7 @@ def draws_section(folder: Path, j: Judgment) -> str:
 
 
 def section(name: str, j: Judgment, done: Completeness, picked: Any, batch: str = "") -> str:
-    state = "complete" if done.done else f"**partial**: {done} (layers {done.complete_layers} judged)"
+    state = "complete" if done.done else f"**partial**: {done}; judged: the complete layers {layer_span(done.complete_layers)}"
     errs = "".join(f"\n- selector {k} could not run: {v}" for k, v in (picked.errors if picked else {}).items())
     return f"### {name}\n\nMatrix: {state}.{errs}\n\n" + j.to_markdown() + batch
 
@@ -255,6 +256,17 @@ def complete_at_every_edit(folder: Path, regime: dict[str, Any], judged: int) ->
                   m.capability[:, cols], m.capability_base, m.editor, m.params), judged
 
 
+def _restricted(group: list[tuple[str, dict[str, Any], Any]], layers: list[int]) -> str:
+    """Say so when the shared layers are not all the model's: rows restricted to them can
+    name another golden layer than their folder's own section."""
+    n = group[0][1]["n_layers"]
+    if len(layers) >= n:
+        return ""
+    short = [name for name, _, m in group if len(m.layers) < n]
+    return (f" These are {len(layers)} of the model's {n} layers ({', '.join(short) or 'no folder'} partial): every "
+            f"row is restricted to them, so its golden layers can differ from its own section's.")
+
+
 def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: float, n_boot: int) -> str:
     """Regimes side by side: for each model and data set with more than one matrix folder
     (another learning rate, another editor), the golden layer per definition of each, on
@@ -279,7 +291,8 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
         out += [f"### Regimes side by side: {model}, {data}", "",
                 f"The same {len(ids)} edits (every edit the folders share, proxy and test alike) at the "
                 f"{len(layers)} layers every folder has ({', '.join(map(str, layers))}); golden layer per definition, "
-                f"gated at {threshold} nats, with P(golden) over {n_boot} bootstrap resamples of the edits.", "",
+                f"gated at {threshold} nats, with P(golden) over {n_boot} bootstrap resamples of the edits."
+                + _restricted(group, layers), "",
                 "| folder | editor, settings | converged | worst Δloss (layer) | " + " | ".join(defs) + " |",
                 "|---|---|---:|---:|" + "---:|" * len(defs)]
         for name, regime, m in group:
@@ -359,7 +372,8 @@ cite them; the matrices above replace them.
 """
 
 
-def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | None = None) -> str:
+def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | None = None,
+           partial: set[str] | None = None) -> str:
     """The summary at the top: the Golden Layers paper's claims per study, under its own
     definition of overall (each study's section shows the others)."""
     if not studies:
@@ -368,8 +382,9 @@ def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | Non
             "Under the paper's definition of overall (`golden-layers`: min-max normalised reliability, "
             "generalization, locality and held-out loss, averaged); each study's section below shows every other "
             "definition, and the regime it was edited in. 'yes' / 'holds' are read off the intervals and null "
-            "tests defined under *How to read it*; a partial matrix speaks only for its judged layers.\n\n"
-            + "\n".join(claims_table(studies, draws=draws)) + "\n")
+            "tests defined under *How to read it*; 'not shown' is no proof of the opposite. A partial matrix "
+            "speaks only for its judged layers.\n\n"
+            + "\n".join(claims_table(studies, draws=draws, partial=partial or set())) + "\n")
 
 
 def page(sections: list[str], threshold: float, summary: str = "") -> str:
@@ -392,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sections, runs, studies, draws = [], [], [], {}
+    sections, runs, studies, draws, partial = [], [], [], {}, set()
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
         try:
             j, done, regime, picked, m = judge_folder(folder, args)
@@ -403,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         runs.append((folder.name, regime, m))
         size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
         studies.append((folder.name, size, j))
+        if not done.done:
+            partial.add(folder.name)
         if (d := read_draws(folder)) is not None and d.n_edits == j.n_edits:
             draws[folder.name] = d
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)
@@ -414,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
                                                          default=float, indent=1))
         print(f"{folder.name}: {done}; {j!r}", flush=True)
     side = regimes_section(runs, args.threshold, args.n_boot)
-    text = page(sections + ([side] if side else []), args.threshold, claims(studies, draws))
+    text = page(sections + ([side] if side else []), args.threshold, claims(studies, draws, partial))
     Path(args.out).write_text(text)
     if args.print:
         print(text)

@@ -156,9 +156,11 @@ def test_unconverged_cells_are_called_under_training_only_when_the_edits_did_not
         return " ".join(reading(_quick(mx)))
 
     low = said(rel * 0.5)  # the edits did not take: best mean reliability about 0.47
-    assert "under-trains" in low and "missed the threshold" not in low
+    best = np.nanmax(rel[4:].mean(0) * 0.5)  # the test rows (the first 4 are the proxy)
+    assert "the edits do not fully take at any judged layer" in low and "missed the threshold" not in low
+    assert f"mean reliability peaks at {best:.2f}, layer 12" in low and "mean final loss 1.00 (layer 10) to 1.00" in low
     high = said(np.ones((N, L)))
-    assert "missed the threshold, not the edit" in high and "under-trains" not in high
+    assert "missed the threshold, not the edit" in high and "do not fully take" not in high
     assert "did not converge (mean fraction 0.00)" in high
 
 
@@ -327,7 +329,7 @@ def test_claims_table_reads_each_claim_off_the_judgment():
     assert r.golden == 12 and j.selectors[1].regret["reliability"][0] == pytest.approx(means.max() - means[0])
     lines = claims_table([("toy", "16 edits x 4 layers", j)], definition="reliability")
     row = lines[2]
-    fixed = "no: the own optimum is better" if nul["p_value"] < 0.05 and nul["corrected"] > 0 else "yes"
+    fixed = "yes: a per-edit choice is better" if nul["p_value"] < 0.05 and nul["corrected"] > 0 else "not shown"
     assert row.startswith(f"| toy | 16 edits x 4 layers | 12, {r.boot.p_golden:.2f} | {fixed} ")
     assert f"holds ({t.agreement:.2f} vs" in row and t.p_null < 0.05  # layer 12 is far ahead: transfer holds
     d = r.boot.difference("lga", "cma")
@@ -351,6 +353,22 @@ def test_claims_table_reads_each_claim_off_the_judgment():
     j3 = _quick(m, proxy=[0, 1, 2, 3], selections={"lga": lga, "cma": off}, definitions=["reliability"],
                 primary="reliability")
     assert "not judged yet (layers 12 / 14 not in the matrix)" in claims_table([("a", "x", j3)], "reliability")[2]
+    # a partial matrix: the lowest regret is only over the picks it has; golden 12 is inside 10..13
+    part = claims_table([("a", "x", j3)], "reliability", partial={"a"})[2]
+    assert "| lga 0.000 [0.000, 0.000] (1 of 2 picks judged; regret vs the best judged layer) |" in part
+    assert f"| 12, {j3.definition('reliability').boot.p_golden:.2f} | " in part  # no caveat for an inner layer
+    # at the edge of a partial matrix's layers, and with edits that never take (reliability < 0.5)
+    edge = _quick(Matrix(m.layers, m.edit_ids, {"reliability": rel[:, ::-1] * 0.5}), proxy=[0, 1, 2, 3],
+                  definitions=["reliability"], primary="reliability")
+    top = np.nanmax(rel[4:].mean(0) * 0.5)
+    row = claims_table([("e", "x", edge)], "reliability", partial={"e"})[2]
+    assert f"| 11, {edge.definition('reliability').boot.p_golden:.2f} (under-trained: reliability <= {top:.2f} " \
+           f"at every layer) |" in row  # reversed: 12 -> column 1 = layer 11, not an edge
+    edge2 = _quick(Matrix(m.layers, m.edit_ids, {"reliability": rel[:, [2, 0, 1, 3]]}), proxy=[0, 1, 2, 3],
+                   definitions=["reliability"], primary="reliability")
+    assert edge2.definition("reliability").golden == 10
+    assert "(at the edge of the judged layers)" in claims_table([("e", "x", edge2)], "reliability", partial={"e"})[2]
+    assert "edge" not in claims_table([("e", "x", edge2)], "reliability")[2]
     assert "no golden-layers definition judged" in claims_table([("a", "x", j2)])[2]
 
 

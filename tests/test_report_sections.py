@@ -110,11 +110,12 @@ def test_regimes_side_by_side_judge_the_shared_edits_and_layers():
     a = built(list("abcdef"), [0, 1, 2, 3], best=1)
     b = built(list("abcdefgh"), [0, 2, 3], best=3)            # g, h and layer 1 are not shared
     c = built(list("xyz"), [0, 1], best=0)                     # another data set: not compared
-    runs = [("lr-a", {"model": "m", "data": "d", "editor": "locft", "hparams": {"lr": 1}}, a),
-            ("lr-b", {"model": "m", "data": "d", "editor": "locft", "hparams": {"lr": 2}}, b),
-            ("other", {"model": "m", "data": "e", "editor": "locft", "hparams": {"lr": 1}}, c)]
+    runs = [("lr-a", {"model": "m", "data": "d", "editor": "locft", "hparams": {"lr": 1}, "n_layers": 4}, a),
+            ("lr-b", {"model": "m", "data": "d", "editor": "locft", "hparams": {"lr": 2}, "n_layers": 4}, b),
+            ("other", {"model": "m", "data": "e", "editor": "locft", "hparams": {"lr": 1}, "n_layers": 4}, c)]
     text = _module("report").regimes_section(runs, threshold=0.5, n_boot=50)
     assert "The same 6 edits" in text and "layers every folder has (0, 2, 3)" in text and "other" not in text
+    assert "These are 3 of the model's 4 layers (lr-b partial): every row is restricted to them" in text
     for name, m, worst in (("lr-a", a, "+0.030 (3)"), ("lr-b", b, "+0.020 (3)")):
         row = next(l for l in text.splitlines() if l.startswith(f"| {name} |")).split("|")
         shared = m.scores["reliability"][:6][:, [m.layers.index(l) for l in (0, 2, 3)]]

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -158,7 +159,12 @@ def _convergence_line(j: Any, frac: float) -> str:
         k = int(np.nanargmax(rel.layer_mean))
         return (f"{said}, yet mean reliability reaches {best:.2f} (layer {j.layers[k]}): they missed the threshold, "
                 f"not the edit.")
-    return f"{said}; the regime under-trains, and the results are about it."
+    fl = np.asarray(j.convergence.final_loss, dtype=float)
+    at = (f"; mean final loss {np.nanmin(fl):.2f} (layer {j.layers[int(np.nanargmin(fl))]}) to {np.nanmax(fl):.2f} "
+          f"(layer {j.layers[int(np.nanargmax(fl))]})") if np.isfinite(fl).any() else ""
+    peak = f" (mean reliability peaks at {best:.2f}, layer {j.layers[int(np.nanargmax(rel.layer_mean))]})" \
+        if np.isfinite(best) else ""
+    return f"{said}{at}: the edits do not fully take at any judged layer{peak}, and the results are about that."
 
 
 def reading(j: Any) -> list[str]:
@@ -229,29 +235,46 @@ def _lower_regret(diff: Any, other: str) -> str:
             else "not resolved (the paired interval covers 0)")
 
 
+def _golden_caveats(j: Any, r: Any, definition: str, partial: bool) -> str:
+    """What the summary must say beside a golden layer: at the edge of a partial matrix's
+    judged layers, edits that never take, a held-out term without a layer effect."""
+    out = []
+    if partial and r.golden in (min(j.layers), max(j.layers)):
+        out.append("at the edge of the judged layers")
+    rel = j.definitions.get("reliability")
+    if rel is not None and np.isfinite(rel.layer_mean).any() and np.nanmax(rel.layer_mean) < 0.5:
+        out.append(f"under-trained: reliability <= {np.nanmax(rel.layer_mean):.2f} at every layer")
+    if definition == "golden-layers" and _noise_line(j):
+        out.append(f"its held-out term shows no layer effect, Friedman p {_p(j.capability_effect.p_value)}")
+    return f" ({'; '.join(out)})" if out else ""
+
+
 def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-layers",
-                 draws: dict[str, Any] | None = None) -> list[str]:
+                 draws: dict[str, Any] | None = None, partial: Collection[str] = ()) -> list[str]:
     """The Golden Layers paper's three claims, one row per study, read as :func:`reading` reads
     them under one ``definition`` of overall (the paper's own by default).
 
-    ``studies``: (name, completeness note, judgment). A fixed golden layer is *supported* when
-    no per-edit optimum beats it beyond the winner's curse (corrected gain <= 0 or p (null) >=
-    0.05); transfer *holds* when the proxy's golden layer is the test's more often than on
+    ``studies``: (name, completeness note, judgment). A per-edit optimum beats the fixed golden
+    layer only beyond the winner's curse (corrected gain > 0 and p (null) < 0.05; else "not
+    shown": the null's correction is conservative, so this is no proof the two are equal); transfer *holds* when the proxy's golden layer is the test's more often than on
     row-permuted matrices (p_null < 0.05); "LGA beats CMA" only when the paired bootstrap
     interval of their regret difference excludes 0. A study whose judgment lacks the definition is listed as such.
     ``draws``: study name -> :class:`~gradlocate.golden.draws.Draws` of its matrix (LGA vs CMA);
-    where given, the verdict is followed by how it went over those proxy draws.
+    where given, the verdict is followed by how it went over those proxy draws. ``partial``:
+    the studies whose matrix is partial (their golden layer and regrets speak for the judged
+    layers only, and the row says so).
     """
-    lines = [f"| study | size | golden layer, P(golden) | a fixed layer as good as each edit's own? (corrected gain, "
-             f"p null) | proxy -> test transfer (agreement vs chance, p_null) | 'LGA beats CMA' (regret) | "
+    lines = [f"| study | size | golden layer, P(golden) | each edit's own optimum beats the fixed layer? (corrected "
+             f"gain, p null) | proxy -> test transfer (agreement vs chance, p_null) | 'LGA beats CMA' (regret) | "
              f"lowest regret [CI] |", "|---|---|---|---|---|---|---|"]
     for name, size, j in studies:
+        part = name in partial
         r = j.definitions.get(definition)
         if r is None:
             lines.append(f"| {name} | {size} | no {definition} definition judged | | | | |")
             continue
         nul = r.versus["null"]
-        fixed = "no: the own optimum is better" if _optimum_beats_golden(r) else "yes"
+        fixed = "yes: a per-edit choice is better" if _optimum_beats_golden(r) else "not shown"
         t = r.transfer
         tr = "n/a" if t is None else (f"{'holds' if _transfers(r) else 'not shown'} ({t.agreement:.2f} vs "
                                       f"{_f(t.null_agreement, 2)}, {_p(t.p_null)})")
@@ -271,7 +294,10 @@ def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-
         judged = [(s.regret[definition], s.name) for s in j.selectors if s.regret.get(definition) is not None]
         best = min(judged, key=lambda x: x[0][0]) if judged else None
         bs = "none" if best is None else f"{best[1]} {_f(best[0][0])} [{_f(best[0][1])}, {_f(best[0][2])}]"
-        lines.append(f"| {name} | {size} | {r.golden}, {r.boot.p_golden:.2f} | {fixed} ({_f(nul['corrected'])}, "
+        if part and best is not None:
+            bs += f" ({len(judged)} of {len(j.selectors)} picks judged; regret vs the best judged layer)"
+        lines.append(f"| {name} | {size} | {r.golden}, {r.boot.p_golden:.2f}{_golden_caveats(j, r, definition, part)} | "
+                     f"{fixed} ({_f(nul['corrected'])}, "
                      f"{_p(nul['p_value'])}) | {tr} | {lc} | {bs} |")
     return lines + [""]
 

@@ -63,7 +63,8 @@ class Completeness:
     def __str__(self) -> str:
         return (f"{self.cells}/{self.total} cells ({self.cells / max(self.total, 1):.0%}); "
                 f"{len(self.complete_layers)}/{self.n_layers} layers complete"
-                + (f", {len(self.partial_layers)} partial" if self.partial_layers else "")
+                + (f", {len(self.partial_layers)} partial ({', '.join(map(str, self.partial_layers))})"
+                   if self.partial_layers else "")
                 + (f" over the first {self.edits_used} of {self.n_edits} edits"
                    if self.edits_used is not None and self.edits_used < self.n_edits else ""))
 
