@@ -263,7 +263,7 @@ def _restricted(group: list[tuple[str, dict[str, Any], Any]], layers: list[int])
     if len(layers) >= n:
         return ""
     short = [name for name, _, m in group if len(m.layers) < n]
-    return (f" These are {len(layers)} of the model's {n} layers ({', '.join(short) or 'no folder'} partial): every "
+    return (f" These are {len(layers)} of the model's {n} layers ({', '.join(short)} partial): every "
             f"row is restricted to them, so its golden layers can differ from its own section's.")
 
 
@@ -290,7 +290,7 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
         defs = ["reliability", "generalization", "locality", *stats.DEFINITIONS]
         out += [f"### Regimes side by side: {model}, {data}", "",
                 f"The same {len(ids)} edits (every edit the folders share, proxy and test alike) at the "
-                f"{len(layers)} layers every folder has ({', '.join(map(str, layers))}); golden layer per definition, "
+                f"{len(layers)} layers every folder has ({layer_span(layers)}); golden layer per definition, "
                 f"gated at {threshold} nats, with P(golden) over {n_boot} bootstrap resamples of the edits."
                 + _restricted(group, layers), "",
                 "| folder | editor, settings | converged | worst Δloss (layer) | " + " | ".join(defs) + " |",
@@ -373,7 +373,7 @@ cite them; the matrices above replace them.
 
 
 def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | None = None,
-           partial: set[str] | None = None) -> str:
+           partial: dict[str, set[int]] | None = None) -> str:
     """The summary at the top: the Golden Layers paper's claims per study, under its own
     definition of overall (each study's section shows the others)."""
     if not studies:
@@ -384,7 +384,7 @@ def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | Non
             "definition, and the regime it was edited in. 'yes' / 'holds' are read off the intervals and null "
             "tests defined under *How to read it*; 'not shown' is no proof of the opposite. A partial matrix "
             "speaks only for its judged layers.\n\n"
-            + "\n".join(claims_table(studies, draws=draws, partial=partial or set())) + "\n")
+            + "\n".join(claims_table(studies, draws=draws, partial=partial)) + "\n")
 
 
 def page(sections: list[str], threshold: float, summary: str = "") -> str:
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sections, runs, studies, draws, partial = [], [], [], {}, set()
+    sections, runs, studies, draws, partial = [], [], [], {}, {}
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
         try:
             j, done, regime, picked, m = judge_folder(folder, args)
@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         runs.append((folder.name, regime, m))
         size = f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)")
         studies.append((folder.name, size, j))
-        if not done.done:
-            partial.add(folder.name)
+        if len(j.layers) < regime["n_layers"]:  # a grown folder judges every layer on its first rows
+            partial[folder.name] = set(range(regime["n_layers"])) - set(j.layers)
         if (d := read_draws(folder)) is not None and d.n_edits == j.n_edits:
             draws[folder.name] = d
         batch = batch_section(folder, j, regime["n_layers"], args.threshold, args.n_boot)

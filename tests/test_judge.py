@@ -149,7 +149,7 @@ def test_unconverged_cells_are_called_under_training_only_when_the_edits_did_not
     from gradlocate.golden.judge_report import reading
 
     m, rel, loc, gen, cap, _ = _built()
-    never = {"converged": np.zeros((N, L)), "final_loss": np.ones((N, L))}
+    never = {"converged": np.zeros((N, L)), "final_loss": np.tile([2.0, 1.0, 3.0, 1.5], (N, 1))}
 
     def said(r):
         mx = Matrix(m.layers, m.edit_ids, {"reliability": r, "locality": loc, "generalization": gen}, never, cap)
@@ -158,7 +158,7 @@ def test_unconverged_cells_are_called_under_training_only_when_the_edits_did_not
     low = said(rel * 0.5)  # the edits did not take: best mean reliability about 0.47
     best = np.nanmax(rel[4:].mean(0) * 0.5)  # the test rows (the first 4 are the proxy)
     assert "the edits do not fully take at any judged layer" in low and "missed the threshold" not in low
-    assert f"mean reliability peaks at {best:.2f}, layer 12" in low and "mean final loss 1.00 (layer 10) to 1.00" in low
+    assert f"mean reliability peaks at {best:.2f}, layer 12" in low and "mean final loss 1.00 (layer 11) to 3.00 (layer 12)" in low
     high = said(np.ones((N, L)))
     assert "missed the threshold, not the edit" in high and "do not fully take" not in high
     assert "did not converge (mean fraction 0.00)" in high
@@ -354,21 +354,23 @@ def test_claims_table_reads_each_claim_off_the_judgment():
                 primary="reliability")
     assert "not judged yet (layers 12 / 14 not in the matrix)" in claims_table([("a", "x", j3)], "reliability")[2]
     # a partial matrix: the lowest regret is only over the picks it has; golden 12 is inside 10..13
-    part = claims_table([("a", "x", j3)], "reliability", partial={"a"})[2]
+    part = claims_table([("a", "x", j3)], "reliability", partial={"a": {14}})[2]
     assert "| lga 0.000 [0.000, 0.000] (1 of 2 picks judged; regret vs the best judged layer) |" in part
-    assert f"| 12, {j3.definition('reliability').boot.p_golden:.2f} | " in part  # no caveat for an inner layer
-    # at the edge of a partial matrix's layers, and with edits that never take (reliability < 0.5)
-    edge = _quick(Matrix(m.layers, m.edit_ids, {"reliability": rel[:, ::-1] * 0.5}), proxy=[0, 1, 2, 3],
-                  definitions=["reliability"], primary="reliability")
+    assert f"| 12, {j3.definition('reliability').boot.p_golden:.2f} | " in part  # 12 borders no unjudged layer
+    # edits that never take (reliability < 0.5): under-trained only if the cells did not converge either
     top = np.nanmax(rel[4:].mean(0) * 0.5)
-    row = claims_table([("e", "x", edge)], "reliability", partial={"e"})[2]
-    assert f"| 11, {edge.definition('reliability').boot.p_golden:.2f} (under-trained: reliability <= {top:.2f} " \
-           f"at every layer) |" in row  # reversed: 12 -> column 1 = layer 11, not an edge
-    edge2 = _quick(Matrix(m.layers, m.edit_ids, {"reliability": rel[:, [2, 0, 1, 3]]}), proxy=[0, 1, 2, 3],
-                   definitions=["reliability"], primary="reliability")
-    assert edge2.definition("reliability").golden == 10
-    assert "(at the edge of the judged layers)" in claims_table([("e", "x", edge2)], "reliability", partial={"e"})[2]
-    assert "edge" not in claims_table([("e", "x", edge2)], "reliability")[2]
+    for conv, said in ((0.0, "under-trained"), (1.0, "the edits do not take")):
+        low = _quick(Matrix(m.layers, m.edit_ids, {"reliability": rel[:, ::-1] * 0.5}, {"converged": np.full((N, L), conv)}),
+                     proxy=[0, 1, 2, 3], definitions=["reliability"], primary="reliability")
+        row = claims_table([("e", "x", low)], "reliability")[2]
+        assert f"| 11, {low.definition('reliability').boot.p_golden:.2f} ({said}: reliability peaks at {top:.2f}) |" in row
+    # a golden layer next to a layer the partial matrix lacks (at the model's end or beside a gap)
+    edge = _quick(Matrix(m.layers, m.edit_ids, {"reliability": rel[:, [2, 0, 1, 3]]}), proxy=[0, 1, 2, 3],
+                  definitions=["reliability"], primary="reliability")
+    assert edge.definition("reliability").golden == 10
+    for unjudged, flagged in (({9}, True), ({0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, True), ({14, 15}, False), ((), False)):
+        row = claims_table([("e", "x", edge)], "reliability", partial={"e": unjudged})[2]
+        assert ("(next to layers not judged yet)" in row) is flagged, unjudged
     assert "no golden-layers definition judged" in claims_table([("a", "x", j2)])[2]
 
 

@@ -122,6 +122,7 @@ def test_regimes_side_by_side_judge_the_shared_edits_and_layers():
         assert int(row[5].split()[0]) == (0, 2, 3)[int(np.argmax(shared.mean(0)))]
         assert row[4].strip() == worst                          # the worst held-out loss change, its own cells
     assert _module("report").regimes_section(runs[:1], 0.5, 10) == ""
+    assert _module("report")._restricted(runs[:1], [0, 1, 2, 3]) == ""  # every layer shared: nothing to say
 
 
 def test_growth_check_compares_the_first_and_the_new_edits_on_the_layers_both_have(tmp_path):

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from gradlocate import stats
-from gradlocate.golden.judge import DAMAGE_THRESHOLD, _picks, gated_bootstrap, matrix_metrics
+from gradlocate.golden.judge import DAMAGE_THRESHOLD, _picks, _gated_bootstrap, matrix_metrics
 from gradlocate.golden.matrix import Matrix
 
 __all__ = ["over_draws", "Draws", "Draw"]
@@ -172,7 +172,7 @@ def _draw(m: Matrix, seed: int, proxy: Sequence[int], selections: Mapping[str, A
     regret: dict[str, dict[str, Any]] = {k: {} for k in selections}
     diff: dict[str, stats.RegretDifference | None] = {}
     for d in definitions:
-        _, _, boot = gated_bootstrap(metrics, d, gate, picks, n_boot, seed)
+        _, _, boot = _gated_bootstrap(metrics, d, gate, picks, n_boot, seed)
         for k in selections:
             regret[k][d] = boot.regret.get(k)
         diff[d] = boot.difference(*pair) if set(pair) <= set(picks) else None

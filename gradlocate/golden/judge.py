@@ -176,7 +176,7 @@ def _versus(score: np.ndarray, allowed: np.ndarray, n_null: int, seed: int) -> d
             "optimum_layers": np.bincount(opt.layers, minlength=score.shape[1]).tolist()}
 
 
-def gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: stats.DamageGate,
+def _gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: stats.DamageGate,
                     picks: Mapping[str, int], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, stats.Bootstrap]:
     """``definition``'s score of ``metrics``, the layers it may call golden (not damaging,
     scored) and the bootstrap of the golden layer and ``picks``' regret over those layers."""
@@ -189,7 +189,7 @@ def _definition(m: Matrix, definition: str, test: np.ndarray, n_proxy: int, gate
                 picks: Mapping[str, int], n_boot: int, n_null: int, n_splits: int, seed: int) -> DefinitionResult:
     """One definition of overall: golden (gated, ungated), bootstrap, versus, transfer."""
     # golden-layers' score is normalised on the test rows
-    score, allowed, boot = gated_bootstrap(matrix_metrics(m, test), definition, gate, picks, n_boot, seed)
+    score, allowed, boot = _gated_bootstrap(matrix_metrics(m, test), definition, gate, picks, n_boot, seed)
     score_all = stats.overall(matrix_metrics(m), definition)
     ungated = m.layers[stats.golden_layer(score)]
     versus = _versus(score, allowed, n_null, seed)

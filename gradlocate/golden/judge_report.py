@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -147,24 +147,32 @@ def _curves(j: Any) -> list[str]:
     return lines + [""]
 
 
+def _reliability_peak(j: Any) -> tuple[float, int] | None:
+    """The best mean reliability over the judged layers and its layer (``None``: not measured)."""
+    rel = j.definitions.get("reliability")
+    means = np.asarray(rel.layer_mean, dtype=float) if rel is not None else np.array([np.nan])
+    if not np.isfinite(means).any():
+        return None
+    k = int(np.nanargmax(means))
+    return float(means[k]), j.layers[k]
+
+
 def _convergence_line(j: Any, frac: float) -> str:
     """Most cells missed the editor's stop threshold: under-training only if the edits did
     not take either (best mean reliability below 0.9; R-ROME's v* loss carries a KL term and
     can miss its threshold with every edit made)."""
     said = (f"- Most cells did not converge (mean fraction {frac:.2f}): they ran their full budget (epochs, or v* "
             f"steps) without reaching the editor's stop threshold")
-    rel = j.definitions.get("reliability")
-    best = float(np.nanmax(rel.layer_mean)) if rel is not None else float("nan")
-    if np.isfinite(best) and best >= 0.9:
-        k = int(np.nanargmax(rel.layer_mean))
-        return (f"{said}, yet mean reliability reaches {best:.2f} (layer {j.layers[k]}): they missed the threshold, "
-                f"not the edit.")
+    peak = _reliability_peak(j)
+    if peak is None:
+        return f"{said}; reliability was not measured, so whether the edits took is not known."
+    if peak[0] >= 0.9:
+        return f"{said}, yet mean reliability reaches {peak[0]:.2f} (layer {peak[1]}): they missed the threshold, not the edit."
     fl = np.asarray(j.convergence.final_loss, dtype=float)
     at = (f"; mean final loss {np.nanmin(fl):.2f} (layer {j.layers[int(np.nanargmin(fl))]}) to {np.nanmax(fl):.2f} "
           f"(layer {j.layers[int(np.nanargmax(fl))]})") if np.isfinite(fl).any() else ""
-    peak = f" (mean reliability peaks at {best:.2f}, layer {j.layers[int(np.nanargmax(rel.layer_mean))]})" \
-        if np.isfinite(best) else ""
-    return f"{said}{at}: the edits do not fully take at any judged layer{peak}, and the results are about that."
+    return (f"{said}{at}: the edits do not fully take at any judged layer (mean reliability peaks at {peak[0]:.2f}, "
+            f"layer {peak[1]}), and the results are about that.")
 
 
 def reading(j: Any) -> list[str]:
@@ -235,40 +243,44 @@ def _lower_regret(diff: Any, other: str) -> str:
             else "not resolved (the paired interval covers 0)")
 
 
-def _golden_caveats(j: Any, r: Any, definition: str, partial: bool) -> str:
-    """What the summary must say beside a golden layer: at the edge of a partial matrix's
-    judged layers, edits that never take, a held-out term without a layer effect."""
+def _golden_caveats(j: Any, r: Any, definition: str, unjudged: Collection[int]) -> str:
+    """What the summary must say beside a golden layer: next to a layer not judged yet (the
+    optimum may lie there), edits that never take, a held-out term without a layer effect."""
     out = []
-    if partial and r.golden in (min(j.layers), max(j.layers)):
-        out.append("at the edge of the judged layers")
-    rel = j.definitions.get("reliability")
-    if rel is not None and np.isfinite(rel.layer_mean).any() and np.nanmax(rel.layer_mean) < 0.5:
-        out.append(f"under-trained: reliability <= {np.nanmax(rel.layer_mean):.2f} at every layer")
+    if {r.golden - 1, r.golden + 1} & set(unjudged):
+        out.append("next to layers not judged yet")
+    peak = _reliability_peak(j)
+    if peak is not None and peak[0] < 0.5:
+        under = np.nanmean(np.asarray(j.convergence.converged, dtype=float)) < 0.5
+        out.append(f"{'under-trained' if under else 'the edits do not take'}: reliability peaks at {peak[0]:.2f}")
     if definition == "golden-layers" and _noise_line(j):
         out.append(f"its held-out term shows no layer effect, Friedman p {_p(j.capability_effect.p_value)}")
     return f" ({'; '.join(out)})" if out else ""
 
 
 def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-layers",
-                 draws: dict[str, Any] | None = None, partial: Collection[str] = ()) -> list[str]:
+                 draws: dict[str, Any] | None = None, partial: Mapping[str, Collection[int]] | None = None
+                 ) -> list[str]:
     """The Golden Layers paper's three claims, one row per study, read as :func:`reading` reads
     them under one ``definition`` of overall (the paper's own by default).
 
     ``studies``: (name, completeness note, judgment). A per-edit optimum beats the fixed golden
     layer only beyond the winner's curse (corrected gain > 0 and p (null) < 0.05; else "not
-    shown": the null's correction is conservative, so this is no proof the two are equal); transfer *holds* when the proxy's golden layer is the test's more often than on
+    shown": the null's correction is conservative, so this is no proof the two are equal);
+    transfer *holds* when the proxy's golden layer is the test's more often than on
     row-permuted matrices (p_null < 0.05); "LGA beats CMA" only when the paired bootstrap
-    interval of their regret difference excludes 0. A study whose judgment lacks the definition is listed as such.
+    interval of their regret difference excludes 0. A study whose judgment lacks the
+    definition is listed as such.
     ``draws``: study name -> :class:`~gradlocate.golden.draws.Draws` of its matrix (LGA vs CMA);
     where given, the verdict is followed by how it went over those proxy draws. ``partial``:
-    the studies whose matrix is partial (their golden layer and regrets speak for the judged
-    layers only, and the row says so).
+    study name -> the model's layers its judgment lacks (a partial matrix: its golden layer
+    and regrets speak for the judged layers only, and the row says so).
     """
     lines = [f"| study | size | golden layer, P(golden) | each edit's own optimum beats the fixed layer? (corrected "
              f"gain, p null) | proxy -> test transfer (agreement vs chance, p_null) | 'LGA beats CMA' (regret) | "
              f"lowest regret [CI] |", "|---|---|---|---|---|---|---|"]
     for name, size, j in studies:
-        part = name in partial
+        unjudged = (partial or {}).get(name, ())
         r = j.definitions.get(definition)
         if r is None:
             lines.append(f"| {name} | {size} | no {definition} definition judged | | | | |")
@@ -294,9 +306,9 @@ def claims_table(studies: list[tuple[str, str, Any]], definition: str = "golden-
         judged = [(s.regret[definition], s.name) for s in j.selectors if s.regret.get(definition) is not None]
         best = min(judged, key=lambda x: x[0][0]) if judged else None
         bs = "none" if best is None else f"{best[1]} {_f(best[0][0])} [{_f(best[0][1])}, {_f(best[0][2])}]"
-        if part and best is not None:
+        if unjudged and best is not None:
             bs += f" ({len(judged)} of {len(j.selectors)} picks judged; regret vs the best judged layer)"
-        lines.append(f"| {name} | {size} | {r.golden}, {r.boot.p_golden:.2f}{_golden_caveats(j, r, definition, part)} | "
+        lines.append(f"| {name} | {size} | {r.golden}, {r.boot.p_golden:.2f}{_golden_caveats(j, r, definition, unjudged)} | "
                      f"{fixed} ({_f(nul['corrected'])}, "
                      f"{_p(nul['p_value'])}) | {tr} | {lc} | {bs} |")
     return lines + [""]

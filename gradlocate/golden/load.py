@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlocate.golden.matrix import MATRIX_METRICS, TRAIN_FIELDS, Matrix
+from gradlocate.golden.matrix import MATRIX_METRICS, TRAIN_FIELDS, Matrix, layer_span
 from gradlocate.golden.store import RecordStore, digest, relative_path
 
 __all__ = ["load_matrix", "Completeness"]
@@ -63,7 +63,7 @@ class Completeness:
     def __str__(self) -> str:
         return (f"{self.cells}/{self.total} cells ({self.cells / max(self.total, 1):.0%}); "
                 f"{len(self.complete_layers)}/{self.n_layers} layers complete"
-                + (f", {len(self.partial_layers)} partial ({', '.join(map(str, self.partial_layers))})"
+                + (f", {len(self.partial_layers)} partial ({layer_span(self.partial_layers)})"
                    if self.partial_layers else "")
                 + (f" over the first {self.edits_used} of {self.n_edits} edits"
                    if self.edits_used is not None and self.edits_used < self.n_edits else ""))
