@@ -36,7 +36,14 @@ def _d(v: float) -> str:
 
 
 def _p(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"
+    """A p-value to two digits, three near 0.05 so it never reads 0.05 beside "holds".
+
+    >>> _p(0.0495), _p(0.0099), _p(0.069), _p(float("nan"))
+    ('0.0495', '0.0099', '0.069', 'n/a')
+    """
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3g}" if 0.045 <= v < 0.055 else f"{v:.2g}"
 
 
 def _regime(j: Any) -> list[str]:
