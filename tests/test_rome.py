@@ -223,6 +223,29 @@ def test_architectures_edit_and_restore(arch):
     assert torch.equal(h[L].parameter, w0)
 
 
+@pytest.mark.parametrize("name", ["r-rome", "emmet"])
+def test_memo_samples_the_context_templates_once_and_changes_nothing(llama, C, name, monkeypatch):
+    """A memo kept across layers: the templates are sampled once, the deltas are the same
+    as without it (bit for bit), and LocFT-BF accepts the memo and ignores it."""
+    import gradlocate.editors.rome as rome_module
+
+    h = resolve(llama)
+    sampled = []
+    real = rome_module.context_templates
+    monkeypatch.setattr(rome_module, "context_templates", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    memo: dict = {}
+    with_memo = [per_edit_deltas(name, h, layer, EDITS[:2], memo=memo, covariance=C, **FAST)[0] for layer in (0, 1)]
+    assert len(sampled) == 1 and len(memo) == 1
+    plain = [per_edit_deltas(name, h, layer, EDITS[:2], covariance=C, **FAST)[0] for layer in (0, 1)]
+    assert len(sampled) == 3
+    assert all(torch.equal(a, b) for a, b in zip(with_memo, plain))
+    other = {**FAST, "context_template_length_params": [(3, 5)]}  # other lengths: sampled anew
+    per_edit_deltas(name, h, 0, EDITS[:1], memo=memo, covariance=C, **other)
+    assert len(sampled) == 4 and len(memo) == 2
+    d, _ = per_edit_deltas("locft", h, 0, EDITS[:1], memo=memo, lr=1e-2, epochs=2)
+    assert tuple(d.shape) == (1, h.d_model, h.d_mlp) and len(memo) == 2
+
+
 def test_registry_and_per_edit_deltas(llama, C):
     assert {"rome", "r-rome", "emmet"} <= set(EDITORS) and editor_class("rrome") is RROME
     w0 = llama.model.layers[L].mlp.down_proj.weight.detach().clone()
@@ -339,3 +362,18 @@ def test_value_prefix_reuse_says_when_it_cannot_engage(monkeypatch):
     with pytest.warns(UserWarning, match="prefix reuse is off .*takes no key/value cache"):
         got = ro.optimise_value(h, 1, EditRequest(**EDIT), ["{}", "Hi. {}"], **hp)
     torch.testing.assert_close(got.delta, ref.delta, rtol=0, atol=0)
+
+
+def test_matrix_with_a_rank_one_editor_samples_the_templates_once(llama, monkeypatch):
+    """Four chunks (2 layers x 2 edits, chunk 1) share one sampling of the templates."""
+    import numpy as np
+
+    import gradlocate.editors.rome as rome_module
+    from gradlocate.golden.matrix import matrix
+
+    sampled = []
+    real = rome_module.context_templates
+    monkeypatch.setattr(rome_module, "context_templates", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    m = matrix(llama, EDITS[:2], editor="r-rome", hparams={**FAST, "mom2_adjustment": False}, layers=[0, 1],
+               chunk=1, capability_edits=0, progress=False)
+    assert len(sampled) == 1 and np.isfinite(m.scores["overall"]).all()

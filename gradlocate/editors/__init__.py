@@ -14,7 +14,8 @@ and, for the single-edit matrix, each edit alone at one layer, all at once:
     per_edit_deltas(name, h, layer, edits, **hparams) -> (delta [edits, d_model, d_mlp], summaries)
 
 ``delta[i]`` is the weight change editing edit ``i`` alone makes; the model is not
-changed. :data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default;
+changed. A ``memo`` dict kept across calls on the same unedited model lets an editor
+reuse what does not depend on the layer (the rank-one editors' context templates). :data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default;
 ``"rome"``, ``"r-rome"`` and ``"emmet"`` the closed-form editors of
 :mod:`gradlocate.editors.rome` and :mod:`gradlocate.editors.emmet`).
 
@@ -72,9 +73,15 @@ def editor_class(name: str) -> type:
     return EDITORS[_known(name)]
 
 
-def per_edit_deltas(name: str, h: Handles, layer: int, edits: Any,
+def per_edit_deltas(name: str, h: Handles, layer: int, edits: Any, *, memo: dict[Any, Any] | None = None,
                     **hparams: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
     """Each edit edited alone at ``layer`` by editor ``name``: the weight changes
     ``[edits, d_model, d_mlp]`` (float32, canonical layout) and one summary per edit
-    (e.g. epochs, final loss, converged). The model is left as it was."""
-    return _PER_EDIT[_known(name)](h, layer, as_edits(edits), **hparams)
+    (e.g. epochs, final loss, converged). The model is left as it was.
+
+    ``memo``: a dict the caller keeps across calls on the same, unedited model; editors
+    store there what does not depend on the layer (the rank-one editors: the context
+    templates, sampled from the model), so a run over many layers samples them once."""
+    key = _known(name)
+    extra = {} if memo is None or key == "locft" else {"memo": memo}  # LocFT-BF has nothing layer-independent
+    return _PER_EDIT[key](h, layer, as_edits(edits), **extra, **hparams)

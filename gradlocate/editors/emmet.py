@@ -48,7 +48,7 @@ from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
 from gradlocate.editors.rank_one import emmet_update, locate, optimise_value, site_io, subject_of
-from gradlocate.editors.rome import RankOneResult, _need_subject, _RankOneEditor
+from gradlocate.editors.rome import RankOneResult, _need_subject, _RankOneEditor, memo_templates
 from gradlocate.handles import Handles
 
 __all__ = ["EMMET", "EMMET_HPARAMS", "emmet_per_edit", "emmet_ingredients"]
@@ -123,12 +123,14 @@ class EMMET(_RankOneEditor):
                             emmet_lambda=self.hp["emmet_lambda"], update_norm_lambda=self.hp["update_norm_lambda"])
 
 
-def emmet_per_edit(h: Handles, layer: int, edits: Any, **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+def emmet_per_edit(h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | None = None,
+                   **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
     """Each edit's EMMET ΔW alone (a batch of one) on the unedited model:
-    ``[edits, d_model, d_mlp]`` (float32, canonical layout). The model is not changed."""
+    ``[edits, d_model, d_mlp]`` (float32, canonical layout). The model is not changed.
+    ``memo``: see :func:`~gradlocate.editors.rome.memo_templates`."""
     ed = EMMET(h, layer, **{"progress": False, **hparams})
     edits = [_need_subject(e, i) for i, e in enumerate(as_edits(edits))]
-    groups, C = ed.templates(), ed.covariance()
+    groups, C = memo_templates(ed, memo), ed.covariance()
     out, summaries = [], []
     for e in edits:
         g = emmet_ingredients(ed.h, ed.layer, e, groups, ed.hp)

@@ -57,7 +57,7 @@ from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients
 from gradlocate.state import Undo
 
-__all__ = ["ROME", "RROME", "RankOneResult", "ROME_HPARAMS", "rome_per_edit", "rrome_per_edit"]
+__all__ = ["ROME", "RROME", "RankOneResult", "ROME_HPARAMS", "rome_per_edit", "rrome_per_edit", "memo_templates"]
 
 #: ROME's hyper-parameters for LLaMA-family models, from EasyEdit's
 #: ``hparams/ROME/llama3.2-1b.yaml`` (the closest family to SmolLM2-135M), except
@@ -324,11 +324,22 @@ class RROME(_RankOneEditor):
     method = "R-ROME"
 
 
-def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any,
+def memo_templates(ed: _RankOneEditor, memo: dict[Any, Any] | None) -> list[list[str]]:
+    """``ed.templates()``, sampled once per ``memo`` (a dict kept across calls on the same,
+    unedited model: the templates depend on the model, their lengths and the seed only)."""
+    if memo is None:
+        return ed.templates()
+    key = ("context templates", ed.hp["context_template_length_params"], ed.seed)
+    if key not in memo:
+        memo[key] = ed.templates()
+    return memo[key]
+
+
+def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | None = None,
               **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
     ed = cls(h, layer, **{"progress": False, **hparams})
     edits = [_need_subject(e, i) for i, e in enumerate(as_edits(edits))]
-    groups, C = ed.templates(), ed.covariance()
+    groups, C = memo_templates(ed, memo), ed.covariance()
     out, summaries = [], []
     for e in edits:
         dW, info = rome_update(ed.h, ed.layer, e, groups, C, ed.hp, averaged=cls is RROME)
@@ -341,12 +352,15 @@ def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any,
     return torch.stack(out), summaries
 
 
-def rome_per_edit(h: Handles, layer: int, edits: Any, **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+def rome_per_edit(h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | None = None,
+                  **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
     """Each edit's ROME ΔW alone on the unedited model: ``[edits, d_model, d_mlp]``
-    (float32, canonical layout) and a summary per edit. The model is not changed."""
-    return _per_edit(ROME, h, layer, edits, **hparams)
+    (float32, canonical layout) and a summary per edit. The model is not changed.
+    ``memo``: see :func:`memo_templates`."""
+    return _per_edit(ROME, h, layer, edits, memo, **hparams)
 
 
-def rrome_per_edit(h: Handles, layer: int, edits: Any, **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+def rrome_per_edit(h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | None = None,
+                   **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
     """:func:`rome_per_edit` for R-ROME."""
-    return _per_edit(RROME, h, layer, edits, **hparams)
+    return _per_edit(RROME, h, layer, edits, memo, **hparams)

@@ -294,6 +294,8 @@ class _Plan:
     cap_edits: int
     store: RecordStore | None
     chunk: int
+    # what an editor reuses across layers of the same unedited model (rank-one: context templates)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: dict[str, Any] | None = None,
@@ -445,7 +447,7 @@ def _job_remote(p: _Portable, job: tuple[int, tuple[int, ...]]) -> list[dict[str
     key = p.root[0].hex()
     h = shared(key, lambda: down_projections(ray.get(p.root[0]), tokenizer=p.tokenizer, blocks=p.blocks,
                                              down=p.site, chat=p.chat))
-    plan = _Plan(h, as_edits(p.edits), store=None, **p.fields)
+    plan = _Plan(h, as_edits(p.edits), store=None, memo=shared(key + "/memo", dict), **p.fields)
     with using(h):
         return _run_chunk(plan, job[0], list(job[1]), p.ref, p.base)
 
@@ -454,7 +456,7 @@ def _run_chunk(plan: _Plan, layer: int, rows: list[int], ref: list[Any], base: f
     """Edit each of ``rows`` alone at ``layer``; one cell record each."""
     part = Edits([plan.edits[i] for i in rows])
     t0 = time.perf_counter()
-    delta, summaries = per_edit_deltas(plan.editor, plan.h, layer, part, **plan.hparams)
+    delta, summaries = per_edit_deltas(plan.editor, plan.h, layer, part, memo=plan.memo, **plan.hparams)
     t1 = time.perf_counter()
     scores = score_per_sample(plan.h, layer, part, delta, [ref[i] for i in rows])
     t2 = time.perf_counter()
