@@ -50,6 +50,23 @@ KNOWN = {"smollm2-counterfact-locft-lr5e-4": {"model": "smollm2", "data": "count
                                               "editor": "locft", "hparams": {"lr": 5e-4, "epochs": 25}}}
 #: LocFT-BF's stopping threshold (an epoch whose mean loss is below it ends training).
 LOSS_THRESHOLD = 1e-2
+#: A partial matrix is judged once this share of the model's layers is complete: a golden
+#: layer, a regret or a transfer figure among fewer layers says little about the model.
+MIN_JUDGED_SHARE = 0.5
+
+
+class NotJudgedYet(Exception):
+    """A partial folder with too few complete layers to judge (see :data:`MIN_JUDGED_SHARE`)."""
+
+
+def judgeable(done: Completeness) -> None:
+    """Raise :class:`NotJudgedYet` unless ``done`` is complete or has at least
+    :data:`MIN_JUDGED_SHARE` of its layers complete."""
+    need = int(np.ceil(MIN_JUDGED_SHARE * done.n_layers))
+    if not done.done and len(done.complete_layers) < need:
+        got = layer_span(done.complete_layers) if done.complete_layers else "none"
+        raise NotJudgedYet(f"{done}; complete layers: {got}. A partial matrix is judged once {need} of its "
+                           f"{done.n_layers} layers are complete")
 
 
 def regime_of(folder: Path) -> dict[str, Any]:
@@ -96,7 +113,14 @@ def selections_for(folder: Path, regime: dict[str, Any], proxy: list[int], names
 
 def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Completeness, dict[str, Any], Any, Any]:
     regime = regime_of(folder)
-    m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
+    try:
+        m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
+    except ValueError as e:
+        if "no complete layer yet" not in str(e):
+            raise
+        raise NotJudgedYet(f"{e}; a partial matrix is judged once {int(np.ceil(MIN_JUDGED_SHARE * regime['n_layers']))} "
+                           f"of its {regime['n_layers']} layers are complete") from None
+    judgeable(done)
     proxy = split_rows(m.n_edits, max(1, m.n_edits // 4), seed=0)
     names = [] if args.no_selectors else [n for n in STUDY_SELECTORS if not (args.no_cma and n == "cma")]
     picked = selections_for(folder, regime, proxy, names, m.n_edits) if names else None
@@ -356,7 +380,8 @@ What this page does **not** support: claims about layers not yet in a partial ma
 about other editors, learning rates or epoch budgets than the regime stated per result;
 the batch regime where no batch section is shown, and batch sizes other than the one stated;
 and capability beyond the held-out texts of the capability subsample (its uncertainty is not
-in the bootstrap, which resamples edits).
+in the bootstrap, which resamples edits). A partial matrix is judged only once half the model's
+layers are complete in it; before that its section says how far it is.
 """
 
 FOOT = """
@@ -411,6 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     for folder in sorted(p for p in MATRICES.glob("*") if (p / "edits.json").exists()):
         try:
             j, done, regime, picked, m = judge_folder(folder, args)
+        except NotJudgedYet as e:
+            sections.append(f"### {folder.name}\n\nMatrix: **partial**, not judged yet: {e}.\n")
+            print(f"{folder.name}: not judged yet: {e}", flush=True)
+            continue
         except Exception as e:  # noqa: BLE001 - one folder's failure is reported in its place; the rest still runs
             sections.append(f"### {folder.name}\n\nNot judged: {type(e).__name__}: {e}\n")
             print(f"{folder.name}: not judged: {type(e).__name__}: {e}", flush=True)

@@ -265,12 +265,18 @@ def test_report_page_from_a_partial_matrix_folder(tmp_path, monkeypatch):
     (started / "edits.json").write_text(json.dumps({"model": "tiny", "n_layers": 6, "editor": "locft",
                                                     "hparams": {"lr": 1e-3, "epochs": 5},
                                                     "edits": [{"id": e} for e in m.edit_ids]}))
+    foreign = tmp_path / "matrix" / "b-foreign"  # records of another regime: reported in place, the rest runs
+    foreign.mkdir()
+    (foreign / "edits.json").write_text((started / "edits.json").read_text())
+    RecordStore(foreign, lambda k: {"editor": {"name": "locft", "hparams": {"lr": 1.0, "epochs": 5}}}).append(
+        f"{m.edit_ids[0]}/0", {"edit": m.edit_ids[0], "layer": 0, "scores": {"reliability": 1.0}, "train": {}})
     monkeypatch.setattr(report, "MATRICES", tmp_path / "matrix")
     out = tmp_path / "results.md"
     report.main(["--no-selectors", "--n-boot", "20", "--n-null", "20", "--out", str(out)])
     text = out.read_text()
-    assert "### a-started\n\nNot judged: ValueError:" in text and "no complete layer yet (0 cells)" in text
-    assert not (started / "judgment.json").exists()
+    assert "### a-started\n\nMatrix: **partial**, not judged yet: " in text and "no complete layer yet (0 cells)" in text
+    assert "### b-foreign\n\nNot judged: ValueError:" in text and "is not 'locft'" in text.split("### b-foreign")[1].split("###")[0]
+    assert not (started / "judgment.json").exists() and not (foreign / "judgment.json").exists()
     assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
     assert "| edit-only |" in text and "Superseded" in text
     assert json.loads((folder / "judgment.json").read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]

@@ -208,3 +208,29 @@ def test_proxy_draws_judge_each_draw_share_selections_and_resume(tmp_path, monke
     with pytest.raises(SystemExit, match="no matrix folder"):
         draws.main(["--folders", "nope"])
 
+
+
+def test_a_partial_folder_is_judged_once_half_its_layers_are_complete(tmp_path):
+    from gradlocate.golden.store import RecordStore
+
+    report = _module("report")
+    hp = {"lr": 1e-3, "epochs": 5}
+    ids = ["e0", "e1"]
+    (tmp_path / "edits.json").write_text(json.dumps({"model": "tiny", "n_layers": 6, "editor": "locft",
+                                                     "hparams": hp, "edits": [{"id": e} for e in ids]}))
+    args = SimpleNamespace(no_selectors=True, no_cma=True, threshold=0.5, n_boot=10, n_null=10)
+    with pytest.raises(report.NotJudgedYet, match="no complete layer yet.*once 3 of its 6"):
+        report.judge_folder(tmp_path, args)
+    s = RecordStore(tmp_path, lambda k: {"editor": {"name": "locft", "hparams": hp}}, shard="shard0of1")
+
+    def fill(layer, rows=ids):
+        for e in rows:
+            s.append(f"{e}/{layer}", {"edit": e, "layer": layer, "scores": {"reliability": 0.5}, "train": {}})
+
+    fill(4), fill(1), fill(2, ids[:1])
+    _, done = report.load_matrix(tmp_path, 6, editor="locft", hparams=hp)
+    with pytest.raises(report.NotJudgedYet, match=r"complete layers: 1, 4\. .*once 3 of its 6"):
+        report.judgeable(done)
+    fill(2, ids[1:])
+    _, done = report.load_matrix(tmp_path, 6, editor="locft", hparams=hp)
+    report.judgeable(done)  # 3 of 6: judged
