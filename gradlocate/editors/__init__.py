@@ -15,9 +15,10 @@ and, for the single-edit matrix, each edit alone at one layer, all at once:
 
 ``delta[i]`` is the weight change editing edit ``i`` alone makes; the model is not
 changed. A ``memo`` dict kept across calls on the same unedited model lets an editor
-reuse what does not depend on the layer (the rank-one editors' context templates). :data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default;
-``"rome"``, ``"r-rome"`` and ``"emmet"`` the closed-form editors of
-:mod:`gradlocate.editors.rome` and :mod:`gradlocate.editors.emmet`).
+reuse what does not depend on the layer (the rank-one editors' context templates).
+:data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default; ``"rome"``,
+``"r-rome"`` and ``"emmet"`` the closed-form editors of :mod:`gradlocate.editors.rome`
+and :mod:`gradlocate.editors.emmet`).
 
 Example:
     >>> from gradlocate.models import tiny

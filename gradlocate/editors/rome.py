@@ -329,7 +329,7 @@ def memo_templates(ed: _RankOneEditor, memo: dict[Any, Any] | None) -> list[list
     unedited model: the templates depend on the model, their lengths and the seed only)."""
     if memo is None:
         return ed.templates()
-    key = ("context templates", ed.hp["context_template_length_params"], ed.seed)
+    key = ("context templates", id(ed.h.root), ed.hp["context_template_length_params"], ed.seed)
     if key not in memo:
         memo[key] = ed.templates()
     return memo[key]
