@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from gradlocate.editors.rank_one import EARLY_STOP  # noqa: E402
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, judge  # noqa: E402
 from gradlocate.golden.judge_report import _f, claims_table  # noqa: E402
-from gradlocate.golden.load import Completeness, load_matrix  # noqa: E402
+from gradlocate.golden.load import Completeness, NoLayerYet, load_matrix  # noqa: E402
 from gradlocate.golden.matrix import layer_span  # noqa: E402
 from gradlocate.golden.study import STUDY_SELECTORS, select, split_rows  # noqa: E402
 
@@ -115,9 +115,7 @@ def judge_folder(folder: Path, args: argparse.Namespace) -> tuple[Judgment, Comp
     regime = regime_of(folder)
     try:
         m, done = load_matrix(folder, regime["n_layers"], editor=regime["editor"], hparams=regime["hparams"])
-    except ValueError as e:
-        if "no complete layer yet" not in str(e):
-            raise
+    except NoLayerYet as e:
         raise NotJudgedYet(f"{e}; a partial matrix is judged once {int(np.ceil(MIN_JUDGED_SHARE * regime['n_layers']))} "
                            f"of its {regime['n_layers']} layers are complete") from None
     judgeable(done)

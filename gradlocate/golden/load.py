@@ -37,7 +37,11 @@ import numpy as np
 from gradlocate.golden.matrix import MATRIX_METRICS, TRAIN_FIELDS, Matrix, layer_span
 from gradlocate.golden.store import RecordStore, digest, relative_path
 
-__all__ = ["load_matrix", "Completeness"]
+__all__ = ["load_matrix", "Completeness", "NoLayerYet"]
+
+
+class NoLayerYet(ValueError):
+    """A matrix folder with no layer to show yet (no complete layer, or no cell at all)."""
 
 
 @dataclass
@@ -149,7 +153,7 @@ def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | 
     partial = [l for l, c in count.items() if 0 < c < len(ids)]
     layers = complete if complete_only else sorted(complete + partial)
     if not layers:
-        raise ValueError(f"{folder}: no {'complete ' if complete_only else ''}layer yet ({len(cells)} cells)")
+        raise NoLayerYet(f"{folder}: no {'complete ' if complete_only else ''}layer yet ({len(cells)} cells)")
     t, base = _tables(ids, layers, cells)
     params = {"hparams": dict(hparams or {}), "capability_edits": int(np.isfinite(t["capability"]).any(1).sum())}
     m = Matrix(layers, ids, {k: t[k] for k in MATRIX_METRICS}, {k: t[k] for k in TRAIN_FIELDS}, t["capability"],
