@@ -9,7 +9,7 @@ from scipy import stats as sps
 import gradlocate as gl
 
 from gradlocate.golden.judge import judge, matrix_metrics
-from gradlocate.golden.load import load_matrix
+from gradlocate.golden.load import NoLayerYet, load_matrix
 from gradlocate.golden.matrix import Matrix
 from gradlocate.golden.store import RecordStore
 from gradlocate.results import LayerScores
@@ -186,8 +186,16 @@ def test_load_matrix_partial_folder_and_regime_check(tmp_path):
     m, c = load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-4, "epochs": 25})
     assert m.layers == [0] and (c.cells, c.total, c.partial_layers) == (5, 12, [1])
     assert m.capability[0, 0] == pytest.approx(0.1) and m.capability_base == pytest.approx(2.9)
-    with pytest.raises(ValueError, match="editor fingerprint"):
+    with pytest.raises(ValueError, match="editor fingerprint") as e:  # a wrong regime is not "not yet"
         load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-3, "epochs": 100})
+    assert not isinstance(e.value, NoLayerYet)
+    # a fourth edit without cells: no layer is complete any more, but the partial ones still show
+    s.append("c/1", {"edit": "c", "layer": 1, "scores": {"reliability": 1.5}, "train": {}})
+    (tmp_path / "edits.json").write_text(json.dumps({"edits": [{"id": e} for e in ids + ["d"]]}))
+    with pytest.raises(NoLayerYet, match=r"no complete layer yet \(6 cells\)"):
+        load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-4, "epochs": 25})
+    m, _ = load_matrix(tmp_path, 4, editor="locft", hparams={"lr": 5e-4, "epochs": 25}, complete_only=False)
+    assert m.layers == [0, 1] and np.isnan(m.scores["reliability"][3]).all()
 
 
 def test_a_grown_folder_shows_its_complete_rows_until_the_new_ones_hold_more(tmp_path):

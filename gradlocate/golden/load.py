@@ -138,7 +138,8 @@ def load_matrix(folder: str | os.PathLike[str], n_layers: int, *, editor: str | 
             cell, NaN where absent).
 
     Raises:
-        FileNotFoundError: no ``edits.json``; ValueError: mixed or mismatched fingerprints, no layer to show.
+        FileNotFoundError: no ``edits.json``; ValueError: mixed or mismatched fingerprints;
+        NoLayerYet (a ValueError): no layer to show yet (a run that has only begun).
     """
     folder = Path(folder)
     ids, sizes = _manifest(folder)
