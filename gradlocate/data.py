@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -247,7 +248,15 @@ def _from_mapping(r: Mapping[str, Any], i: int) -> EditRequest:
 
 class Edits(list):
     """A list of :class:`EditRequest` that has been normalised and checked once (what
-    :func:`as_edits` and :func:`load_edits` return). Every function accepts it as is."""
+    :func:`as_edits` and :func:`load_edits` return). Every function accepts it as is.
+
+    ``source`` and ``indices`` say where the edits came from when :func:`load_edits` read
+    them (the file or dataset, and each edit's record index in it), so a study folder can
+    state exactly which records it used; ``None`` for edits given in Python."""
+
+    source: str | None = None
+    indices: list[int] | None = None
+    sample: int | None = None  # the seed that drew them at random (load_edits(sample=)), if one did
 
 
 def as_edits(edits: Any, *, allow_empty: bool = False) -> Edits:
@@ -386,7 +395,8 @@ def _dataset_folder(path: Path, split: str) -> Any:
                          f"data files") from None
 
 
-def load_edits(source: Any, n: int | None = None, *, split: str = "train", offset: int = 0) -> Edits:
+def load_edits(source: Any, n: int | None = None, *, split: str = "train", offset: int = 0,
+               sample: int | None = None) -> Edits:
     """Read edits from a JSON / JSONL file, a list of records, a ``datasets``
     ``Dataset`` / ``DatasetDict``, a dataset folder or Hugging Face dataset name (read
     with ``datasets.load_dataset``), or ``"zsre"`` / ``"counterfact"`` (the shared data,
@@ -397,6 +407,11 @@ def load_edits(source: Any, n: int | None = None, *, split: str = "train", offse
         n: keep only ``n`` edits (after ``offset``), in file order.
         split: the split to read from a dataset with splits.
         offset: skip this many records first.
+        sample: draw the ``n`` edits at random instead, with this seed (the record indices
+            shuffled with ``random.Random(sample)``, the first ``n`` taken: how the
+            published studies drew theirs); ``n`` must then not exceed the records.
+
+    The result's ``source`` and ``indices`` name the records used.
 
     Example:
         >>> edits = load_edits([{"prompt": "The capital of France is", "target_new": "Rome"}])
@@ -424,10 +439,19 @@ def load_edits(source: Any, n: int | None = None, *, split: str = "train", offse
     records = _records(records, split)
     if isinstance(records, (Mapping, EditRequest)):
         records = [records]
-    records = list(records)[offset:]
+    records = list(records)
+    index = list(range(len(records)))[offset:]
+    if sample is not None:
+        if n is None or n > len(index):
+            raise ValueError(f"sample={sample} draws n edits at random: give n <= {len(index)} (the records "
+                             f"after offset {offset}), got n={n}")
+        random.Random(sample).shuffle(index)
     if n is not None:
-        records = records[:n]
-    return as_edits(records)
+        index = index[:n]
+    out = as_edits([records[i] for i in index])
+    out.source = str(source) if isinstance(source, (str, os.PathLike)) else None
+    out.indices, out.sample = index, sample
+    return out
 
 
 def load_texts(source: Any, n: int | None = None, *, field: str = "text", split: str = "train") -> list[str]:

@@ -58,6 +58,7 @@ __all__ = [
     "find_tokenizer",
     "check_causal_lm",
     "validate_indices",
+    "model_identity",
 ]
 
 
@@ -585,3 +586,22 @@ def resolve(model: Any, tokenizer: Any = None) -> Handles:
     h = down_projections(model, tokenizer=tokenizer)
     h.require_tokenizer()
     return h
+
+
+def model_identity(h: Handles) -> dict[str, Any]:
+    """What identifies a resolved model, the one definition every fingerprint and cache key
+    uses: its class, checkpoint name, edited site, and each site weight's sum (tells another
+    checkpoint, and an edited model, apart).
+
+    Example:
+        >>> from gradlocate.models import tiny
+        >>> ident = model_identity(resolve(tiny("gpt2", n_layers=2, d_model=16)[0]))
+        >>> ident["model"], len(ident["weights"])
+        ('GPT2LMHeadModel', 2)
+    """
+    import torch
+
+    with torch.no_grad():
+        weights = [f"{float(x.parameter.detach().double().sum()):.10e}" for x in h]
+    return {"model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
+            "site": h.site_path, "weights": weights}

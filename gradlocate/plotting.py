@@ -213,13 +213,13 @@ def plot_optimum_histogram(layers: Any, optima: Any, *, golden: int | None = Non
 __all__ += ["plot_optimum_histogram"]
 
 
-def plot_matrix(m: Any, metric: str = "overall", *, golden: int | None = None, title: str | None = None) -> Any:
+def plot_matrix(m: Any, metric: str = "edit-only", *, golden: int | None = None, title: str | None = None) -> Any:
     """A :class:`~gradlocate.golden.matrix.Matrix`: ``metric`` per edit x layer as a
     heatmap, and below it the mean over edits per layer with the golden layer marked."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    table = m.capability if metric == "capability" else m.scores[metric]
+    table = m.capability if metric == "capability" else (m.scores[metric] if metric in m.scores else m.overall(metric))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 2 + 0.12 * len(m.edit_ids) + 2.5), sharex=True,
                                       gridspec_kw={"height_ratios": [max(2.0, 0.12 * len(m.edit_ids)), 2.0]})
     im = top.imshow(np.ma.masked_invalid(table), aspect="auto", cmap="viridis", interpolation="nearest",

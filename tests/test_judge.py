@@ -304,7 +304,7 @@ def test_lga_versus_cma_is_decided_by_the_paired_difference():
     from types import SimpleNamespace
 
     from gradlocate.golden.judge_report import _lga_versus_cma
-    from gradlocate.stats import RegretDifference
+    from gradlocate.golden.inference import RegretDifference
 
     def j(lga, cma, diff):
         sel = [SimpleNamespace(name="lga", layer=3, regret={"golden-layers": lga, "weighted": lga}),

@@ -67,11 +67,12 @@ def test_matrix_result(model):
     assert m.edit_ids == [edit_id(e) for e in EDITS]
     assert np.isnan(m.scores["locality"][1]).all() and np.isfinite(m.scores["locality"][0]).all()
     have = np.stack([m.scores[k] for k in ("reliability", "generalization", "locality")])
-    assert m.scores["overall"][0, 0] == pytest.approx(np.nanmean(have[:, 0, 0]))
+    assert "overall" not in m.scores  # every overall is computed, by gradlocate.golden.scores
+    assert m.overall()[0, 0] == pytest.approx(np.nanmean(have[:, 0, 0]))  # the primary: edit-only
     curve = m.curve()
     assert m.golden() == m.layers[int(np.nanargmax(curve))]
     for i, l in enumerate(m.optimum()):
-        assert m.scores["overall"][i, m.layers.index(l)] == np.nanmax(m.scores["overall"][i])
+        assert m.overall()[i, m.layers.index(l)] == np.nanmax(m.overall()[i])
     d = m.to_dict()
     assert d["golden"] == m.golden() and d["capability"][1] == [None, None, None]
     assert "3 edits x 3 layers" in repr(m) and "capability on 3" in repr(m)
@@ -86,19 +87,22 @@ def test_resume_shards_and_order(model, tmp_path, monkeypatch):
     out = tmp_path / "mx"
     a = matrix(model, EDITS, hparams=TRAINER, layers=[0], out=out, shard="a", capability_edits=1, progress=False)
     b = matrix(model, EDITS, hparams=TRAINER, layers=[1, 2], out=out, shard="b", capability_edits=1, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert (out / "manifest.json").exists()
     calls = []
     real = matrix_module.per_edit_deltas
     monkeypatch.setattr(matrix_module, "per_edit_deltas", lambda *a, **k: calls.append(1) or real(*a, **k))
     both = matrix(model, list(reversed(EDITS)), hparams=TRAINER, out=out, capability_edits=0, progress=False)
     assert calls == []  # every cell was there, from two shards
     assert both.edit_ids == [edit_id(e) for e in reversed(EDITS)]
-    np.testing.assert_array_equal(both.scores["overall"][::-1], np.concatenate(
-        [a.scores["overall"], b.scores["overall"]], axis=1))
-    # a cell of the capability subsample without capability is redone; the others are not
-    again = matrix(model, EDITS[1:], hparams=TRAINER, layers=[0], out=out, capability_edits=1, progress=False)
-    assert len(calls) == 1 and np.isfinite(again.capability[0, 0])
+    np.testing.assert_array_equal(both.overall()[::-1], np.concatenate([a.overall(), b.overall()], axis=1))
     assert both.path == str(out)  # outside the working directory: kept absolute
+    # a cell of the capability subsample without capability is redone; the others are not
+    flat = tmp_path / "flat.jsonl"
+    matrix(model, EDITS, hparams=TRAINER, layers=[0], out=flat, capability_edits=0, progress=False)
+    calls.clear()
+    again = matrix(model, EDITS[1:], hparams=TRAINER, layers=[0], out=flat, capability_edits=1, progress=False)
+    assert len(calls) == 1 and np.isfinite(again.capability[0, 0])
 
 
 def test_stale_cells_refused(model, tmp_path):
@@ -117,7 +121,7 @@ def test_bad_arguments(model):
         matrix(model, EDITS, chunk=0)
     with pytest.raises(ValueError, match="unknown editor"):
         matrix(model, EDITS, editor="nope")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="LocFT-BF has no setting 'bogus'"):
         matrix(model, EDITS, hparams={"bogus": 1})
 
 
@@ -155,9 +159,9 @@ def test_chunks_group_edits_of_similar_length(model, monkeypatch):
     seen = []
     real = matrix_module.per_edit_deltas
     monkeypatch.setattr(matrix_module, "per_edit_deltas",
-                        lambda name, h, layer, part, **k: seen.append([e.prompt.count("word") for e in part])
-                        or real(name, h, layer, part, **k))
+                        lambda name, h, layer, part, *a, **k: seen.append([e.prompt.count("word") for e in part])
+                        or real(name, h, layer, part, *a, **k))
     sorted_run = matrix(model, edits, hparams=TRAINER, layers=[1], chunk=3, capability_edits=0, progress=False)
     assert seen == [[1, 2, 3], [7, 8, 9]]
     one = matrix(model, edits, hparams=TRAINER, layers=[1], chunk=6, capability_edits=0, progress=False)
-    np.testing.assert_allclose(sorted_run.scores["overall"], one.scores["overall"], atol=1e-6)
+    np.testing.assert_allclose(sorted_run.overall(), one.overall(), atol=1e-6)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from gradlocate import stats as st
+from gradlocate.golden import arrays, inference, scores
 
 NAN = math.nan
 
@@ -27,7 +27,7 @@ def test_edit_only_is_the_mean_of_the_edit_metrics_present():
     gen = np.array([[0.0, 1.0, NAN], [NAN, NAN, NAN]])
     loc = np.array([[0.5, 0.5, 0.2], [1.0, NAN, NAN]])
     por = np.ones((2, 3))  # portability is not an edit-only metric
-    got = st.overall({"reliability": rel, "generalization": gen, "locality": loc, "portability": por})
+    got = scores.overall({"reliability": rel, "generalization": gen, "locality": loc, "portability": por})
     want = np.full((2, 3), NAN)
     for i, l in itertools.product(range(2), range(3)):
         vals = [m[i, l] for m in (rel, gen, loc) if not math.isnan(m[i, l])]
@@ -42,18 +42,18 @@ def test_weighted_overall_broadcasts_per_layer_capability_and_skips_absent_cells
     loc = np.array([[NAN, 0.5], [0.25, 1.0]])
     cap = np.array([0.5, 1.0])
     w = {"reliability": 2.0, "locality": 1.0, "capability": 1.0, "fluency": 1.0}  # no fluency given
-    got = st.overall({"reliability": rel, "locality": loc, "capability": cap}, "weighted", weights=w)
+    got = scores.overall({"reliability": rel, "locality": loc, "capability": cap}, "weighted", weights=w)
     for i, l in itertools.product(range(2), range(2)):
         pairs = [(rel[i, l], 2.0), (loc[i, l], 1.0), (cap[l], 1.0)]
         pairs = [(v, k) for v, k in pairs if not math.isnan(v)]
         assert got[i, l] == pytest.approx(sum(v * k for v, k in pairs) / sum(k for _, k in pairs))
-    default = st.overall({"reliability": rel, "capability": cap}, "weighted")
+    default = scores.overall({"reliability": rel, "capability": cap}, "weighted")
     np.testing.assert_allclose(default, (rel + cap[None, :]) / 2)
 
 
 def test_single_metric_definition_returns_that_metric():
     por = np.array([[0.1, NAN], [0.3, 0.4]])
-    np.testing.assert_array_equal(st.overall({"portability": por, "reliability": np.ones((2, 2))}, "portability"),
+    np.testing.assert_array_equal(scores.overall({"portability": por, "reliability": np.ones((2, 2))}, "portability"),
                                   por)
 
 
@@ -70,26 +70,26 @@ def test_golden_layers_overall_averages_to_the_sweeps_definition():
     rng = np.random.default_rng(3)
     rel, loc = rng.random((6, 5)), rng.random((6, 5))
     lm_loss = np.array([3.0, 3.2, 2.9, 3.5, 3.1])
-    s = st.overall({"reliability": rel, "locality": loc, "lm_loss": lm_loss}, "golden-layers")
+    s = scores.overall({"reliability": rel, "locality": loc, "lm_loss": lm_loss}, "golden-layers")
     np.testing.assert_allclose(s.mean(0), _sweep_golden_layers(rel, loc, lm_loss), rtol=1e-12)
     # each metric on its own: min-max of the layer means, lower-is-better negated
-    only_loss = st.overall({"lm_loss": lm_loss, "x": rel}, "golden-layers")[0]
+    only_loss = scores.overall({"lm_loss": lm_loss, "x": rel}, "golden-layers")[0]
     np.testing.assert_allclose(only_loss, (lm_loss.max() - lm_loss) / (lm_loss.max() - lm_loss.min()))
-    flat = st.overall({"reliability": np.full((2, 3), 0.7)}, "golden-layers")
+    flat = scores.overall({"reliability": np.full((2, 3), 0.7)}, "golden-layers")
     np.testing.assert_array_equal(flat, np.ones((2, 3)))  # equal at every layer: 1, as the sweep
 
 
 def test_overall_errors():
     with pytest.raises(ValueError, match="definition must be one of"):
-        st.overall({"reliability": np.ones((2, 2))}, "best")
+        scores.overall({"reliability": np.ones((2, 2))}, "best")
     with pytest.raises(ValueError, match="shape"):
-        st.overall({"reliability": np.ones((2, 2)), "locality": np.ones((3, 2))})
+        scores.overall({"reliability": np.ones((2, 2)), "locality": np.ones((3, 2))})
     with pytest.raises(ValueError, match="at least one of its metrics"):
-        st.overall({"portability": np.ones((2, 2))}, "edit-only")
+        scores.overall({"portability": np.ones((2, 2))}, "edit-only")
     with pytest.raises(ValueError, match="2-d"):
-        st.overall({"capability": np.ones(3)})
+        scores.overall({"capability": np.ones(3)})
     with pytest.raises(ValueError, match="no metrics"):
-        st.overall({})
+        scores.overall({})
 
 
 # --------------------------------------------------------------------------- golden layer, own optimum
@@ -108,37 +108,37 @@ def ref_golden(s, allowed=None):
 
 def test_golden_layer_ties_nans_and_allowed():
     s = np.array([[0.2, 0.8, 0.8, NAN], [0.4, 0.6, 0.6, 1.0]])
-    assert st.golden_layer(s) == 3 == ref_golden(s)  # NaN cells left out of the mean
+    assert scores.golden_layer(s) == 3 == ref_golden(s)  # NaN cells left out of the mean
     s[1, 3] = NAN
-    assert st.golden_layer(s) == 1 == ref_golden(s)  # an all-NaN column is never golden; tie -> lowest
-    assert st.golden_layer(s, allowed=[0, 2]) == 2 == ref_golden(s, {0, 2})
-    assert st.golden_layer(s, allowed=np.array([True, False, False, True])) == 0
+    assert scores.golden_layer(s) == 1 == ref_golden(s)  # an all-NaN column is never golden; tie -> lowest
+    assert scores.golden_layer(s, allowed=[0, 2]) == 2 == ref_golden(s, {0, 2})
+    assert scores.golden_layer(s, allowed=np.array([True, False, False, True])) == 0
     rng = np.random.default_rng(0)
     for _ in range(20):
         m = rng.integers(0, 3, (5, 4)).astype(float)  # many ties
-        assert st.golden_layer(m) == ref_golden(m)
+        assert scores.golden_layer(m) == ref_golden(m)
     with pytest.raises(ValueError, match="no allowed layer"):
-        st.golden_layer(s, allowed=[3])
+        scores.golden_layer(s, allowed=[3])
     with pytest.raises(ValueError, match="out of range"):
-        st.golden_layer(s, allowed=[7])
+        scores.golden_layer(s, allowed=[7])
     with pytest.raises(ValueError, match="2-d"):
-        st.golden_layer([0.1, 0.2])
+        scores.golden_layer([0.1, 0.2])
 
 
 def test_own_optimum_ties_equal_rows_nans():
     s = np.array([[0.1, 0.5, 0.5], [0.3, 0.3, 0.3], [NAN, NAN, 0.2], [0.9, NAN, 0.9]])
-    o = st.own_optimum(s)
+    o = scores.own_optimum(s)
     assert o.layers.tolist() == [1, 0, 2, 0] and o.values.tolist() == [0.5, 0.3, 0.2, 0.9]
-    assert st.own_optimum(s, allowed=[1, 2]).layers.tolist() == [1, 1, 2, 2]
+    assert scores.own_optimum(s, allowed=[1, 2]).layers.tolist() == [1, 1, 2, 2]
     with pytest.raises(ValueError, match=r"rows \[2\]"):
-        st.own_optimum(s, allowed=[0, 1])
+        scores.own_optimum(s, allowed=[0, 1])
 
 
 def test_selection_gain_by_hand():
     s = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.2, 0.0, 0.4]])
     g = ref_golden(s)
     want = np.mean([max(r) - r[g] for r in s])
-    assert st.selection_gain(s) == pytest.approx(want)
+    assert scores.selection_gain(s) == pytest.approx(want)
 
 
 # --------------------------------------------------------------------------- selection bias
@@ -147,7 +147,7 @@ def test_selection_gain_by_hand():
 def test_held_out_optimum_by_hand():
     rng = np.random.default_rng(1)
     a, b = rng.random((7, 4)), rng.random((7, 4))
-    h = st.held_out_optimum(a, b)
+    h = inference.held_out_optimum(a, b)
     picks = [int(np.argmax(r)) for r in a]
     g = ref_golden(a)
     assert h.layers.tolist() == picks
@@ -155,16 +155,16 @@ def test_held_out_optimum_by_hand():
     assert h.in_sample == pytest.approx(np.mean(b.max(1)))
     assert h.golden == pytest.approx(b[:, g].mean())
     assert h.gain == pytest.approx(h.held_out - h.golden) and h.bias == pytest.approx(h.in_sample - h.held_out)
-    same = st.held_out_optimum(a, a)
-    assert same.bias == 0 and same.gain == pytest.approx(st.selection_gain(a))
+    same = inference.held_out_optimum(a, a)
+    assert same.bias == 0 and same.gain == pytest.approx(scores.selection_gain(a))
     with pytest.raises(ValueError, match="same shape"):
-        st.held_out_optimum(a, b[:, :3])
+        inference.held_out_optimum(a, b[:, :3])
 
 
 def test_held_out_removes_the_winners_curse_on_noise():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6))
-    h = st.held_out_optimum(a, b)
+    h = inference.held_out_optimum(a, b)
     assert h.bias > 0.8  # in-sample optimum of noise is far above ...
     assert abs(h.gain) < 0.15  # ... what selecting on one replicate buys on another: nothing
 
@@ -172,7 +172,7 @@ def test_held_out_removes_the_winners_curse_on_noise():
 def test_null_selection_bias_on_pure_noise_matches_the_observed_gain():
     rng = np.random.default_rng(4)
     s = rng.normal(size=(300, 8))
-    b = st.null_selection_bias(s, n=100, seed=1)
+    b = inference.null_selection_bias(s, n=100, seed=1)
     assert b.null_mean > 0.5 and b.observed > 0.5  # positive: the max of 8 noisy layers
     assert b.null_mean == pytest.approx(b.observed, rel=0.1)
     assert b.p_value > 0.05 and abs(b.corrected) < 0.1
@@ -185,7 +185,7 @@ def test_null_selection_bias_sees_real_row_specific_optima():
     n, L = 120, 6
     s = rng.normal(scale=0.1, size=(n, L))
     s[np.arange(n), np.arange(n) % L] += 1.0  # each edit has its own best layer
-    b = st.null_selection_bias(s, n=100)
+    b = inference.null_selection_bias(s, n=100)
     assert b.p_value == pytest.approx(1 / 101)  # no null matrix reaches the observed gain
     # the real spread counts as noise in the null: the correction over-subtracts, so the
     # corrected gain is a conservative (positive) lower bound of the true gain (~0.83)
@@ -196,7 +196,7 @@ def test_null_selection_bias_ignores_row_effects():
     rng = np.random.default_rng(6)
     noise = rng.normal(size=(200, 5))
     shifted = noise + rng.normal(scale=50.0, size=(200, 1))  # huge per-edit offsets
-    a, b = st.null_selection_bias(noise, n=40, seed=3), st.null_selection_bias(shifted, n=40, seed=3)
+    a, b = inference.null_selection_bias(noise, n=40, seed=3), inference.null_selection_bias(shifted, n=40, seed=3)
     assert b.null_mean == pytest.approx(a.null_mean, rel=1e-6)
 
 
@@ -205,15 +205,15 @@ def test_null_selection_bias_with_absent_cells():
     s = rng.normal(size=(60, 4))
     s[rng.random(s.shape) < 0.6] = NAN  # many absent cells: null rows can end up empty
     s[np.isnan(s).all(1), 0] = 0.0  # every observed row has a score
-    b = st.null_selection_bias(s, n=50)
-    assert b.observed == pytest.approx(st.selection_gain(s)) and np.isfinite(b.null_mean) and b.null_mean > 0
+    b = inference.null_selection_bias(s, n=50)
+    assert b.observed == pytest.approx(scores.selection_gain(s)) and np.isfinite(b.null_mean) and b.null_mean > 0
 
 
 def test_null_selection_bias_errors():
     with pytest.raises(ValueError, match="at least 2 rows"):
-        st.null_selection_bias([[0.1, 0.2]])
+        inference.null_selection_bias([[0.1, 0.2]])
     with pytest.raises(ValueError, match="n"):
-        st.null_selection_bias([[0.1, 0.2], [0.3, 0.1]], n=0)
+        inference.null_selection_bias([[0.1, 0.2], [0.3, 0.1]], n=0)
 
 
 # --------------------------------------------------------------------------- paired tests
@@ -231,7 +231,7 @@ def brute_sign_flip_p(d):
 def test_paired_t_matches_ttest_rel_and_the_formula():
     rng = np.random.default_rng(7)
     a, b = rng.random(12), rng.random(12)
-    r = st.paired_tests(a, b)
+    r = inference.paired_tests(a, b)
     ref = sps.ttest_rel(a, b)
     assert r.t == pytest.approx(ref.statistic) and r.p_t == pytest.approx(ref.pvalue)
     d = a - b
@@ -243,7 +243,7 @@ def test_paired_t_matches_ttest_rel_and_the_formula():
 def test_wilcoxon_drops_zero_differences_and_matches_scipy():
     a = np.array([0.9, 0.8, 0.7, 0.9, 0.6, 0.5, 0.75, 0.3])
     b = np.array([0.5, 0.6, 0.7, 0.4, 0.5, 0.5, 0.5, 0.4])
-    r = st.paired_tests(a, b)
+    r = inference.paired_tests(a, b)
     d = a - b
     assert r.n_zero == 2
     ref = sps.wilcoxon(a, b, zero_method="wilcox")
@@ -251,7 +251,7 @@ def test_wilcoxon_drops_zero_differences_and_matches_scipy():
     nz = d[d != 0]  # the statistic by hand: the smaller signed-rank sum of the nonzero differences
     ranks = sps.rankdata(np.abs(nz))
     assert r.w == pytest.approx(min(ranks[nz > 0].sum(), ranks[nz < 0].sum()))
-    zero = st.paired_tests([0.5, 0.5, 0.2], [0.5, 0.5, 0.2])
+    zero = inference.paired_tests([0.5, 0.5, 0.2], [0.5, 0.5, 0.2])
     assert (zero.w, zero.p_wilcoxon, zero.p_permutation, zero.n_zero) == (0.0, 1.0, 1.0, 3)
 
 
@@ -259,26 +259,26 @@ def test_wilcoxon_drops_zero_differences_and_matches_scipy():
                                [1.0, -1.0, 1.0, -1.0], [0.2, 0.2, 0.2]])
 def test_sign_flip_test_equals_brute_force_enumeration(d):
     b = np.zeros(len(d))
-    r = st.paired_tests(np.array(d), b)
+    r = inference.paired_tests(np.array(d), b)
     assert r.exact and r.p_permutation == pytest.approx(brute_sign_flip_p(d))
 
 
 def test_monte_carlo_sign_flip_approximates_the_exact_p():
     rng = np.random.default_rng(8)
     d = rng.normal(0.3, 1.0, size=14)
-    exact = st.paired_tests(d, np.zeros(14))
-    mc = st.paired_tests(d, np.zeros(14), exact_max=5, n_permutations=20000, seed=1)
+    exact = inference.paired_tests(d, np.zeros(14))
+    mc = inference.paired_tests(d, np.zeros(14), exact_max=5, n_permutations=20000, seed=1)
     assert exact.exact and not mc.exact
     assert mc.p_permutation == pytest.approx(exact.p_permutation, abs=0.01)
 
 
 def test_paired_tests_drop_nan_pairs_and_check_input():
-    r = st.paired_tests([0.9, NAN, 0.7, 0.8], [0.5, 0.6, NAN, 0.1])
+    r = inference.paired_tests([0.9, NAN, 0.7, 0.8], [0.5, 0.6, NAN, 0.1])
     assert (r.n, r.dropped) == (2, 2)
     with pytest.raises(ValueError, match="pair up"):
-        st.paired_tests([1.0, 2.0], [1.0])
+        inference.paired_tests([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="at least 2 complete pairs"):
-        st.paired_tests([1.0, NAN], [0.0, 1.0])
+        inference.paired_tests([1.0, NAN], [0.0, 1.0])
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -287,7 +287,7 @@ def test_paired_tests_drop_nan_pairs_and_check_input():
 def test_bootstrap_unambiguous_golden_layer():
     rng = np.random.default_rng(9)
     rel = np.clip(np.array([0.2, 0.9, 0.4]) + rng.normal(scale=0.05, size=(40, 3)), 0, 1)
-    b = st.bootstrap({"reliability": rel}, "reliability", selectors={"gr": 2, "gold": 1}, n=300)
+    b = inference.bootstrap({"reliability": rel}, "reliability", selectors={"gr": 2, "gold": 1}, n=300)
     assert b.golden == 1 and b.p_golden == 1.0 and b.golden_freq.tolist() == [0.0, 1.0, 0.0]
     np.testing.assert_allclose(b.layer_mean, rel.mean(0))
     assert all(lo <= m <= hi for lo, m, hi in zip(b.layer_lo, b.layer_mean, b.layer_hi))
@@ -299,7 +299,7 @@ def test_bootstrap_unambiguous_golden_layer():
 def test_bootstrap_ambiguous_golden_layer_splits():
     rng = np.random.default_rng(10)
     s = rng.normal(size=(40, 3)) + np.array([0.0, 1.0, 1.0])  # layers 1 and 2 tie in expectation
-    b = st.bootstrap({"x": s}, "x", n=400, seed=2)
+    b = inference.bootstrap({"x": s}, "x", n=400, seed=2)
     assert b.golden_freq[0] == 0.0 and b.golden_freq[1] > 0.1 and b.golden_freq[2] > 0.1
     assert b.golden_freq.sum() == pytest.approx(1.0) and b.p_golden < 0.9
 
@@ -310,7 +310,7 @@ def test_bootstrap_resamples_edits_jointly_across_metrics():
     # per edit, reliability + locality is the same at every layer: resampled jointly the
     # edit-only overall is constant, so every resample's layer means are exactly equal
     metrics = {"reliability": r, "locality": 1.0 - r + np.array([0.0, 0.1, 0.2, 0.3])}
-    b = st.bootstrap(metrics, "edit-only", n=100)
+    b = inference.bootstrap(metrics, "edit-only", n=100)
     np.testing.assert_allclose(b.layer_hi - b.layer_lo, 0.0, atol=1e-12)
     assert b.golden == 3 and b.p_golden == 1.0
 
@@ -318,11 +318,11 @@ def test_bootstrap_resamples_edits_jointly_across_metrics():
 def test_bootstrap_golden_layers_definition_is_renormalised_and_respects_allowed():
     rng = np.random.default_rng(12)
     m = {"reliability": rng.random((20, 4)), "lm_loss": np.array([3.0, 2.5, 2.0, 9.0])}
-    b = st.bootstrap(m, "golden-layers", allowed=[0, 1], n=50)
+    b = inference.bootstrap(m, "golden-layers", allowed=[0, 1], n=50)
     assert b.golden in (0, 1) and b.golden_freq[2:].sum() == 0
-    np.testing.assert_allclose(b.layer_mean, st.overall(m, "golden-layers").mean(0))
+    np.testing.assert_allclose(b.layer_mean, scores.overall(m, "golden-layers").mean(0))
     with pytest.raises(ValueError, match="selectors"):
-        st.bootstrap(m, selectors={"x": 4})
+        inference.bootstrap(m, selectors={"x": 4})
 
 
 def test_bootstrap_regret_difference_is_paired_over_the_same_resamples():
@@ -332,7 +332,7 @@ def test_bootstrap_regret_difference_is_paired_over_the_same_resamples():
     shared = rng.normal(size=(60, 1))
     s = np.hstack([rng.normal(size=(60, 1)) + 0.7, shared + 0.52, shared + 0.5, rng.normal(size=(60, 1)) + 0.7])
     s[:, 1:3] += rng.normal(scale=0.01, size=(60, 2))
-    b = st.bootstrap({"x": s}, "x", selectors={"one": 1, "two": 2, "zero": 0}, n=400, seed=5)
+    b = inference.bootstrap({"x": s}, "x", selectors={"one": 1, "two": 2, "zero": 0}, n=400, seed=5)
     one, two = b.regret["one"], b.regret["two"]
     assert one[1] < two[2] and two[1] < one[2]  # separate intervals overlap
     d = b.difference("one", "two")
@@ -366,7 +366,7 @@ def test_transfer_is_perfect_when_every_edit_has_the_same_best_layer():
     rng = np.random.default_rng(13)
     s = rng.random((30, 5)) * 0.5
     s[:, 3] = 0.9 + rng.random(30) * 0.1
-    t = st.transfer(s, n_proxy=10)
+    t = inference.transfer(s, n_proxy=10)
     assert t.agreement == 1.0 and t.regret_mean == 0.0 and t.regret_interval == (0.0, 0.0)
     assert t.n_splits == 200 and (t.n_proxy, t.n_test) == (10, 20) and t.proxy_freq[3] == 1.0
 
@@ -374,7 +374,7 @@ def test_transfer_is_perfect_when_every_edit_has_the_same_best_layer():
 def test_transfer_on_noise_is_one_in_L_on_average_over_matrices():
     rng = np.random.default_rng(14)
     L = 5
-    rates = [st.transfer(rng.normal(size=(40, L)), n_proxy=20, n_splits=40, seed=k).agreement for k in range(200)]
+    rates = [inference.transfer(rng.normal(size=(40, L)), n_proxy=20, n_splits=40, seed=k).agreement for k in range(200)]
     assert abs(np.mean(rates) - 1 / L) < 0.05  # the sd over matrices is ~0.22: standard error ~0.015
     # ... but one matrix's rate scatters: its complementary halves are anti-correlated
     assert min(rates) < 0.1 and max(rates) > 0.3
@@ -384,25 +384,25 @@ def test_transfer_null_agreement_is_this_matrixs_chance_level():
     rng = np.random.default_rng(16)
     noise = rng.normal(size=(40, 5))
     signal = noise * 0.2 + np.array([0.0, 0.0, 1.0, 0.0, 0.0])
-    ts = st.transfer(signal, n_proxy=20, n_null=20)
+    ts = inference.transfer(signal, n_proxy=20, n_null=20)
     assert ts.agreement == 1.0 and ts.null_agreement < 0.35 and ts.p_null == pytest.approx(1 / 21)
-    t = st.transfer(noise, n_proxy=20)
+    t = inference.transfer(noise, n_proxy=20)
     assert t.regret_mean > 0 and t.regret_interval[0] >= 0.0  # regret is never negative
     assert math.isnan(t.null_agreement) and math.isnan(t.p_null)
 
 
 def test_transfer_p_null_is_calibrated_on_noise():
     rng = np.random.default_rng(17)
-    ps = np.array([st.transfer(rng.normal(size=(40, 5)), n_proxy=20, n_splits=20, n_null=19, seed=k).p_null
+    ps = np.array([inference.transfer(rng.normal(size=(40, 5)), n_proxy=20, n_splits=20, n_null=19, seed=k).p_null
                    for k in range(60)])
     assert np.mean(ps <= 0.1) < 0.25 and 0.35 < ps.mean() < 0.7
 
 
 def test_transfer_errors():
     with pytest.raises(ValueError, match="n_proxy"):
-        st.transfer(np.ones((4, 2)), n_proxy=4)
+        inference.transfer(np.ones((4, 2)), n_proxy=4)
     with pytest.raises(ValueError, match="n_splits"):
-        st.transfer(np.ones((4, 2)), n_proxy=2, n_splits=0)
+        inference.transfer(np.ones((4, 2)), n_proxy=2, n_splits=0)
 
 
 # --------------------------------------------------------------------------- rank agreement
@@ -432,33 +432,33 @@ def ref_spearman(x, y):
 def test_rank_agreement_against_brute_force():
     x = np.array([3.0, 1.0, 2.0, 2.0, 0.5, NAN, 4.0])
     y = np.array([0.9, 0.1, 0.5, 0.6, 0.6, 0.3, 0.7])
-    r = st.rank_agreement(x, y, allowed=[2, 3, 4, 5, 6])
+    r = inference.rank_agreement(x, y, allowed=[2, 3, 4, 5, 6])
     k = ~np.isnan(x)
     assert r.n == 6 and r.spearman == pytest.approx(ref_spearman(x[k], y[k]))
     assert r.kendall == pytest.approx(ref_kendall_tau_b(x[k], y[k]))
     sub = np.array([2, 3, 4, 6])
     assert r.n_allowed == 4 and r.spearman_allowed == pytest.approx(ref_spearman(x[sub], y[sub]))
     assert r.kendall_allowed == pytest.approx(ref_kendall_tau_b(x[sub], y[sub]))
-    few = st.rank_agreement([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], allowed=[1])
+    few = inference.rank_agreement([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], allowed=[1])
     assert few.spearman == pytest.approx(1.0) and math.isnan(few.spearman_allowed) and few.n_allowed == 1
     with pytest.raises(ValueError, match="one value per layer"):
-        st.rank_agreement([1.0, 2.0], [1.0, 2.0, 3.0])
+        inference.rank_agreement([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
 # --------------------------------------------------------------------------- damage gate
 
 
 def test_damage_gate_per_layer_per_cell_and_with_the_golden_layer():
-    g = st.damage_gate([0.99, 0.6, NAN, 0.95], threshold=0.9)
+    g = scores.damage_gate([0.99, 0.6, NAN, 0.95], threshold=0.9)
     assert g.damaging == [1] and g.allowed.tolist() == [True, False, True, True]
     rise = np.array([[0.01, 0.5, 0.02], [0.03, 0.7, 0.4]])  # held-out LM loss rise, nats
-    cost = st.damage_gate(rise, threshold=0.1, higher_is_better=False)
+    cost = scores.damage_gate(rise, threshold=0.1, higher_is_better=False)
     np.testing.assert_allclose(cost.values, rise.mean(0))
     assert cost.damaging == [1, 2]
     score = np.array([[0.5, 0.99, 0.9], [0.6, 0.98, 0.95]])
-    assert st.golden_layer(score) == 1 and st.golden_layer(score, cost.allowed) == 0
+    assert scores.golden_layer(score) == 1 and scores.golden_layer(score, cost.allowed) == 0
     with pytest.raises(ValueError, match="capability must be"):
-        st.damage_gate(np.ones((2, 2, 2)), 0.5)
+        scores.damage_gate(np.ones((2, 2, 2)), 0.5)
 
 
 def _friedman_by_hand(x):
@@ -474,18 +474,18 @@ def test_layer_effect_is_friedmans_test_over_the_complete_edits():
     x = rng.normal(0, 1e-3, (9, 5))
     x[:, 3] += 0.01  # one layer differs in every edit
     with_gaps = np.vstack([x, [NAN, 0.0, 0.1, 0.2, 0.3]])  # an edit without every layer is left out
-    e = st.layer_effect(with_gaps)
+    e = scores.layer_effect(with_gaps)
     stat, p = _friedman_by_hand(x)
     assert e.n_edits == 9 and e.n_layers == 5
     assert e.statistic == pytest.approx(stat) and e.p_value == pytest.approx(p) and p < 0.01
     assert e.spread == pytest.approx(np.ptp(x.mean(0)))
-    assert np.isnan(st.layer_effect(x[:, :2]).p_value)  # two layers: no Friedman test
-    assert st.layer_effect(np.zeros((4, 3))).p_value == 1.0  # no layer differs at all
+    assert np.isnan(scores.layer_effect(x[:, :2]).p_value)  # two layers: no Friedman test
+    assert scores.layer_effect(np.zeros((4, 3))).p_value == 1.0  # no layer differs at all
 
 
 def test_layer_effect_p_value_is_calibrated_on_noise():
     rng = np.random.default_rng(3)
-    ps = np.array([st.layer_effect(rng.normal(size=(8, 6))).p_value for _ in range(400)])
+    ps = np.array([scores.layer_effect(rng.normal(size=(8, 6))).p_value for _ in range(400)])
     assert 0.02 < (ps < 0.05).mean() < 0.09  # the null rejects at about its level
 
 
@@ -495,9 +495,9 @@ def test_layer_effect_p_value_is_calibrated_on_noise():
 def test_results_serialise_and_print():
     rng = np.random.default_rng(15)
     s = rng.random((10, 4))
-    objs = [st.own_optimum(s), st.held_out_optimum(s, rng.random((10, 4))), st.null_selection_bias(s, n=5),
-            st.paired_tests(s[:, 0], s[:, 1]), st.bootstrap({"x": s}, "x", n=5, selectors={"a": 0}),
-            st.transfer(s, 5, n_splits=5), st.rank_agreement(s[0], s[1]), st.damage_gate(s, 0.5), st.layer_effect(s)]
+    objs = [scores.own_optimum(s), inference.held_out_optimum(s, rng.random((10, 4))), inference.null_selection_bias(s, n=5),
+            inference.paired_tests(s[:, 0], s[:, 1]), inference.bootstrap({"x": s}, "x", n=5, selectors={"a": 0}),
+            inference.transfer(s, 5, n_splits=5), inference.rank_agreement(s[0], s[1]), scores.damage_gate(s, 0.5), scores.layer_effect(s)]
     for o in objs:
         d = json.loads(json.dumps(o.to_dict()))
         assert set(d) == set(o.__dataclass_fields__)

@@ -1,88 +1,140 @@
-"""Editors: change one layer's site in place, with exact undo.
+"""Editors: change one layer's site in place, with exact undo - and the one registry of them.
 
-An **editor** edits one resolved model at one layer's site (the MLP down-projection,
-unless ``down_projections(..., down=)`` named another), in place:
+The protocol every editor follows is :mod:`gradlocate.editors.protocol`; each editor's
+typed settings are in :mod:`gradlocate.editors.settings`. This module is the registry:
+every editor module of this package lists its :class:`~gradlocate.editors.protocol.EditorSpec`
+in a module-level ``SPECS``, and :func:`registry` collects them, so adding an editor
+touches its own module (and its tests) only. The CLI reads its ``--editor`` choices and
+each editor's settings from here.
 
-    Editor(model, layer, **hparams)    made for one layer; nothing changes yet
-    editor.fit(edits) -> result        edit; the result is typed, with .to_dict()
-    editor.edited / editor.delta       whether the weight changed, and by how much
-    editor.restore() / editor.commit() undo bit for bit, or keep
-    with Editor(...) as e: ...         restores on exit unless committed, also on errors
-
-and, for the single-edit matrix, each edit alone at one layer, all at once:
-
-    per_edit_deltas(name, h, layer, edits, **hparams) -> (delta [edits, d_model, d_mlp], summaries)
-
-``delta[i]`` is the weight change editing edit ``i`` alone makes; the model is not
-changed. A ``memo`` dict kept across calls on the same unedited model lets an editor
-reuse what does not depend on the layer (the rank-one editors' context templates).
-:data:`EDITORS` names the editors (``"locft"`` is LocFT-BF, the default; ``"rome"``,
-``"r-rome"`` and ``"emmet"`` the closed-form editors of :mod:`gradlocate.editors.rome`
-and :mod:`gradlocate.editors.emmet`).
+    spec("r-rome")                                 the EditorSpec (aliases: "rrome", "R-ROME")
+    settings_for("locft", {"lr": 1e-3})            typed settings, unknown names refused
+    make("rome", model, layer, settings)           the editor, made at one layer
+    per_edit_deltas("locft", h, layer, edits)      each edit alone: ([edits, d_model, d_mlp], summaries)
+    prepare("r-rome", h, layers, settings)         one-pass statistics for many layers (C of every layer)
 
 Example:
     >>> from gradlocate.models import tiny
     >>> model, tok = tiny("llama", n_layers=2, d_model=16)
-    >>> with editor_class("locft")(model, 1, lr=1e-2, epochs=2, progress=False) as ed:
+    >>> with make("locft", model, 1, settings_for("locft", {"lr": 1e-2, "epochs": 2}), progress=False) as ed:
     ...     r = ed.fit([{"prompt": "a b", "target_new": "c"}])
-    ...     ed.edited
-    True
+    ...     ed.edited, sorted(r.summary())[:2]
+    (True, ['converged', 'final_loss'])
     >>> ed.edited
     False
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import as_edits
-from gradlocate.editors.emmet import EMMET, emmet_per_edit
-from gradlocate.editors.locft import LocFTBF
-from gradlocate.editors.locft_rows import train_per_sample
-from gradlocate.editors.rome import ROME, RROME, rome_per_edit, rrome_per_edit
+from gradlocate.editors.protocol import EditorSpec
+from gradlocate.editors.settings import Settings
 from gradlocate.handles import Handles
 
-__all__ = ["EDITORS", "DEFAULT_EDITOR", "editor_class", "per_edit_deltas"]
+__all__ = ["DEFAULT_EDITOR", "registry", "spec", "names", "settings_for", "make", "per_edit_deltas", "prepare",
+           "editor_class"]
 
 DEFAULT_EDITOR = "locft"
-#: name -> editor class (made as ``cls(model, layer, **hparams)``).
-EDITORS: dict[str, type] = {"locft": LocFTBF, "rome": ROME, "r-rome": RROME, "emmet": EMMET}
-#: name -> ``fn(h, layer, edits, **hparams) -> (delta, summaries)``: each edit alone.
-_PER_EDIT: dict[str, Callable[..., tuple[Tensor, list[dict[str, Any]]]]] = {
-    "locft": train_per_sample, "rome": rome_per_edit, "r-rome": rrome_per_edit, "emmet": emmet_per_edit}
+_REGISTRY: dict[str, EditorSpec] = {}
 
 
-def _known(name: str) -> str:
+def registry() -> dict[str, EditorSpec]:
+    """Every registered editor by name, collected once from the ``SPECS`` of this package's modules."""
+    if not _REGISTRY:
+        for info in pkgutil.iter_modules(__path__):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            for s in getattr(module, "SPECS", ()):
+                if s.name in _REGISTRY:
+                    raise RuntimeError(f"editor {s.name!r} is registered twice ({module.__name__})")
+                _REGISTRY[s.name] = s
+    return dict(sorted(_REGISTRY.items()))
+
+
+def names() -> list[str]:
+    """The registered editors' names (the CLI's ``--editor`` choices).
+
+    Example:
+        >>> names()
+        ['emmet', 'locft', 'r-rome', 'rome']
+    """
+    return list(registry())
+
+
+def spec(name: str) -> EditorSpec:
+    """The editor registered as ``name`` (any case; ``_`` for ``-``; an alias such as ``"rrome"``).
+
+    Example:
+        >>> spec("LocFT-BF").label, spec("rrome").name
+        ('LocFT-BF', 'r-rome')
+    """
+    specs = registry()
     key = name.lower().replace("_", "-") if isinstance(name, str) else name
-    key = {"locft-bf": "locft", "rrome": "r-rome"}.get(key, key)
-    if key not in EDITORS:
-        raise ValueError(f"unknown editor {name!r}: choose one of {sorted(EDITORS)}")
-    return key
+    for s in specs.values():
+        if key == s.name or key in s.aliases:
+            return s
+    raise ValueError(f"unknown editor {name!r}: choose one of {list(specs)}")
+
+
+def settings_for(name: str, values: Settings | Mapping[str, Any] | None = None) -> Settings:
+    """Editor ``name``'s settings: ``values`` as a dict of settings (unknown names refused),
+    or a settings object, checked to be this editor's kind."""
+    cls = spec(name).settings
+    if isinstance(values, Settings):
+        if not isinstance(values, cls):
+            raise TypeError(f"{spec(name).label} takes {cls.__name__}, got {type(values).__name__}")
+        return values
+    return cls.from_dict(values)
 
 
 def editor_class(name: str) -> type:
-    """The editor class called ``name`` (see :data:`EDITORS`).
+    """The editor class registered as ``name``.
 
     Example:
         >>> editor_class("locft").__name__
         'LocFTBF'
     """
-    return EDITORS[_known(name)]
+    return spec(name).editor
 
 
-def per_edit_deltas(name: str, h: Handles, layer: int, edits: Any, *, memo: dict[Any, Any] | None = None,
-                    **hparams: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
+def make(name: str, model: Any, layer: int, settings: Settings | Mapping[str, Any] | None = None,
+         **kwargs: Any) -> Any:
+    """Editor ``name`` at ``layer`` of ``model`` with ``settings`` (``kwargs``: the class's
+    runtime arguments, e.g. ``progress``, ``callback``, ``tokenizer``)."""
+    return spec(name).editor(model, layer, settings_for(name, settings), **kwargs)
+
+
+def per_edit_deltas(name: str, h: Handles, layer: int, edits: Any, settings: Settings | Mapping[str, Any] | None = None,
+                    *, memo: dict[Any, Any] | None = None,
+                    **runtime: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
     """Each edit edited alone at ``layer`` by editor ``name``: the weight changes
-    ``[edits, d_model, d_mlp]`` (float32, canonical layout) and one summary per edit
-    (e.g. epochs, final loss, converged). The model is left as it was.
+    ``[edits, d_model, d_mlp]`` (float32, canonical layout) and one summary per edit (the
+    protocol's fields: converged, final loss, steps, trajectory). The model is left as it was.
 
     ``memo``: a dict the caller keeps across calls on the same, unedited model; editors
-    store there what does not depend on the layer (the rank-one editors: the context
-    templates, sampled from the model), so a run over many layers samples them once."""
-    key = _known(name)
-    extra = {} if memo is None or key == "locft" else {"memo": memo}  # LocFT-BF has nothing layer-independent
-    return _PER_EDIT[key](h, layer, as_edits(edits), **extra, **hparams)
+    store there what does not depend on the layer (the rank-one editors' context
+    templates), so a run over many layers samples them once. ``runtime``: single settings
+    by name (overriding ``settings``) and the editor's other arguments (e.g. a precomputed
+    ``covariance``); an argument the editor does not take is refused."""
+    s = spec(name)
+    chosen = settings_for(name, settings)
+    named = {k: v for k, v in runtime.items() if k in chosen.to_dict()}  # settings given by name, as overrides
+    rest = {k: v for k, v in runtime.items() if k not in named}
+    return s.per_edit(h, layer, as_edits(edits), chosen.replace(**named), memo=memo, **rest)
+
+
+def prepare(name: str, h: Handles, layers: Sequence[int], settings: Settings | Mapping[str, Any] | None = None,
+            progress: bool | None = None) -> None:
+    """What editor ``name`` can compute once for all of ``layers`` before editing any
+    (the rank-one editors: the second moments of every layer in one pass, cached);
+    nothing for an editor without such a step."""
+    s = spec(name)
+    if s.prepare is not None:
+        s.prepare(h, list(layers), settings_for(name, settings), progress)

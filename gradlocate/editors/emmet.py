@@ -47,24 +47,23 @@ import torch
 from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.editors.rank_one import emmet_update, locate, optimise_value, site_io, subject_of
-from gradlocate.editors.rome import RankOneResult, _need_subject, _RankOneEditor, memo_templates
+from gradlocate.editors.protocol import EditorSpec, summary
+from gradlocate.editors.rank_one import EARLY_STOP, emmet_update, locate, optimise_value, site_io, subject_of
+from gradlocate.editors.rome import RankOneResult, _need_subject, _RankOneEditor, _stepper, memo_templates, prepare_moments
+from gradlocate.editors.settings import EMMETSettings
 from gradlocate.handles import Handles
 
 __all__ = ["EMMET", "EMMET_HPARAMS", "emmet_per_edit", "emmet_ingredients"]
 
-#: EMMET's hyper-parameters from EasyEdit's ``hparams/EMMET/llama3.2-3b.yaml`` (the
-#: smallest LLaMA-family file; its ``layers``/``v_loss_layer`` are model specific) except
-#: ``mom2_update_weight``: 1, as ``hparams/EMMET/gpt2-xl.yaml``. The LLaMA files' 100,000
-#: with ``emmet_lambda`` 0.1 shrinks each edit to ``d / (d + 0.1)`` of its residual with
-#: ``d = kᵀC⁻¹k / 100,000``: on SmolLM2-135M (layer 12, kᵀC⁻¹k ≈ 1,200-2,700) to 11-21 %,
-#: so no edit is written (rewrite 0.0 on 4 CounterFact edits). Context templates of
-#: ``emmet_main.get_context_templates``: ``[(10, 5)]``.
-EMMET_HPARAMS: dict[str, Any] = {
-    "v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-    "mom2_adjustment": True, "mom2_n_tokens": 100_000, "mom2_update_weight": 1.0,
-    "emmet_lambda": 0.1, "update_norm_lambda": 0.0, "context_template_length_params": ((10, 5),),
-}
+#: EMMET's hyper-parameters (a dict view of :class:`~gradlocate.editors.settings.EMMETSettings`'
+#: defaults): EasyEdit's ``hparams/EMMET/llama3.2-3b.yaml`` (the smallest LLaMA-family file;
+#: its ``layers``/``v_loss_layer`` are model specific) except ``mom2_update_weight``: 1, as
+#: ``hparams/EMMET/gpt2-xl.yaml``. The LLaMA files' 100,000 with ``emmet_lambda`` 0.1 shrinks
+#: each edit to ``d / (d + 0.1)`` of its residual with ``d = kᵀC⁻¹k / 100,000``: on
+#: SmolLM2-135M (layer 12, kᵀC⁻¹k ≈ 1,200-2,700) to 11-21 %, so no edit is written (rewrite
+#: 0.0 on 4 CounterFact edits). Context templates of ``emmet_main.get_context_templates``: ``[(10, 5)]``.
+EMMET_HPARAMS: dict[str, Any] = {k: getattr(EMMETSettings(), k) for k in EMMETSettings().to_dict()
+                                 if k not in ("seed", "mom2_corpus")}
 
 
 def emmet_ingredients(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequence[str]],
@@ -95,16 +94,16 @@ class EMMET(_RankOneEditor):
     """
 
     method = "EMMET"
-    DEFAULTS = EMMET_HPARAMS
+    settings_class = EMMETSettings
 
     def _fit(self, edits: Sequence[EditRequest], groups: list[list[str]], C: Tensor | None,
              result: RankOneResult) -> None:
         from tqdm.auto import tqdm
 
         got = []
-        for edit in tqdm(edits, desc=f"EMMET layer {self.layer} (values)", leave=False,
-                         disable=None if self.progress is None else not self.progress):
-            got.append(emmet_ingredients(self.h, self.layer, edit, groups, self.hp, self.callback))
+        for i, edit in enumerate(tqdm(edits, desc=f"EMMET layer {self.layer} (values)", leave=False,
+                                      disable=None if self.progress is None else not self.progress)):
+            got.append(emmet_ingredients(self.h, self.layer, edit, groups, self.hp, _stepper(self.callback, i)))
         t0 = time.perf_counter()
         dW = self.update(C, torch.stack([g["key"] for g in got]), torch.stack([g["residual"] for g in got]))
         self._apply(dW)
@@ -136,6 +135,16 @@ def emmet_per_edit(h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | No
         g = emmet_ingredients(ed.h, ed.layer, e, groups, ed.hp)
         dW = ed.update(C, g["key"][None], g["residual"][None])
         out.append(dW.float())
-        summaries.append({k: g[k] for k in ("key_norm", "value_norm", "residual_norm", "delta_norm", "final_nll")}
-                         | {"update_norm": float(dW.norm()), "steps": len(g["history"])})
+        summaries.append(summary(g["history"], g["history"][-1] < EARLY_STOP, update_norm=float(dW.norm()),
+                                 **{k: g[k] for k in ("key_norm", "value_norm", "residual_norm", "delta_norm",
+                                                      "final_nll")}))
     return torch.stack(out), summaries
+
+
+def _per_edit(h: Handles, layer: int, edits: Any, settings: EMMETSettings, memo: dict[Any, Any] | None = None,
+              **runtime: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+    return emmet_per_edit(h, layer, edits, memo, settings=settings, **runtime)
+
+
+SPECS = [EditorSpec("emmet", "EMMET", EMMET, EMMETSettings, _per_edit, prepare_moments, (),
+                    "all edits at one layer in one closed-form update (Gupta et al. 2024)")]

@@ -44,24 +44,26 @@ from torch import Tensor
 
 from gradlocate.data import Edits, as_edits
 from gradlocate.editors.executors import Executor, probe_additive
+from gradlocate.editors.protocol import TrainStep, summary
+from gradlocate.editors.settings import LocFTSettings
 from gradlocate.gradients import edit_batch
 from gradlocate.editors.base import InPlaceEdit
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients, using
-from gradlocate.losses import APPEND_EOS, TokenBatch
+from gradlocate.losses import TokenBatch
 from gradlocate.state import Undo, input_device
 
 __all__ = ["LocFTBF", "FitResult", "EditTrainingError", "auto_edits_per_step",
            "PAPER_LR", "PAPER_EDITS_PER_STEP", "PAPER_EPOCHS", "LOSS_THRESHOLD"]
 
 #: LocFT-BF's published hyper-parameters (hparams/*.yaml of ICT-STAR/LocFT).
-PAPER_LR = 5e-4
+PAPER_LR: float = LocFTSettings.lr
 PAPER_EDITS_PER_STEP = 100
-PAPER_EPOCHS = 25
+PAPER_EPOCHS: int = LocFTSettings.epochs
 #: The loss below which a mini-batch takes no step and training stops.
-LOSS_THRESHOLD = 1e-2
+LOSS_THRESHOLD: float = LocFTSettings.loss_threshold
 #: Default byte budget of the activation cache.
-CACHE_BUDGET = 2 * 1024**3
+CACHE_BUDGET: int = LocFTSettings.cache_budget
 
 
 class EditTrainingError(RuntimeError):
@@ -126,6 +128,11 @@ class FitResult:
                 "n_edits": self.n_edits, "history": list(self.history), "cache_mode": self.cache_mode,
                 "head_mode": self.head_mode, "timings": dict(self.timings)}
 
+    def summary(self) -> dict[str, Any]:
+        """The protocol's summary fields (:data:`~gradlocate.editors.protocol.SUMMARY_FIELDS`):
+        the trajectory is the mean loss per epoch, the steps the optimizer steps taken."""
+        return summary(self.history, self.converged, int(sum(self.steps)), epochs=self.epochs)
+
     def plot(self, ax: Any = None, *, log: bool = True, threshold: float = LOSS_THRESHOLD) -> Any:
         """The training loss per epoch and the stopping threshold. Returns the Axes."""
         from gradlocate.plotting import plot_training_loss
@@ -138,16 +145,6 @@ class FitResult:
         loss = f"{self.final_loss:.4g}" if self.history else "n/a"
         return (f"FitResult(layer={self.layer}, {self.epochs} epoch(s), {sum(self.steps)} steps, final loss {loss}, "
                 f"{end}; cache={self.cache_mode}, head={self.head_mode})")
-
-
-def _check(name: str, v: Any, *, positive_int: bool = False, allow_none: bool = False) -> None:
-    if allow_none and v is None:
-        return
-    if positive_int:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
-    elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 class _Run:
@@ -167,6 +164,7 @@ class _Run:
         self.steps: list[int] = []
         self.orders: list[list[int]] = []
         self.converged = False
+        self.counted = 0  # mini-batches seen in this fit (the callback's step index)
 
 
 class LocFTBF(InPlaceEdit):
@@ -181,21 +179,24 @@ class LocFTBF(InPlaceEdit):
         model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
             :class:`~gradlocate.handles.Handles` (its site, e.g. an ``o_proj`` override, is trained).
         layer: the decoder layer whose site is trained (negative counts from the end).
+        settings: :class:`~gradlocate.editors.settings.LocFTSettings` (default: the paper's);
+            ``overrides`` change single settings by name:
+            lr: Adam learning rate (weight decay 0); the paper's 5e-4.
+            edits_per_step: edits per optimizer step. ``None``: :func:`auto_edits_per_step`.
+            epochs: maximum number of sweeps over the edits (the paper's 25).
+            append_eos: score EOS after each target (LocFT's loss, the default everywhere).
+            seed: seeds the per-epoch shuffles (``torch.randperm`` with
+                ``torch.Generator().manual_seed(seed)``, one call per epoch).
+            loss_threshold: no step below it; stop after an epoch whose mean loss is below it.
+            cache: ``"auto"`` (the activation cache if it fits in ``cache_budget`` bytes),
+                ``True`` (always) or ``False`` (never: every step runs the whole model).
+            cache_budget: bytes the cache may take under ``cache="auto"``.
+            head: ``"auto"`` (the fused head if it reproduces the model's own losses on two
+                edits, else ``"select"`` if that does, else ``"full"``), or one of those.
         tokenizer: defaults to the one the model carries.
-        lr: Adam learning rate (weight decay 0); the paper's 5e-4.
-        edits_per_step: edits per optimizer step. ``None``: :func:`auto_edits_per_step`.
-        epochs: maximum number of sweeps over the edits (the paper's 25).
-        append_eos: score EOS after each target (LocFT's loss, the default everywhere).
-        seed: seeds the per-epoch shuffles (``torch.randperm`` with
-            ``torch.Generator().manual_seed(seed)``, one call per epoch).
-        loss_threshold: no step below it; stop after an epoch whose mean loss is below it.
-        cache: ``"auto"`` (the activation cache if it fits in ``cache_budget`` bytes),
-            ``True`` (always) or ``False`` (never: every step runs the whole model).
-        cache_budget: bytes the cache may take under ``cache="auto"``.
-        head: ``"auto"`` (the fused head if it reproduces the model's own losses on two
-            edits, else ``"select"`` if that does, else ``"full"``), or one of those.
         progress: a progress bar of epochs with the loss (``None``: on a terminal only).
-        callback: called as ``callback(epoch, step_index, loss)`` after every mini-batch.
+        callback: called with a :class:`~gradlocate.editors.protocol.TrainStep` (step, loss,
+            epoch) after every mini-batch.
 
     Example:
         >>> from gradlocate.models import tiny
@@ -221,35 +222,26 @@ class LocFTBF(InPlaceEdit):
     cache_budget: int
     head: str
     progress: bool | None
-    callback: Callable[[int, int, float], Any] | None
+    callback: Callable[[TrainStep], Any] | None
     undo: Undo
 
-    def __init__(self, model: Any, layer: SupportsIndex, *, tokenizer: Any = None, lr: float = PAPER_LR,
-                 edits_per_step: int | None = None, epochs: int = PAPER_EPOCHS, append_eos: bool = APPEND_EOS,
-                 seed: int = 0, loss_threshold: float = LOSS_THRESHOLD, cache: bool | str = "auto",
-                 cache_budget: int = CACHE_BUDGET, head: str = "auto", progress: bool | None = None,
-                 callback: Callable[[int, int, float], Any] | None = None):
+    def __init__(self, model: Any, layer: SupportsIndex, settings: LocFTSettings | None = None, *,
+                 tokenizer: Any = None, progress: bool | None = None,
+                 callback: Callable[[TrainStep], Any] | None = None, **overrides: Any):
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise TypeError(f"LocFTBF edits one layer: give an int, got {layer!r}")
-        _check("lr", lr)
-        _check("edits_per_step", edits_per_step, positive_int=True, allow_none=True)
-        _check("epochs", epochs, positive_int=True)
-        if not (isinstance(loss_threshold, numbers.Real) and math.isfinite(loss_threshold) and loss_threshold >= 0):
-            raise ValueError(f"loss_threshold must be a finite number >= 0, got {loss_threshold!r}")
-        if cache not in ("auto", True, False):
-            raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
-        if head not in ("auto", "fused", "select", "full"):
-            raise ValueError(f"head must be 'auto', 'fused', 'select' or 'full', got {head!r}")
-        if isinstance(cache_budget, bool) or not isinstance(cache_budget, numbers.Integral) or cache_budget < 0:
-            raise ValueError(f"cache_budget must be a number of bytes >= 0, got {cache_budget!r}")
+        if settings is not None and not isinstance(settings, LocFTSettings):
+            raise TypeError(f"LocFTBF takes LocFTSettings, got {type(settings).__name__}")
         if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable as callback(epoch, step_index, loss), got {callback!r}")
+            raise TypeError(f"callback must be callable as callback(step: TrainStep), got {callback!r}")
+        self.settings = (settings or LocFTSettings()).replace(**overrides)  # checked: SettingsError names a bad one
+        s = self.settings
         self.h = resolve(model, tokenizer)
         self.layer = self.h.layer_indices(int(layer))[0]
         self.handle = self.h[self.layer]
-        self.lr, self.edits_per_step, self.epochs = float(lr), edits_per_step, int(epochs)
-        self.append_eos, self.seed, self.loss_threshold = append_eos, seed, float(loss_threshold)
-        self.cache, self.cache_budget, self.head = cache, int(cache_budget), head
+        self.lr, self.edits_per_step, self.epochs = float(s.lr), s.edits_per_step, int(s.epochs)
+        self.append_eos, self.seed, self.loss_threshold = s.append_eos, s.seed, float(s.loss_threshold)
+        self.cache, self.cache_budget, self.head = s.cache, int(s.cache_budget), s.head
         self.progress, self.callback = progress, callback
         self.undo = Undo(self.handle.parameter)
 
@@ -321,7 +313,8 @@ class LocFTBF(InPlaceEdit):
                 _step(run.opt, run.master, self.handle.parameter)
                 taken += 1
             if self.callback is not None:
-                self.callback(epoch, i, value)
+                self.callback(TrainStep(run.counted, value, epoch=epoch))
+            run.counted += 1
         run.history.append(total / n)
         run.steps.append(taken)
 

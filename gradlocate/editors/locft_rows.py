@@ -22,13 +22,15 @@ from torch import Tensor
 
 from gradlocate.data import Edits
 from gradlocate.editors.executors import Executor, cache_mode
-from gradlocate.editors.locft import LOSS_THRESHOLD, PAPER_EPOCHS, PAPER_LR, EditTrainingError
+from gradlocate.editors.locft import LOSS_THRESHOLD, PAPER_EPOCHS, PAPER_LR, EditTrainingError, LocFTBF
+from gradlocate.editors.protocol import EditorSpec, summary
+from gradlocate.editors.settings import LocFTSettings
 from gradlocate.gradients import edit_batch
 from gradlocate.handles import Handles
 from gradlocate.interventions import using
 from gradlocate.state import input_device
 
-__all__ = ["train_per_sample"]
+__all__ = ["train_per_sample", "SPECS"]
 
 _BETAS, _EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which LocFTBF uses
 
@@ -83,9 +85,25 @@ def train_per_sample(h: Handles, layer: int, edits: Edits, *, lr: float = PAPER_
                     taken[r] += int(s)
                     if x < loss_threshold:
                         active[r] = False
-    summaries = [{"epochs": len(hs), "final_loss": hs[-1] if hs else None,
-                  "converged": bool(hs) and hs[-1] < loss_threshold, "steps": taken[i]} for i, hs in enumerate(history)]
+    summaries = [summary(hs, bool(hs) and hs[-1] < loss_threshold, taken[i], epochs=len(hs))
+                 for i, hs in enumerate(history)]
     return delta.detach(), summaries
+
+
+def _per_edit(h: Handles, layer: int, edits: Edits, settings: LocFTSettings, memo: dict[Any, Any] | None = None,
+              **runtime: Any) -> tuple[Float[Tensor, "edits d_model d_mlp"], list[dict[str, Any]]]:
+    """The registry's ``per_edit`` for LocFT-BF (``memo``: nothing of it is layer-independent)."""
+    if runtime:
+        raise TypeError(f"LocFT-BF's per-edit training takes no argument {sorted(runtime)}")
+    s = settings
+    return train_per_sample(h, layer, edits, lr=s.lr, epochs=s.epochs, seed=s.seed, loss_threshold=s.loss_threshold,
+                            append_eos=s.append_eos, cache=s.cache, head=s.head)
+
+
+# LocFT-BF's registration lives here, beside its per-edit trainer (which imports the
+# editor class; the other way round would be an import cycle).
+SPECS = [EditorSpec("locft", "LocFT-BF", LocFTBF, LocFTSettings, _per_edit, None, ("locft-bf", "ft"),
+                    "fine-tune one layer's down-projection, breadth first (Yang et al. 2025)")]
 
 
 @torch.no_grad()

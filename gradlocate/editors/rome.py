@@ -49,27 +49,25 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.editors.covariance import SAMPLED, second_moment
+from gradlocate.editors.covariance import second_moment, second_moments
 from gradlocate.editors.rank_one import (EARLY_STOP, context_templates, locate, optimise_value, rank_one, site_io,
                                          subject_of)
 from gradlocate.editors.base import InPlaceEdit
+from gradlocate.editors.protocol import EditorSpec, TrainStep, summary
+from gradlocate.editors.settings import ROMESettings
 from gradlocate.handles import Handle, Handles, resolve
 from gradlocate.interventions import require_gradients
 from gradlocate.state import Undo
 
 __all__ = ["ROME", "RROME", "RankOneResult", "ROME_HPARAMS", "rome_per_edit", "rrome_per_edit", "memo_templates"]
 
-#: ROME's hyper-parameters for LLaMA-family models, from EasyEdit's
-#: ``hparams/ROME/llama3.2-1b.yaml`` (the closest family to SmolLM2-135M), except
-#: ``mom2_adjustment`` (that file turns C off; ROME's paper, its gpt2-xl files and
-#: EasyEdit's gpt2-xl.yaml keep it on: the C⁻¹ weighting is the method).
-ROME_HPARAMS: dict[str, Any] = {
-    "v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-    "mom2_adjustment": True, "mom2_n_tokens": 100_000,
-    "context_template_length_params": ((5, 10), (10, 10)),
-}
-# No ``mom2_update_weight``: ROME's update is invariant to C's scale (C⁻¹ appears in its
-# numerator and denominator); EasyEdit's scaling matters only through EMMET's λ.
+#: ROME's hyper-parameters (a dict view of :class:`~gradlocate.editors.settings.ROMESettings`'
+#: defaults: EasyEdit's ``hparams/ROME/llama3.2-1b.yaml``, the closest family to SmolLM2-135M,
+#: with ``mom2_adjustment`` on). No ``mom2_update_weight``: ROME's update is invariant to C's
+#: scale (C⁻¹ appears in its numerator and denominator); EasyEdit's scaling matters only
+#: through EMMET's λ.
+ROME_HPARAMS: dict[str, Any] = {k: getattr(ROMESettings(), k) for k in ROMESettings().to_dict()
+                                if k not in ("seed", "mom2_corpus")}
 
 
 @dataclass
@@ -101,6 +99,14 @@ class RankOneResult:
     def to_dict(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
 
+    def summary(self) -> dict[str, Any]:
+        """The protocol's summary fields for the fit: converged when every edit's v* loss fell
+        below the early stop, the mean final loss, the steps taken, the mean loss per step."""
+        n = max((len(h) for h in self.histories), default=0)
+        mean = [sum(h[min(i, len(h) - 1)] for h in self.histories) / len(self.histories) for i in range(n)]
+        done = bool(self.histories) and all(h[-1] < EARLY_STOP for h in self.histories)
+        return summary(mean, done, sum(len(h) for h in self.histories), edits=self.n_edits)
+
     def plot(self, ax: Any = None, *, log: bool = True) -> Any:
         """Each edit's v* loss per optimisation step. Returns the Axes."""
         import matplotlib.pyplot as plt
@@ -120,28 +126,6 @@ class RankOneResult:
         nll = sum(self.final_nll) / len(self.final_nll) if self.final_nll else float("nan")
         return (f"RankOneResult({self.method}, layer={self.layer}, {self.n_edits} edit(s), max ‖ΔW‖ {upd:.4g}, "
                 f"mean final NLL {nll:.4g}, {sum(self.timings.values()):.2f} s)")
-
-
-def _check_hparams(hp: dict[str, Any]) -> None:
-    for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
-        if name not in hp:
-            continue
-        v = hp[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    for name in ("v_weight_decay", "kl_factor", "emmet_lambda", "update_norm_lambda"):
-        if name not in hp:
-            continue
-        v = hp[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    for name in ("v_num_grad_steps", "mom2_n_tokens"):
-        v = hp[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    for pair in hp["context_template_length_params"]:
-        if len(pair) != 2 or min(pair) < 1:
-            raise ValueError(f"context_template_length_params holds (length, count) pairs >= 1, got {pair!r}")
 
 
 def _need_subject(edit: EditRequest, i: int) -> EditRequest:
@@ -183,40 +167,39 @@ class _RankOneEditor(InPlaceEdit):
     """The LocFT-BF editor interface around a closed-form update (see :class:`ROME`)."""
 
     method = "ROME"
-    DEFAULTS: dict[str, Any] = ROME_HPARAMS
+    settings_class: type[ROMESettings] = ROMESettings
 
     h: Handles
     layer: int
     handle: Handle
+    settings: ROMESettings
     hp: dict[str, Any]
     seed: int
     _C: Float[Tensor, "d_mlp d_mlp"] | None
-    mom2_corpus: str | Sequence[str]
     progress: bool | None
-    callback: Callable[[int, float], Any] | None
+    callback: Callable[[TrainStep], Any] | None
     undo: Undo
 
-    def __init__(self, model: Any, layer: SupportsIndex, *, tokenizer: Any = None, seed: int = 0,
-                 covariance: Tensor | None = None, mom2_corpus: str | Sequence[str] = SAMPLED,
-                 progress: bool | None = None, callback: Callable[[int, float], Any] | None = None, **hparams: Any):
+    def __init__(self, model: Any, layer: SupportsIndex, settings: ROMESettings | None = None, *,
+                 tokenizer: Any = None, covariance: Tensor | None = None, progress: bool | None = None,
+                 callback: Callable[[TrainStep], Any] | None = None, **overrides: Any):
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise TypeError(f"{self.method} edits one layer: give an int, got {layer!r}")
-        unknown = sorted(set(hparams) - set(self.DEFAULTS))
-        if unknown:
-            raise TypeError(f"{self.method}: unknown hyper-parameter(s) {unknown}; known: {sorted(self.DEFAULTS)}")
-        self.hp = {**self.DEFAULTS, **hparams}
-        self.hp["context_template_length_params"] = tuple(tuple(int(x) for x in p)
-                                                          for p in self.hp["context_template_length_params"])
-        _check_hparams(self.hp)
+        cls = self.settings_class
+        if settings is not None and type(settings) is not cls:
+            raise TypeError(f"{self.method} takes {cls.__name__}, got {type(settings).__name__}")
         if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable as callback(step, loss), got {callback!r}")
+            raise TypeError(f"callback must be callable as callback(step: TrainStep), got {callback!r}")
+        self.settings = (settings or cls()).replace(**overrides)  # checked: SettingsError names a bad one
+        # a dict view for the functions that take one (rank_one / rome_update)
+        self.hp = {k: getattr(self.settings, k) for k in self.settings.to_dict()}
         self.h = resolve(model, tokenizer)
         self.layer = self.h.layer_indices(int(layer))[0]
         self.handle: Handle = self.h[self.layer]
         if covariance is not None and tuple(covariance.shape) != (self.h.d_mlp, self.h.d_mlp):
             raise ValueError(f"covariance must be [d_mlp, d_mlp] = [{self.h.d_mlp}, {self.h.d_mlp}], "
                              f"got {tuple(covariance.shape)}")
-        self.seed, self._C, self.mom2_corpus = int(seed), covariance, mom2_corpus
+        self.seed, self._C = self.settings.seed, covariance
         self.progress, self.callback = progress, callback
         self.undo = Undo(self.handle.parameter)
 
@@ -226,13 +209,13 @@ class _RankOneEditor(InPlaceEdit):
         if not self.hp["mom2_adjustment"]:
             return None
         if self._C is None:
-            self._C = second_moment(self.h, self.layer, tokens=self.hp["mom2_n_tokens"], corpus=self.mom2_corpus,
-                                    seed=self.seed, progress=self.progress)
+            self._C = second_moment(self.h, self.layer, tokens=self.settings.mom2_n_tokens,
+                                    corpus=self.settings.mom2_corpus, seed=self.seed, progress=self.progress)
         return self._C
 
     def templates(self) -> list[list[str]]:
         """The context templates (prefixes in groups), sampled from the model, seeded."""
-        return context_templates(self.h, self.hp["context_template_length_params"], self.seed)
+        return context_templates(self.h, self.settings.context_template_length_params, self.seed)
 
     def _apply(self, dW: Tensor) -> None:
         p = self.handle.parameter
@@ -269,20 +252,27 @@ class _RankOneEditor(InPlaceEdit):
 
         bar = tqdm(edits, desc=f"{self.method} layer {self.layer}", leave=False,
                    disable=None if self.progress is None else not self.progress)
-        for edit in bar:
+        for i, edit in enumerate(bar):
             dW, info = rome_update(self.h, self.layer, edit, groups, C, self.hp, averaged=self.method == "R-ROME",
-                                   callback=self.callback)
+                                   callback=_stepper(self.callback, i))
             self._apply(dW)
             _record(result, info)
             bar.set_postfix(nll=f"{info['final_nll']:.3f}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method.lower(), "layer": self.layer, "path": self.handle.path, "seed": self.seed,
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hp.items()}}
+        return {"method": self.method.lower(), "layer": self.layer, "path": self.handle.path,
+                **self.settings.to_dict()}
 
     def __repr__(self) -> str:
         state = "committed" if self.undo.committed else ("edited" if self.edited else "unedited")
         return f"{type(self).__name__}(layer={self.layer}, path={self.handle.path!r}, {state})"
+
+
+def _stepper(callback: Callable[[TrainStep], Any] | None, edit: int) -> Callable[[int, float], Any] | None:
+    """The v* loop's ``(step, loss)`` as the protocol's :class:`TrainStep` of edit ``edit``."""
+    if callback is None:
+        return None
+    return lambda step, loss: callback(TrainStep(step, loss, edit=edit))
 
 
 def _record(result: RankOneResult, info: dict[str, Any]) -> None:
@@ -303,16 +293,17 @@ class ROME(_RankOneEditor):
     Args:
         model: a causal LM, an nnsight wrapper, a bridge, or :class:`~gradlocate.handles.Handles`.
         layer: the layer whose site is edited (negative counts from the end).
+        settings: :class:`~gradlocate.editors.settings.ROMESettings` (default: EasyEdit's);
+            ``overrides`` change single settings by name (``v_num_grad_steps``, ``v_lr``,
+            ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``, ``mom2_adjustment``,
+            ``mom2_n_tokens``, ``mom2_corpus``, ``context_template_length_params``, ``seed``:
+            the context templates' and the sampled corpus' seed).
         tokenizer: defaults to the one the model carries.
-        seed: seeds the context templates and the sampled covariance corpus.
         covariance: a precomputed ``C`` ``[d_mlp, d_mlp]`` (else computed/cached, see
             :func:`~gradlocate.editors.covariance.second_moments`).
-        mom2_corpus: ``"sampled"`` (the model's own text) or a list of texts.
         progress: progress bars (``None``: on a terminal only).
-        callback: ``callback(step, loss)`` after each v* step.
-        **hparams: see :data:`ROME_HPARAMS` (``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``,
-            ``clamp_norm_factor``, ``kl_factor``, ``mom2_adjustment``, ``mom2_n_tokens``,
-            ``context_template_length_params``).
+        callback: called with a :class:`~gradlocate.editors.protocol.TrainStep` (step, loss,
+            edit) after each v* step.
     """
 
     method = "ROME"
@@ -329,7 +320,7 @@ def memo_templates(ed: _RankOneEditor, memo: dict[Any, Any] | None) -> list[list
     unedited model: the templates depend on the model, their lengths and the seed only)."""
     if memo is None:
         return ed.templates()
-    key = ("context templates", id(ed.h.root), ed.hp["context_template_length_params"], ed.seed)
+    key = ("context templates", id(ed.h.root), ed.settings.context_template_length_params, ed.seed)
     if key not in memo:
         memo[key] = ed.templates()
     return memo[key]
@@ -344,11 +335,10 @@ def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any, mem
     for e in edits:
         dW, info = rome_update(ed.h, ed.layer, e, groups, C, ed.hp, averaged=cls is RROME)
         out.append(dW.float())
-        summaries.append({k: info[k] for k in ("key_norm", "value_norm", "residual_norm", "delta_norm",
-                                               "update_norm", "final_nll")}
-                         # the matrix's training fields: v*'s last loss and whether it fell below the early stop
-                         | {"steps": len(info["history"]), "final_loss": info["history"][-1],
-                            "converged": info["history"][-1] < EARLY_STOP})
+        # the protocol's fields: v*'s losses, converged when the last fell below the early stop
+        summaries.append(summary(info["history"], info["history"][-1] < EARLY_STOP,
+                                 **{k: info[k] for k in ("key_norm", "value_norm", "residual_norm", "delta_norm",
+                                                         "update_norm", "final_nll")}))
     return torch.stack(out), summaries
 
 
@@ -364,3 +354,26 @@ def rrome_per_edit(h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | No
                    **hparams: Any) -> tuple[Tensor, list[dict[str, Any]]]:
     """:func:`rome_per_edit` for R-ROME."""
     return _per_edit(RROME, h, layer, edits, memo, **hparams)
+
+
+def prepare_moments(h: Handles, layers: Sequence[int], settings: ROMESettings, progress: bool | None = None) -> None:
+    """The registry's ``prepare`` for the rank-one editors: C of every layer in ``layers``
+    in one pass over the corpus (cached on disk, so each editor then reads its layer's)."""
+    if settings.mom2_adjustment:
+        second_moments(h, list(layers), tokens=settings.mom2_n_tokens, corpus=settings.mom2_corpus,
+                       seed=settings.seed, progress=progress)
+
+
+def _registered(cls: type[_RankOneEditor]) -> Callable[..., tuple[Tensor, list[dict[str, Any]]]]:
+    def per_edit(h: Handles, layer: int, edits: Any, settings: ROMESettings, memo: dict[Any, Any] | None = None,
+                 **runtime: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+        return _per_edit(cls, h, layer, edits, memo, settings=settings, **runtime)
+    return per_edit
+
+
+SPECS = [
+    EditorSpec("rome", "ROME", ROME, ROMESettings, _registered(ROME), prepare_moments, (),
+               "one rank-one update per edit (Meng et al. 2022)"),
+    EditorSpec("r-rome", "R-ROME", RROME, ROMESettings, _registered(RROME), prepare_moments, ("rrome",),
+               "ROME with the averaged key used consistently (Gupta et al. 2024)"),
+]

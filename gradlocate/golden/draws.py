@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from gradlocate import stats
-from gradlocate.golden.judge import DAMAGE_THRESHOLD, _picks, _gated_bootstrap, matrix_metrics
+from gradlocate.golden import arrays, inference, scores
+from gradlocate.golden.judge import DAMAGE_THRESHOLD, _picks, _gated_bootstrap
 from gradlocate.golden.matrix import Matrix
 
 __all__ = ["over_draws", "Draws", "Draw"]
@@ -51,7 +51,7 @@ class Draw:
     proxy: list[int]
     picks: dict[str, int]
     regret: dict[str, dict[str, tuple[float, float, float] | None]]
-    difference: dict[str, stats.RegretDifference | None]
+    difference: dict[str, inference.RegretDifference | None]
 
     def to_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "proxy": self.proxy, "picks": self.picks,
@@ -62,7 +62,7 @@ class Draw:
     def from_dict(cls, d: Mapping[str, Any]) -> Draw:
         return cls(int(d["seed"]), list(d["proxy"]), dict(d["picks"]),
                    {k: {a: None if v is None else tuple(v) for a, v in r.items()} for k, r in d["regret"].items()},
-                   {a: None if v is None else stats.RegretDifference(**v) for a, v in d["difference"].items()})
+                   {a: None if v is None else inference.RegretDifference(**v) for a, v in d["difference"].items()})
 
 
 @dataclass(repr=False)
@@ -160,7 +160,7 @@ class Draws:
 
 
 def _draw(m: Matrix, seed: int, proxy: Sequence[int], selections: Mapping[str, Any], definitions: Sequence[str],
-          pair: tuple[str, str], gate: stats.DamageGate, n_boot: int) -> Draw:
+          pair: tuple[str, str], gate: scores.DamageGate, n_boot: int) -> Draw:
     """One draw judged on its test rows: regret per selector and definition, the pair's difference."""
     proxy = sorted(int(i) for i in proxy)
     if not proxy or any(not 0 <= i < m.n_edits for i in proxy):
@@ -168,9 +168,9 @@ def _draw(m: Matrix, seed: int, proxy: Sequence[int], selections: Mapping[str, A
     test = np.setdiff1d(np.arange(m.n_edits), proxy)
     if test.size < 2:
         raise ValueError(f"draw {seed}: at least 2 test rows are needed, got {test.size}")
-    metrics, picks = matrix_metrics(m, test), _picks(m, selections)
+    metrics, picks = m.metrics(test), _picks(m, selections)
     regret: dict[str, dict[str, Any]] = {k: {} for k in selections}
-    diff: dict[str, stats.RegretDifference | None] = {}
+    diff: dict[str, inference.RegretDifference | None] = {}
     for d in definitions:
         _, _, boot = _gated_bootstrap(metrics, d, gate, picks, n_boot, seed)
         for k in selections:
@@ -200,6 +200,6 @@ def over_draws(m: Matrix, draws: Sequence[tuple[int, Sequence[int], Mapping[str,
     sizes = {len(set(p)) for _, p, _ in draws}
     if len(sizes) != 1:
         raise ValueError(f"every draw must have the same number of proxy rows, got sizes {sorted(sizes)}")
-    gate = stats.damage_gate(m.capability, threshold, higher_is_better=False)
+    gate = scores.damage_gate(m.capability, threshold, higher_is_better=False)
     done = [_draw(m, int(s), p, sel, definitions, pair, gate, n_boot) for s, p, sel in draws]
     return Draws(m.n_edits, sizes.pop(), list(definitions), pair, done)

@@ -5,7 +5,7 @@ answers every question of the study, so no number mixes two experiments:
 
 * per **definition of "overall"** (each metric alone, ``edit-only``, gradlocate's
   capability-aware ``weighted``, the ``golden-layers`` normalised mean;
-  :func:`gradlocate.stats.overall`): the golden layer over the **test rows**, with its
+  :func:`gradlocate.golden.scores.overall`): the golden layer over the **test rows**, with its
   bootstrap distribution (rows resampled jointly across every metric);
 * the **damage gate**: a layer whose edits raise the held-out LM loss by more than
   ``threshold`` nats (mean over its capability cells) is damaging and cannot be golden;
@@ -13,13 +13,13 @@ answers every question of the study, so no number mixes two experiments:
 * each edit's **own optimum vs the golden layer** on the same rows: the paired tests
   (t as the Golden Layers paper, Wilcoxon, sign-flip permutation) of the in-sample
   difference, which is >= 0 by construction (the winner's curse), and the gain after
-  subtracting the permutation null's selection bias (:func:`gradlocate.stats.null_selection_bias`)
+  subtracting the permutation null's selection bias (:func:`gradlocate.golden.inference.null_selection_bias`)
   with its p-value: the test to read;
-* **proxy -> test transfer** of the golden layer over random splits (:func:`gradlocate.stats.transfer`);
+* **proxy -> test transfer** of the golden layer over random splits (:func:`gradlocate.golden.inference.transfer`);
 * per **selector** (its :class:`~gradlocate.results.LayerScores` on the proxy edits):
   its layer, regret with a bootstrap interval, Spearman/Kendall over all and over its
   eligible layers; two selectors are compared by the paired bootstrap of their regret
-  difference (:meth:`gradlocate.stats.Bootstrap.difference`), not by overlapping intervals;
+  difference (:meth:`gradlocate.golden.inference.Bootstrap.difference`), not by overlapping intervals;
 * **convergence** per layer (fraction of cells converged, mean final loss).
 
 Capability enters the ``weighted`` and ``golden-layers`` overalls per layer (it is
@@ -48,10 +48,10 @@ from typing import Any
 
 import numpy as np
 
-from gradlocate import stats
+from gradlocate.golden import arrays, inference, scores
 from gradlocate.golden.matrix import MATRIX_METRICS, Matrix
 
-__all__ = ["judge", "Judgment", "DefinitionResult", "SelectorResult", "Convergence", "matrix_metrics",
+__all__ = ["judge", "Judgment", "DefinitionResult", "SelectorResult", "Convergence",
            "DAMAGE_THRESHOLD"]
 
 #: The damage gate's default: a mean held-out loss rise above this many nats is damaging.
@@ -59,7 +59,7 @@ DAMAGE_THRESHOLD = 0.5
 
 
 def _plain(v: Any) -> Any:
-    return stats._plain(v)  # the same JSON conversion as the statistics' results
+    return arrays.plain(v)  # the same JSON conversion as the statistics' results
 
 
 @dataclass(repr=False)
@@ -93,29 +93,8 @@ def convergence(m: Matrix) -> Convergence:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a layer with no summary: NaN
         c, f = np.nanmean(conv, 0), np.nanmean(loss, 0)
-    cells = np.isfinite(m.scores["overall"]).sum(0)
+    cells = m.filled.sum(0)
     return Convergence(list(m.layers), cells.tolist(), [float(x) for x in c], [float(x) for x in f])
-
-
-def matrix_metrics(m: Matrix, rows: Any = None) -> dict[str, np.ndarray]:
-    """The metrics :func:`gradlocate.stats.overall` takes, from ``m`` (rows ``rows``):
-    the edit metrics that have a value ``[edits, layers]``, and, where capability was
-    measured, per layer ``capability`` (``exp(-mean loss change)``) and ``lm_loss`` (the
-    mean change).
-
-    Example:
-        >>> cap = np.array([[0.0, 1.0], [np.nan, np.nan]])
-        >>> m = Matrix([0, 1], ["a", "b"], {"reliability": np.ones((2, 2))}, capability=cap)
-        >>> {k: np.round(v, 3).tolist() for k, v in matrix_metrics(m).items() if k != "reliability"}
-        {'capability': [1.0, 0.368], 'lm_loss': [0.0, 1.0]}
-    """
-    idx = np.arange(m.n_edits) if rows is None else np.asarray(rows, dtype=int)
-    out = {k: m.scores[k][idx] for k in MATRIX_METRICS if k in m.scores and np.isfinite(m.scores[k][idx]).any()}
-    if np.isfinite(m.capability).any():
-        change = m.curve("capability")
-        if np.isfinite(change).all():
-            out["capability"], out["lm_loss"] = np.exp(-change), change
-    return out
 
 
 @dataclass(repr=False)
@@ -124,19 +103,19 @@ class DefinitionResult:
 
     Attributes:
         definition: its name; golden: the golden layer with the gate; golden_ungated: without.
-        layer_mean: the test rows' mean overall per layer; boot: :class:`gradlocate.stats.Bootstrap`
+        layer_mean: the test rows' mean overall per layer; boot: :class:`gradlocate.golden.inference.Bootstrap`
             (gated; golden_freq over layers); versus: own optimum vs golden (in-sample paired
             tests of ``optimum - golden``; ``null``: the selection bias, the corrected gain, its p);
-        transfer: :class:`gradlocate.stats.Transfer` over random splits of all rows.
+        transfer: :class:`gradlocate.golden.inference.Transfer` over random splits of all rows.
     """
 
     definition: str
     golden: int
     golden_ungated: int
     layer_mean: list[float]
-    boot: stats.Bootstrap
+    boot: inference.Bootstrap
     versus: dict[str, Any]
-    transfer: stats.Transfer | None
+    transfer: inference.Transfer | None
 
     def to_dict(self) -> dict[str, Any]:
         return {"definition": self.definition, "golden": self.golden, "golden_ungated": self.golden_ungated,
@@ -152,7 +131,7 @@ class SelectorResult:
     name: str
     layer: int
     regret: dict[str, tuple[float, float, float] | None]
-    rank: stats.RankAgreement | None
+    rank: inference.RankAgreement | None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "layer": self.layer, "regret": _plain(self.regret),
@@ -165,39 +144,39 @@ def _versus(score: np.ndarray, allowed: np.ndarray, n_null: int, seed: int) -> d
     selection bias, whose ``corrected`` gain (a lower bound) and one-sided ``p_value`` are
     the result to read. (A paired test of the differences minus the null mean is not
     given: the null mean is a constant, not a per-edit bias, and errs large.)"""
-    g = stats.golden_layer(score, allowed)
+    g = scores.golden_layer(score, allowed)
     keep = np.isfinite(score[:, g]) & np.isfinite(score[:, allowed]).any(1)
     s = score[keep]
-    opt = stats.own_optimum(s, allowed)
-    raw = stats.paired_tests(opt.values, s[:, g], seed=seed)
-    null = stats.null_selection_bias(s, n=n_null, seed=seed, allowed=allowed)
+    opt = scores.own_optimum(s, allowed)
+    raw = inference.paired_tests(opt.values, s[:, g], seed=seed)
+    null = inference.null_selection_bias(s, n=n_null, seed=seed, allowed=allowed)
     return {"optimum_mean": float(opt.values.mean()), "golden_mean": float(s[:, g].mean()), "n": int(len(s)),
             "in_sample": raw.to_dict(), "null": null.to_dict(),
             "optimum_layers": np.bincount(opt.layers, minlength=score.shape[1]).tolist()}
 
 
-def _gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: stats.DamageGate,
-                    picks: Mapping[str, int], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, stats.Bootstrap]:
+def _gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: scores.DamageGate,
+                    picks: Mapping[str, int], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, inference.Bootstrap]:
     """``definition``'s score of ``metrics``, the layers it may call golden (not damaging,
     scored) and the bootstrap of the golden layer and ``picks``' regret over those layers."""
-    score = stats.overall(metrics, definition)
-    allowed = gate.allowed & np.isfinite(stats._layer_means(score))
-    return score, allowed, stats.bootstrap(metrics, definition, selectors=picks, allowed=allowed, n=n_boot, seed=seed)
+    score = scores.overall(metrics, definition)
+    allowed = gate.allowed & np.isfinite(arrays.layer_means(score))
+    return score, allowed, inference.bootstrap(metrics, definition, selectors=picks, allowed=allowed, n=n_boot, seed=seed)
 
 
-def _definition(m: Matrix, definition: str, test: np.ndarray, n_proxy: int, gate: stats.DamageGate,
+def _definition(m: Matrix, definition: str, test: np.ndarray, n_proxy: int, gate: scores.DamageGate,
                 picks: Mapping[str, int], n_boot: int, n_null: int, n_splits: int, seed: int) -> DefinitionResult:
     """One definition of overall: golden (gated, ungated), bootstrap, versus, transfer."""
     # golden-layers' score is normalised on the test rows
-    score, allowed, boot = _gated_bootstrap(matrix_metrics(m, test), definition, gate, picks, n_boot, seed)
-    score_all = stats.overall(matrix_metrics(m), definition)
-    ungated = m.layers[stats.golden_layer(score)]
+    score, allowed, boot = _gated_bootstrap(m.metrics(test), definition, gate, picks, n_boot, seed)
+    score_all = scores.overall(m.metrics(), definition)
+    ungated = m.layers[scores.golden_layer(score)]
     versus = _versus(score, allowed, n_null, seed)
     tr = None
     if 1 <= n_proxy < m.n_edits and n_splits:
         rows = np.isfinite(score_all[:, allowed]).any(1)
-        tr = stats.transfer(score_all[rows], n_proxy, n_splits, seed, allowed, n_null=min(n_null, 100))
-    return DefinitionResult(definition, m.layers[boot.golden], ungated, stats._layer_means(score).tolist(), boot,
+        tr = inference.transfer(score_all[rows], n_proxy, n_splits, seed, allowed, n_null=min(n_null, 100))
+    return DefinitionResult(definition, m.layers[boot.golden], ungated, arrays.layer_means(score).tolist(), boot,
                             versus, tr)
 
 
@@ -216,14 +195,14 @@ def _selector(m: Matrix, name: str, sel: Any, defs: Mapping[str, DefinitionResul
     x = np.array([by_layer.get(l, np.nan) for l in m.layers], dtype=float)
     x[~np.isfinite(x)] = np.nan
     allowed = np.array([bool(ok.get(l, False)) for l in m.layers])
-    rank = stats.rank_agreement(x, truth, allowed) if np.isfinite(x).sum() >= 2 else None
+    rank = inference.rank_agreement(x, truth, allowed) if np.isfinite(x).sum() >= 2 else None
     return SelectorResult(name, int(sel.selected), regret, rank)
 
 
 def default_definitions(m: Matrix) -> list[str]:
     """Each edit metric the matrix has, then ``edit-only``, ``weighted``, ``golden-layers``."""
     have = [k for k in MATRIX_METRICS if np.isfinite(m.scores.get(k, np.full(1, np.nan))).any()]
-    return [*have, *stats.DEFINITIONS]
+    return [*have, *scores.DEFINITIONS]
 
 
 def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | None = None, *,
@@ -256,13 +235,13 @@ def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | 
     defs_wanted = list(definitions) if definitions is not None else default_definitions(m)
     if primary not in defs_wanted:
         raise ValueError(f"primary {primary!r} must be one of the definitions {defs_wanted}")
-    gate = stats.damage_gate(m.capability, threshold, higher_is_better=False)
+    gate = scores.damage_gate(m.capability, threshold, higher_is_better=False)
     sels = dict(selections or {})
     picks = _picks(m, sels)
     n_proxy = len(proxy_rows) or max(1, m.n_edits // 4)
     defs = {d: _definition(m, d, test, n_proxy, gate, picks, n_boot, n_null, n_splits, seed) for d in defs_wanted}
     rows = [_selector(m, k, s, defs, primary) for k, s in sels.items()]
-    effect = stats.layer_effect(m.capability) if np.isfinite(m.capability).any() else None
+    effect = scores.layer_effect(m.capability) if np.isfinite(m.capability).any() else None
     return Judgment(list(m.layers), m.n_edits, proxy_rows, _regime(m, threshold, regime), gate, convergence(m),
                     defs, rows, primary, effect)
 
@@ -281,13 +260,13 @@ class Judgment:
     n_edits: int
     proxy: list[int]
     regime: dict[str, Any]
-    gate: stats.DamageGate
+    gate: scores.DamageGate
     convergence: Convergence
     definitions: dict[str, DefinitionResult]
     selectors: list[SelectorResult] = field(default_factory=list)
     primary: str = "weighted"
     #: Does the held-out loss change differ between layers at all (Friedman over the capability subsample)?
-    capability_effect: stats.LayerEffect | None = None
+    capability_effect: scores.LayerEffect | None = None
 
     def definition(self, name: str) -> DefinitionResult:
         if name not in self.definitions:

@@ -242,7 +242,7 @@ def _lga_versus_cma(j: Any) -> list[str]:
 
 
 def _lower_regret(diff: Any, other: str) -> str:
-    """The verdict on a :class:`~gradlocate.stats.RegretDifference` (a's regret minus
+    """The verdict on a :class:`~gradlocate.golden.inference.RegretDifference` (a's regret minus
     ``other``'s): decided only when its paired interval excludes 0."""
     if diff.lo == diff.hi == diff.value == 0:
         return "a tie (the same layer)"

@@ -43,9 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from gradlocate.handles import Handles
 
-__all__ = ["RecordStore", "StoreError", "Fingerprint", "digest", "relative_path", "model_identity"]
+__all__ = ["RecordStore", "StoreError", "Fingerprint", "digest", "relative_path"]
 
 Key = Union[int, str]
 
@@ -89,17 +88,6 @@ def relative_path(path: str | os.PathLike[str] | None, root: str | os.PathLike[s
         except ValueError:
             continue
     return str(path)
-
-
-def model_identity(h: Handles) -> dict[str, Any]:
-    """What identifies a resolved model for a fingerprint: its class, checkpoint name,
-    edited site, and a checksum of the site's weights (tells another checkpoint apart)."""
-    import torch
-
-    with torch.no_grad():
-        weights = [f"{float(x.parameter.detach().double().sum()):.10e}" for x in h]
-    return {"model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
-            "site": h.site_path, "weights": weights}
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,13 @@ from typing import Any
 from gradlocate.data import Edits, as_edits, default_retain_texts, load_texts
 from gradlocate.editors import DEFAULT_EDITOR
 from gradlocate.gradients import LayerGradients
-from gradlocate.handles import Handles, resolve
+from gradlocate.handles import Handles, model_identity, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
 from gradlocate.golden.compare import run_selector
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, SelectorResult, judge
 from gradlocate.golden.matrix import Matrix, edit_id, matrix as run_matrix
-from gradlocate.golden.store import RecordStore, model_identity
+from gradlocate.golden.store import RecordStore
 from gradlocate.golden.sweep import SweepResult, sweep
 
 __all__ = ["study", "Study", "Selections", "Batch", "select", "split_rows", "STUDY_SELECTORS", "StudyRow"]

@@ -48,11 +48,11 @@ from typing import Any, Literal, overload
 from gradlocate.data import Edits, as_edits
 from gradlocate.editors import DEFAULT_EDITOR, editor_class
 from gradlocate.evaluation import EditEvaluation, evaluate
-from gradlocate.handles import Handles, resolve
+from gradlocate.handles import Handles, model_identity, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.state import check_materialized
 from gradlocate.golden.matrix import Matrix, layer_span, matrix
-from gradlocate.golden.store import RecordStore, StoreError, model_identity, relative_path
+from gradlocate.golden.store import RecordStore, StoreError, relative_path
 
 __all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score"]
 

@@ -1,18 +1,9 @@
-"""The golden-layer study's statistics: pure functions on single-edit matrices.
+"""The study's inference: paired tests, the bootstrap over edits, proxy -> test transfer,
+rank agreement, and the selection bias of each edit's own optimum.
 
-The study's instrument is the **single-edit matrix**: every edit trained alone at every
-layer, cell ``(i, l)`` scored on metrics (reliability, generalization, locality,
-portability: values in ``[0, 1]``, NaN where absent; capability and fluency on some
-cells; possibly a second replicate of the whole matrix, same edits with another seed or
-another prompt). Every function here takes such matrices (``numpy`` arrays
-``[edits, layers]``; a per-layer metric may be given as ``[layers]`` and is broadcast
-over the edits) and returns numbers or small result objects with ``to_dict()``.
-Layers are **column indices** ``0 .. L-1``; map them to model layers with the sweep's
-layer list. This module imports only numpy, scipy and the standard library.
+Pure functions of single-edit matrices, as :mod:`gradlocate.golden.scores` (whose
+definitions of overall and golden layer they use):
 
-* :func:`overall` - every definition of "overall" per cell; :data:`DEFINITIONS`.
-* :func:`golden_layer`, :func:`own_optimum`, :func:`selection_gain` - the fixed best
-  layer, each edit's own best layer, and how much the second beats the first.
 * :func:`held_out_optimum`, :func:`null_selection_bias` - the winner's curse of the
   own optimum, measured on a replicate or estimated under a permutation null.
 * :func:`paired_tests` - paired t, Wilcoxon signed-rank and sign-flip permutation tests.
@@ -20,16 +11,6 @@ layer list. This module imports only numpy, scipy and the standard library.
   regrets and their paired differences (:meth:`Bootstrap.difference`).
 * :func:`transfer` - proxy -> test transfer of the golden layer over random splits.
 * :func:`rank_agreement` - Spearman and Kendall between a selector's scores and the truth.
-* :func:`damage_gate` - layers whose edits cost too much capability, excluded.
-* :func:`layer_effect` - whether a per-cell measure differs between layers at all (Friedman).
-
-Example:
-    >>> import numpy as np
-    >>> rel = np.array([[1.0, 1.0, 0.0], [1.0, 0.5, 0.0]])
-    >>> loc = np.array([[0.2, 0.9, 1.0], [0.4, 0.9, 1.0]])
-    >>> s = overall({"reliability": rel, "locality": loc}, "edit-only")
-    >>> s.tolist(), golden_layer(s)
-    ([[0.6, 0.95, 0.5], [0.7, 0.7, 0.5]], 1)
 """
 
 from __future__ import annotations
@@ -37,306 +18,25 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import stats as sps
 
-__all__ = [
-    "EDIT_METRICS", "WEIGHTS", "GOLDEN_LAYERS_METRICS", "LOWER_IS_BETTER", "DEFINITIONS",
-    "overall", "golden_layer", "own_optimum", "selection_gain", "held_out_optimum", "null_selection_bias",
-    "paired_tests", "bootstrap", "transfer", "rank_agreement", "damage_gate", "layer_effect",
-    "Optimum", "HeldOut", "NullBias", "PairedTests", "Bootstrap", "RegretDifference", "Transfer", "RankAgreement", "DamageGate",
-    "LayerEffect",
-]
+from gradlocate.golden.arrays import Result, as_matrix, interval, layer_mask, layer_means, seeded
+from gradlocate.golden.scores import _metric_matrices, golden_layer, overall, own_optimum, selection_gain
 
-#: The edit metrics: the "edit-only" overall is their mean per cell.
-EDIT_METRICS = ("reliability", "generalization", "locality")
-#: The "weighted" overall's default weights (gradlocate's sweep default, ``OVERALL_WEIGHTS``).
-WEIGHTS = {"reliability": 1.0, "generalization": 1.0, "locality": 1.0, "capability": 1.0, "fluency": 1.0}
-#: What the "golden-layers" overall averages, where given (``lm_loss``: lower is better).
-GOLDEN_LAYERS_METRICS = ("reliability", "generalization", "locality", "fluency", "lm_loss")
-#: Metrics where lower is better (negated before min-max normalisation).
-LOWER_IS_BETTER = ("lm_loss",)
-#: The overall definitions besides a single metric's name.
-DEFINITIONS = ("edit-only", "weighted", "golden-layers")
-
-
-# --------------------------------------------------------------------------- results
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.floating, np.integer, np.bool_)):
-        return v.item()
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _short(v: Any) -> str:
-    v = _plain(v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, list) and len(v) > 8:
-        return "[" + ", ".join(_short(x) for x in v[:8]) + f", ... ({len(v)})]"
-    if isinstance(v, list):
-        return "[" + ", ".join(_short(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
-    return repr(v)
-
-
-class _Result:
-    """``to_dict()`` (JSON-ready: arrays as lists) and a short ``repr``."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]  # a mixin: every subclass is a dataclass
-
-    def __repr__(self) -> str:
-        shown = [f for f in fields(self) if f.repr]  # type: ignore[arg-type]  # a mixin: every subclass is a dataclass
-        body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in shown)
-        return f"{type(self).__name__}({body})"
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _matrix(x: Any, name: str = "score", ndim: int = 2) -> np.ndarray:
-    """``x`` as a float64 array of ``ndim`` dimensions (a clear error otherwise)."""
-    a = np.array(x, dtype=np.float64)
-    if a.ndim != ndim:
-        want = "[edits, layers]" if ndim == 2 else "[layers]"
-        raise ValueError(f"{name} must be a {ndim}-d array {want}, got shape {a.shape}")
-    if a.size == 0:
-        raise ValueError(f"{name} is empty (shape {a.shape})")
-    if np.isinf(a).any():
-        raise ValueError(f"{name} has infinite values: scores must be finite or NaN (absent)")
-    return a
-
-
-def _mask(allowed: Any, n_layers: int) -> np.ndarray:
-    """``allowed`` (None, a bool mask ``[layers]`` or column indices) as a bool mask."""
-    if allowed is None:
-        return np.ones(n_layers, dtype=bool)
-    a = np.asarray(allowed)
-    if a.dtype == bool:
-        if a.shape != (n_layers,):
-            raise ValueError(f"allowed: a bool mask needs {n_layers} entries (one per layer), got shape {a.shape}")
-        return a.copy()
-    idx = [int(i) for i in a.ravel()]
-    bad = [i for i in idx if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"allowed: layer indices {bad} out of range 0..{n_layers - 1}")
-    m = np.zeros(n_layers, dtype=bool)
-    m[idx] = True
-    return m
-
-
-def _rng(seed: Any) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _interval(x: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval of ``x`` (NaNs ignored) at ``level``."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return math.nan, math.nan
-    lo, hi = np.percentile(x, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
-
-
-# --------------------------------------------------------------------------- overall
-
-
-def _metric_matrices(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Every metric as ``[edits, layers]`` (``[layers]`` broadcast); shapes must agree."""
-    if not metrics:
-        raise ValueError("no metrics given: pass a dict name -> [edits, layers] array")
-    arrs = {k: np.array(v, dtype=np.float64) for k, v in metrics.items()}
-    full = [a.shape for a in arrs.values() if a.ndim == 2]
-    if not full:
-        raise ValueError("at least one metric must be a 2-d [edits, layers] matrix")
-    shape = full[0]
-    out = {}
-    for k, a in arrs.items():
-        if a.shape != shape and not (a.ndim == 1 and a.shape[0] == shape[1]):
-            raise ValueError(f"metric {k!r} has shape {a.shape}; expected {shape} or ({shape[1]},) "
-                             f"like the other metrics")
-        out[k] = _matrix(np.broadcast_to(a, shape), k)
-    return out
-
-
-def _weighted_mean(cells: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
-    """Per cell: the weighted mean of the values present (NaN where none is)."""
-    num = sum(np.where(np.isnan(v), 0.0, v) * w for v, w in cells)
-    den = sum(np.where(np.isnan(v), 0.0, w) for v, w in cells)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _minmax_cells(v: np.ndarray, lower_is_better: bool) -> np.ndarray:
-    """Cells mapped by the affine map that sends the layer means' min to 0 and max to 1."""
-    s = -v if lower_is_better else v
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        means = np.nanmean(s, axis=0)
-    got = means[np.isfinite(means)]
-    if got.size == 0:
-        return np.full_like(v, np.nan)
-    lo, hi = float(got.min()), float(got.max())
-    if hi == lo:
-        return np.where(np.isnan(s), np.nan, 1.0)
-    return (s - lo) / (hi - lo)
-
-
-def overall(metrics: Mapping[str, Any], definition: str = "edit-only",
-            weights: Mapping[str, float] | None = None) -> np.ndarray:
-    """The overall score of every cell ``[edits, layers]`` under one definition.
-
-    * a metric's name (``"reliability"``, ``"portability"``, ...): that metric alone.
-    * ``"edit-only"``: the mean of reliability, generalization and locality over those
-      present in the cell (an absent metric is left out, never counted as 0).
-    * ``"weighted"``: gradlocate's capability-aware overall, the weighted mean of the
-      metrics in ``weights`` (default :data:`WEIGHTS`: reliability, generalization,
-      locality, capability, fluency, each 1) present in the cell.
-    * ``"golden-layers"``: each of :data:`GOLDEN_LAYERS_METRICS` present is min-max
-      normalised across the layers (``lm_loss`` negated first), then the cell's mean is
-      taken. The normalisation is the affine map sending the smallest **layer mean** to 0
-      and the largest to 1 (a metric equal at every layer maps to 1), applied to every
-      cell, so the mean over edits of this overall is exactly ``SweepResult.metric
-      ("overall")`` of the sweep's per-layer means (``overall_kind="golden-layers"``); single cells
-      can fall outside ``[0, 1]``.
-      What the paper says: Golden Layers (Datta, Liu & Chhabra, arXiv 2602.20207) judges
-      a layer by the editing metrics of EasyEdit/KnowEdit (rewrite and rephrase accuracy,
-      locality, fluency) reported side by side; the copies of the paper we could read
-      (abstract and introduction) do not define a single normalised overall, so this
-      definition is gradlocate's (``sweep.py``), not a quotation of the paper. Its value
-      depends on which layers are swept, and bootstrap resamples re-normalise.
-
-    Args:
-        metrics: name -> ``[edits, layers]`` (or ``[layers]``, broadcast); NaN = absent.
-        definition: one of :data:`DEFINITIONS` or a key of ``metrics``.
-        weights: for ``"weighted"``: name -> weight (metrics not given are ignored).
-
-    Raises:
-        ValueError: unknown definition, disagreeing shapes, no metric of the definition given.
-
-    Example:
-        >>> rel = [[1.0, 0.0], [1.0, 1.0]]
-        >>> cap = [0.5, 1.0]                       # per layer, broadcast over edits
-        >>> overall({"reliability": rel, "capability": cap}, "weighted").tolist()
-        [[0.75, 0.5], [0.75, 1.0]]
-        >>> overall({"reliability": rel, "lm_loss": [3.0, 2.0]}, "golden-layers").tolist()
-        [[0.5, 0.0], [0.5, 1.0]]
-    """
-    m = _metric_matrices(metrics)
-    if definition in m:
-        return m[definition].copy()
-    if definition == "edit-only":
-        cells = [(m[k], 1.0) for k in EDIT_METRICS if k in m]
-    elif definition == "weighted":
-        w = dict(WEIGHTS if weights is None else weights)
-        cells = [(m[k], float(x)) for k, x in w.items() if k in m and x]
-    elif definition == "golden-layers":
-        cells = [(_minmax_cells(m[k], k in LOWER_IS_BETTER), 1.0) for k in GOLDEN_LAYERS_METRICS if k in m]
-    else:
-        raise ValueError(f"definition must be one of {DEFINITIONS} or a metric given ({sorted(m)}), "
-                         f"got {definition!r}")
-    if not cells:
-        raise ValueError(f"the {definition!r} overall needs at least one of its metrics; got {sorted(m)}")
-    return _weighted_mean(cells)
-
-
-# --------------------------------------------------------------------------- golden layer and own optimum
-
-
-def _layer_means(score: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(score, axis=0)
-
-
-def golden_layer(score: Any, allowed: Any = None) -> int:
-    """The golden layer: the column with the best mean over edits (NaN cells left out),
-    among the ``allowed`` ones (a bool mask ``[layers]`` or column indices, e.g.
-    :attr:`DamageGate.allowed`); ties go to the lowest layer.
-
-    Raises:
-        ValueError: not a 2-d matrix, or no allowed layer with any value.
-
-    Example:
-        >>> golden_layer([[0.2, 0.9, 0.9], [0.4, 0.7, 0.7]])
-        1
-        >>> golden_layer([[0.2, 0.9, 0.9], [0.4, 0.7, 0.7]], allowed=[0, 2])
-        2
-    """
-    s = _matrix(score)
-    means = _layer_means(s)
-    ok = _mask(allowed, s.shape[1]) & np.isfinite(means)
-    if not ok.any():
-        raise ValueError("no allowed layer has a score: every allowed column is NaN (or none is allowed)")
-    return int(np.flatnonzero(ok)[np.argmax(means[ok])])  # argmax: the first of ties
-
-
-@dataclass(repr=False)
-class Optimum(_Result):
-    """Each edit's own best layer (column) and its score there (ties: the lowest layer)."""
-
-    layers: np.ndarray
-    values: np.ndarray
-
-
-def own_optimum(score: Any, allowed: Any = None) -> Optimum:
-    """Each row's own optimum: the allowed column with the row's best score (NaN cells
-    left out; ties go to the lowest layer).
-
-    Raises:
-        ValueError: a row with no score in any allowed layer (the message names it).
-
-    Example:
-        >>> own_optimum([[0.1, 0.5, 0.5], [0.3, 0.3, 0.3], [0.9, float("nan"), 0.2]])
-        Optimum(layers=[1, 0, 0], values=[0.5, 0.3, 0.9])
-    """
-    s = _matrix(score)
-    ok = _mask(allowed, s.shape[1])
-    x = np.where(ok[None, :] & ~np.isnan(s), s, -np.inf)
-    empty = np.flatnonzero(np.isneginf(x).all(axis=1))
-    if empty.size:
-        raise ValueError(f"rows {empty.tolist()[:10]} have no score in any allowed layer (NaN-only rows)")
-    layers = np.argmax(x, axis=1)
-    return Optimum(layers, x[np.arange(len(x)), layers])
-
-
-def selection_gain(score: Any, allowed: Any = None) -> float:
-    """In-sample gain of the own optimum over the golden layer: the mean over rows of
-    (row's best score - its score at the golden layer), rows with a NaN at the golden
-    layer left out. Biased upward by selection (see :func:`null_selection_bias`).
-
-    Example:
-        >>> round(selection_gain([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), 4)
-        0.3333
-    """
-    s = _matrix(score)
-    g = golden_layer(s, allowed)
-    best = own_optimum(s, allowed).values
-    at_g = s[:, g]
-    keep = ~np.isnan(at_g)
-    return float(np.mean(best[keep] - at_g[keep]))
+__all__ = ["held_out_optimum", "null_selection_bias", "paired_tests", "bootstrap", "transfer", "rank_agreement",
+           "HeldOut", "NullBias", "PairedTests", "Bootstrap", "RegretDifference", "Transfer", "RankAgreement"]
 
 
 # --------------------------------------------------------------------------- selection bias
 
 
 @dataclass(repr=False)
-class HeldOut(_Result):
+class HeldOut(Result):
     """The own optimum chosen on one replicate and scored on another.
 
     Attributes:
@@ -376,7 +76,7 @@ def held_out_optimum(select_scores: Any, eval_scores: Any, allowed: Any = None) 
         >>> h.layers.tolist(), round(h.held_out, 3), round(h.in_sample, 3), round(h.gain, 3)
         ([0, 1], 0.65, 0.75, -0.1)
     """
-    a, b = _matrix(select_scores, "select_scores"), _matrix(eval_scores, "eval_scores")
+    a, b = as_matrix(select_scores, "select_scores"), as_matrix(eval_scores, "eval_scores")
     if a.shape != b.shape:
         raise ValueError(f"select_scores {a.shape} and eval_scores {b.shape} must have the same shape")
     layers = own_optimum(a, allowed).layers
@@ -393,7 +93,7 @@ def held_out_optimum(select_scores: Any, eval_scores: Any, allowed: Any = None) 
 
 
 @dataclass(repr=False)
-class NullBias(_Result):
+class NullBias(Result):
     """The own optimum's gain over the golden layer, observed and under the null.
 
     Attributes:
@@ -454,20 +154,20 @@ def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any =
     it measures the bias instead of modelling it; use this when it does not.
 
     Example:
-        >>> rng = np.random.default_rng(0)
+        >>> rng = np.random.defaultrng(0)
         >>> b = null_selection_bias(rng.normal(size=(200, 8)), n=50)
         >>> b.null_mean > 0.5, abs(b.corrected) < 0.3
         (True, True)
     """
-    s = _matrix(score)
+    s = as_matrix(score)
     if n < 1:
         raise ValueError(f"n (null matrices) must be >= 1, got {n}")
     if s.shape[0] < 2:
         raise ValueError(f"the permutation null needs at least 2 rows, got {s.shape[0]}")
     observed = selection_gain(s, allowed)
     col, r = _double_centre(s)
-    rng = _rng(seed)
-    mask = _mask(allowed, s.shape[1])
+    rng = seeded(seed)
+    mask = layer_mask(allowed, s.shape[1])
     gains = np.empty(n)
     for k in range(n):
         perm = np.argsort(rng.random(r.shape), axis=0)  # an independent permutation per column
@@ -476,14 +176,14 @@ def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any =
         gains[k] = selection_gain(null[scored], mask)
     mean = float(gains.mean())
     p = float((1 + np.sum(gains >= observed - 1e-12)) / (1 + n))
-    return NullBias(observed, mean, _interval(gains, level), observed - mean, p, n)
+    return NullBias(observed, mean, interval(gains, level), observed - mean, p, n)
 
 
 # --------------------------------------------------------------------------- paired tests
 
 
 @dataclass(repr=False)
-class PairedTests(_Result):
+class PairedTests(Result):
     """Paired comparisons of ``a`` and ``b`` (two-sided).
 
     Attributes:
@@ -516,7 +216,7 @@ def _sign_flip_p(d: np.ndarray, n_permutations: int, seed: int, exact_max: int) 
     if len(d) <= exact_max:
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
         return float(np.mean(np.abs(signs @ d / len(d)) >= obs - tol)), True
-    signs = _rng(seed).choice((1.0, -1.0), size=(n_permutations, len(d)))
+    signs = seeded(seed).choice((1.0, -1.0), size=(n_permutations, len(d)))
     hits = int(np.sum(np.abs(signs @ d / len(d)) >= obs - tol))
     return (1 + hits) / (1 + n_permutations), False
 
@@ -540,7 +240,7 @@ def paired_tests(a: Any, b: Any, *, n_permutations: int = 10000, seed: int = 0, 
         >>> r.n, r.n_zero, round(r.mean_diff, 3), r.exact, round(r.p_permutation, 4)
         (5, 1, 0.24, True, 0.125)
     """
-    x, y = _matrix(a, "a", ndim=1), _matrix(b, "b", ndim=1)
+    x, y = as_matrix(a, "a", ndim=1), as_matrix(b, "b", ndim=1)
     if x.shape != y.shape:
         raise ValueError(f"a and b must pair up: lengths {x.size} and {y.size}")
     keep = ~np.isnan(x) & ~np.isnan(y)
@@ -566,7 +266,7 @@ def paired_tests(a: Any, b: Any, *, n_permutations: int = 10000, seed: int = 0, 
 
 
 @dataclass(repr=False)
-class RegretDifference(_Result):
+class RegretDifference(Result):
     """Paired bootstrap of ``regret(a) - regret(b)``: both regrets on the **same** resamples.
 
     The resample's golden layer cancels, so this is the difference of the two chosen layers'
@@ -592,7 +292,7 @@ class RegretDifference(_Result):
 
 
 @dataclass(repr=False)
-class Bootstrap(_Result):
+class Bootstrap(Result):
     """Edits resampled with replacement, jointly across every metric matrix.
 
     Attributes:
@@ -638,7 +338,7 @@ def _summary(metrics: dict[str, np.ndarray], definition: str, weights: Any, allo
              chosen: Mapping[str, int]) -> tuple[int, np.ndarray, float, np.ndarray]:
     """(golden, layer means, best mean, regret per chosen layer) of one (re)sample."""
     s = overall(metrics, definition, weights)
-    means = _layer_means(s)
+    means = layer_means(s)
     g = golden_layer(s, allowed)
     regrets = np.array([means[g] - means[c] for c in chosen.values()])
     return g, means, float(means[g]), regrets
@@ -676,23 +376,23 @@ def bootstrap(metrics: Mapping[str, Any], definition: str = "edit-only", *, weig
     bad = {k: v for k, v in chosen.items() if not 0 <= int(v) < n_layers}
     if bad:
         raise ValueError(f"selectors {bad}: layer indices must be in 0..{n_layers - 1}")
-    mask = _mask(allowed, n_layers)
+    mask = layer_mask(allowed, n_layers)
     g0, means0, best0, reg0 = _summary(m, definition, weights, mask, chosen)
-    rng = _rng(seed)
+    rng = seeded(seed)
     goldens, means, bests, regs = np.empty(n, int), np.empty((n, n_layers)), np.empty(n), np.empty((n, len(chosen)))
     for k in range(n):
         rows = rng.integers(0, n_rows, n_rows)
         goldens[k], means[k], bests[k], regs[k] = _summary({a: v[rows] for a, v in m.items()}, definition,
                                                            weights, mask, chosen)
-    lohi = np.array([_interval(means[:, l], level) for l in range(n_layers)])
+    lohi = np.array([interval(means[:, l], level) for l in range(n_layers)])
     freq = np.bincount(goldens, minlength=n_layers) / n
-    regret = {name: (float(reg0[j]), *_interval(regs[:, j], level)) for j, name in enumerate(chosen)}
+    regret = {name: (float(reg0[j]), *interval(regs[:, j], level)) for j, name in enumerate(chosen)}
     diffs = {}
     for (i, a), (j, b) in itertools.combinations(enumerate(chosen), 2):
         d = regs[:, i] - regs[:, j]
-        diffs[f"{a} - {b}"] = RegretDifference(a, b, float(reg0[i] - reg0[j]), *_interval(d, level),
+        diffs[f"{a} - {b}"] = RegretDifference(a, b, float(reg0[i] - reg0[j]), *interval(d, level),
                                                float(np.mean(d < 0)), float(np.mean(d > 0)))
-    return Bootstrap(g0, freq, float(freq[g0]), means0, lohi[:, 0], lohi[:, 1], best0, _interval(bests, level),
+    return Bootstrap(g0, freq, float(freq[g0]), means0, lohi[:, 0], lohi[:, 1], best0, interval(bests, level),
                      regret, diffs, n, level)
 
 
@@ -700,7 +400,7 @@ def bootstrap(metrics: Mapping[str, Any], definition: str = "edit-only", *, weig
 
 
 @dataclass(repr=False)
-class Transfer(_Result):
+class Transfer(Result):
     """Proxy -> test transfer of the golden layer over random splits of the edits.
 
     Attributes:
@@ -736,7 +436,7 @@ def _splits(s: np.ndarray, n_proxy: int, n_splits: int, rng: np.random.Generator
         order = rng.permutation(len(s))
         proxy, test = s[order[:n_proxy]], s[order[n_proxy:]]
         picks[k], g_test = golden_layer(proxy, mask), golden_layer(test, mask)
-        tm = _layer_means(test)
+        tm = layer_means(test)
         agree[k], regret[k] = picks[k] == g_test, tm[g_test] - tm[picks[k]]
     return agree, regret, picks
 
@@ -764,14 +464,14 @@ def transfer(score: Any, n_proxy: int, n_splits: int = 200, seed: int = 0, allow
         >>> t.agreement, t.regret_mean, t.proxy_freq.tolist()
         (1.0, 0.0, [0.0, 1.0, 0.0])
     """
-    s = _matrix(score)
+    s = as_matrix(score)
     n_rows, n_layers = s.shape
     if not 1 <= n_proxy < n_rows:
         raise ValueError(f"n_proxy must be in 1..{n_rows - 1} (the test split needs an edit), got {n_proxy}")
     if n_splits < 1 or n_null < 0:
         raise ValueError(f"n_splits must be >= 1 and n_null >= 0, got {n_splits} and {n_null}")
-    mask = _mask(allowed, n_layers)
-    rng = _rng(seed)
+    mask = layer_mask(allowed, n_layers)
+    rng = seeded(seed)
     agree, regret, picks = _splits(s, n_proxy, n_splits, rng, mask)
     null = []
     for _ in range(n_null):
@@ -781,7 +481,7 @@ def transfer(score: Any, n_proxy: int, n_splits: int = 200, seed: int = 0, allow
         null.append(_splits(shuffled, n_proxy, n_splits, rng, mask)[0].mean())
     rate = float(agree.mean())
     p = float((1 + sum(x >= rate - 1e-12 for x in null)) / (1 + n_null)) if null else math.nan
-    return Transfer(rate, float(np.nanmean(regret)), _interval(regret, level),
+    return Transfer(rate, float(np.nanmean(regret)), interval(regret, level),
                     np.bincount(picks, minlength=n_layers) / n_splits, float(np.mean(null)) if null else math.nan,
                     p, n_proxy, n_rows - n_proxy, n_splits)
 
@@ -790,7 +490,7 @@ def transfer(score: Any, n_proxy: int, n_splits: int = 200, seed: int = 0, allow
 
 
 @dataclass(repr=False)
-class RankAgreement(_Result):
+class RankAgreement(Result):
     """Rank correlations of a selector's per-layer scores with the truth (the sweep's
     per-layer overall), over all layers and over the selector's allowed layers."""
 
@@ -824,100 +524,10 @@ def rank_agreement(selector_scores: Any, truth: Any, allowed: Any = None) -> Ran
         >>> round(r.spearman, 3), r.spearman_allowed, r.n_allowed
         (0.4, 1.0, 3)
     """
-    x, y = _matrix(selector_scores, "selector_scores", ndim=1), _matrix(truth, "truth", ndim=1)
+    x, y = as_matrix(selector_scores, "selector_scores", ndim=1), as_matrix(truth, "truth", ndim=1)
     if x.shape != y.shape:
         raise ValueError(f"selector_scores and truth need one value per layer each: {x.size} vs {y.size}")
-    m = _mask(allowed, x.size)
+    m = layer_mask(allowed, x.size)
     return RankAgreement(*_ranks(x, y), *_ranks(x[m], y[m]))
 
 
-# --------------------------------------------------------------------------- damage gate
-
-
-@dataclass(repr=False)
-class DamageGate(_Result):
-    """Which layers' edits cost more capability than allowed.
-
-    Attributes:
-        allowed: per layer, not damaging (pass it to :func:`golden_layer` and friends).
-        damaging: the damaging layers' indices.
-        values: the per-layer value judged (mean over edits of a per-cell matrix).
-        threshold, higher_is_better: the rule.
-    """
-
-    allowed: np.ndarray
-    damaging: list[int]
-    values: np.ndarray
-    threshold: float
-    higher_is_better: bool
-
-
-def damage_gate(capability: Any, threshold: float, higher_is_better: bool = True) -> DamageGate:
-    """Flag layers whose edits damage the model: with ``higher_is_better`` (a capability
-    score, e.g. held-out perplexity before / after) a layer is damaging when its value
-    is below ``threshold``; otherwise (a cost, e.g. the held-out LM loss rise in nats) when
-    it is above. ``capability`` is per layer ``[layers]`` or per cell ``[edits, layers]``
-    (judged on the mean over edits). A layer with no value is not flagged.
-
-    Example:
-        >>> g = damage_gate([0.99, 0.60, 0.97], threshold=0.9)
-        >>> g.damaging, g.allowed.tolist()
-        ([1], [True, False, True])
-        >>> damage_gate([[0.05, 0.6], [0.15, 0.2]], threshold=0.3, higher_is_better=False).damaging
-        [1]
-    """
-    c = np.array(capability, dtype=np.float64)
-    if c.ndim not in (1, 2) or c.size == 0:
-        raise ValueError(f"capability must be [layers] or [edits, layers], got shape {c.shape}")
-    if not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
-    v = _layer_means(c) if c.ndim == 2 else c
-    bad = (v < threshold) if higher_is_better else (v > threshold)
-    bad &= np.isfinite(v)
-    return DamageGate(~bad, np.flatnonzero(bad).tolist(), v, float(threshold), bool(higher_is_better))
-
-
-# --------------------------------------------------------------------------- layer effect
-
-
-@dataclass(repr=False)
-class LayerEffect(_Result):
-    """Whether a per-cell measure differs between layers (Friedman's rank test, edits as blocks).
-
-    Attributes:
-        statistic, p_value: Friedman's chi-square and its p-value (NaN when fewer than 2
-            complete edits or 3 layers).
-        n_edits: edits with a value at every layer (the blocks tested).
-        n_layers: layers (the treatments).
-        spread: max - min of the per-layer means over those edits (the measure's units).
-    """
-
-    statistic: float
-    p_value: float
-    n_edits: int
-    n_layers: int
-    spread: float
-
-
-def layer_effect(cells: Any) -> LayerEffect:
-    """Friedman's test of "no difference between layers" on ``cells [edits, layers]``
-    (e.g. the held-out loss change of the capability subsample), over the edits with a
-    value at every layer. A min-max normalised overall (``golden-layers``) stretches a
-    metric's spread to ``[0, 1]`` whatever its size; a large ``p_value`` says the
-    stretched differences are noise.
-
-    Example:
-        >>> e = layer_effect([[0.0, 1.0, 2.0], [0.1, 1.1, 2.1], [0.2, 1.2, 2.2]])
-        >>> round(e.p_value, 4), e.n_edits, round(e.spread, 3)
-        (0.0498, 3, 2.0)
-    """
-    c = _matrix(cells, "cells")
-    done = c[np.isfinite(c).all(axis=1)]
-    n, k = done.shape
-    if n < 2 or k < 3:
-        return LayerEffect(float("nan"), float("nan"), int(n), int(k), float("nan"))
-    spread = float(np.ptp(done.mean(axis=0)))
-    if np.all(done == done[:, :1]):  # no layer differs from another in any edit: no ranks to test
-        return LayerEffect(0.0, 1.0, int(n), int(k), spread)
-    res = sps.friedmanchisquare(*done.T)
-    return LayerEffect(float(res.statistic), float(res.pvalue), int(n), int(k), spread)
