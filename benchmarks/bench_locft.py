@@ -192,8 +192,8 @@ def speed(model, tok, edits, layer, batch_size, epochs, reps):
                 plain_locft(model, tok, edits, layer, lr=5e-4, batch_size=batch_size, epochs=epochs, seed=0,
                             threshold=0.0, epoch_times=stamps)
             else:
-                def stamp(epoch, batch, loss):
-                    if batch == n_batches - 1:
+                def stamp(step):
+                    if step.batch == n_batches - 1:
                         stamps.append((time.perf_counter(), time.process_time()))
 
                 ft = LocFTBF(model, layer, edits_per_step=batch_size, epochs=epochs, loss_threshold=0.0,

@@ -172,7 +172,7 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
     """The batch regime beside the matrix: the test edits edited together at each layer,
     its golden layer per definition (bootstrap over edits, damage-gated like the matrix),
     and what the single-edit golden layer costs the batch (its regret)."""
-    from gradlocate import stats
+    from gradlocate.golden import arrays, inference, scores
 
     recs = batch_records(folder)
     if not recs:
@@ -184,7 +184,7 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
                        for r in recs])
     if np.isfinite(change).all():
         metrics["capability"], metrics["lm_loss"] = np.exp(-change), change
-    gate = stats.damage_gate(change, threshold, higher_is_better=False)
+    gate = scores.damage_gate(change, threshold, higher_is_better=False)
     n_edits = next(iter(metrics.values())).shape[0]
     state = "complete" if len(layers) == n_layers else f"**partial**: {len(layers)} of {n_layers} layers"
     per_step = recs[0].train.get("edits_per_step")
@@ -195,12 +195,12 @@ def batch_section(folder: Path, j: Judgment, n_layers: int, threshold: float, n_
            f"negative where the single-edit golden layer is damaging in the batch):", "",
            "| definition | batch golden | P(golden) | best mean [CI] | single-edit golden | batch regret there [CI] |",
            "|---|---:|---:|---:|---:|---:|"]
-    for d in [k for k in ("reliability", "generalization", "locality") if k in metrics] + list(stats.DEFINITIONS):
+    for d in [k for k in ("reliability", "generalization", "locality") if k in metrics] + list(scores.DEFINITIONS):
         if d not in j.definitions:
             continue
         single = j.definitions[d].golden
         sel = {"single": layers.index(single)} if single in layers else {}
-        b = stats.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0, selectors=sel)
+        b = inference.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0, selectors=sel)
         reg = b.regret.get("single")
         there = f"{reg[0]:.3f} [{reg[1]:.3f}, {reg[2]:.3f}]" if reg else "not swept"
         if single in layers and not gate.allowed[layers.index(single)]:
@@ -232,13 +232,13 @@ def growth_section(m: Any, first: int, threshold: float) -> str:
     repeats. Damage-gated like the judgment; "golden-layers" is normalised on each half."""
     from scipy.stats import spearmanr
 
-    from gradlocate import stats
+    from gradlocate.golden import arrays, inference, scores
     from gradlocate.golden.judge import default_definitions, matrix_metrics
 
     if not first < m.n_edits or len(m.layers) < 2:
         return ""
     halves = {"first": np.arange(first), "new": np.arange(first, m.n_edits), "all": np.arange(m.n_edits)}
-    gate = stats.damage_gate(m.capability, threshold, higher_is_better=False)
+    gate = scores.damage_gate(m.capability, threshold, higher_is_better=False)
     out = ["", f"**Growth check** ({m.n_edits - first} edits added to the first {first}; the judgment above "
            f"still uses the first {first}). Over the {len(m.layers)} layers every one of the {m.n_edits} edits "
            f"has ({', '.join(map(str, m.layers))}), the best layer of each half by definition, its mean, and "
@@ -250,11 +250,11 @@ def growth_section(m: Any, first: int, threshold: float) -> str:
     for d in default_definitions(m):
         means = {}
         for name, rows in halves.items():
-            score = stats.overall(matrix_metrics(m, rows), d)
+            score = scores.overall(matrix_metrics(m, rows), d)
             means[name] = np.nanmean(score, 0)
         cells = []
         for name in halves:
-            k = stats.golden_layer(means[name][None], gate.allowed)
+            k = scores.golden_layer(means[name][None], gate.allowed)
             cells.append(f"{m.layers[k]} ({means[name][k]:.3f})")
         rho = spearmanr(means["first"], means["new"]).statistic
         out.append(f"| {d} | " + " | ".join(cells) + f" | {_f(rho, 2)} |")
@@ -295,7 +295,7 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
     the edits and layers every one of them has (all shared rows: no selector is judged
     here), with convergence and the worst held-out loss change. A golden layer that moves
     with the regime is a statement about the regime."""
-    from gradlocate import stats
+    from gradlocate.golden import arrays, inference, scores
     from gradlocate.golden.judge import matrix_metrics
 
     groups: dict[tuple[str, str], list[tuple[str, dict[str, Any], Any]]] = {}
@@ -309,7 +309,7 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
         layers = [l for l in group[0][2].layers if all(l in m.layers for _, _, m in group)]
         if len(ids) < 2 or len(layers) < 2:
             continue
-        defs = ["reliability", "generalization", "locality", *stats.DEFINITIONS]
+        defs = ["reliability", "generalization", "locality", *scores.DEFINITIONS]
         out += [f"### Regimes side by side: {model}, {data}", "",
                 f"The same {len(ids)} edits (every edit the folders share, proxy and test alike) at the "
                 f"{len(layers)} layers every folder has ({layer_span(layers)}); golden layer per definition, "
@@ -322,14 +322,14 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
             cols = [m.layers.index(l) for l in layers]
             metrics = {k: (v[:, cols] if v.ndim == 2 else v[cols]) for k, v in matrix_metrics(m, rows).items()}
             change = metrics.get("lm_loss")
-            gate = stats.damage_gate(change if change is not None else np.full(len(cols), np.nan), threshold,
+            gate = scores.damage_gate(change if change is not None else np.full(len(cols), np.nan), threshold,
                                      higher_is_better=False)
             conv = m.train["converged"][np.ix_(rows, cols)] if "converged" in m.train else np.full(1, np.nan)
             worst = "n/a" if change is None else f"{np.nanmax(change):+.3f} ({layers[int(np.nanargmax(change))]})"
             goldens = []
             for d in defs:
                 try:
-                    b = stats.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0)
+                    b = inference.bootstrap(metrics, d, allowed=gate.allowed, n=n_boot, seed=0)
                     goldens.append(f"{layers[b.golden]} ({b.p_golden:.2f})")
                 except ValueError:
                     goldens.append("n/a")

@@ -73,7 +73,7 @@ _MOVED = {
     "per_sample_inner_products": "gradients", "greedy_answers": "selectors", "adaptive_min_layer": "selectors",
     "tukey_fences": "selectors", "TukeyFences": "selectors", "embedding_std": "trace.core",
     "subject_token_range": "trace.core", "LocalityReference": "evaluation", "locality_reference": "evaluation",
-    "LayerRecord": "golden.sweep", "overall_score": "golden.sweep", "SelectorRow": "golden.compare",
+    "LayerRecord": "golden.sweep", "SelectorRow": "golden.compare",
     "split_edits": "golden.compare", "StudyRow": "golden.study", "check_materialized": "state",
 }
 #: Old names of public types.

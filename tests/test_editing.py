@@ -321,8 +321,8 @@ def test_context_manager_restores_and_commit_keeps(gpt2):
 def test_exception_during_fit_restores(gpt2, exc):
     model, _ = gpt2
 
-    def callback(epoch, batch, loss):
-        if epoch == 1 and batch == 1:
+    def callback(step):
+        if step.epoch == 1 and step.batch == 1:
             raise exc
 
     before = _tensors(model)

@@ -10,7 +10,7 @@ import torch
 from gradlocate.editors.locft import LocFTBF
 from gradlocate.evaluation import evaluate
 from gradlocate.models import tiny
-from gradlocate.golden.sweep import SweepResult, overall_score, sweep
+from gradlocate.golden.sweep import SweepResult, sweep
 
 EDITS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "rephrase_prompt": "France's capital city is",
@@ -48,10 +48,10 @@ def test_sweep_metrics_golden_and_restore(model):
         ev = evaluate(model, EDITS, pre=pre, generation=False)
     assert res.at(2).teacher_forced == ev.teacher_forced
     # Overall = mean of reliability, generalization and locality; golden = its argmax.
-    for r in res.records:
+    edit_only = res.with_overall("edit-only").overall
+    for r, got in zip(res.records, edit_only):
         tf = r.teacher_forced
-        expect = (tf["reliability"] + tf["generalization"] + tf["locality"]) / 3
-        assert overall_score(tf) == pytest.approx(expect)
+        assert got == pytest.approx((tf["reliability"] + tf["generalization"] + tf["locality"]) / 3)
     ov = res.overall
     assert res.golden == res.layers[max(range(len(ov)), key=lambda i: (ov[i], -i))]
     assert set(res.best_layers()) >= {"reliability", "generalization", "locality", "overall"}
@@ -82,7 +82,7 @@ def test_interrupted_sweep_restores_and_resumes(model, tmp_path):
     before = _state(model)
     calls = {"n": 0}
 
-    def boom(epoch, batch, loss):
+    def boom(step):
         calls["n"] += 1
         if calls["n"] > 14:  # 3 edits x 4 epochs = 12 steps for layer 0: this is layer 1
             raise KeyboardInterrupt

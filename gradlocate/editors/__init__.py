@@ -39,8 +39,8 @@ from gradlocate.editors.protocol import EditorSpec
 from gradlocate.editors.settings import Settings
 from gradlocate.handles import Handles
 
-__all__ = ["DEFAULT_EDITOR", "registry", "spec", "names", "settings_for", "make", "per_edit_deltas", "prepare",
-           "editor_class"]
+__all__ = ["DEFAULT_EDITOR", "registry", "spec", "names", "settings_for", "split_settings", "make", "per_edit_deltas",
+           "prepare", "editor_class"]
 
 DEFAULT_EDITOR = "locft"
 _REGISTRY: dict[str, EditorSpec] = {}
@@ -92,6 +92,25 @@ def settings_for(name: str, values: Settings | Mapping[str, Any] | None = None) 
             raise TypeError(f"{spec(name).label} takes {cls.__name__}, got {type(values).__name__}")
         return values
     return cls.from_dict(values)
+
+
+def split_settings(name: str, values: Settings | Mapping[str, Any] | None) -> tuple[Settings, dict[str, Any]]:
+    """Editor ``name``'s settings from ``values``, and what is left over: a dict may mix
+    settings with the editor's runtime arguments (``progress``, ``callback``, ``covariance``),
+    which are returned apart (the editor refuses any it does not take).
+
+    Example:
+        >>> s, rest = split_settings("locft", {"lr": 1e-3, "progress": False})
+        >>> s.lr, rest
+        (0.001, {'progress': False})
+    """
+    if values is None or isinstance(values, Settings):
+        return settings_for(name, values), {}
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{spec(name).label}'s settings: give a Settings object or a dict, got {type(values).__name__}")
+    known = set(spec(name).settings().to_dict())
+    return (settings_for(name, {k: v for k, v in values.items() if k in known}),
+            {k: v for k, v in values.items() if k not in known})
 
 
 def editor_class(name: str) -> type:

@@ -313,7 +313,7 @@ class LocFTBF(InPlaceEdit):
                 _step(run.opt, run.master, self.handle.parameter)
                 taken += 1
             if self.callback is not None:
-                self.callback(TrainStep(run.counted, value, epoch=epoch))
+                self.callback(TrainStep(run.counted, value, epoch=epoch, batch=i))
             run.counted += 1
         run.history.append(total / n)
         run.steps.append(taken)

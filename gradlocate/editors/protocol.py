@@ -48,12 +48,14 @@ class TrainStep:
             across epochs, the rank-one editors count v* steps of one edit).
         loss: the loss before the step (LocFT-BF: the mini-batch's mean; v*: the total).
         epoch: LocFT-BF's epoch (``None`` for the rank-one editors).
+        batch: LocFT-BF's mini-batch within its epoch.
         edit: the rank-one editors' edit (its index in the list given to ``fit``).
     """
 
     step: int
     loss: float
     epoch: int | None = None
+    batch: int | None = None
     edit: int | None = None
 
 

@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import html
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from gradlocate.data import as_edits
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.results import LayerScores
+from gradlocate.golden.folder import proxy_split
+from gradlocate.golden.inference import rank_agreement
 from gradlocate.golden.sweep import OVERALL_METRICS, SweepResult, sweep as run_sweep
 
 __all__ = ["compare", "Comparison", "SelectorRow", "split_edits", "SELECTORS", "spearman", "run_selector"]
@@ -49,8 +52,8 @@ SELECTORS = ("gradratio", "lga", "cma")
 
 
 def split_edits(edits: Sequence[Any], proxy: float = 0.1, seed: int = 0) -> tuple[list[Any], list[Any]]:
-    """Shuffle with ``seed`` and split into (proxy, test): ``max(1, round(proxy * n))``
-    proxy edits, the rest for testing (at least one).
+    """(proxy, test) edits under the proxy rule (:func:`gradlocate.golden.folder.proxy_split`)
+    with a fraction: ``max(1, round(proxy * n))`` proxy edits (at most ``n - 2``).
 
     Example:
         >>> p, t = split_edits(list(range(10)), proxy=0.2)
@@ -59,24 +62,22 @@ def split_edits(edits: Sequence[Any], proxy: float = 0.1, seed: int = 0) -> tupl
     """
     if isinstance(proxy, bool) or not isinstance(proxy, (int, float)) or not 0 < proxy < 1:
         raise ValueError(f"proxy must be a fraction in (0, 1), got {proxy!r}")
-    if len(edits) < 2:
-        raise ValueError(f"a proxy/test split needs at least 2 edits, got {len(edits)}")
-    idx = list(range(len(edits)))
-    random.Random(seed).shuffle(idx)
-    k = min(len(edits) - 1, max(1, round(proxy * len(edits))))
-    return [edits[i] for i in idx[:k]], [edits[i] for i in idx[k:]]
+    if len(edits) < 3:
+        raise ValueError(f"a proxy/test split needs at least 3 edits (1 proxy, 2 test), got {len(edits)}")
+    k = min(len(edits) - 2, max(1, round(proxy * len(edits))))
+    rows, test = proxy_split(len(edits), k, seed)
+    return [edits[i] for i in rows], [edits[i] for i in test]
 
 
 def spearman(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
-    """Spearman rank correlation (``scipy.stats.spearmanr``); ``None`` for fewer than 3
-    points or a constant series."""
-    from scipy.stats import spearmanr
-
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None
-             and not (isinstance(x, float) and math.isnan(x)) and not (isinstance(y, float) and math.isnan(y))]
-    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+    """Spearman's rank correlation (:func:`gradlocate.golden.inference.rank_agreement`);
+    ``None`` for fewer than 3 points or a constant series."""
+    x = np.array([math.nan if v is None else v for v in a], dtype=float)
+    y = np.array([math.nan if v is None else v for v in b], dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or len(set(x[keep])) < 2 or len(set(y[keep])) < 2:
         return None
-    rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+    rho = rank_agreement(x[keep], y[keep]).spearman
     return None if math.isnan(rho) else float(rho)
 
 
@@ -199,7 +200,7 @@ class Comparison:
 
 def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None,
             selectors: Sequence[str] = SELECTORS, sweep: SweepResult | None = None, proxy: float = 0.1,
-            seed: int = 0, layers: Sequence[int] | None = None, trainer: dict[str, Any] | None = None,
+            seed: int = 0, layers: Sequence[int] | None = None, trainer: Any = None,
             editor: str = "locft",
             out: str | None = None, generation: bool = True, scoring: str = "teacher_forced",
             selector_kwargs: dict[str, dict[str, Any]] | None = None, progress: bool | None = None) -> Comparison:
@@ -214,7 +215,7 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
         sweep: a finished sweep on the test edits to reuse (else one is run over
             ``layers`` plus every selected layer).
         layers: the sweep's candidate layer indices (default: all).
-        trainer: the editor's keyword arguments for the sweep.
+        trainer: the editor's settings for the sweep (a Settings object or a dict, as :func:`~gradlocate.golden.sweep.sweep`).
         editor: the sweep's editor (``"locft"``, ``"rome"``, ``"r-rome"``, ``"emmet"``).
         out: JSONL file for the sweep (resumable).
         selector_kwargs: per-selector keyword arguments, e.g. ``{"cma": {"samples": 5}}``.
@@ -223,7 +224,7 @@ def compare(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None
     Returns:
         :class:`Comparison`; a selector that fails on this data gets a row with its error.
     """
-    require_gradients("compare (its sweep trains LocFT-BF at every layer)")
+    require_gradients("compare (its sweep edits at every layer)")
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"unknown selectors {unknown}: choose from {SELECTORS}" if unknown else "no selectors given")

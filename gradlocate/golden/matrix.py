@@ -64,7 +64,8 @@ from gradlocate.golden.table import MATRIX_METRICS, TRAIN_FIELDS, Matrix, _nan_t
 from gradlocate.golden.folder import Manifest, StudyFolder, _edit_rows
 from gradlocate.golden.store import Fingerprint, RecordStore, digest, relative_path
 
-__all__ = ["matrix", "Matrix", "MATRIX_METRICS", "edit_id", "score_per_sample"]
+__all__ = ["matrix", "Matrix", "MATRIX_METRICS", "edit_id", "score_per_sample", "folder_manifest",
+           "regime_fingerprint"]
 
 #: Bumped whenever a cell metric's definition changes, so stored cells are never mixed across two.
 METRICS_VERSION = 1
@@ -146,8 +147,8 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
            layers: Sequence[int] | None = None, out: str | os.PathLike[str] | None = None,
            seeds: Sequence[int] | None = None, chunk: int = 32, capability_edits: int = 8, tokenizer: Any = None,
            shard: str = "records", engine: str = "local", address: str | None = None, workers: int | None = None,
-           model_spec: str | None = None, n_proxy: int | None = None, progress: bool | None = None,
-           **runtime: Any) -> Matrix:
+           model_spec: str | None = None, n_proxy: int | None = None, proxy_seed: int = 0,
+           progress: bool | None = None, **runtime: Any) -> Matrix:
     """Edit every edit alone at every layer with ``editor``; score every cell.
 
     Args:
@@ -175,15 +176,17 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
         workers: Ray workers on a local instance (default: every core).
         model_spec: what :func:`~gradlocate.models.load_model` takes to load this model again
             (written to a folder's manifest, so ``gradlocate report`` can run the selectors).
-        n_proxy: the folder's proxy rule (default: a quarter of the edits).
+        n_proxy, proxy_seed: the folder's proxy rule (:func:`~gradlocate.golden.folder.proxy_split`;
+            default: a quarter of the edits, seed 0).
         progress: a progress bar over jobs (``None``: on a terminal only).
         runtime: the editor's non-setting arguments (e.g. a precomputed ``covariance``).
 
     Returns:
         :class:`Matrix` of the first seed (the others: :meth:`StudyFolder.load` with ``seed=``).
     """
-    plan = _plan(model, edits, editor, hparams, layers, out, seeds, chunk, capability_edits, tokenizer, shard,
-                 model_spec, n_proxy, runtime)
+    plan = _plan(model, edits, editor, hparams, layers, seeds, chunk, capability_edits, tokenizer, runtime)
+    if out is not None:
+        _open_store(plan, out, shard, model_spec, n_proxy, proxy_seed)
     done = plan.store.read() if plan.store is not None else {}
     cells = {(r["edit"], r["layer"], r.get("seed", plan.seeds[0])): r for r in done.values()}
     errors = _fill(plan, cells, progress, engine, address, workers)
@@ -196,9 +199,9 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
 
 
 def _plan(model: Any, edits: Any, editor: str, hparams: Settings | dict[str, Any] | None,
-          layers: Sequence[int] | None, out: Any, seeds: Sequence[int] | None, chunk: int, capability_edits: int,
-          tokenizer: Any, shard: str, model_spec: str | None, n_proxy: int | None, runtime: dict[str, Any]) -> _Plan:
-    """Check the arguments, resolve the model, and open the store with its fingerprint."""
+          layers: Sequence[int] | None, seeds: Sequence[int] | None, chunk: int, capability_edits: int,
+          tokenizer: Any, runtime: dict[str, Any]) -> _Plan:
+    """Check the arguments (before anything runs) and resolve the model."""
     require_gradients("matrix (it edits every edit at every layer)")
     for name, v, low in (("chunk", chunk, 1), ("capability_edits", capability_edits, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -212,11 +215,8 @@ def _plan(model: Any, edits: Any, editor: str, hparams: Settings | dict[str, Any
     seed_list = _seeds(seeds, settings)
     make(name, h, cand[0], settings, progress=False)  # bad settings fail before anything runs
     texts = heldout_texts()  # also when no cell measures capability: one fingerprint for all runs
-    plan = _Plan(h, edits, [edit_id(e) for e in edits], cand, name, settings, seed_list, texts,
+    return _Plan(h, edits, [edit_id(e) for e in edits], cand, name, settings, seed_list, texts,
                  min(capability_edits, len(edits)), None, chunk, dict(runtime))
-    if out is not None:
-        _open_store(plan, out, shard, model_spec, n_proxy)
-    return plan
 
 
 def _seeds(seeds: Sequence[int] | None, settings: Settings) -> list[int]:
@@ -227,23 +227,36 @@ def _seeds(seeds: Sequence[int] | None, settings: Settings) -> list[int]:
     return got
 
 
-def _open_store(plan: _Plan, out: Any, shard: str, model_spec: str | None, n_proxy: int | None) -> None:
+def regime_fingerprint(editor: str, settings: Settings) -> dict[str, Any]:
+    """What a cell's editor fingerprint digests: the editor and every setting but the
+    replicate seed (the cells of every seed of one regime share it)."""
+    return {"name": editor, "hparams": {k: v for k, v in settings.to_dict().items() if k != "seed"}}
+
+
+def folder_manifest(h: Handles, edits: Edits, editor: str, settings: Settings, seeds: list[int],
+                    model_spec: str | None = None, n_proxy: int | None = None, proxy_seed: int = 0) -> Manifest:
+    """The manifest of a study folder for these edits, model and regime."""
+    return Manifest(
+        model={"spec": model_spec, "class": type(h.root).__name__, "n_layers": h.n_layers, "identity": model_identity(h)},
+        edits=_edit_rows(edits), data={"source": edits.source, "sample": edits.sample},
+        regime={"editor": editor, "settings": settings.to_dict(), "seeds": list(seeds),
+                "fingerprint": regime_fingerprint(editor, settings)},
+        proxy={"n_proxy": n_proxy, "seed": proxy_seed}, created_by=f"gradlocate {_version()}")
+
+
+def _open_store(plan: _Plan, out: Any, shard: str, model_spec: str | None, n_proxy: int | None,
+                proxy_seed: int) -> None:
     """The record store of ``out``: a study folder's ``cells/`` (the folder made, or checked to
     hold this study), or a ``.jsonl`` file; every record fingerprinted by the model, the
-    regime (the settings but the replicate seed) and the metric definitions."""
-    regime = {"name": plan.editor, "hparams": {k: v for k, v in plan.settings.to_dict().items() if k != "seed"}}
-    base = Fingerprint.of({"model": model_identity(plan.h), "editor": regime,
+    regime and the metric definitions."""
+    base = Fingerprint.of({"model": model_identity(plan.h), "editor": regime_fingerprint(plan.editor, plan.settings),
                            "metrics": {"version": METRICS_VERSION, "capability_texts": plan.texts}})
     expected = lambda key: Fingerprint({**base.parts, "cell": digest(key)})  # noqa: E731
     if str(out).endswith(".jsonl"):
         plan.store = RecordStore(out, expected, shard=shard)
         return
-    manifest = Manifest(
-        model={"spec": model_spec, "class": type(plan.h.root).__name__, "n_layers": plan.h.n_layers,
-               "identity": model_identity(plan.h)},
-        edits=_edit_rows(plan.edits), data={"source": plan.edits.source, "sample": getattr(plan.edits, "sample", None)},
-        regime={"editor": plan.editor, "settings": plan.settings.to_dict(), "seeds": plan.seeds, "fingerprint": regime},
-        proxy={"n_proxy": n_proxy, "seed": 0}, layers=None, created_by=f"gradlocate {_version()}")
+    manifest = folder_manifest(plan.h, plan.edits, plan.editor, plan.settings, plan.seeds, model_spec, n_proxy,
+                               proxy_seed)
     plan.folder = StudyFolder.bind(out, manifest)
     plan.store = RecordStore(plan.folder.cells_dir, expected, shard=shard)
 

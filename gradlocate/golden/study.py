@@ -1,20 +1,23 @@
-"""The golden-layer study on one instrument: the single-edit matrix.
+"""The golden-layer study on one instrument: the single-edit matrix, in one study folder.
 
 :func:`study` answers "which layer should I edit, and which selector finds it?" on one
-model and edit set, every number from the same :class:`~gradlocate.golden.matrix.Matrix`
+model and edit set, every number from the same :class:`~gradlocate.golden.table.Matrix`
 (every edit edited alone at every layer), in short stages, each returning a typed part:
 
-1. :func:`split_rows` - a seeded split of the edits into **proxy** rows (the selectors
-   see only these) and **test** rows;
-2. :func:`select` - every selector of :data:`STUDY_SELECTORS` on the proxy edits,
-   stored in ``selections.jsonl`` (fingerprinted by the model, the proxy edits, the
-   retain texts and the selector's settings) so a re-run reads them back;
+1. the proxy rule (:func:`~gradlocate.golden.folder.proxy_split`): **proxy** rows (the
+   selectors see only these) and **test** rows;
+2. :func:`~gradlocate.golden.selections.select` - every selector of
+   :data:`~gradlocate.golden.selections.STUDY_SELECTORS` on the proxy edits, cached;
 3. the matrix over proxy + test edits with any editor (or ``matrix=``, made before);
 4. :func:`~gradlocate.golden.judge.judge` - golden layer per definition of overall with
-   bootstrap, damage gate, own optimum vs golden with the winner's curse handled,
-   proxy -> test transfer, each selector's regret and rank agreement, convergence;
+   bootstrap, damage gate, own optimum vs golden, proxy -> test transfer, each selector's
+   regret and rank agreement, convergence;
 5. ``batch=True``: the second question, the **batch regime** - the test edits edited
-   together (:func:`~gradlocate.golden.sweep.sweep`), with its own golden layer, reported beside.
+   together with the same editor (:func:`~gradlocate.golden.sweep.sweep`), its own golden layer.
+
+With ``out_dir`` every part is written to a study folder
+(:class:`~gradlocate.golden.folder.StudyFolder`) as it finishes, a re-run resumes, and
+:meth:`Study.load` (or ``gradlocate report``) reads the study back without a model.
 
 Example:
     >>> from gradlocate.models import tiny
@@ -29,121 +32,34 @@ Example:
 
 from __future__ import annotations
 
-import random
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradlocate.data import Edits, as_edits, default_retain_texts, load_texts
-from gradlocate.editors import DEFAULT_EDITOR
-from gradlocate.gradients import LayerGradients
-from gradlocate.handles import Handles, model_identity, resolve
-from gradlocate.interventions import ModelBusyError, require_gradients, using
-from gradlocate.results import LayerScores
-from gradlocate.golden.compare import run_selector
+from gradlocate.data import Edits, as_edits
+from gradlocate.editors import DEFAULT_EDITOR, settings_for, spec
+from gradlocate.editors.settings import Settings
+from gradlocate.handles import Handles, resolve
+from gradlocate.interventions import require_gradients, using
+from gradlocate.golden.folder import StudyFolder, proxy_split
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, SelectorResult, judge
-from gradlocate.golden.matrix import Matrix, edit_id, matrix as run_matrix
+from gradlocate.golden.matrix import folder_manifest, matrix as run_matrix
+from gradlocate.golden.selections import Selections, select
 from gradlocate.golden.store import RecordStore
-from gradlocate.golden.sweep import SweepResult, sweep
+from gradlocate.golden.sweep import LayerRecord, SweepResult, sweep
+from gradlocate.golden.table import Matrix, edit_id
 
-__all__ = ["study", "Study", "Selections", "Batch", "select", "split_rows", "STUDY_SELECTORS", "StudyRow"]
-
-#: The selectors a study compares: name -> (selector, its keyword arguments). The
-#: defaults are the papers' (answer tokens only, Tukey's k = 1.5); each variant where a
-#: definition could decide the answer is its own row: GradRatio's l_min, LGA's sign
-#: convention, the fences' k = 2.2 (Hoaglin, Iglewicz & Tukey 1986's recommendation),
-#: and EOS scored after each answer (EasyEdit's LocFT-BF loss does; the selectors' papers do not).
-STUDY_SELECTORS: dict[str, tuple[str, dict[str, Any]]] = {
-    "gradratio": ("gradratio", {}),
-    "gradratio (no l_min)": ("gradratio", {"min_layer": 0}),
-    "gradratio (EOS)": ("gradratio", {"append_eos": True}),
-    "lga": ("lga", {"sign": "signed"}),
-    "lga (negative)": ("lga", {"sign": "negative"}),
-    "lga (abs)": ("lga", {"sign": "abs"}),
-    "lga (k 2.2)": ("lga", {"sign": "signed", "k": 2.2}),
-    "lga (EOS)": ("lga", {"sign": "signed", "append_eos": True}),
-    "cma": ("cma", {}),
-}
+__all__ = ["study", "Study", "Batch", "StudyRow", "BATCH_EVALUATION"]
 
 #: A selector's row of a study (the name the old study used).
 StudyRow = SelectorResult
 
-
-def split_rows(n: int, n_proxy: int, seed: int = 0) -> list[int]:
-    """The proxy rows of ``n`` edits: ``n_proxy`` of them, drawn with ``seed`` (sorted).
-
-    Example:
-        >>> split_rows(10, 3, seed=0) == split_rows(10, 3, seed=0), len(split_rows(10, 3))
-        (True, 3)
-    """
-    if not 1 <= n_proxy <= n - 2:
-        raise ValueError(f"n_proxy must be in 1..{n - 2} (the test rows need at least 2 edits), got {n_proxy}")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return sorted(order[:n_proxy])
-
-
-@dataclass
-class Selections:
-    """Each selector's scores on the proxy edits, or why it could not run, and its seconds."""
-
-    scores: dict[str, LayerScores] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"scores": {k: v.to_dict() for k, v in self.scores.items()}, "errors": dict(self.errors),
-                "seconds": dict(self.seconds)}
-
-    def __repr__(self) -> str:
-        picks = ", ".join(f"{k}={v.selected}" for k, v in self.scores.items())
-        return f"Selections({picks}{'; failed: ' + ', '.join(self.errors) if self.errors else ''})"
-
-
-def _selection_store(h: Handles, proxy: Edits, retain: Any, out: str | Path) -> RecordStore:
-    base = {"model": model_identity(h), "proxy": [e.to_dict() for e in proxy], "retain": retain}
-    return RecordStore(out, lambda key: {**base, "selector": list(STUDY_SELECTORS[str(key)])})
-
-
-def select(model: Any, proxy: Any, retain: Any = None, selectors: Sequence[str] | None = None, *,
-           out: str | Path | None = None, tokenizer: Any = None, progress: bool | None = None) -> Selections:
-    """Run each selector (names of :data:`STUDY_SELECTORS`, default all) on the ``proxy``
-    edits, or read it back from the record file ``out`` (when made with the same model,
-    proxy edits, retain texts and settings). A selector that cannot run is reported in
-    ``errors``; the others still run.
-
-    Raises:
-        ValueError: an unknown selector name.
-    """
-    names = list(STUDY_SELECTORS) if selectors is None else list(selectors)
-    unknown = [s for s in names if s not in STUDY_SELECTORS]
-    if unknown:
-        raise ValueError(f"unknown study selectors {unknown}: choose from {list(STUDY_SELECTORS)}")
-    h, proxy, retain = resolve(model, tokenizer), as_edits(proxy), _retain(retain)
-    store = _selection_store(h, proxy, retain, out) if out is not None else None
-    saved = store.read() if store is not None else {}
-    got = Selections()
-    for sel in names:
-        if sel in saved:
-            got.scores[sel] = LayerScores(**saved[sel]["scores"])
-            got.seconds[sel] = sum(got.scores[sel].timings.values())
-            continue
-        kind, kw = STUDY_SELECTORS[sel]
-        t0 = time.perf_counter()
-        try:
-            got.scores[sel] = run_selector(kind, h, proxy, retain, progress=progress, **kw)
-        except ModelBusyError:
-            raise
-        except Exception as e:  # noqa: BLE001 - reported in its place; the rest still runs
-            got.errors[sel] = f"{type(e).__name__}: {e}"
-            continue
-        finally:
-            got.seconds[sel] = time.perf_counter() - t0
-        if store is not None:
-            store.append(sel, {"scores": _scores_dict(got.scores[sel])})
-    return got
+#: How the batch regime is evaluated (teacher-forced, with the held-out loss change for the
+#: damage gate; no generation, no fluency): the study and ``gradlocate matrix --batch`` alike.
+BATCH_EVALUATION: dict[str, Any] = {"generation": False, "capability": True, "fluency": False, "overall": "edit-only"}
 
 
 @dataclass
@@ -156,6 +72,18 @@ class Batch:
 
     def to_dict(self) -> dict[str, Any]:
         return {"golden": self.golden, "converged": self.converged, "sweep": self.sweep.to_dict()}
+
+    @classmethod
+    def read(cls, folder: StudyFolder) -> Batch | None:
+        """The batch regime stored in ``folder`` (``None`` if it has none)."""
+        if not folder.batch_dir.is_dir():
+            return None
+        recs = [LayerRecord.from_dict(r) for r in RecordStore(folder.batch_dir).read().values()]
+        recs = [r for r in recs if r.error is None]
+        if not recs:
+            return None
+        sw = SweepResult(recs, overall_kind="edit-only", path=str(folder.batch_dir))
+        return cls(sw, sw.golden, {r.layer: r.converged for r in sw.records})
 
 
 @dataclass(repr=False)
@@ -175,6 +103,15 @@ class Study:
     def golden(self) -> int:
         """The single-edit matrix's golden layer (primary definition, damage-gated)."""
         return self.judgment.golden
+
+    @classmethod
+    def load(cls, folder: str | Path, **judge_kw: Any) -> Study:
+        """The study in a study folder, read without a model: its complete layers judged with
+        the selections cached there (``judge_kw``: :func:`~gradlocate.golden.judge.judge`'s
+        settings, e.g. ``n_boot``). ``gradlocate report`` computes what is missing."""
+        from gradlocate.golden.report import judge_folder
+
+        return judge_folder(StudyFolder.open(folder), **judge_kw)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "golden": self.golden, "judgment": self.judgment.to_dict(),
@@ -202,61 +139,65 @@ class Study:
 
 
 def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, name: str = "study",
-          n_proxy: int = 16, seed: int = 0, layers: Sequence[int] | None = None,
-          selectors: Sequence[str] | None = None, editor: str = DEFAULT_EDITOR, hparams: dict[str, Any] | None = None,
-          matrix: Matrix | None = None, capability_edits: int = 8, batch: bool = False,
-          threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200,
-          out_dir: str | Path | None = None, progress: bool | None = None) -> Study:
+          n_proxy: int | None = None, seed: int = 0, layers: Sequence[int] | None = None,
+          selectors: Sequence[str] | None = None, editor: str = DEFAULT_EDITOR,
+          hparams: Settings | dict[str, Any] | None = None, matrix: Matrix | None = None, capability_edits: int = 8,
+          batch: bool = False, threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000, n_null: int = 1000,
+          n_splits: int = 200, out_dir: str | Path | None = None, model_spec: str | None = None,
+          progress: bool | None = None) -> Study:
     """The golden-layer study on one model and edit set (see the module doc).
 
     Args:
-        edits: every edit (any public form); ``n_proxy`` of them, drawn with ``seed``, are the proxy rows.
+        edits: every edit (any public form); the proxy rule draws the proxy rows.
         retain: general texts for GradRatio (default: the built-in retain texts, 16).
+        n_proxy: proxy rows (default: a quarter of the edits), drawn with ``seed``.
         layers: the matrix's layers (default: all).
-        selectors: names of :data:`STUDY_SELECTORS` (default: all of them).
-        editor: the editor that fills the matrix (:data:`~gradlocate.editors.EDITORS`).
-        hparams: the editor's settings.
-        matrix: a matrix of these edits made before (rows matched by :func:`~gradlocate.golden.matrix.edit_id`).
+        selectors: names of :data:`~gradlocate.golden.selections.STUDY_SELECTORS` (default: all).
+        editor: the editor that fills the matrix and edits the batch (:func:`gradlocate.editors.names`).
+        hparams: the editor's settings (a Settings object or a dict by name).
+        matrix: a matrix of these edits made before (rows matched by :func:`~gradlocate.golden.table.edit_id`).
         capability_edits: the first this many edits get the capability measurement (damage gate).
-        batch: also sweep the test edits together (the batch regime), reported beside.
+        batch: also edit the test edits together at every layer (the batch regime), reported beside.
         threshold: the damage gate: a layer whose edits raise the held-out loss by more nats cannot be golden.
-        n_boot: bootstrap resamples of the test edits.
-        n_null: permutations of the selection-bias null.
-        n_splits: random proxy/test splits for transfer.
-        out_dir: ``selections.jsonl``, ``matrix/`` and ``batch.jsonl`` written as each finishes (resume).
+        n_boot, n_null, n_splits: bootstrap resamples, permutations of the selection-bias null,
+            random proxy/test splits for transfer.
+        out_dir: a study folder: the manifest, ``selections/``, ``cells/``, ``batch/``,
+            ``judgment.json`` and ``report.md`` written as each finishes (a re-run resumes).
+        model_spec: how :func:`~gradlocate.models.load_model` loads this model (for the manifest).
     """
     require_gradients("study")
     h, edits = resolve(model, tokenizer), as_edits(edits)
-    proxy_rows = split_rows(len(edits), n_proxy, seed)
-    out = _out(out_dir)
+    editor = spec(editor).name
+    settings = settings_for(editor, hparams)
+    proxy_rows, test_rows = proxy_split(len(edits), n_proxy, seed)
+    folder = StudyFolder.bind(out_dir, folder_manifest(h, edits, editor, settings, [getattr(settings, "seed", 0)],
+                                                       model_spec, n_proxy, seed)) if out_dir is not None else None
     t0 = time.perf_counter()
     with using(h):
-        picked = select(h, [edits[i] for i in proxy_rows], retain, selectors, out=out and out / "selections.jsonl",
-                        progress=progress)
+        picked = select(h, [edits[i] for i in proxy_rows], retain, selectors, progress=progress,
+                        out=folder.selections_path(len(edits), seed) if folder else None)
         t1 = time.perf_counter()
-        m = _matrix(h, edits, matrix, editor, hparams, layers, capability_edits, out, progress)
+        m = _matrix(h, edits, matrix, editor, settings, layers, capability_edits, folder, model_spec, n_proxy, seed,
+                    progress)
         t2 = time.perf_counter()
-        test = [e for i, e in enumerate(edits) if i not in set(proxy_rows)]
-        b = _batch(h, test, m.layers, hparams, out, progress) if batch else None
+        b = _batch(h, [edits[i] for i in test_rows], m.layers, editor, settings, folder, progress) if batch else None
     t3 = time.perf_counter()
     j = judge(m, proxy_rows, picked.scores, threshold=threshold, n_boot=n_boot, n_null=n_null, n_splits=n_splits,
               seed=seed)
-    params = {"n_proxy": n_proxy, "n_test": len(edits) - n_proxy, "seed": seed, "editor": editor,
-              "hparams": dict(hparams or {}), "threshold": threshold, "proxy_prompts": [edits[i].prompt for i in proxy_rows]}
+    params = {"n_proxy": len(proxy_rows), "n_test": len(test_rows), "seed": seed, "editor": editor,
+              "hparams": settings.to_dict(), "threshold": threshold,
+              "proxy_prompts": [edits[i].prompt for i in proxy_rows]}
     timings = {"selectors": t1 - t0, "matrix": t2 - t1, "batch": t3 - t2, "judge": time.perf_counter() - t3}
-    return Study(name, j, picked, m, b, params, timings)
+    result = Study(name, j, picked, m, b, params, timings)
+    if folder is not None:
+        folder.judgment_path.write_text(json.dumps(j.to_dict(), default=float, indent=1))
+        (folder.path / "report.md").write_text(result.to_markdown() + "\n")
+    return result
 
 
-def _out(out_dir: Any) -> Path | None:
-    if out_dir is None:
-        return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _matrix(h: Handles, edits: Edits, given: Matrix | None, editor: str, hparams: dict[str, Any] | None,
-            layers: Sequence[int] | None, capability_edits: int, out: Path | None, progress: bool | None) -> Matrix:
+def _matrix(h: Handles, edits: Edits, given: Matrix | None, editor: str, settings: Settings,
+            layers: Sequence[int] | None, capability_edits: int, folder: StudyFolder | None, model_spec: str | None,
+            n_proxy: int | None, seed: int, progress: bool | None) -> Matrix:
     """The single-edit matrix of ``edits`` (rows in their order): ``given``, checked, or computed."""
     if given is not None:
         ids = [edit_id(e) for e in edits]
@@ -264,27 +205,19 @@ def _matrix(h: Handles, edits: Edits, given: Matrix | None, editor: str, hparams
             raise ValueError(f"matrix= has rows for {given.n_edits} edits that are not these {len(ids)} edits in "
                              f"this order (rows are matched by edit_id)")
         return given
-    return run_matrix(h, edits, editor=editor, hparams=hparams, layers=layers, capability_edits=capability_edits,
-                      out=out / "matrix" if out is not None else None, progress=progress)
+    return run_matrix(h, edits, editor=editor, hparams=settings, layers=layers, capability_edits=capability_edits,
+                      out=folder.path if folder is not None else None, model_spec=model_spec, n_proxy=n_proxy,
+                      proxy_seed=seed, progress=progress)
 
 
-def _batch(h: Handles, test: list[Any], layers: list[int], hparams: dict[str, Any] | None, out: Path | None,
-           progress: bool | None) -> Batch:
-    """The test edits edited together at every matrix layer (LocFT-BF with ``hparams``)."""
-    sw = sweep(h, test, layers=layers, trainer=dict(hparams or {}), generation=False, capability=False,
-               fluency=False, overall="edit-only", progress=progress, out=out / "batch.jsonl" if out else None)
+def _batch(h: Handles, test: list[Any], layers: list[int], editor: str, settings: Settings,
+           folder: StudyFolder | None, progress: bool | None) -> Batch:
+    """The test edits edited together at every matrix layer, with the study's editor and settings."""
+    out = None
+    if folder is not None:
+        folder.batch_dir.mkdir(exist_ok=True)
+        out = folder.batch_dir / "records.jsonl"
+    ev = BATCH_EVALUATION
+    sw = sweep(h, test, layers=layers, trainer=settings, editor=editor, progress=progress, out=out,
+               generation=ev["generation"], capability=ev["capability"], fluency=ev["fluency"], overall=ev["overall"])
     return Batch(sw, sw.golden, {r.layer: r.converged for r in sw.records})
-
-
-def _retain(retain: Any) -> Any:
-    """The retain texts, read once (they are part of the selections' fingerprint); a
-    precomputed :class:`~gradlocate.gradients.LayerGradients` passes through."""
-    if retain is None:
-        return default_retain_texts(16)
-    return retain if isinstance(retain, LayerGradients) else load_texts(retain)
-
-
-def _scores_dict(s: LayerScores) -> dict[str, Any]:
-    d = s.to_dict()
-    return {"method": d["method"], "scores": d["scores"], "eligible": d["eligible"], "selected": d["selected"],
-            "params": d["params"], "extras": d["extras"], "timings": d["timings"], "layers": d["layers"]}

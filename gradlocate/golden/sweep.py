@@ -45,41 +45,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
+import numpy as np
+
 from gradlocate.data import Edits, as_edits
-from gradlocate.editors import DEFAULT_EDITOR, editor_class
+from gradlocate.editors import DEFAULT_EDITOR, make, spec, split_settings
+from gradlocate.editors.settings import Settings
 from gradlocate.evaluation import EditEvaluation, evaluate
 from gradlocate.handles import Handles, model_identity, resolve
 from gradlocate.interventions import ModelBusyError, require_gradients, using
 from gradlocate.state import check_materialized
-from gradlocate.golden.matrix import Matrix, layer_span, matrix
+from gradlocate.golden import scores
+from gradlocate.golden.matrix import matrix
+from gradlocate.golden.table import Matrix, layer_span
 from gradlocate.golden.store import RecordStore, StoreError, relative_path
 
-__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS", "overall_score"]
+__all__ = ["sweep", "SweepResult", "LayerRecord", "OVERALL_METRICS", "OVERALL_WEIGHTS", "OVERALLS"]
 
 #: The edit metrics (Golden Layers' rewrite / rephrase / locality): the "edit-only" overall.
-OVERALL_METRICS = ("reliability", "generalization", "locality")
+OVERALL_METRICS = scores.EDIT_METRICS
 #: The default overall: a weighted mean of these, over the ones the data has.
-OVERALL_WEIGHTS = {"reliability": 1.0, "generalization": 1.0, "locality": 1.0, "capability": 1.0, "fluency": 1.0}
-#: The overall definitions: "weighted" (default), "golden-layers" (min-max normalised), "edit-only".
-OVERALLS = ("weighted", "golden-layers", "edit-only")
+OVERALL_WEIGHTS = dict(scores.WEIGHTS)
+#: The overall definitions (:data:`gradlocate.golden.scores.DEFINITIONS`).
+OVERALLS = scores.DEFINITIONS
 SCORINGS = ("teacher_forced", "generation")
-
-
-def overall_score(metrics: dict[str, float | None], weights: Any = OVERALL_METRICS) -> float | None:
-    """Weighted mean of the available metrics among ``weights`` (a dict name -> weight,
-    or names weighted 1); ``None`` if none is available. An absent metric is left out,
-    never counted as 0.
-
-    Example:
-        >>> overall_score({"reliability": 1.0, "generalization": 0.5, "locality": None})
-        0.75
-        >>> overall_score({"reliability": 1.0, "capability": 0.5}, {"reliability": 1, "capability": 3})
-        0.625
-    """
-    w = weights if isinstance(weights, dict) else {m: 1.0 for m in weights}
-    given = [(metrics.get(m), float(k)) for m, k in w.items()]
-    pairs = [(v, k) for v, k in given if v is not None and not (isinstance(v, float) and math.isnan(v)) and k]
-    return sum(v * k for v, k in pairs) / sum(k for _, k in pairs) if pairs else None
 
 
 @dataclass
@@ -188,25 +176,24 @@ class SweepResult:
         return [r.metrics(scoring).get(name) for r in self.records]
 
     def metric(self, name: str, scoring: str | None = None) -> list[float | None]:
-        """Per-layer values of one metric (``"overall"`` included; ``None`` where absent)."""
+        """Per-layer values of one metric (``"overall"`` included; ``None`` where absent).
+        The overall is :func:`gradlocate.golden.scores.overall` of the sweep as a one-row
+        table (the batch is one "edit" per layer), the same function the matrix is judged by."""
         scoring = scoring or self.scoring
         if name != "overall":
             return [r.metrics(scoring).get(name) for r in self.records]
-        if self.overall_kind == "edit-only":
-            return [overall_score(r.metrics(scoring), OVERALL_METRICS) for r in self.records]
-        if self.overall_kind == "weighted":
-            return [overall_score(r.metrics(scoring), self.weights) for r in self.records]
-        # Golden Layers: each metric min-max normalised across the swept layers, lower-is-better
-        # (the language-model loss) negated, then the plain mean of what is there.
-        columns = []
-        for m in self.averaged:
-            vals = self._raw(m, scoring)
-            sign = -1.0 if m == "lm_loss" else 1.0
-            got = [sign * v for v in vals if v is not None]
-            lo, hi = (min(got), max(got)) if got else (0.0, 0.0)
-            columns.append([None if v is None else ((sign * v - lo) / (hi - lo) if hi > lo else 1.0) for v in vals])
-        return [overall_score({str(k): c[i] for k, c in enumerate(columns)}, [str(k) for k in range(len(columns))])
-                for i in range(len(self.records))]
+        row = self._overall_row(scoring)
+        return [None if math.isnan(v) else float(v) for v in row]
+
+    def _overall_row(self, scoring: str) -> np.ndarray:
+        names = {"edit-only": OVERALL_METRICS, "golden-layers": scores.GOLDEN_LAYERS_METRICS}.get(
+            self.overall_kind, tuple(self.weights))
+        table = {m: np.array([[math.nan if v is None else v for v in self._raw(m, scoring)]]) for m in names}
+        table = {m: t for m, t in table.items() if np.isfinite(t).any()}
+        if not table:
+            return np.full(len(self.records), math.nan)
+        weights = self.weights if self.overall_kind == "weighted" else None
+        return scores.overall(table, self.overall_kind, weights)[0]
 
     @property
     def overall(self) -> list[float | None]:
@@ -214,20 +201,21 @@ class SweepResult:
 
     @property
     def golden(self) -> int:
-        """The layer with the best overall score (the lowest such layer on ties)."""
-        ov = self.overall
-        best = max(range(len(ov)), key=lambda i: (ov[i] if ov[i] is not None else -math.inf, -i))
-        return self.layers[best]
+        """The layer with the best overall score (:func:`gradlocate.golden.scores.golden_layer`:
+        the lowest such layer on ties).
+
+        Raises:
+            ValueError: no layer has an overall score (every layer failed).
+        """
+        return self.layers[scores.golden_layer(self._overall_row(self.scoring)[None])]
 
     def best_layers(self, scoring: str | None = None) -> dict[str, int]:
         """For each metric (and overall) the layer that scores best."""
         out = {}
         for m in (*OVERALL_METRICS, "portability", "overall"):
-            vals = self.metric(m, scoring)
-            if all(v is None for v in vals):
-                continue
-            i = max(range(len(vals)), key=lambda j: (vals[j] if vals[j] is not None else -math.inf, -j))
-            out[m] = self.layers[i]
+            vals = np.array([math.nan if v is None else v for v in self.metric(m, scoring)], dtype=float)
+            if np.isfinite(vals).any():
+                out[m] = self.layers[scores.golden_layer(vals[None])]
         return out
 
     def at(self, layer: int) -> LayerRecord:
@@ -243,8 +231,9 @@ class SweepResult:
         return [r.layer for r in self.records if r.converged is False]
 
     def to_dict(self) -> dict[str, Any]:
+        golden = self.golden if any(v is not None for v in self.overall) else None
         return {"scoring": self.scoring, "overall_kind": self.overall_kind, "weights": dict(self.weights),
-                "averaged": self.averaged, "golden": self.golden, "best": self.best_layers(), "layers": self.layers,
+                "averaged": self.averaged, "golden": golden, "best": self.best_layers(), "layers": self.layers,
                 "overall": self.overall, "unconverged": self.unconverged,
                 "records": [r.to_dict() for r in self.records], "path": self.path, "params": self.params}
 
@@ -328,7 +317,8 @@ class _SweepPlan:
     edits: Edits
     eval_edits: Edits
     layers: list[int]
-    trainer: dict[str, Any]
+    settings: Settings
+    runtime: dict[str, Any]
     evaluation: dict[str, Any]
     store: RecordStore | None
     editor: str = DEFAULT_EDITOR
@@ -345,7 +335,7 @@ class _LayersRun:
 
 @overload
 def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int] | None = ...,
-          trainer: dict[str, Any] | None = ..., editor: str = ..., eval_edits: Any = ..., out: str | Path | None = ...,
+          trainer: Settings | dict[str, Any] | None = ..., editor: str = ..., eval_edits: Any = ..., out: str | Path | None = ...,
           scoring: str = ..., generation: bool = ..., capability: bool | Sequence[str] = ..., fluency: bool = ...,
           fluency_prompts: int | None = ..., fluency_tokens: int = ..., overall: str = ...,
           weights: dict[str, float] | None = ..., per_sample: Literal[False] = ...,
@@ -354,20 +344,20 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int]
 
 @overload
 def sweep(model: Any, edits: Any, *, tokenizer: Any = ..., layers: Sequence[int] | None = ...,
-          trainer: dict[str, Any] | None = ..., editor: str = ..., eval_edits: Any = ..., out: str | Path | None = ...,
+          trainer: Settings | dict[str, Any] | None = ..., editor: str = ..., eval_edits: Any = ..., out: str | Path | None = ...,
           scoring: str = ..., generation: bool = ..., capability: bool | Sequence[str] = ..., fluency: bool = ...,
           fluency_prompts: int | None = ..., fluency_tokens: int = ..., overall: str = ...,
           weights: dict[str, float] | None = ..., per_sample: Literal[True], progress: bool | None = ...) -> Matrix: ...
 
 
 def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int] | None = None,
-          trainer: dict[str, Any] | None = None, editor: str = DEFAULT_EDITOR, eval_edits: Any = None,
+          trainer: Settings | dict[str, Any] | None = None, editor: str = DEFAULT_EDITOR, eval_edits: Any = None,
           out: str | Path | None = None,
           scoring: str = "teacher_forced", generation: bool = True, capability: bool | Sequence[str] = True,
           fluency: bool = True, fluency_prompts: int | None = 8, fluency_tokens: int = 64,
           overall: str = "weighted", weights: dict[str, float] | None = None, per_sample: bool = False,
           progress: bool | None = None) -> SweepResult | Matrix:
-    """Edit with LocFT-BF at each candidate layer, evaluate, restore; find the golden layer.
+    """Edit with ``editor`` at each candidate layer, evaluate, restore; find the golden layer.
 
     Args:
         model: a transformers causal LM, an nnsight wrapper, a TransformerLens bridge, or
@@ -375,9 +365,11 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
         edits: the edits to make (any public form, see :func:`~gradlocate.data.as_edits`).
         tokenizer: defaults to the one the model carries.
         layers: candidate layer indices (default: all).
-        trainer: the editor's keyword arguments (for LocFT-BF: ``lr``, ``epochs`` ...).
-        editor: the editor at every layer (:data:`~gradlocate.editors.EDITORS`: ``"locft"``,
-            ``"rome"``, ``"r-rome"``, ``"emmet"``).
+        trainer: the editor's settings (a :class:`~gradlocate.editors.settings.Settings`, or a
+            dict of settings by name, e.g. LocFT-BF's ``lr``, ``epochs``; the dict may also hold
+            the editor's runtime arguments ``progress`` and ``callback``).
+        editor: the editor at every layer (a name of :func:`gradlocate.editors.names`:
+            ``"locft"``, ``"rome"``, ``"r-rome"``, ``"emmet"``).
         eval_edits: the edits to evaluate on (default: ``edits``).
         out: a JSONL file (a :class:`~gradlocate.golden.store.RecordStore`); each finished
             layer is appended as it comes, and layers already there are skipped (resume).
@@ -395,7 +387,7 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
             :meth:`SweepResult.with_overall` changes it afterwards.
         per_sample: instead, edit each edit alone at each layer and return the
             single-edit :class:`~gradlocate.golden.matrix.Matrix` (teacher-forced edit
-            metrics, LocFT-BF with ``trainer``, cells stored in ``out``; ``generation``,
+            metrics, ``editor`` with ``trainer``, cells stored in ``out``; ``generation``,
             ``capability``, ``fluency`` and ``overall`` do not apply).
         progress: a progress bar over layers (``None``: on a terminal only).
 
@@ -406,10 +398,10 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     record then carries the error) or the sweep is interrupted (the finished layers stay
     in ``out``).
     """
-    require_gradients("sweep (it trains LocFT-BF at every layer)")
-    if per_sample:
-        return matrix(model, edits, tokenizer=tokenizer, layers=layers, editor=editor, hparams=trainer, out=out,
-                      capability_edits=0, progress=progress)
+    require_gradients("sweep (it edits at every layer)")
+    if per_sample:  # the editor's runtime arguments (progress, callback) are for one edit at a time: not used
+        return matrix(model, edits, tokenizer=tokenizer, layers=layers, editor=editor,
+                      hparams=split_settings(editor, trainer)[0], out=out, capability_edits=0, progress=progress)
     plan = _plan(model, edits, tokenizer, layers, trainer, editor, eval_edits, out, scoring, overall,
                  {"generation": generation, "capability": capability, "fluency": fluency,
                   "fluency_prompts": fluency_prompts, "fluency_tokens": fluency_tokens})
@@ -419,28 +411,30 @@ def sweep(model: Any, edits: Any, *, tokenizer: Any = None, layers: Sequence[int
     evaluation = {k: (list(v) if k == "capability" and not isinstance(v, bool) else v)
                   for k, v in plan.evaluation.items()}
     return SweepResult(records, scoring=scoring, path=relative_path(plan.store.path) if plan.store else None,
-                       params={"trainer": plan.trainer, "editor": plan.editor, **evaluation, "n_edits": len(plan.edits),
+                       params={"trainer": plan.settings.to_dict(), "editor": plan.editor, **evaluation,
+                               "n_edits": len(plan.edits),
                                "n_eval": len(plan.eval_edits), "pre_eval_s": ran.pre_s, "layers": plan.layers,
                                "pre_general": ran.pre.general},
                        overall_kind=overall, weights=dict(weights or OVERALL_WEIGHTS))
 
 
-def _plan(model: Any, edits: Any, tokenizer: Any, layers: Sequence[int] | None, trainer: dict[str, Any] | None,
+def _plan(model: Any, edits: Any, tokenizer: Any, layers: Sequence[int] | None,
+          trainer: Settings | dict[str, Any] | None,
           editor: str, eval_edits: Any, out: Any, scoring: str, overall: str, evaluation: dict[str, Any]) -> _SweepPlan:
     """Check the arguments (before anything runs), resolve the model, open the store."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "generation" and not evaluation["generation"]:
         raise ValueError("scoring='generation' needs generation=True")
-    if trainer is not None and not isinstance(trainer, dict):
-        raise TypeError(f"trainer must be a dict of the editor's keyword arguments, got {type(trainer).__name__}")
     edits = as_edits(edits)
     eval_edits = edits if eval_edits is None else as_edits(eval_edits)
     h = resolve(model, tokenizer)
     check_materialized(h.root)  # before the fingerprint reads the weights
     cand = h.layer_indices(list(layers) if layers is not None else None)
-    trainer = {"progress": False, **(trainer or {})}
-    editor_class(editor)(h, cand[0], **trainer)  # a bad editor or setting fails here, before anything runs
+    editor = spec(editor).name
+    settings, runtime = split_settings(editor, trainer)
+    runtime = {"progress": False, **runtime}
+    make(editor, h, cand[0], settings, **runtime)  # a bad editor or setting fails here, before anything runs
     SweepResult([LayerRecord(0)], scoring, overall_kind=overall)  # bad overall: fail before running
     store = None
     if out is not None:
@@ -451,11 +445,11 @@ def _plan(model: Any, edits: Any, tokenizer: Any, layers: Sequence[int] | None, 
         store = _store(path, {
             "model": model_identity(h), "edits": [e.to_dict() for e in edits],
             "eval": [e.to_dict() for e in eval_edits],
-            "trainer": {k: v for k, v in trainer.items() if k not in ("progress", "callback")},
-            "editor": editor_class(editor).__name__,
+            "trainer": settings.to_dict(),
+            "editor": spec(editor).editor.__name__,
             "evaluation": {**evaluation, "capability": cap if isinstance(cap, bool) else list(cap)},
             "metrics": METRICS_VERSION})
-    return _SweepPlan(h, edits, eval_edits, cand, trainer, evaluation, store, editor)
+    return _SweepPlan(h, edits, eval_edits, cand, settings, runtime, evaluation, store, editor)
 
 
 def _run_layers(plan: _SweepPlan, todo: list[int], scoring: str, progress: bool | None) -> _LayersRun:
@@ -471,22 +465,22 @@ def _run_layers(plan: _SweepPlan, todo: list[int], scoring: str, progress: bool 
         bar = tqdm(todo, desc="sweep", unit="layer", disable=(None if progress is None else not progress) or not todo)
         for layer in bar:
             bar.set_postfix(layer=layer)
-            rec = _sweep_layer(plan.h, layer, plan.edits, plan.eval_edits, pre, plan.trainer, plan.evaluation,
-                               plan.editor)
+            rec = _sweep_layer(plan, layer, pre)
             records.append(rec)
             if plan.store is not None:
                 plan.store.append(layer, rec.to_dict())
-            bar.set_postfix(layer=layer, overall=f"{overall_score(rec.metrics(scoring)) or float('nan'):.3f}")
+            rel = rec.metrics(scoring).get("reliability")
+            bar.set_postfix(layer=layer, reliability=f"{float('nan') if rel is None else rel:.3f}")
     return _LayersRun(records, pre, pre_s)
 
 
-def _sweep_layer(h: Handles, layer: int, edits: Edits, eval_edits: Edits, pre: EditEvaluation,
-                 trainer: dict[str, Any], ev_kw: dict[str, Any], editor: str = DEFAULT_EDITOR) -> LayerRecord:
+def _sweep_layer(plan: _SweepPlan, layer: int, pre: EditEvaluation) -> LayerRecord:
     """Edit one layer, evaluate, restore. A failure of this layer (a non-finite loss, a
-    structure the trainer cannot handle) becomes the record's ``error``."""
+    structure the editor cannot handle) becomes the record's ``error``."""
+    h, edits, eval_edits, ev_kw = plan.h, plan.edits, plan.eval_edits, plan.evaluation
     t1 = time.perf_counter()
     try:
-        with editor_class(editor)(h, layer, **trainer) as ft:
+        with make(plan.editor, h, layer, plan.settings, **plan.runtime) as ft:
             fit = ft.fit(edits)
             t2 = time.perf_counter()
             ev = evaluate(h, eval_edits, pre=pre, **ev_kw)
@@ -496,7 +490,7 @@ def _sweep_layer(h: Handles, layer: int, edits: Edits, eval_edits: Edits, pre: E
         return LayerRecord(layer, error=f"{type(e).__name__}: {e}", n_edits=len(edits), n_eval=len(eval_edits),
                            timings={"total": time.perf_counter() - t1})
     t3 = time.perf_counter()
-    return LayerRecord(layer, ev.teacher_forced, ev.generation, fit.to_dict(),
+    return LayerRecord(layer, ev.teacher_forced, ev.generation, {**fit.to_dict(), **fit.summary()},
                        {"train": t2 - t1, "evaluate": t3 - t2, "total": t3 - t1}, len(edits), len(eval_edits),
                        general=ev.general,
                        per_edit={m: [r.get(f"{m}_tf") for r in ev.rows] for m in (*OVERALL_METRICS, "portability")})

@@ -64,10 +64,6 @@ def _nan_table(n: int, m: int) -> np.ndarray:
     return np.full((n, m), np.nan)
 
 
-def _nan_table(n: int, m: int) -> np.ndarray:
-    return np.full((n, m), np.nan)
-
-
 @dataclass(repr=False)
 class Matrix:
     """Every edit alone at every layer (see the module doc).
@@ -117,7 +113,7 @@ class Matrix:
     @property
     def filled(self) -> np.ndarray:
         """``[edits, layers]``: the cells that hold a score."""
-        return np.stack([np.isfinite(t) for t in self.scores.values()]).any(0)
+        return np.asarray(np.stack([np.isfinite(t) for t in self.scores.values()]).any(0))
 
     def metrics(self, rows: Any = None) -> dict[str, np.ndarray]:
         """The metrics :func:`gradlocate.golden.scores.overall` takes (rows ``rows``): the edit

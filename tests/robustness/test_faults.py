@@ -181,8 +181,8 @@ def test_fit_fault_at_any_step_restores(model_tok, kind, data):
     ft = gl.LocFTBF(model, 2, tokenizer=tok, progress=False, **TRAINER)
     calls = []
 
-    def callback(epoch, i, loss):
-        calls.append((epoch, i))
+    def callback(step):
+        calls.append((step.epoch, step.batch))
         if len(calls) == k:
             INJECTED["LocFT-BF step", kind] += 1
             if kind == "exception":
