@@ -423,6 +423,7 @@ def test_holm_matches_a_hand_computation():
         got, want = holm(p), holm_by_hand(p)
         assert list(got) == list(p) and all(got[k] == pytest.approx(want[k], abs=1e-12) for k in p)
     assert holm({"x": 0.3}) == {"x": 0.3} and holm({"x": 0.6, "y": 0.9}) == {"x": 1.0, "y": 1.0}
+    assert holm({"x": 0.25, "y": np.float64(0.01)}) == {"x": 0.25, "y": 0.02}   # numpy floats are floats
     for bad in ({}, {"x": float("nan")}, {"x": 1.5}):
         with pytest.raises(ValueError):
             holm(bad)
