@@ -67,7 +67,7 @@ __all__ = ["ROME", "RROME", "RankOneResult", "ROME_HPARAMS", "rome_per_edit", "r
 #: scale (C⁻¹ appears in its numerator and denominator); EasyEdit's scaling matters only
 #: through EMMET's λ.
 ROME_HPARAMS: dict[str, Any] = {k: getattr(ROMESettings(), k) for k in ROMESettings().to_dict()
-                                if k not in ("seed", "mom2_corpus")}
+                                if k not in ("seed", "mom2_corpus", "mom2_seed")}
 
 
 @dataclass
@@ -210,7 +210,8 @@ class _RankOneEditor(InPlaceEdit):
             return None
         if self._C is None:
             self._C = second_moment(self.h, self.layer, tokens=self.settings.mom2_n_tokens,
-                                    corpus=self.settings.mom2_corpus, seed=self.seed, progress=self.progress)
+                                    corpus=self.settings.mom2_corpus, seed=self.settings.mom2_seed,
+                                    progress=self.progress)
         return self._C
 
     def templates(self) -> list[list[str]]:
@@ -296,8 +297,8 @@ class ROME(_RankOneEditor):
         settings: :class:`~gradlocate.editors.settings.ROMESettings` (default: EasyEdit's);
             ``overrides`` change single settings by name (``v_num_grad_steps``, ``v_lr``,
             ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``, ``mom2_adjustment``,
-            ``mom2_n_tokens``, ``mom2_corpus``, ``context_template_length_params``, ``seed``:
-            the context templates' and the sampled corpus' seed).
+            ``mom2_n_tokens``, ``mom2_corpus``, ``mom2_seed``, ``context_template_length_params``,
+            ``seed``: the context templates' seed).
         tokenizer: defaults to the one the model carries.
         covariance: a precomputed ``C`` ``[d_mlp, d_mlp]`` (else computed/cached, see
             :func:`~gradlocate.editors.covariance.second_moments`).
@@ -361,7 +362,7 @@ def prepare_moments(h: Handles, layers: Sequence[int], settings: ROMESettings, p
     in one pass over the corpus (cached on disk, so each editor then reads its layer's)."""
     if settings.mom2_adjustment:
         second_moments(h, list(layers), tokens=settings.mom2_n_tokens, corpus=settings.mom2_corpus,
-                       seed=settings.seed, progress=progress)
+                       seed=settings.mom2_seed, progress=progress)
 
 
 def _registered(cls: type[_RankOneEditor]) -> Callable[..., tuple[Tensor, list[dict[str, Any]]]]:

@@ -252,13 +252,14 @@ class ROMESettings(Settings):
         "gradlocate (offline): the model's own text", "C's corpus: 'sampled', a file, a dataset name"))
     context_template_length_params: tuple[tuple[int, int], ...] = field(default=((5, 10), (10, 10)), metadata=_src(
         "ROME rome_main.get_context_templates", "(tokens, count) of the sampled context prefixes"))
-    seed: int = field(default=0, metadata=_src("gradlocate", "seeds the context templates and the sampled corpus"))
+    mom2_seed: int = field(default=0, metadata=_src("gradlocate", "seeds C's sampled corpus"))
+    seed: int = field(default=0, metadata=_src("gradlocate", "seeds the context templates (the replicate seed)"))
 
     def check(self) -> None:
         _positive(self, "v_lr", "clamp_norm_factor")
         _positive(self, "v_weight_decay", "kl_factor", zero=True)
         _positive(self, "v_num_grad_steps", "mom2_n_tokens", integer=True)
-        _positive(self, "seed", integer=True, zero=True)
+        _positive(self, "seed", "mom2_seed", integer=True, zero=True)
         _choice(self, "mom2_adjustment", [True, False])
         if not isinstance(self.mom2_corpus, str) or not self.mom2_corpus:
             raise SettingsError(f"{self.editor_name}: mom2_corpus must be 'sampled', a file or a dataset name, "

@@ -212,6 +212,7 @@ class StudyFolder:
     def selections_path(self, n: int, seed: int = 0) -> Path:
         """The record file of the selectors on the proxy draw ``seed`` of the first ``n`` edits."""
         name = f"first{n}.jsonl" if seed == self.manifest.proxy["seed"] else f"draw{seed}-first{n}.jsonl"
+        (self.path / "selections").mkdir(exist_ok=True)  # not beside the cells: every cells/*.jsonl is a cell
         return self.path / "selections" / name
 
     # -- opening
@@ -395,6 +396,18 @@ def _best_prefix(ids: list[str], sizes: list[int], cells: dict[tuple[str, int], 
     return ids[:max(sorted(sizes, reverse=True), key=held)]
 
 
+def _identity(spec: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The class name and identity of the model ``spec`` loads (``(None, None)`` if it does not)."""
+    from gradlocate.handles import down_projections, model_identity
+    from gradlocate.models import load_model
+
+    try:
+        model, tok = load_model(spec)
+    except Exception:  # noqa: BLE001 - a model that cannot be loaded here: the manifest says it does not know
+        return None, None
+    return type(model).__name__, model_identity(down_projections(model, tokenizer=tok))
+
+
 #: The regime of schema-0 folders whose edits.json predates the regime fields (the first
 #: published study), by folder name.
 _LEGACY_REGIMES = {"smollm2-counterfact-locft-lr5e-4": {"model": "smollm2", "data": "counterfact_3k.json",
@@ -402,12 +415,14 @@ _LEGACY_REGIMES = {"smollm2-counterfact-locft-lr5e-4": {"model": "smollm2", "dat
                                                         "hparams": {"lr": 5e-4, "epochs": 25}}}
 
 
-def migrate(path: str | os.PathLike[str]) -> StudyFolder:
+def migrate(path: str | os.PathLike[str], identity_from: str | None = None) -> StudyFolder:
     """Bring a schema-0 folder (``benchmarks/matrix.py``: ``edits.json`` and ``*.jsonl``
     shards at the top, ``proxy_draws.json``) to the current schema, in place: the manifest is
     written from ``edits.json``, the shards move to ``cells/``, ``proxy_draws.json`` becomes
     ``draws.json``. The records are not rewritten (they keep their fingerprints); the
-    manifest's regime fingerprint is what they were made under."""
+    manifest's regime fingerprint is what they were made under. ``identity_from``: a model
+    spec to load (default: the folder's own, if it loads) for the manifest's model identity,
+    which then checks the cached selections; without it they are read by every other part."""
     from gradlocate.editors import settings_for
 
     p = Path(path)
@@ -421,8 +436,9 @@ def migrate(path: str | os.PathLike[str]) -> StudyFolder:
         raise FolderError(f"{relative_path(p)}: its edits.json lacks {sorted(missing)}; cannot say what regime it holds")
     settings = settings_for(reg["editor"], reg["hparams"])
     seed = getattr(settings, "seed", 0)
+    cls, identity = _identity(identity_from or reg["model"])
     manifest = Manifest(
-        model={"spec": reg["model"], "class": None, "n_layers": int(reg["n_layers"]), "identity": None},
+        model={"spec": reg["model"], "class": cls, "n_layers": int(reg["n_layers"]), "identity": identity},
         edits=[{"index": r.get("index"), **r} for r in old["edits"]],
         regime={"editor": reg["editor"], "settings": settings.to_dict(), "seeds": [seed],
                 "fingerprint": {"name": reg["editor"], "hparams": reg["hparams"]}},

@@ -238,7 +238,7 @@ def folder_manifest(h: Handles, edits: Edits, editor: str, settings: Settings, s
     """The manifest of a study folder for these edits, model and regime."""
     return Manifest(
         model={"spec": model_spec, "class": type(h.root).__name__, "n_layers": h.n_layers, "identity": model_identity(h)},
-        edits=_edit_rows(edits), data={"source": edits.source, "sample": edits.sample},
+        edits=_edit_rows(edits), data={"source": relative_path(edits.source), "sample": edits.sample},
         regime={"editor": editor, "settings": settings.to_dict(), "seeds": list(seeds),
                 "fingerprint": regime_fingerprint(editor, settings)},
         proxy={"n_proxy": n_proxy, "seed": proxy_seed}, created_by=f"gradlocate {_version()}")
