@@ -35,10 +35,9 @@ import torch
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import gradlocate as gl  # noqa: E402
-from gradlocate.trace.attribution import atp_estimates  # noqa: E402
+import gradlocate as gl
+from gradlocate.trace.attribution import atp_estimates
 
 OUT = ROOT / "benchmarks" / "out" / "atp.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"

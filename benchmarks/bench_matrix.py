@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,12 @@ import torch
 from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import gradlocate as gl  # noqa: E402
-from gradlocate.editors import per_edit_deltas  # noqa: E402
-from gradlocate.evaluation import _queries  # noqa: E402
-from gradlocate.gradients import edit_batch  # noqa: E402
-from gradlocate.losses import IGNORE, tokenize_edits  # noqa: E402
+import gradlocate as gl
+from gradlocate.editors import per_edit_deltas
+from gradlocate.evaluation import _queries
+from gradlocate.gradients import edit_batch
+from gradlocate.losses import IGNORE, tokenize_edits
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import gradlocate as gl  # noqa: E402
-from gradlocate.editors.locft_rows import train_per_sample  # noqa: E402
+import gradlocate as gl
+from gradlocate.editors.locft_rows import train_per_sample
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +40,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
 
 
 def one_layer(h, model, tok, layer, edit, prefixes, C, hp):

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import gradlocate as gl  # noqa: E402
-from gradlocate.golden.compare import split_edits  # noqa: E402
+import gradlocate as gl
+from gradlocate.golden.compare import split_edits
 
 RESULTS = ROOT / "benchmarks" / "results"
 EDITS = ROOT / "benchmarks" / "out" / "new_knowledge.json"

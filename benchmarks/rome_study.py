@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,18 +50,17 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import gradlocate as gl  # noqa: E402
-from gradlocate.data import heldout_texts  # noqa: E402
-from gradlocate.editors.covariance import second_moment  # noqa: E402
-from gradlocate.editors.emmet import EMMET, EMMET_HPARAMS, emmet_ingredients  # noqa: E402
-from gradlocate.editors.locft import LocFTBF  # noqa: E402
-from gradlocate.editors.rank_one import context_templates, emmet_update, rank_one  # noqa: E402
-from gradlocate.editors.rome import ROME, ROME_HPARAMS, RROME, rome_update  # noqa: E402
-from gradlocate.evaluation import text_loss  # noqa: E402
-from gradlocate.interventions import using  # noqa: E402
-from gradlocate.state import Undo  # noqa: E402
+import gradlocate as gl
+from gradlocate.data import heldout_texts
+from gradlocate.editors.covariance import second_moment
+from gradlocate.editors.emmet import EMMET, EMMET_HPARAMS, emmet_ingredients
+from gradlocate.editors.locft import LocFTBF
+from gradlocate.editors.rank_one import context_templates, emmet_update, rank_one
+from gradlocate.editors.rome import ROME, ROME_HPARAMS, RROME, rome_update
+from gradlocate.evaluation import text_loss
+from gradlocate.interventions import using
+from gradlocate.state import Undo
 
 OUT = ROOT / "benchmarks" / "results" / "rome_study"
 FILES = {"counterfact": "counterfact_3k.json", "zsre": "zsre_3k.json"}

@@ -8,12 +8,14 @@ flows (model → handles → signals → scores → layer → edit → evaluatio
 * signals: :func:`edit_gradients`, :func:`retain_gradients` -> :class:`LayerGradients`
 * selectors, each -> :class:`LayerScores`: :func:`gradratio`, :func:`lga`, :func:`cma_layer`
 * causal tracing: :func:`causal_trace` -> :class:`TraceResult`
-* editors (in place, exact undo): :class:`LocFTBF` -> :class:`FitResult`; :class:`ROME`,
-  :class:`RROME`, :class:`EMMET` -> :class:`RankOneResult`; evaluation: :func:`evaluate` ->
-  :class:`EditEvaluation`
-* the golden-layer study: :func:`matrix` -> :class:`Matrix` (every edit alone at every
-  layer), :func:`sweep` -> :class:`SweepResult` (all edits together), :func:`compare` ->
-  :class:`Comparison`, :func:`study` -> :class:`Study`
+* editors (in place, exact undo; one registry, :mod:`gradlocate.editors`, with a typed
+  settings class each): :class:`LocFTBF` -> :class:`FitResult`; :class:`ROME`, :class:`RROME`,
+  :class:`EMMET` -> :class:`RankOneResult`; evaluation: :func:`evaluate` -> :class:`EditEvaluation`
+* the golden-layer study, kept in a study folder every verb reads and writes:
+  :func:`matrix` -> :class:`Matrix` (every edit alone at every layer), :func:`sweep` ->
+  :class:`SweepResult` (all edits together), :func:`compare` -> :class:`Comparison`,
+  :func:`study` -> :class:`Study` (``Study.load(folder)``), :func:`report` (study folders
+  judged and written up)
 * errors: :class:`HandleError`, :class:`ModelBusyError`, :class:`EditTrainingError`,
   :class:`NonFiniteLossError`, :class:`StoreError`
 * models: :mod:`gradlocate.models` (``smollm2()``, ``gemma3_270m()``, ``tiny()``, ``load_model()``)
@@ -47,6 +49,7 @@ from gradlocate.golden.matrix import Matrix, matrix
 from gradlocate.golden.sweep import SweepResult, sweep
 from gradlocate.golden.compare import Comparison, compare
 from gradlocate.golden.study import Study, study
+from gradlocate.golden.report import report
 
 __version__ = "0.3.0"
 
@@ -58,7 +61,7 @@ __all__ = [
     "gradratio", "lga", "cma_layer", "LayerScores",
     "causal_trace", "TraceResult",
     "LocFTBF", "FitResult", "ROME", "RROME", "EMMET", "RankOneResult", "evaluate", "EditEvaluation",
-    "matrix", "Matrix", "sweep", "SweepResult", "compare", "Comparison", "study", "Study",
+    "matrix", "Matrix", "sweep", "SweepResult", "compare", "Comparison", "study", "Study", "report",
     "HandleError", "ModelBusyError", "EditTrainingError", "NonFiniteLossError", "StoreError",
 ]
 

@@ -90,3 +90,29 @@ def zsre_edits():
     from gradlocate.data import load_edits
 
     return load_edits("zsre", n=8)
+
+
+def write_folder(path, ids, n_layers, hparams=None, sizes=None, spec=None):
+    """A study folder written by hand: its manifest (locft with ``hparams``) and the store its
+    cells go to (fingerprinted as the manifest's regime), for judging made-up cells."""
+    from gradlocate.editors import settings_for
+    from gradlocate.golden.folder import Manifest, StudyFolder
+    from gradlocate.golden.matrix import regime_fingerprint
+    from gradlocate.golden.store import Fingerprint, RecordStore, digest
+
+    s = settings_for("locft", hparams or {"lr": 1e-3, "epochs": 5})
+    man = Manifest(model={"spec": spec, "class": "Tiny", "n_layers": n_layers, "identity": None},
+                   edits=[{"id": e, "index": i, "prompt": e, "target_new": "x"} for i, e in enumerate(ids)],
+                   regime={"editor": "locft", "settings": s.to_dict(), "seeds": [0],
+                           "fingerprint": regime_fingerprint("locft", s)}, sizes=sizes or [len(ids)])
+    path.mkdir(parents=True, exist_ok=True)
+    folder = StudyFolder(path, man)
+    folder.write_manifest()
+    part = {"editor": digest(man.regime["fingerprint"])}
+    return folder, RecordStore(folder.cells_dir, lambda k: Fingerprint(dict(part)), shard="shard0of1")
+
+
+@pytest.fixture
+def make_folder():
+    """:func:`write_folder`, as a fixture."""
+    return write_folder

@@ -52,8 +52,8 @@ def test_edit_saves_only_that_layer(tmp_path):
     from transformers import AutoModelForCausalLM
 
     save = tmp_path / "edited"
-    p = run("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "2", "--layer", "2", "--epochs", "3",
-            "--lr", "0.01", "--no-generation", "--save", str(save))
+    p = run("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "2", "--layer", "2", "--set", "epochs=3",
+            "--set", "lr=0.01", "--no-generation", "--save", str(save))
     assert "edited layer 2" in p.stdout and "after:" in p.stdout
     edited = AutoModelForCausalLM.from_pretrained(save).state_dict()
     original = tiny("gpt2")[0].state_dict()  # tiny-gpt2 is tiny("gpt2") with its default seed
@@ -63,7 +63,7 @@ def test_edit_saves_only_that_layer(tmp_path):
 
 def test_sweep_and_resume(tmp_path):
     out = tmp_path / "s.jsonl"
-    args = ("sweep", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "2", "--layers", "2:4", "--epochs", "2",
+    args = ("sweep", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "2", "--layers", "2:4", "--set", "epochs=2",
             "--no-generation", "--out", str(out))
     p = run(*args)
     assert "golden" in p.stdout and len(out.read_text().splitlines()) == 2
@@ -73,7 +73,7 @@ def test_sweep_and_resume(tmp_path):
 
 def test_compare(tmp_path):
     p = run("compare", "--model", "tiny-gpt2", "--edits", FIXTURE, "--method", "gradratio,lga", "--proxy", "0.5",
-            "--layers", "3:4", "--epochs", "2", "--no-generation", "--json", str(tmp_path / "c.json"))
+            "--layers", "3:4", "--set", "epochs=2", "--no-generation", "--json", str(tmp_path / "c.json"))
     assert "| gradratio |" in p.stdout and "| lga |" in p.stdout
     assert json.loads((tmp_path / "c.json").read_text())["n_proxy"] == 2
 

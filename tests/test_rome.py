@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradlocate.data import EditRequest
-from gradlocate.editors import EDITORS, editor_class, per_edit_deltas
+from gradlocate.editors import editor_class, names, per_edit_deltas
 from gradlocate.editors import covariance as cov
 from gradlocate.editors import rank_one as ro
 from gradlocate.editors.emmet import EMMET, emmet_ingredients
@@ -247,7 +247,7 @@ def test_memo_samples_the_context_templates_once_and_changes_nothing(llama, C, n
 
 
 def test_registry_and_per_edit_deltas(llama, C):
-    assert {"rome", "r-rome", "emmet"} <= set(EDITORS) and editor_class("rrome") is RROME
+    assert {"rome", "r-rome", "emmet"} <= set(names()) and editor_class("rrome") is RROME
     w0 = llama.model.layers[L].mlp.down_proj.weight.detach().clone()
     d, summaries = per_edit_deltas("rome", resolve(llama), L, EDITS[:2], covariance=C, **FAST)
     assert tuple(d.shape) == (2, 32, 128) and len(summaries) == 2

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import gradlocate as gl
-from gradlocate.golden.study import split_rows, study
+from gradlocate.golden.folder import proxy_split
+from gradlocate.golden.study import Study, study
 from gradlocate.models import tiny
 
 EDITS = [{"prompt": f"The code word number {i} is", "target_new": w, "ground_truth": "red", "subject": f"number {i}",
@@ -32,7 +33,7 @@ def result(tmp_path_factory):
 
 def test_golden_equals_a_recomputation_from_the_matrix(result):
     _, s, _ = result
-    proxy = split_rows(len(EDITS), 3, seed=0)
+    proxy = proxy_split(len(EDITS), 3, seed=0)[0]
     test = [i for i in range(len(EDITS)) if i not in proxy]
     m = s.matrix
     cells = np.nanmean(np.stack([m.scores[k][test] for k in ("reliability", "generalization", "locality")]), 0)
@@ -50,7 +51,7 @@ def test_golden_equals_a_recomputation_from_the_matrix(result):
 
 def test_selectors_saw_only_the_proxy_edits(result):
     _, s, _ = result
-    proxy = split_rows(len(EDITS), 3, seed=0)
+    proxy = proxy_split(len(EDITS), 3, seed=0)[0]
     assert s.params["proxy_prompts"] == [gl.data.as_edits(EDITS)[i].prompt for i in proxy]
     assert s.judgment.proxy == proxy and s.matrix.n_edits == len(EDITS)
     assert s.batch is not None and s.batch.sweep.records[0].n_edits == len(EDITS) - 3
@@ -64,9 +65,15 @@ def test_resume_reads_selections_and_matrix_back(result):
     assert again.golden == s.golden
     for k, v in s.selections.scores.items():
         assert again.selections.scores[k].scores == pytest.approx(v.scores)
-    np.testing.assert_allclose(again.matrix.scores["overall"], s.matrix.scores["overall"])
+    np.testing.assert_allclose(again.matrix.overall(), s.matrix.overall())
     assert json.dumps(again.to_dict(), default=float)
     assert "Golden layer by definition" in again.to_markdown() and "Batch regime" in s.to_markdown()
+    # the folder holds everything, and loads without a model: the same judgment
+    assert (out / "judgment.json").exists() and (out / "report.md").exists() and (out / "batch").is_dir()
+    loaded = Study.load(out, n_boot=SMALL["n_boot"], n_null=SMALL["n_null"], n_splits=SMALL["n_splits"])
+    assert loaded.golden == s.golden and loaded.judgment.proxy == s.judgment.proxy
+    assert {r.name: r.layer for r in loaded.judgment.selectors} == {r.name: r.layer for r in s.judgment.selectors}
+    assert loaded.batch is not None and loaded.batch.golden == s.batch.golden
 
 
 def test_a_given_matrix_of_other_edits_is_refused(result):
@@ -75,6 +82,7 @@ def test_a_given_matrix_of_other_edits_is_refused(result):
         study(model, EDITS[::-1], TEXTS, n_proxy=3, matrix=s.matrix, selectors=("lga",), progress=False, **SMALL)
 
 
-def test_split_rows_checks_its_sizes():
+def test_the_proxy_rule_checks_its_sizes():
     with pytest.raises(ValueError, match="n_proxy"):
-        split_rows(5, 4)
+        proxy_split(5, 4)
+    assert proxy_split(8)[0] == proxy_split(8, 2, 0)[0]  # a quarter by default

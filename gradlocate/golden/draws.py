@@ -36,7 +36,7 @@ import numpy as np
 
 from gradlocate.golden import arrays, inference, scores
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, _picks, _gated_bootstrap
-from gradlocate.golden.matrix import Matrix
+from gradlocate.golden.table import Matrix
 
 __all__ = ["over_draws", "Draws", "Draw"]
 

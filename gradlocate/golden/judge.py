@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from gradlocate.golden import arrays, inference, scores
-from gradlocate.golden.matrix import MATRIX_METRICS, Matrix
+from gradlocate.golden.table import MATRIX_METRICS, Matrix
 
 __all__ = ["judge", "Judgment", "DefinitionResult", "SelectorResult", "Convergence",
            "DAMAGE_THRESHOLD"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlocate.golden.matrix import layer_span
+from gradlocate.golden.table import layer_span
 
 __all__ = ["claims_table", "judgment_markdown"]
 

@@ -38,88 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradlocate.golden.folder import Completeness, NoLayerYet, StudyFolder
-from gradlocate.golden.judge import DAMAGE_THRESHOLD, judge
-from gradlocate.golden.selections import STUDY_SELECTORS, Selections, select
-from gradlocate.golden.study import Batch, Study
+from gradlocate.golden.folder import StudyFolder
+from gradlocate.golden.judge import DAMAGE_THRESHOLD
+from gradlocate.golden.selections import select
+from gradlocate.golden.study import MIN_JUDGED_SHARE, NotJudgedYet, Study, _judgeable, _model, judge_folder
 from gradlocate.golden.table import layer_span
 from gradlocate.golden import report_sections as sections
 
 __all__ = ["report", "Report", "judge_folder", "judge_draws", "NotJudgedYet", "MIN_JUDGED_SHARE"]
-
-#: A partial matrix is judged once this share of the model's layers is complete: a golden
-#: layer, a regret or a transfer figure among fewer layers says little about the model.
-MIN_JUDGED_SHARE = 0.5
-
-
-class NotJudgedYet(NoLayerYet):
-    """A partial folder with too few complete layers to judge (see :data:`MIN_JUDGED_SHARE`)."""
-
-
-def _judgeable(done: Completeness) -> None:
-    need = int(math.ceil(MIN_JUDGED_SHARE * done.n_layers))
-    if not done.done and len(done.complete_layers) < need:
-        got = layer_span(done.complete_layers) if done.complete_layers else "none"
-        raise NotJudgedYet(f"{done}; complete layers: {got}. A partial matrix is judged once {need} of its "
-                           f"{done.n_layers} layers are complete")
-
-
-def _model(folder: StudyFolder, model: Any) -> tuple[Any, Any]:
-    """(model, tokenizer) to run missing selectors with: the one given, or the manifest's
-    loaded; ``(None, None)`` when neither is there (then only cached selections are read)."""
-    if model is not None or not folder.manifest.model.get("spec"):
-        return model, None
-    from gradlocate.models import load_model
-
-    return load_model(folder.manifest.model["spec"])
-
-
-def _names(selectors: bool | Sequence[str], cma: bool) -> list[str]:
-    if selectors is False:
-        return []
-    names = list(STUDY_SELECTORS) if selectors is True else list(selectors)
-    return [n for n in names if cma or n != "cma"]
-
-
-def judge_folder(folder: StudyFolder | str | os.PathLike[str], *, model: Any = None,
-                 selectors: bool | Sequence[str] = True, cma: bool = True, threshold: float = DAMAGE_THRESHOLD,
-                 n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200, compute: bool = False,
-                 write: bool = False) -> Study:
-    """The study in ``folder``: its complete layers judged on the test rows of its proxy rule,
-    with the selectors' scores on the proxy rows (read from ``selections/``; with ``compute``,
-    missing ones are run with ``model`` or the manifest's). ``write``: also ``judgment.json``.
-
-    Raises:
-        NotJudgedYet: fewer than :data:`MIN_JUDGED_SHARE` of the layers complete.
-    """
-    folder = folder if isinstance(folder, StudyFolder) else StudyFolder.open(folder)
-    m, done = folder.load()
-    _judgeable(done)
-    man = folder.manifest
-    proxy = man.proxy_rows(m.n_edits)
-    names = _names(selectors, cma)
-    picked = None
-    if names:
-        mdl, tok = _model(folder, model) if compute else (None, None)
-        edits = folder.edits(m.n_edits)
-        picked = select(mdl, [edits[i] for i in proxy], None, names, out=folder.selections_path(m.n_edits),
-                        tokenizer=tok, identity=man.model.get("identity"), progress=False)
-    extra = {"model": man.model.get("spec"), "data": man.data.get("source"), "loss_threshold": _loss_threshold()}
-    j = judge(m, proxy, picked.scores if picked else None, threshold=threshold, n_boot=n_boot, n_null=n_null,
-              n_splits=n_splits, regime=extra)
-    if write:
-        folder.judgment_path.write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()}, default=float,
-                                                   indent=1))
-    params = {"n_proxy": len(proxy), "n_test": m.n_edits - len(proxy), "editor": man.regime["editor"],
-              "hparams": man.regime["settings"], "threshold": threshold, "completeness": done}
-    return Study(folder.path.name, j, picked or Selections(), m, Batch.read(folder), params)
-
-
-def _loss_threshold() -> float:
-    from gradlocate.editors.locft import LOSS_THRESHOLD
-
-    return LOSS_THRESHOLD
-
 
 def judge_draws(folder: StudyFolder | str | os.PathLike[str], draws: int, *, model: Any = None,
                 selectors: Sequence[str] = ("lga", "cma", "gradratio", "gradratio (no l_min)"),

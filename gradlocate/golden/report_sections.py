@@ -43,7 +43,7 @@ def batch_records(folder: StudyFolder) -> list[Any]:
     return sorted((r for r in recs if r.error is None), key=lambda r: r.layer)
 
 
-def batch_section(folder: StudyFolder, j: Judgment, n_layers: int, threshold: float, n_boot: int) -> str:
+def batch_section(folder: StudyFolder, j: Any, n_layers: int, threshold: float, n_boot: int) -> str:
     """The batch regime beside the matrix: the test edits edited together at each layer,
     its golden layer per definition (bootstrap over edits, damage-gated like the matrix),
     and what the single-edit golden layer costs the batch (its regret)."""
@@ -217,7 +217,7 @@ def read_draws(folder: StudyFolder) -> Any:
     return Draws.from_dict(json.loads(f.read_text())) if f.exists() else None
 
 
-def draws_section(folder: StudyFolder, j: Judgment) -> str:
+def draws_section(folder: StudyFolder, j: Any) -> str:
     """The selectors over several proxy draws, when made at the judged size."""
     d = read_draws(folder)
     if d is None:

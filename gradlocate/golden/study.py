@@ -33,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,15 +46,16 @@ from gradlocate.editors import DEFAULT_EDITOR, settings_for, spec
 from gradlocate.editors.settings import Settings
 from gradlocate.handles import Handles, resolve
 from gradlocate.interventions import require_gradients, using
-from gradlocate.golden.folder import StudyFolder, proxy_split
+from gradlocate.golden.folder import Completeness, NoLayerYet, StudyFolder, proxy_split
 from gradlocate.golden.judge import DAMAGE_THRESHOLD, Judgment, SelectorResult, judge
 from gradlocate.golden.matrix import folder_manifest, matrix as run_matrix
-from gradlocate.golden.selections import Selections, select
+from gradlocate.golden.selections import STUDY_SELECTORS, Selections, select
 from gradlocate.golden.store import RecordStore
 from gradlocate.golden.sweep import LayerRecord, SweepResult, sweep
-from gradlocate.golden.table import Matrix, edit_id
+from gradlocate.golden.table import Matrix, edit_id, layer_span
 
-__all__ = ["study", "Study", "Batch", "StudyRow", "BATCH_EVALUATION"]
+__all__ = ["study", "Study", "Batch", "StudyRow", "BATCH_EVALUATION", "judge_folder", "NotJudgedYet",
+           "MIN_JUDGED_SHARE"]
 
 #: A selector's row of a study (the name the old study used).
 StudyRow = SelectorResult
@@ -107,10 +110,8 @@ class Study:
     @classmethod
     def load(cls, folder: str | Path, **judge_kw: Any) -> Study:
         """The study in a study folder, read without a model: its complete layers judged with
-        the selections cached there (``judge_kw``: :func:`~gradlocate.golden.judge.judge`'s
-        settings, e.g. ``n_boot``). ``gradlocate report`` computes what is missing."""
-        from gradlocate.golden.report import judge_folder
-
+        the selections cached there (``judge_kw``: :func:`judge_folder`'s settings, e.g.
+        ``n_boot``). ``gradlocate report`` computes what is missing."""
         return judge_folder(StudyFolder.open(folder), **judge_kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,3 +222,86 @@ def _batch(h: Handles, test: list[Any], layers: list[int], editor: str, settings
     sw = sweep(h, test, layers=layers, trainer=settings, editor=editor, progress=progress, out=out,
                generation=ev["generation"], capability=ev["capability"], fluency=ev["fluency"], overall=ev["overall"])
     return Batch(sw, sw.golden, {r.layer: r.converged for r in sw.records})
+
+
+#: A partial matrix is judged once this share of the model's layers is complete: a golden
+#: layer, a regret or a transfer figure among fewer layers says little about the model.
+MIN_JUDGED_SHARE = 0.5
+
+
+class NotJudgedYet(NoLayerYet):
+    """A partial folder with too few complete layers to judge (see :data:`MIN_JUDGED_SHARE`)."""
+
+
+def _judgeable(done: Completeness) -> None:
+    need = int(math.ceil(MIN_JUDGED_SHARE * done.n_layers))
+    if not done.done and len(done.complete_layers) < need:
+        got = layer_span(done.complete_layers) if done.complete_layers else "none"
+        raise NotJudgedYet(f"{done}; complete layers: {got}. A partial matrix is judged once {need} of its "
+                           f"{done.n_layers} layers are complete")
+
+
+def _model(folder: StudyFolder, model: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) to run missing selectors with: the one given, or the manifest's
+    loaded; ``(None, None)`` when neither is there (then only cached selections are read)."""
+    if isinstance(model, tuple):  # what load_model returns
+        return model[0], model[1]
+    if model is not None or not folder.manifest.model.get("spec"):
+        return model, None
+    from gradlocate.models import load_model
+
+    return load_model(folder.manifest.model["spec"])
+
+
+def _names(selectors: bool | Sequence[str], cma: bool) -> list[str]:
+    if selectors is False:
+        return []
+    names = list(STUDY_SELECTORS) if selectors is True else list(selectors)
+    return [n for n in names if cma or n != "cma"]
+
+
+def judge_folder(folder: StudyFolder | str | os.PathLike[str], *, model: Any = None,
+                 selectors: bool | Sequence[str] = True, cma: bool = True, threshold: float = DAMAGE_THRESHOLD,
+                 n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200, compute: bool = False,
+                 write: bool = False) -> Study:
+    """The study in ``folder``: its complete layers judged on the test rows of its proxy rule,
+    with the selectors' scores on the proxy rows (read from ``selections/``; with ``compute``,
+    missing ones are run with ``model`` or the manifest's). ``write``: also ``judgment.json``.
+
+    Raises:
+        NotJudgedYet: fewer than :data:`MIN_JUDGED_SHARE` of the layers complete.
+    """
+    folder = folder if isinstance(folder, StudyFolder) else StudyFolder.open(folder)
+    try:
+        m, done = folder.load()
+    except NotJudgedYet:
+        raise
+    except NoLayerYet as e:
+        need = int(math.ceil(MIN_JUDGED_SHARE * folder.manifest.n_layers))
+        raise NotJudgedYet(f"{e}; a partial matrix is judged once {need} of its {folder.manifest.n_layers} layers "
+                           f"are complete") from None
+    _judgeable(done)
+    man = folder.manifest
+    proxy = man.proxy_rows(m.n_edits)
+    names = _names(selectors, cma)
+    picked = None
+    if names:
+        mdl, tok = _model(folder, model) if compute else (None, None)
+        edits = folder.edits(m.n_edits)
+        picked = select(mdl, [edits[i] for i in proxy], None, names, out=folder.selections_path(m.n_edits),
+                        tokenizer=tok, identity=man.model.get("identity"), progress=False)
+    extra = {"model": man.model.get("spec"), "data": man.data.get("source"), "loss_threshold": _loss_threshold()}
+    j = judge(m, proxy, picked.scores if picked else None, threshold=threshold, n_boot=n_boot, n_null=n_null,
+              n_splits=n_splits, regime=extra)
+    if write:
+        folder.judgment_path.write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()}, default=float,
+                                                   indent=1))
+    params = {"n_proxy": len(proxy), "n_test": m.n_edits - len(proxy), "editor": man.regime["editor"],
+              "hparams": man.regime["settings"], "threshold": threshold, "completeness": done}
+    return Study(folder.path.name, j, picked or Selections(), m, Batch.read(folder), params)
+
+
+def _loss_threshold() -> float:
+    from gradlocate.editors.locft import LOSS_THRESHOLD
+
+    return LOSS_THRESHOLD
