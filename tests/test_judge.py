@@ -283,7 +283,7 @@ def test_report_page_from_a_partial_folder(tmp_path, make_folder):
     assert "### b-foreign\n\nNot judged: FolderError:" in text and "editor fingerprint" in text
     assert not (started.path / "judgment.json").exists() and not (foreign.path / "judgment.json").exists()
     assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
-    assert "| edit-only |" in text and "#### Superseded" in text
+    assert "| edit-only |" in text and "## Superseded\n\nold" in text
     assert json.loads(folder.judgment_path.read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
     assert set(r.failures) == {"a-started", "b-foreign"}
 

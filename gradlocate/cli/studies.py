@@ -185,10 +185,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gradlocate.golden.report import report
 
     check_out_path(args.out, "--out")
-    appendix = ""
-    if args.append:
-        text = Path(args.append).read_text()
-        appendix = "\n" + text.split("\n", 1)[1] if text.startswith("#") else text
+    appendix = "\n" + Path(args.append).read_text() if args.append else ""
     sel: Any = False if args.no_selectors else True
     r = report(args.folders, selectors=sel, cma=not args.no_cma, draws=args.draws, threshold=args.threshold,
                n_boot=args.n_boot, n_null=args.n_null, figures=args.figures, appendix=appendix,

@@ -292,13 +292,12 @@ def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | Non
 
 def page(sections: list[str], threshold: float, summary: str = "", folders: str = "", appendix: str = "") -> str:
     """The whole page: the head (how to read it), the summary, the sections, and an appendix
-    (e.g. a superseded study kept for the record: its headings are demoted below the page's)."""
+    (e.g. a superseded study kept for the record), appended as it is."""
     import torch
 
     head = HEAD.format(date=datetime.date.today().isoformat(), machine=platform.machine(), torch=torch.__version__,
                        thr=threshold, loss=LOSS_THRESHOLD, v_stop=EARLY_STOP, folders=folders)
     body = "\n\n".join(sections) if sections else "No study folder has a complete layer yet."
-    old = appendix.replace("\n## ", "\n#### ").replace("\n### ", "\n#### ") if appendix else ""
-    return head + "\n" + summary + "\n## Single-edit matrices\n\n" + body + "\n" + old
+    return head + "\n" + summary + "\n## Single-edit matrices\n\n" + body + "\n" + appendix
 
 
