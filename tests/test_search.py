@@ -337,3 +337,43 @@ def test_live_search_writes_matrix_cells_and_a_rerun_reads_them(tmp_path, tiny_g
     rep = gs.search(replay=full, proxy_edits=edits, definition="edit-only", budget=7, eta=2, first=1, threshold=1e9)
     assert (rep.layer, rep.edits, rep.means, rep.contenders) == (s.layer, s.edits, s.means, s.contenders)
     assert [edit_id(e) for e in edits].count(s.edit_ids[0]) == 1
+
+
+# --------------------------------------------------------------------------- the replay report
+
+
+def test_search_replay_end_to_end_and_its_verdicts(tmp_path):
+    from gradlocate.golden.search_report import SearchReplay, search_replay
+
+    m = _matrix(n=40, layers=6, best=2, gap=0.2)
+    m = Matrix(list(range(6)), m.edit_ids, {"reliability": m.scores["reliability"]})
+    draws = [{"seed": s, "proxy": list(range(10 * s, 10 * s + 10)), "picks": {"lga": 5, "cma": 2}} for s in range(2)]
+    folder = _folder(tmp_path, m, draws)
+    r = search_replay([folder], definitions=["reliability"], n_draws=8, pool=20, n_boot=3, n_boot_committed=20,
+                      progress=False)
+    v = r.studies[0].verdicts["reliability"]
+    t, c = r.studies[0].draws, r.studies[0].committed
+    assert v.search == t.row("reliability", "search").mean and v.bf16 == t.row("reliability", "brute force k=16").mean
+    assert v.selector_regret == min(c.row("reliability", s).mean for s in ("lga", "cma"))
+    assert v.holds == (v.search <= v.bf16 and v.search_committed <= v.selector_regret and v.search_cells <= 6 * 4)
+    back = SearchReplay.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back.docs_markdown() == r.docs_markdown() and "| search |" in r.docs_markdown()
+
+
+def test_docs_page_shows_the_stored_replay():
+    """docs/search.md's tables are the committed replay's (re-render: python -m benchmarks.search_replay --render)."""
+    import re
+    from pathlib import Path
+
+    from gradlocate.golden.search_report import SearchReplay
+
+    root = Path(__file__).resolve().parents[1]
+    stored = root / "benchmarks" / "results" / "search_replay.json"
+    r = SearchReplay.load(stored)
+    page = (root / "docs" / "search.md").read_text()
+    block = re.search(r"<!-- search_replay -->\n(.*?)<!-- /search_replay -->", page, re.S)
+    assert block is not None and block.group(1) == r.docs_markdown() + "\n"
+    for s in r.studies:
+        assert s.draws.n_draws >= 200 and len(s.committed.rows["edit-only"][0].regrets) == 16
+        for dfn, v in s.verdicts.items():
+            assert v.search_cells <= 4 * len(s.draws.layers)  # the default budget: a quarter of BF16's cells

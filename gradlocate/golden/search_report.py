@@ -178,6 +178,17 @@ class SearchReplay:
         return summary_markdown(self) + ("" if not details else "\n" + "\n".join(
             s.draws.to_markdown() + "\n" + s.committed.to_markdown() for s in self.studies))
 
+    def docs_markdown(self) -> str:
+        """The summary, then per definition the wide tables (every method x every study) of
+        the random draws and of the committed draws: what docs/search.md shows."""
+        out = [summary_markdown(self)]
+        for dfn in self.settings.get("definitions") or list(self.studies[0].verdicts):
+            out += [f"\n**Random draws, `{dfn}`**: mean test regret [95% interval] (mean cells)\n",
+                    wide_markdown(self, dfn),
+                    f"\n**The 16 committed draws, `{dfn}`** (the published selectors' picks; the proxy methods "
+                    f"on the same proxy rows)\n", wide_markdown(self, dfn, committed=True)]
+        return "\n".join(out)
+
     def plot(self, definition: str = "edit-only") -> Any:
         """Each study's mean test regret against cost under ``definition``, one panel each."""
         import matplotlib.pyplot as plt
@@ -226,6 +237,36 @@ def summary_markdown(r: SearchReplay) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _order(name: str) -> tuple[int, float]:
+    """Baselines, selectors, brute force by k, then the search by budget."""
+    if name.startswith("brute force k="):
+        return 2, float(name.split("=")[1])
+    if name.startswith("search"):
+        return 3, {SEARCH_AIM: 3.0, SEARCH: 4.0, SEARCH_MORE: 8.0}.get(name, 9.0)
+    return (0, 0.0) if name in (RANDOM, CONSTANT) else (1, 0.0)
+
+
+def wide_markdown(r: SearchReplay, definition: str, committed: bool = False) -> str:
+    """One row per method, one column per study: mean test regret [interval] and, below
+    the name, the mean cells (random draws, or the committed draws with ``committed``)."""
+    tables = [s.committed if committed else s.draws for s in r.studies]
+    names = sorted(dict.fromkeys(x.name for t in tables for x in t.rows[definition]), key=_order)
+    head = "| method | " + " | ".join(f"{s.name} ({len(t.layers)} layers)" for s, t in zip(r.studies, tables)) + " |"
+    lines = [head, "|---|" + "---|" * len(tables)]
+    for name in names:
+        cells = []
+        for t in tables:
+            try:
+                x = t.row(definition, name)
+            except KeyError:
+                cells.append("")
+                continue
+            cost = "" if x.cells == 0 else f" ({fmt(x.cells, 0)} cells)"
+            cells.append(f"{fmt(x.mean)} [{fmt(x.lo)}, {fmt(x.hi)}]{cost}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _methods(pool: int) -> list[Any]:
     return [*(brute_force(k) for k in BRUTE_FORCE_K if k <= pool), searched(per_layer=3, name=SEARCH_AIM),
             searched(name=SEARCH), searched(per_layer=8, name=SEARCH_MORE)]
@@ -263,4 +304,4 @@ def search_replay(folders: Sequence[str | os.PathLike[str]], *, definitions: Seq
     return out
 
 
-__all__ += ["summary_markdown", "verdict", "RANDOM", "CONSTANT"]
+__all__ += ["summary_markdown", "wide_markdown", "verdict", "RANDOM", "CONSTANT"]
