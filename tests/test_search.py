@@ -377,3 +377,17 @@ def test_docs_page_shows_the_stored_replay():
         assert s.draws.n_draws >= 200 and len(s.committed.rows["edit-only"][0].regrets) == 16
         for dfn, v in s.verdicts.items():
             assert v.search_cells <= 4 * len(s.draws.layers)  # the default budget: a quarter of BF16's cells
+
+
+def test_live_weighted_scores_and_the_damage_gate(tiny_gpt2):
+    model, _ = tiny_gpt2
+    edits = [{"prompt": f"{i} + 2 =", "target_new": str(i + 2)} for i in range(3)]
+    kw = dict(hparams={"lr": 1e-2, "epochs": 1}, layers=[0, 1], budget=4, first=1, capability_edits=1, progress=False)
+    s = gs.search(model, edits, definition="weighted", threshold=1e9, **kw)
+    assert s.layer in (0, 1) and s.cost.cells <= 4 and all(d != -1 for d in s.dropped)
+    with pytest.raises(ValueError, match="every layer searched is damaging"):
+        gs.search(model, edits, threshold=-1.0, **kw)  # every loss change is above -1 nat
+    with pytest.raises(ValueError, match="capability_edits must be"):
+        gs.search(model, edits, **{**kw, "capability_edits": 2})
+    with pytest.raises(ValueError, match="not both"):
+        gs.search(model, edits, replay=_matrix(n=4, layers=2, best=0))

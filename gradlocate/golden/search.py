@@ -596,6 +596,9 @@ def search(model: Any = None, proxy_edits: Any = None, *, editor: str = DEFAULT_
         :class:`Search`.
     """
     if replay is not None:
+        if model is not None or out is not None:
+            raise ValueError("give either a model (live, cells edited and stored in out=) or replay= a stored "
+                             "matrix (cells read from it), not both")
         m, seconds = _load(replay)
         rows = _replay_rows(m, proxy_edits)
         src = _replay(m, seconds, [rows[i] for i in _order(len(rows), seed)], definition, threshold)
