@@ -1,7 +1,7 @@
 """The budgeted layer search replayed on every committed matrix (issue 43, item 2).
 
-For each complete folder under benchmarks/results/matrix/ (edits.json, records,
-proxy_draws.json): :func:`gradlocate.golden.search_report.search_replay`, i.e. the search
+For each complete study folder under studies/ (manifest, cells,
+draws.json): :func:`gradlocate.golden.search_report.search_replay`, i.e. the search
 (3, 4 and 8 cells per layer), brute force on 1, 2, 4, 8, 16, 24 proxy edits, a random layer
 and the best constant layer over random proxy draws with two-level bootstrap intervals,
 and the published selectors (GradRatio with and without l_min, LGA, CMA) on the 16
@@ -28,7 +28,7 @@ from pathlib import Path
 from gradlocate.golden.search_report import SearchReplay, search_replay, summary_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-MATRICES = ROOT / "benchmarks" / "results" / "matrix"
+MATRICES = ROOT / "studies"
 OUT = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "search.md"
 BLOCK = re.compile(r"(<!-- search_replay -->\n).*?(<!-- /search_replay -->)", re.S)
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         write(SearchReplay.load(OUT / f"{args.out}.json"), args.out)
         return
     wanted = [s for s in args.folders.split(",") if s]
-    folders = sorted(p for p in MATRICES.glob("*") if (p / "proxy_draws.json").exists()
+    folders = sorted(p for p in MATRICES.glob("*") if (p / "draws.json").exists()
                      and (not wanted or p.name in wanted))
     if wanted and len(folders) != len(wanted):
-        raise SystemExit(f"not found (or no proxy_draws.json): {sorted(set(wanted) - {p.name for p in folders})}")
+        raise SystemExit(f"not found (or no draws.json): {sorted(set(wanted) - {p.name for p in folders})}")
     t0 = time.perf_counter()
     r = search_replay(folders, n_draws=args.draws, pool=args.pool, n_boot=args.boot, boot_draws=args.boot_draws)
     r.settings["seconds"] = round(time.perf_counter() - t0, 1)

@@ -13,7 +13,7 @@ from scipy import stats as sps
 
 from gradlocate.golden import regret as rg
 from gradlocate.golden import search as gs
-from gradlocate.golden.matrix import Matrix, edit_id
+from gradlocate.golden.table import Matrix, edit_id
 from gradlocate.golden.store import RecordStore
 
 
@@ -266,25 +266,24 @@ def test_two_level_interval_covers_the_true_mean_regret():
     assert np.mean(widths) < 1.5 * ideal, (np.mean(widths), ideal)
 
 
-def _folder(tmp_path, m, draws):
+def _folder(tmp_path, m, draws, make_folder):
     ids = m.edit_ids
-    (tmp_path / "edits.json").write_text(json.dumps({"n_layers": len(m.layers),
-                                                     "edits": [{"id": e} for e in ids]}))
-    store = RecordStore(tmp_path, shard="s0")
+    folder, store = make_folder(tmp_path / "f", ids, len(m.layers))
+    tmp_path = folder.path
     for i, e in enumerate(ids):
         for j, l in enumerate(m.layers):
             store.append(f"{e}/{l}", {"edit": e, "layer": l, "scores": {"reliability": float(m.scores["reliability"][i, j])},
                                       "train": {"steps": 5}, "timings": {"train": 0.5, "score": 0.25}})
-    (tmp_path / "proxy_draws.json").write_text(json.dumps({"selectors": ["lga", "cma"], "draws": draws}))
+    (tmp_path / "draws.json").write_text(json.dumps({"selectors": ["lga", "cma"], "draws": draws}))
     return tmp_path
 
 
-def test_committed_draws_score_the_selectors_picks_on_their_test_rows(tmp_path):
+def test_committed_draws_score_the_selectors_picks_on_their_test_rows(tmp_path, make_folder):
     m = _matrix(n=16, layers=4, best=1, gap=0.2)
     m = Matrix(list(range(4)), m.edit_ids, {"reliability": m.scores["reliability"]})
     draws = [{"seed": 0, "proxy": [0, 1, 2, 3], "picks": {"lga": 1, "cma": 3}},
              {"seed": 1, "proxy": [4, 5, 6, 7], "picks": {"lga": 0, "cma": 1}}]
-    folder = _folder(tmp_path, m, draws)
+    folder = _folder(tmp_path, m, draws, make_folder)
     r = rg.regret_on_committed_draws(folder, definitions=["reliability"], methods=[rg.brute_force(2)], n_boot=50,
                                      reference="lga")
     s = m.scores["reliability"]
@@ -304,10 +303,10 @@ def test_committed_draws_score_the_selectors_picks_on_their_test_rows(tmp_path):
     assert back.to_markdown() == r.to_markdown() and "| lga |" in r.to_markdown()
 
 
-def test_search_replays_a_folder_with_stored_costs(tmp_path):
+def test_search_replays_a_folder_with_stored_costs(tmp_path, make_folder):
     m = _matrix(n=16, layers=4, best=1, gap=0.3)
     m = Matrix(list(range(4)), m.edit_ids, {"reliability": m.scores["reliability"]})
-    folder = _folder(tmp_path, m, [{"seed": 0, "proxy": [0, 1, 2, 3], "picks": {"lga": 1, "cma": 3}}])
+    folder = _folder(tmp_path, m, [{"seed": 0, "proxy": [0, 1, 2, 3], "picks": {"lga": 1, "cma": 3}}], make_folder)
     s = gs.search(replay=folder, proxy_edits=m.edit_ids[:8], definition="reliability", budget=16)
     assert s.layer == 1 and s.cost.steps == 5 * s.cost.cells and s.cost.seconds == pytest.approx(0.75 * s.cost.cells)
 
@@ -342,13 +341,13 @@ def test_live_search_writes_matrix_cells_and_a_rerun_reads_them(tmp_path, tiny_g
 # --------------------------------------------------------------------------- the replay report
 
 
-def test_search_replay_end_to_end_and_its_verdicts(tmp_path):
+def test_search_replay_end_to_end_and_its_verdicts(tmp_path, make_folder):
     from gradlocate.golden.search_report import SearchReplay, search_replay
 
     m = _matrix(n=40, layers=6, best=2, gap=0.2)
     m = Matrix(list(range(6)), m.edit_ids, {"reliability": m.scores["reliability"]})
     draws = [{"seed": s, "proxy": list(range(10 * s, 10 * s + 10)), "picks": {"lga": 5, "cma": 2}} for s in range(2)]
-    folder = _folder(tmp_path, m, draws)
+    folder = _folder(tmp_path, m, draws, make_folder)
     r = search_replay([folder], definitions=["reliability"], n_draws=8, pool=20, n_boot=3, n_boot_committed=20,
                       progress=False)
     v = r.studies[0].verdicts["reliability"]

@@ -11,9 +11,9 @@ proxy pool, in that order (a method reads its cells from them only: brute force 
 edits takes the first ``k``, the search draws them one by one), the other rows are the
 test rows. A method's **regret** on the draw is the best test layer mean minus the test
 mean at its pick, the best taken over the **allowed** layers (the damage gate of
-:func:`gradlocate.stats.damage_gate` on the matrix's capability subsample; a pick on a
+:func:`gradlocate.golden.scores.damage_gate` on the matrix's capability subsample; a pick on a
 damaging layer can then score a negative regret, and the table counts such picks).
-Scores are :func:`gradlocate.stats.overall` per cell under a declared definition
+Scores are :func:`gradlocate.golden.scores.overall` per cell under a declared definition
 (default ``edit-only``: the mean of reliability, generalization and locality; ``weighted``
 adds the per-layer capability term, measured on the matrix's capability subsample and
 known to every method alike).
@@ -43,7 +43,7 @@ and draws.
 
 Example:
     >>> import numpy as np
-    >>> from gradlocate.golden.matrix import Matrix
+    >>> from gradlocate.golden.table import Matrix
     >>> rng = np.random.default_rng(0)
     >>> rel = np.clip(np.array([0.3, 0.5, 0.8, 0.6]) + rng.normal(0, 0.2, (40, 4)), 0, 1)
     >>> m = Matrix([0, 1, 2, 3], [f"e{i}" for i in range(40)], {"reliability": rel})
@@ -65,9 +65,9 @@ from typing import Any
 
 import numpy as np
 
-from gradlocate import stats
-from gradlocate.golden.judge import DAMAGE_THRESHOLD, matrix_metrics
-from gradlocate.golden.matrix import Matrix
+from gradlocate.golden import arrays, scores
+from gradlocate.golden.judge import DAMAGE_THRESHOLD
+from gradlocate.golden.table import Matrix
 
 __all__ = ["regret_over_draws", "regret_on_committed_draws", "Regrets", "MethodRegret", "Method", "Pool", "Pick", "brute_force", "searched",
            "draw_regrets", "interval", "BRUTE_FORCE_K", "study_scores"]
@@ -171,13 +171,13 @@ def searched(budget: int | None = None, *, name: str | None = None, per_layer: f
 def study_scores(m: Matrix, definition: str, threshold: float = DAMAGE_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """The cell scores ``[edits, layers]`` under ``definition`` and the allowed layers (not
     damaging, scored), as every method and the regret see them."""
-    score = stats.overall(matrix_metrics(m), definition)
+    score = scores.overall(m.metrics(), definition)
     allowed = np.isfinite(score).any(0)
     if np.isfinite(m.capability).any():
-        allowed &= stats.damage_gate(m.capability, threshold, higher_is_better=False).allowed
+        allowed &= scores.damage_gate(m.capability, threshold, higher_is_better=False).allowed
     if np.isnan(score[:, allowed]).any():
         raise ValueError("the matrix has missing cells in allowed layers: judge complete columns only "
-                         "(load_matrix(..., complete_only=True))")
+                         "(StudyFolder.load(complete_only=True))")
     return score, allowed
 
 
@@ -280,7 +280,7 @@ class MethodRegret:
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("name", "mean", "lo", "hi", "cells", "cells_max", "steps", "seconds",
                                            "vs_reference", "stated", "hit", "damaging")}
-        return stats._plain({**d, "regrets": self.regrets.tolist()})
+        return arrays.plain({**d, "regrets": self.regrets.tolist()})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MethodRegret:
@@ -327,7 +327,7 @@ class Regrets:
     def to_dict(self) -> dict[str, Any]:
         head = {k: getattr(self, k) for k in ("study", "n_edits", "layers", "pool", "n_test", "n_draws", "n_boot",
                                               "boot_draws", "level", "reference", "golden", "scheme")}
-        return {**stats._plain(head), "rows": {d: [r.to_dict() for r in rs] for d, rs in self.rows.items()}}
+        return {**arrays.plain(head), "rows": {d: [r.to_dict() for r in rs] for d, rs in self.rows.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Regrets:
@@ -412,7 +412,7 @@ def regret_over_draws(study: Matrix | str | os.PathLike[str], *, definitions: Se
 
     Args:
         study: a :class:`~gradlocate.golden.matrix.Matrix` or a matrix folder (complete layers are used).
-        definitions: the scores judged (:func:`gradlocate.stats.overall`, per cell).
+        definitions: the scores judged (:func:`gradlocate.golden.scores.overall`, per cell).
         methods: the methods (default: brute force on 1, 2, 4, 8, 16, 24 edits up to the pool,
             and the search at its default budget).
         n_draws: random draws (>= 200 to report).
@@ -462,13 +462,13 @@ def regret_over_draws(study: Matrix | str | os.PathLike[str], *, definitions: Se
 
 
 def _committed(folder: str | os.PathLike[str]) -> tuple[list[str], list[tuple[int, list[int], dict[str, int]]]]:
-    """The selectors and (seed, proxy rows, selector -> layer) of each draw of ``proxy_draws.json``."""
+    """The selectors and (seed, proxy rows, selector -> layer) of each draw of ``draws.json``."""
     import json
     from pathlib import Path
 
-    f = Path(folder) / "proxy_draws.json"
+    f = Path(folder) / "draws.json"
     if not f.exists():
-        raise FileNotFoundError(f"{f} not found: benchmarks/proxy_draws.py writes a folder's committed proxy draws")
+        raise FileNotFoundError(f"{f} not found: `gradlocate report {folder} --draws 16` writes a folder's proxy draws")
     d = json.loads(f.read_text())
     draws = [(int(x["seed"]), [int(i) for i in x["proxy"]], {k: int(v) for k, v in x["picks"].items()})
              for x in d["draws"]]
@@ -527,7 +527,7 @@ def regret_on_committed_draws(folder: str | os.PathLike[str], *, definitions: Se
                               threshold: float = DAMAGE_THRESHOLD, level: float = 0.95,
                               reference: str | None = "search") -> Regrets:
     """The published selectors' picks on a folder's committed proxy draws
-    (``proxy_draws.json``: 16 draws, a quarter of the rows each), side by side with the proxy
+    (``draws.json``: 16 draws, a quarter of the rows each), side by side with the proxy
     methods run on the same proxy rows and with the baselines, judged on the same test rows.
 
     Only these draws have the selectors' picks (they need the model to re-run), so the
@@ -557,7 +557,7 @@ def regret_on_committed_draws(folder: str | os.PathLike[str], *, definitions: Se
                                                  rng.integers(0, len(draws), len(draws))), 0) for _ in range(n_boot)])
         rows[dfn] = _summaries(names, out, boot, ref, level, margins)
         golden[dfn] = int(m.layers[int(np.flatnonzero(allowed)[np.argmax(score.mean(0)[allowed])])])
-    scheme = (f"the {len(draws)} committed proxy draws (proxy_draws.json: {n_proxy} proxy rows each, the selectors' "
+    scheme = (f"the {len(draws)} committed proxy draws (draws.json: {n_proxy} proxy rows each, the selectors' "
               f"picks), {m.n_edits - n_proxy} test rows; intervals: {n_boot} resamples of the draws x the edits "
               f"(multinomial weights), picks held fixed, level {level:g}")
     return Regrets(name, m.n_edits, list(m.layers), n_proxy, m.n_edits - n_proxy, len(draws), n_boot, len(draws),

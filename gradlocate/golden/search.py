@@ -39,7 +39,7 @@ visits every layer, so an order prior would change nothing.
 
 Example:
     >>> import numpy as np
-    >>> from gradlocate.golden.matrix import Matrix
+    >>> from gradlocate.golden.table import Matrix
     >>> rng = np.random.default_rng(0)
     >>> rel = np.clip(np.linspace(0.3, 0.6, 9) + 0.3 * (np.arange(9) == 6) + rng.normal(0, 0.1, (24, 9)), 0, 1)
     >>> m = Matrix(list(range(9)), [f"e{i}" for i in range(24)], {"reliability": rel})
@@ -62,10 +62,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from scipy import special
 
-from gradlocate import stats
+from gradlocate.golden import arrays, scores
 from gradlocate.editors import DEFAULT_EDITOR
-from gradlocate.golden.judge import DAMAGE_THRESHOLD, matrix_metrics
-from gradlocate.golden.matrix import MATRIX_METRICS, Matrix, edit_id, layer_span
+from gradlocate.golden.judge import DAMAGE_THRESHOLD
+from gradlocate.golden.table import MATRIX_METRICS, Matrix, edit_id, layer_span
 
 __all__ = ["search", "run_policy", "Search", "Round", "Cost", "CellSource", "ReplayCells", "LiveCells",
            "replay_cells", "DEFAULT_MARGIN", "DEFAULT_CONFIDENCE", "default_budget"]
@@ -158,7 +158,7 @@ class ReplayCells:
         out = self.scores[np.ix_(r, c)]
         if np.isnan(out).any():
             raise ValueError(f"the stored matrix has no score for {int(np.isnan(out).sum())} requested cell(s): "
-                             f"replay needs complete columns (load_matrix(..., complete_only=True))")
+                             f"replay needs complete columns (StudyFolder.load(complete_only=True))")
         part = lambda a: None if a is None else float(np.nansum(a[np.ix_(r, c)]))  # noqa: E731
         self.cost.add(out.size, 0, part(self._steps), part(self._seconds))
         return out
@@ -171,7 +171,7 @@ class LiveCells:
     """Cells computed with the editor by :func:`~gradlocate.golden.matrix.matrix` (one call
     per block: the policy's round), written to and read back from its record store ``out``.
 
-    Scores: :func:`gradlocate.stats.overall` of the cell's metrics under ``definition``; the
+    Scores: :func:`gradlocate.golden.scores.overall` of the cell's metrics under ``definition``; the
     ``weighted`` overall's capability term and the damage gate come from the held-out loss
     change measured on the first ``capability_edits`` proxy edits at each layer."""
 
@@ -235,7 +235,7 @@ class LiveCells:
         elif self.definition in ("weighted", "golden-layers"):
             raise ValueError(f"the {self.definition!r} overall needs the held-out loss change at every layer: "
                              f"give capability_edits >= 1")
-        return stats.overall(metrics, self.definition)
+        return scores.overall(metrics, self.definition)
 
     def damaging(self, col: int) -> bool:
         c = self.layer_capability(col)
@@ -246,7 +246,7 @@ def _definition_scores(m: Matrix, definition: str) -> np.ndarray:
     if definition == "golden-layers":
         raise ValueError("the search scores cells one by one; 'golden-layers' normalises over every layer's "
                          "mean, so it has no per-cell score: use 'edit-only', 'weighted' or one metric")
-    return stats.overall(matrix_metrics(m), definition)
+    return scores.overall(m.metrics(), definition)
 
 
 def replay_cells(replay: Matrix | str | os.PathLike[str], rows: Sequence[int] | None = None, *,
@@ -261,15 +261,15 @@ def replay_cells(replay: Matrix | str | os.PathLike[str], rows: Sequence[int] | 
 
 def _replay(m: Matrix, seconds: np.ndarray | None, rows: Sequence[int] | None, definition: str,
             threshold: float) -> ReplayCells:
-    scores = _definition_scores(m, definition)
-    gate = stats.damage_gate(m.capability, threshold, higher_is_better=False) if np.isfinite(m.capability).any() \
+    per_cell = _definition_scores(m, definition)
+    gate = scores.damage_gate(m.capability, threshold, higher_is_better=False) if np.isfinite(m.capability).any() \
         else None
     idx = np.arange(m.n_edits) if rows is None else np.asarray(list(rows), dtype=int)
     if idx.size == 0 or idx.min() < 0 or idx.max() >= m.n_edits:
         raise ValueError(f"rows must be row indices in 0..{m.n_edits - 1}, got {list(idx)[:8]}")
     steps = m.train.get("steps")
     damaging = np.zeros(len(m.layers), bool) if gate is None else ~gate.allowed
-    return ReplayCells(scores[idx], m.layers, damaging, None if steps is None else steps[idx],
+    return ReplayCells(per_cell[idx], m.layers, damaging, None if steps is None else steps[idx],
                        None if seconds is None else seconds[idx], definition, [f"row {i}" for i in idx])
 
 
@@ -277,14 +277,11 @@ def _load(replay: Matrix | str | os.PathLike[str]) -> tuple[Matrix, np.ndarray |
     """The matrix, and per cell the seconds its record says it took (``None`` for a Matrix object)."""
     if isinstance(replay, Matrix):
         return replay, None
-    from gradlocate.golden.load import load_matrix
-    from gradlocate.golden.store import RecordStore
+    from gradlocate.golden.folder import StudyFolder
 
-    folder = Path(replay)
-    manifest = json.loads((folder / "edits.json").read_text()) if (folder / "edits.json").exists() else {}
-    records = [r for r in RecordStore(folder).read().values() if "edit" in r and "layer" in r]
-    n_layers = int(manifest.get("n_layers") or 1 + max((int(r["layer"]) for r in records), default=-1))
-    m, _ = load_matrix(folder, n_layers)
+    folder = StudyFolder.open(replay)
+    records = list(folder.records().values())
+    m, _ = folder.load()
     row, col = {e: i for i, e in enumerate(m.edit_ids)}, {l: j for j, l in enumerate(m.layers)}
     seconds = np.full(m.shape, np.nan)
     for r in records:
@@ -322,7 +319,7 @@ class Search:
         confidence: the estimated probability that no layer beats the leader by more than
             ``margin`` (NaN when no paired difference had two edits to estimate a spread).
         margin, target: the margin and the confidence that stops the search early (``None``: never).
-        definition: the score the search maximised (an overall of :func:`gradlocate.stats.overall`).
+        definition: the score the search maximised (an overall of :func:`gradlocate.golden.scores.overall`).
         layers: the model layers searched; means / edits: per layer, the mean score over its
             evaluated proxy edits and how many (0: dropped as damaging before scoring ... never evaluated);
         dropped: per layer, the round it was dropped in (``None``: kept to the end; ``-1``: damaging).
@@ -352,7 +349,7 @@ class Search:
         d = {k: getattr(self, k) for k in ("layer", "contenders", "confidence", "margin", "target", "definition",
                                            "layers", "means", "edits", "dropped", "budget", "stopped", "spread",
                                            "edit_ids")}
-        d = stats._plain(d)
+        d = arrays.plain(d)
         return {**d, "rounds": [r.to_dict() for r in self.rounds], "cost": self.cost.to_dict()}
 
     def __repr__(self) -> str:

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradlocate import stats
+from gradlocate.golden import arrays, scores
+from gradlocate.golden.folder import StudyFolder
 from gradlocate.golden.judge import DAMAGE_THRESHOLD
 from gradlocate.golden.regret import (BRUTE_FORCE_K, CONSTANT, RANDOM, Regrets, brute_force, regret_on_committed_draws,
                                       regret_over_draws, searched)
@@ -98,7 +99,7 @@ class Verdict:
         return v is not None and v[1] <= 0 <= v[2]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**stats._plain(asdict(self)), "holds": self.holds, "aim": self.aim, "within_noise": self.within_noise}
+        return {**arrays.plain(asdict(self)), "holds": self.holds, "aim": self.aim, "within_noise": self.within_noise}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
@@ -158,7 +159,7 @@ class SearchReplay:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": stats._plain(self.settings), "studies": [s.to_dict() for s in self.studies]}
+        return {"settings": arrays.plain(self.settings), "studies": [s.to_dict() for s in self.studies]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SearchReplay:
@@ -279,7 +280,7 @@ def search_replay(folders: Sequence[str | os.PathLike[str]], *, definitions: Seq
     """Replay the search on each matrix folder (see the module doc).
 
     Args:
-        folders: matrix folders, each with ``edits.json``, its records and ``proxy_draws.json``.
+        folders: study folders, each complete and with ``draws.json`` (the selectors' proxy draws).
         pool: proxy rows per random draw (capped at half the rows).
         n_boot, boot_draws: the two-level bootstrap's replicates and draws per replicate
             (default ``n_draws``; fewer: wider, conservative intervals).
@@ -290,7 +291,7 @@ def search_replay(folders: Sequence[str | os.PathLike[str]], *, definitions: Seq
                                  "boot_draws": boot_draws, "seed": seed, "threshold": threshold, "level": level})
     for folder in folders:
         name = Path(folder).name
-        n_edits = len(json.loads((Path(folder) / "edits.json").read_text())["edits"])
+        n_edits = len(StudyFolder.open(folder).manifest.edits)
         p = min(pool, n_edits // 2)
         if progress:
             print(f"search replay: {name} ({n_draws} draws of {p} proxy edits, {n_boot} x {boot_draws or n_draws} "
