@@ -106,3 +106,69 @@ def test_errors_are_one_line_exit_2(args, msg):
 def test_usage_error_exit_2():
     p = run("select", "--model", "tiny-gpt2", ok=False)  # --edits missing
     assert p.returncode == 2 and "--edits" in p.stderr
+
+
+def test_every_option_of_every_verb_has_help_and_shows_its_default():
+    import argparse
+
+    from gradlocate.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"matrix", "report", "migrate", "editors", "select", "edit", "trace"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        missing = [a.dest for a in p._actions if not a.help and a.dest != "help"]
+        assert not missing, f"gradlocate {name}: options without help: {missing}"
+        assert any(a.dest == "threads" for a in p._actions), f"gradlocate {name} has no --threads"
+        text = p.format_help()
+        for a in p._actions:
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and not isinstance(a.default, list):
+                assert f"default: {a.default}" in " ".join(text.split()) or "default" in (a.help or ""), (name, a.dest)
+
+
+def test_version():
+    import gradlocate
+
+    p = run("--version")
+    assert p.stdout.strip() == f"gradlocate {gradlocate.__version__}"
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "--layer", "1", "--set", "epoch=3"),
+     "LocFT-BF has no setting 'epoch' (did you mean 'epochs'?)"),
+    (("edit", "--model", "tiny-gpt2", "--edits", FIXTURE, "--layer", "1", "--set", "lr"), "expected NAME=VALUE"),
+    (("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "10"), "-n 10: "),
+    (("matrix", "--out", "/nonexistent-folder-gl"), "give --model and --edits to start one"),
+    (("report", "/nonexistent-folder-gl"), None),
+])
+def test_new_errors_are_one_line(args, msg):
+    p = run(*args, ok=False)
+    if msg is None:  # report: a folder that cannot be judged is reported in its place, exit 1
+        assert p.returncode == 1 and "not judged" in p.stderr and "Traceback" not in p.stderr
+        return
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gradlocate {args[0]}: error:") and msg in last, p.stderr[-2000:]
+
+
+def test_editors_lists_each_setting_with_its_default_and_source():
+    p = run("editors", "r-rome")
+    assert "r-rome (R-ROME)" in p.stdout and "v_num_grad_steps = 25" in p.stdout and "EasyEdit" in p.stdout
+
+
+def test_select_all_ends_with_one_recommendation(tmp_path):
+    p = run("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "3", "--method", "gradratio,lga",
+            "--set", "epochs=1", "--json", str(tmp_path / "s.json"))
+    lines = p.stdout.splitlines()
+    rec = next(l for l in lines if l.startswith("Recommendation: edit layer "))
+    picks = json.loads((tmp_path / "s.json").read_text())
+    layer = int(rec.split("edit layer ")[1].split()[0])
+    assert layer in (picks["gradratio"]["selected"], picks["lga"]["selected"])
+    assert picks["recommendation"]["layer"] == layer and picks["recommendation"]["check_cells"] == 4 * 4
+    assert "--method search --editor locft" in p.stdout and all(len(l) <= 100 for l in lines)
+
+
+def test_trace_with_a_target_fits_100_columns(tmp_path):
+    p = run("trace", "--model", "tiny-gpt2", "--prompt", "Paris is the capital of", "--subject", "Paris",
+            "--target", " France", "--samples", "2", "--json", str(tmp_path / "t.json"))
+    assert all(len(l) <= 100 for l in p.stdout.splitlines()), p.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["answer_text"] == " France"

@@ -402,7 +402,7 @@ def test_negative_layer_nnsight_wrapper_and_display(gpt2):
     assert d["history"] == r.history and d["layer"] == 2 and d["cache_mode"] == "down_input"
     assert d["converged"] is False and d["final_loss"] == r.history[-1]
     assert "LocFTBF(layer=2" in repr(ft) and "edited" in repr(ft)
-    assert "3 epoch(s)" in repr(r) and "did not converge" in repr(r)
+    assert "3 epoch(s)" in repr(r) and "stopped at its epoch budget (3) above its loss target" in repr(r)
     assert ft.delta.shape == (32, 128)
     import matplotlib
 

@@ -83,4 +83,4 @@ def test_matrix_on_ray_equals_in_process(ray_instance, tmp_path):
     # the caller wrote every cell: the record file is the single source of truth, and resumes
     assert len(RecordStore(tmp_path / "m.jsonl").read()) == 6
     again = matrix(model, EDITS, hparams=FAST, chunk=2, progress=False, engine="ray", out=tmp_path / "m.jsonl")
-    np.testing.assert_array_equal(again.scores["overall"], there.scores["overall"])
+    np.testing.assert_array_equal(again.overall(), there.overall())

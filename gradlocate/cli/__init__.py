@@ -41,7 +41,8 @@ COMMANDS = {"layers": cmd_layers, "select": cmd_select, "trace": cmd_trace, "edi
 def _common(p: argparse.ArgumentParser, edits: bool = True, required: bool = True) -> None:
     p.add_argument("--model", required=required, default=None,
                    help="smollm2 | gemma3-270m | tiny-<arch> | a local folder | a Hugging Face hub name")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the model is loaded in")
     p.add_argument("--chat", action="store_true",
                    help="feed prompts through the tokenizer's chat template (instruct models), in every step")
     p.add_argument("--blocks", default=None, help="override: path of the decoder-block list (e.g. model.layers)")
@@ -68,49 +69,59 @@ def _editing_opts(p: argparse.ArgumentParser, generation: bool = True) -> None:
 
 
 def _single_parsers(sub: Any) -> None:
-    p = sub.add_parser("layers", help="list the MLP down-projections gradlocate finds")
+    p = _verb(sub, "layers", "list the MLP down-projections gradlocate finds")
     _common(p, edits=False)
-    p = sub.add_parser("select", help="select the layer to edit (GradRatio, LGA, causal tracing)")
+    p = _verb(sub, "select", "select the layer to edit (GradRatio, LGA, causal tracing, the budgeted search)")
     _common(p)
-    p.add_argument("--method", default="gradratio", help="gradratio | lga | cma | all (or a comma list)")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--method", default="gradratio",
+                   help="gradratio | lga | cma | search | all (the three selectors; or a comma list)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="the methods' scores per layer, one panel each")
+    p.add_argument("--budget", type=int, default=None,
+                   help="--method search: cells at most (one edit alone at one layer; default 4 per layer)")
+    p.add_argument("--out", default=None, metavar="DIR", help="--method search: a study folder its cells go to (resume)")
     _select_opts(p)
-    p = sub.add_parser("trace", help="ROME causal trace of one prompt")
+    add_editor_opts(p)
+    p = _verb(sub, "trace", "ROME causal trace of one prompt")
     _common(p, edits=False)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--subject", required=True)
-    p.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"])
-    p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--prompt", required=True, help="the prompt whose answer is traced")
+    p.add_argument("--subject", required=True, help="the subject inside the prompt (its tokens are corrupted)")
+    p.add_argument("--target", default=None,
+                   help="the answer whose probability is traced (default: the model's own next token)")
+    p.add_argument("--kind", default="hidden", choices=["hidden", "mlp", "attn"],
+                   help="the state restored: the block output, its MLP or its attention ")
+    p.add_argument("--samples", type=int, default=10, help="corrupted runs per cell ")
+    p.add_argument("--window", type=int, default=10, help="layers restored around each (mlp/attn)")
     p.add_argument("--noise", type=float, default=3.0, help="noise scale, in multiples of the embedding std")
     p.add_argument("--method", dest="trace_method", default="exact", choices=["exact", "atp"],
                    help="exact (ROME) or atp (attribution patching: an estimate from two forwards and one backward)")
     p.add_argument("--verify", type=int, default=0, help="with --method atp: re-run the K highest cells exactly")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
-    p = sub.add_parser("edit", help="edit one layer with any registered editor, and evaluate")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="the trace as a heatmap")
+    p = _verb(sub, "edit", "edit one layer with any registered editor, and evaluate")
     _common(p)
-    p.add_argument("--layer", required=True, help="layer index, or auto (the --method selector's layer)")
-    p.add_argument("--method", default="gradratio", choices=["gradratio", "lga", "cma"])
+    p.add_argument("--layer", required=True,
+                   help="layer index (negative counts from the end, as in Python), or auto (the --method selector's)")
+    p.add_argument("--method", default="gradratio", choices=["gradratio", "lga", "cma"],
+                   help="the selector that picks the layer with --layer auto")
     p.add_argument("--save", default=None, metavar="DIR", help="save the edited model (transformers format)")
     _select_opts(p)
     _editing_opts(p)
 
 
 def _study_parsers(sub: Any) -> None:
-    p = sub.add_parser("sweep", help="edit all the edits together at every candidate layer (the batch regime)")
+    p = _verb(sub, "sweep", "edit all the edits together at every candidate layer (the batch regime)")
     _common(p)
     p.add_argument("--layers", default=None, help="e.g. 0:30:3 or 4,8,12 (default: all)")
     p.add_argument("--out", default=None, metavar="FILE.jsonl", help="append results here; a re-run resumes")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="the metrics per layer")
     _editing_opts(p)
-    p = sub.add_parser("compare", help="selectors against the sweep (proxy/test split)")
+    p = _verb(sub, "compare", "selectors against the sweep (proxy/test split)")
     _common(p)
     p.add_argument("--method", default="all", help="selectors: gradratio,lga,cma or all")
     p.add_argument("--proxy", type=float, default=0.1, help="fraction of edits the selectors see")
     p.add_argument("--seed", type=int, default=0, help="seeds the proxy/test split")
     p.add_argument("--layers", default=None, help="sweep layers, e.g. 0:30:3 (selected layers are added)")
-    p.add_argument("--out", default=None, metavar="FILE.jsonl")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl", help="the judging sweep's records (a re-run resumes)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="each selector's layer against the sweep")
     _select_opts(p)
     _editing_opts(p)
     _study_parser(sub)
@@ -119,7 +130,7 @@ def _study_parsers(sub: Any) -> None:
 
 
 def _study_parser(sub: Any) -> None:
-    p = sub.add_parser("study", help="the golden-layer study: the single-edit matrix, judged; selectors against it")
+    p = _verb(sub, "study", "the golden-layer study: the single-edit matrix, judged; selectors against it")
     _common(p)
     p.add_argument("--sample", type=int, default=None, metavar="SEED", help="draw the -n edits at random with SEED")
     p.add_argument("--name", default=None, help="the study's title")
@@ -133,13 +144,13 @@ def _study_parser(sub: Any) -> None:
     p.add_argument("--batch", action="store_true", help="also the batch regime: all test edits edited together")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test edits for the intervals")
     p.add_argument("--out", default=None, metavar="DIR", help="the study folder: each part written as it finishes")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="the golden layer by definition of overall")
     _select_opts(p)
     _editing_opts(p, generation=False)
 
 
 def _matrix_parser(sub: Any) -> None:
-    p = sub.add_parser("matrix", help="fill a study folder: every edit alone at every layer (resumable, shardable)")
+    p = _verb(sub, "matrix", "fill a study folder: every edit alone at every layer (resumable, shardable)")
     _common(p, required=False)
     p.add_argument("--sample", type=int, default=None, metavar="SEED", help="draw the -n edits at random with SEED")
     add_editor_opts(p)
@@ -158,7 +169,7 @@ def _matrix_parser(sub: Any) -> None:
 
 
 def _report_parsers(sub: Any) -> None:
-    p = sub.add_parser("report", help="judge study folders and write the report (markdown and figures)")
+    p = _verb(sub, "report", "judge study folders and write the report (markdown and figures)")
     p.add_argument("folders", nargs="+", help="study folders")
     p.add_argument("--out", default=None, metavar="FILE.md", help="write the page here (default: print it)")
     p.add_argument("--figures", default=None, metavar="DIR", help="write each study's judgment plot here")
@@ -171,15 +182,38 @@ def _report_parsers(sub: Any) -> None:
     p.add_argument("--n-null", type=int, default=1000, help="matrices of the selection-bias null")
     p.add_argument("--append", default=None, metavar="FILE.md", help="markdown appended at the end of the page")
     p.add_argument("--print", action="store_true", help="also print the page")
-    p = sub.add_parser("migrate", help="bring study folders of schema 0 (benchmarks/matrix.py) to this schema")
-    p.add_argument("folders", nargs="+")
+    p = _verb(sub, "migrate", "bring study folders of schema 0 (benchmarks/matrix.py) to this schema")
+    p.add_argument("folders", nargs="+", help="study folders written by gradlocate 0.3's benchmarks/matrix.py")
     p.add_argument("--model", default=None, help="the model spec for the manifest's identity (default: the folder's)")
-    p = sub.add_parser("editors", help="list the registered editors and their settings (defaults, sources)")
+    p = _verb(sub, "editors", "list the registered editors and their settings (defaults, sources)")
     p.add_argument("name", nargs="?", default=None, help="one editor")
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one the help does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list)
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _verb(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A verb's parser: defaults shown in its help, and ``--threads`` like every verb."""
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for this process (default: $GRADLOCATE_THREADS, else gradlocate's default "
+                        "for this machine)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gradlocate import __version__
+
     parser = argparse.ArgumentParser(prog="gradlocate", description="Which layer should I edit? Find it, then edit it.")
+    parser.add_argument("--version", action="version", version=f"gradlocate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _single_parsers(sub)
     _study_parsers(sub)
@@ -190,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _threads(args.threads)
     try:
         if getattr(args, "n", None) is not None and args.n < 1:
             raise CLIError(f"-n must be >= 1, got {args.n}")
@@ -207,6 +242,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(args.command, f"failed: {type(e).__name__}: {_first_line(e)} (GRADLOCATE_DEBUG=1 for the "
                                    f"traceback)", 1)
+
+
+def _threads(n: int | None) -> None:
+    """The process's torch threads: ``--threads``, else ``$GRADLOCATE_THREADS``, else
+    gradlocate's default (:func:`gradlocate.models.default_threads` where it exists)."""
+    import torch
+
+    env = os.environ.get("GRADLOCATE_THREADS")
+    if n is None and env:
+        n = int(env)
+    if n is None:
+        from gradlocate import models
+
+        n = getattr(models, "default_threads", lambda: None)()
+    if n is not None:
+        if n < 1:
+            raise SystemExit(f"gradlocate: error: --threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
 
 
 def _first_line(e: BaseException) -> str:

@@ -182,7 +182,7 @@ def add_editor_opts(p: argparse.ArgumentParser) -> None:
 
     listed = "; ".join(f"{n}: {s.label}" for n, s in registry().items())
     p.add_argument("--editor", default=DEFAULT_EDITOR, choices=names(),
-                   help=f"the editor ({listed}; default: %(default)s); `gradlocate editors NAME` lists its settings")
+                   help=f"the editor ({listed}); `gradlocate editors NAME` lists its settings")
     p.add_argument("--hparams", default=None, metavar="FILE.yaml",
                    help="the editor's settings from an EasyEdit hparams YAML (structural keys set aside)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

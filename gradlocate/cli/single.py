@@ -22,13 +22,16 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+SELECTORS = ("gradratio", "lga", "cma")
+
+
 def _methods(spec: str) -> list[str]:
     if spec == "all":
-        return ["gradratio", "lga", "cma"]
+        return list(SELECTORS)
     out = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in out if m not in ("gradratio", "lga", "cma")]
+    bad = [m for m in out if m not in (*SELECTORS, "search")]
     if bad or not out:
-        raise CLIError(f"--method {spec!r}: choose gradratio, lga, cma or all")
+        raise CLIError(f"--method {spec!r}: choose gradratio, lga, cma, search or all (a comma list works too)")
     return out
 
 
@@ -41,18 +44,22 @@ def _select(h: Any, edits: list[Any], method: str, args: argparse.Namespace, app
     kw: dict[str, Any] = {"cma": {"samples": args.samples}}.get(method, eos)
     retain = retain_texts(args.retain, args.edits, args.n_retain) if method == "gradratio" else None
     try:
-        return run_selector(method, h, edits, retain, **kw)
+        return run_selector(method, h, edits, retain, progress=True, **kw)
     except (ValueError, TypeError, HandleError) as e:
         raise CLIError(f"{method}: {e}") from None
 
 
 def _combined_table(results: dict[str, Any]) -> str:
+    """Layers down, methods across (under 100 columns), what each score is and what its
+    "x" (excluded) means, method by method."""
+    import textwrap
+
+    from gradlocate.golden.recommend import WHAT_THE_SCORES_MEAN
     from gradlocate.results import _fmt
 
     names = list(results)
     layers = sorted({l for r in results.values() for l in r.layers})
-    head = f"{'layer':>5} " + " ".join(f"{n:>12}" for n in names) + "  selected by"
-    lines = [head]
+    lines = [f"{'layer':>5} " + " ".join(f"{n:>12}" for n in names) + "  selected by"]
     for l in layers:
         cells = []
         for n in names:
@@ -65,8 +72,50 @@ def _combined_table(results: dict[str, Any]) -> str:
                 cells.append(f"{'':>12}")
         by = ", ".join(n for n in names if results[n].selected == l)
         lines.append(f"{l:>5} " + " ".join(cells) + (f"  <- {by}" if by else ""))
-    lines.append("(* selected, x excluded: below GradRatio's l_min or outside LGA's Tukey fences)")
+    lines.append("* selected; x excluded by the method's own rule:")
+    for n in names:
+        lines += textwrap.wrap(f"{n}: {WHAT_THE_SCORES_MEAN.get(n, '')}", 98, initial_indent="  ",
+                               subsequent_indent="    ")
     return "\n".join(lines)
+
+
+def _time_one_cell(h: Any, edits: Any, editor: str, settings: Any, layer: int) -> float | None:
+    """Seconds one matrix cell (one edit alone at one layer, scored) takes here, or None."""
+    import time
+
+    from gradlocate.golden.matrix import matrix
+
+    t0 = time.perf_counter()
+    try:
+        matrix(h, edits[:1], editor=editor, hparams=settings, layers=[layer], capability_edits=0, progress=False)
+    except Exception:  # noqa: BLE001 - the estimate is optional: no estimate, said so
+        return None
+    return time.perf_counter() - t0
+
+
+def _recommend(h: Any, edits: Any, results: dict[str, Any], args: argparse.Namespace) -> Any:
+    from gradlocate.editors import spec
+    from gradlocate.golden.recommend import recommend
+
+    settings = settings_from(args)
+    print(f"timing one {spec(args.editor).label} cell for the cost of a check ...", file=sys.stderr)
+    rec = recommend(results, spec(args.editor).label, h.n_layers,
+                    seconds_per_cell=_time_one_cell(h, edits, args.editor, settings, h.n_layers // 2))
+    cmd = (f"gradlocate select --model {args.model} --edits {args.edits}" + (f" -n {args.n}" if args.n else "")
+           + f" --method search --editor {args.editor}")
+    print()
+    print("\n".join(rec.lines(cmd)))
+    return rec
+
+
+def _search(h: Any, edits: Any, args: argparse.Namespace) -> Any:
+    from gradlocate.golden.search import search
+
+    try:
+        return search(h, edits, editor=args.editor, hparams=settings_from(args), budget=args.budget, out=args.out,
+                      progress=True)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"search: {e}") from None
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -74,39 +123,59 @@ def cmd_select(args: argparse.Namespace) -> int:
     check_out_path(args.plot, "--plot")
     h = resolved(args)
     edits = load_edits_arg(args.edits, args.n, args.offset)
-    results, failed = {}, {}
+    results, failed, found = _run_methods(h, edits, methods, args)
+    print(f"model: {args.model} ({type(h.root).__name__}, {h.n_layers} layers); "
+          f"{len(edits)} edits from {args.edits}")
+    if results:
+        print(_combined_table(results))
+        print()
+    for m, r in results.items():
+        print(f"{m:>10}: layer {r.selected}   ({sum(r.timings.values()):.1f} s)")
+    if found is not None:
+        print(repr(found))
+    for m, why in failed.items():
+        print(f"{m:>10}: could not run: {why}")
+    rec = _recommend(h, edits, results, args) if len(results) > 1 and found is None else None
+    write_json(args.json, {**{m: r.to_dict() for m, r in results.items()}, **{m: {"error": w} for m, w in failed.items()},
+                           **({"search": found.to_dict()} if found is not None else {}),
+                           **({"recommendation": rec.to_dict()} if rec is not None else {})})
+    if args.plot:
+        _plot_selection(results, found, args)
+    return 0
+
+
+def _run_methods(h: Any, edits: Any, methods: list[str], args: argparse.Namespace) -> tuple[dict, dict, Any]:
+    results, failed, found = {}, {}, None
     for m in methods:
         print(f"running {m} on {len(edits)} edits ...", file=sys.stderr)
         try:
-            results[m] = _select(h, edits, m, args)
+            if m == "search":
+                found = _search(h, edits, args)
+            else:
+                results[m] = _select(h, edits, m, args)
         except CLIError as e:
             if len(methods) == 1:
                 raise
             failed[m] = str(e)  # one selector that cannot run on this data: the others still report
-    if not results:
+    if not results and found is None:
         raise CLIError("no selector could run: " + "; ".join(failed.values()))
-    print(f"model: {args.model} ({type(h.root).__name__}, {h.n_layers} layers); "
-          f"{len(edits)} edits from {args.edits}")
-    print(_combined_table(results))
-    print()
-    for m, r in results.items():
-        t = sum(r.timings.values())
-        print(f"{m:>10}: layer {r.selected}   ({t:.1f} s)")
-    for m, why in failed.items():
-        print(f"{m:>10}: could not run: {why}")
-    write_json(args.json, {**{m: r.to_dict() for m, r in results.items()}, **{m: {"error": w} for m, w in failed.items()}})
-    if args.plot:
-        import matplotlib
+    return results, failed, found
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.8 * len(results)), squeeze=False)
-        for ax, r in zip(axes[:, 0], results.values()):
-            r.plot(ax=ax)
-        fig.tight_layout()
-        save_plot(fig, args.plot)
-    return 0
+def _plot_selection(results: dict[str, Any], found: Any, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(results.values()) + ([found] if found is not None else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
+    for ax, r in zip(axes[:, 0], panels):
+        r.plot(ax=ax)
+    fig.suptitle(f"{args.model}: {', '.join(list(results) + (['search'] if found is not None else []))} on "
+                 f"{args.n or 'all'} edits of {Path(args.edits).name}")
+    fig.tight_layout()
+    save_plot(fig, args.plot)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -116,23 +185,36 @@ def cmd_trace(args: argparse.Namespace) -> int:
     h = resolved(args)
     try:
         res = causal_trace(h, args.prompt, args.subject, kind=args.kind, samples=args.samples, window=args.window,
-                           noise=args.noise, method=args.trace_method, verify=args.verify)
+                           noise=args.noise, method=args.trace_method, verify=args.verify,
+                           answer=args.target, progress=True)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     return report_result(res, _trace_table(res), args)
 
 
-def _trace_table(res: Any) -> str:
-    """Tokens down, layers across: the answer probability with that state restored."""
+def _trace_table(res: Any, width: int = 100) -> str:
+    """Layers down, tokens across (so it fits ``width`` columns; the tokens after the subject
+    and its neighbours are dropped first if there are too many): the answer's probability
+    with that (layer, token) state restored."""
     s0, s1 = res.subject_range
-    width = max(8, max(len(repr(res.tokens[t])) for t in res.token_indices) + 2)
-    head = f"{'token':<{width}}" + "".join(f"{l:>7}" for l in res.layers)
+    cols = list(range(len(res.token_indices)))
+    while 6 + 9 * len(cols) > width and len(cols) > 1:  # keep the subject tokens and the last token
+        keep = [k for k in cols if s0 <= res.token_indices[k] < s1 or k == cols[-1]]
+        drop = [k for k in cols if k not in keep]
+        if not drop:
+            break
+        cols.remove(drop[0])
+    names = [repr(res.tokens[res.token_indices[k]])[1:-1][:7] + ("*" if s0 <= res.token_indices[k] < s1 else "")
+             for k in cols]
     what = " (AtP estimate)" if res.estimated else ""
-    lines = [f"P({res.answer_text!r}) with the {res.kind} state restored{what}; low {res.low_score:.4f}, "
-             f"high {res.high_score:.4f}; * = subject token", head]
-    for i, t in enumerate(res.token_indices):
-        name = repr(res.tokens[t]) + ("*" if s0 <= t < s1 else "")
-        lines.append(f"{name:<{width}}" + "".join(f"{float(v):>7.4f}" for v in res.scores[i]))
+    lines = [f"P({res.answer_text!r}) with the {res.kind} state restored{what}: clean {res.high_score:.4f}, "
+             f"corrupted {res.low_score:.4f}; * = subject token",
+             "layer " + "".join(f"{n:>9}" for n in names)]
+    if res.low_score >= res.high_score:
+        lines.insert(1, "(the corrupted run is not below the clean one: noise does not hurt this answer, so "
+                        "restoring a state cannot show an effect; give --target the answer you expect)")
+    for j, l in enumerate(res.layers):
+        lines.append(f"{l:>5} " + "".join(f"{float(res.scores[k][j]):>9.4f}" for k in cols))
     return "\n".join(lines)
 
 

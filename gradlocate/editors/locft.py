@@ -141,7 +141,9 @@ class FitResult:
                                   title=f"LocFT-BF, layer {self.layer}")
 
     def __repr__(self) -> str:
-        end = "converged" if self.converged else "did not converge"
+        end = (f"reached its loss target in {self.epochs} epoch(s)" if self.converged else
+               f"stopped at its epoch budget ({self.epochs}) above its loss target (the edit may still have taken: "
+               f"evaluate it)")
         loss = f"{self.final_loss:.4g}" if self.history else "n/a"
         return (f"FitResult(layer={self.layer}, {self.epochs} epoch(s), {sum(self.steps)} steps, final loss {loss}, "
                 f"{end}; cache={self.cache_mode}, head={self.head_mode})")

@@ -23,7 +23,7 @@ Example:
     >>> LocFTSettings.from_dict({"lr": 1e-3, "epoch": 5})
     Traceback (most recent call last):
     ...
-    ValueError: LocFT-BF has no setting 'epoch' (did you mean 'epochs'?); its settings: append_eos, cache, cache_budget, edits_per_step, epochs, head, loss_threshold, lr, seed
+    gradlocate.editors.settings.SettingsError: LocFT-BF has no setting 'epoch' (did you mean 'epochs'?); its settings: append_eos, cache, cache_budget, edits_per_step, epochs, head, loss_threshold, lr, seed
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ SELECTORS = ("gradratio", "lga", "cma")
 
 def split_edits(edits: Sequence[Any], proxy: float = 0.1, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """(proxy, test) edits under the proxy rule (:func:`gradlocate.golden.folder.proxy_split`)
-    with a fraction: ``max(1, round(proxy * n))`` proxy edits (at most ``n - 2``).
+    with a fraction: ``max(1, round(proxy * n))`` proxy edits (at most ``n - 1``).
 
     Example:
         >>> p, t = split_edits(list(range(10)), proxy=0.2)
@@ -62,10 +62,10 @@ def split_edits(edits: Sequence[Any], proxy: float = 0.1, seed: int = 0) -> tupl
     """
     if isinstance(proxy, bool) or not isinstance(proxy, (int, float)) or not 0 < proxy < 1:
         raise ValueError(f"proxy must be a fraction in (0, 1), got {proxy!r}")
-    if len(edits) < 3:
-        raise ValueError(f"a proxy/test split needs at least 3 edits (1 proxy, 2 test), got {len(edits)}")
-    k = min(len(edits) - 2, max(1, round(proxy * len(edits))))
-    rows, test = proxy_split(len(edits), k, seed)
+    if len(edits) < 2:
+        raise ValueError(f"a proxy/test split needs at least 2 edits, got {len(edits)}")
+    k = min(len(edits) - 1, max(1, round(proxy * len(edits))))
+    rows, test = proxy_split(len(edits), k, seed, min_test=1)
     return [edits[i] for i in rows], [edits[i] for i in test]
 
 

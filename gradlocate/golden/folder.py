@@ -68,18 +68,20 @@ class NoLayerYet(FolderError):
     """A study folder with no layer to show yet (no complete layer, or no cell at all)."""
 
 
-def proxy_split(n: int, n_proxy: int | None = None, seed: int = 0) -> tuple[list[int], list[int]]:
+def proxy_split(n: int, n_proxy: int | None = None, seed: int = 0, min_test: int = 2) -> tuple[list[int], list[int]]:
     """The proxy rule, defined once: ``n_proxy`` of ``n`` rows (default a quarter,
     ``max(1, n // 4)``) drawn with ``seed`` (``random.Random(seed)`` shuffles the row
     indices; the first ``n_proxy`` are the proxy rows), the rest the test rows; both sorted.
+    ``min_test``: the test rows needed (a judgment needs 2; a sweep judged by its layer means, 1).
 
     Example:
         >>> proxy_split(8, 2, seed=0) == proxy_split(8, 2, seed=0), [len(p) for p in proxy_split(8)]
         (True, [2, 6])
     """
     k = max(1, n // 4) if n_proxy is None else n_proxy
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 2:
-        raise ValueError(f"n_proxy must be in 1..{n - 2} (the test rows need at least 2 of the {n} edits), got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - min_test:
+        raise ValueError(f"n_proxy must be in 1..{n - min_test} (the test rows need at least {min_test} of the {n} "
+                         f"edits), got {k}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return sorted(order[:k]), sorted(order[k:])
@@ -99,6 +101,7 @@ class Manifest:
         regime: ``editor``, ``settings`` (every setting), ``seeds`` (replicates), and
             ``fingerprint``: the object whose digest the cells' editor fingerprint is.
         layers: the layers the study plans (None: all).
+        retain: the retain texts GradRatio ran with (``None``: the built-in ones).
     """
 
     model: dict[str, Any]
@@ -108,6 +111,7 @@ class Manifest:
     proxy: dict[str, Any] = field(default_factory=lambda: {"n_proxy": None, "seed": 0})
     sizes: list[int] = field(default_factory=list)
     layers: list[int] | None = None
+    retain: list[str] | None = None
     schema: int = SCHEMA
     created_by: str = ""
 
@@ -279,6 +283,11 @@ class StudyFolder:
         if digest(old.model["identity"]) != digest(new.model["identity"]):
             raise FolderError(f"{relative_path(self.path)} holds a study of another model ({old.model.get('spec') or old.model['class']}, "
                               f"other weights): use another folder")
+        if new.retain is not None and new.retain != old.retain:
+            if old.retain is not None:
+                raise FolderError(f"{relative_path(self.path)}'s selectors ran with other retain texts: use another folder")
+            old.retain = new.retain
+            self.write_manifest()
         extends = len(new.ids) > len(old.ids) and new.ids[:len(old.ids)] == old.ids
         foreign = set(new.ids) - set(old.ids)
         if foreign and not extends:

@@ -154,7 +154,7 @@ def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any =
     it measures the bias instead of modelling it; use this when it does not.
 
     Example:
-        >>> rng = np.random.defaultrng(0)
+        >>> rng = np.random.default_rng(0)
         >>> b = null_selection_bias(rng.normal(size=(200, 8)), n=50)
         >>> b.null_mean > 0.5, abs(b.corrected) < 0.3
         (True, True)

@@ -219,7 +219,9 @@ def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | 
         definitions: the overalls (default :func:`default_definitions`); primary: the one
             the selectors' rank agreement is measured against.
         threshold: the damage gate, nats of mean held-out loss rise.
-        n_boot, n_null, n_splits: bootstrap resamples, null matrices, transfer splits (>= 200 to report).
+        n_boot: bootstrap resamples.
+        n_null: null matrices of the selection bias.
+        n_splits: transfer splits (>= 200 to report).
 
     Raises:
         ValueError: no test row, a proxy row out of range, or ``primary`` not among the definitions.

@@ -176,8 +176,9 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
         workers: Ray workers on a local instance (default: every core).
         model_spec: what :func:`~gradlocate.models.load_model` takes to load this model again
             (written to a folder's manifest, so ``gradlocate report`` can run the selectors).
-        n_proxy, proxy_seed: the folder's proxy rule (:func:`~gradlocate.golden.folder.proxy_split`;
-            default: a quarter of the edits, seed 0).
+        n_proxy: the folder's proxy rule (:func:`~gradlocate.golden.folder.proxy_split`): the
+            proxy rows (default: a quarter of the edits).
+        proxy_seed: the proxy rule's seed.
         progress: a progress bar over jobs (``None``: on a terminal only).
         runtime: the editor's non-setting arguments (e.g. a precomputed ``covariance``).
 
@@ -234,14 +235,16 @@ def regime_fingerprint(editor: str, settings: Settings) -> dict[str, Any]:
 
 
 def folder_manifest(h: Handles, edits: Edits, editor: str, settings: Settings, seeds: list[int],
-                    model_spec: str | None = None, n_proxy: int | None = None, proxy_seed: int = 0) -> Manifest:
-    """The manifest of a study folder for these edits, model and regime."""
+                    model_spec: str | None = None, n_proxy: int | None = None, proxy_seed: int = 0,
+                    retain: list[str] | None = None) -> Manifest:
+    """The manifest of a study folder for these edits, model and regime (``retain``: the
+    selectors' retain texts, where they are not the built-in ones)."""
     return Manifest(
         model={"spec": model_spec, "class": type(h.root).__name__, "n_layers": h.n_layers, "identity": model_identity(h)},
         edits=_edit_rows(edits), data={"source": relative_path(edits.source), "sample": edits.sample},
         regime={"editor": editor, "settings": settings.to_dict(), "seeds": list(seeds),
                 "fingerprint": regime_fingerprint(editor, settings)},
-        proxy={"n_proxy": n_proxy, "seed": proxy_seed}, created_by=f"gradlocate {_version()}")
+        proxy={"n_proxy": n_proxy, "seed": proxy_seed}, retain=retain, created_by=f"gradlocate {_version()}")
 
 
 def _open_store(plan: _Plan, out: Any, shard: str, model_spec: str | None, n_proxy: int | None,

@@ -571,8 +571,9 @@ def oracle_gain(select: Any, score: Any, *, allowed: Any = None, n_boot: int = 2
     Each edit's own layer is a function of its row alone and needs no re-choosing.
 
     Args:
-        select, score: two replicate tables ``[edits, layers]`` of the same edits (NaN =
-            absent). The estimate is symmetric in the two (both directions are used).
+        select: one replicate table ``[edits, layers]`` (NaN = absent).
+        score: the other replicate of the same edits. The estimate is symmetric in the two
+            (both directions are used).
         allowed: layers eligible for either choice (a bool mask ``[layers]`` or column
             indices, e.g. the damage gate's allowed layers).
         n_boot: bootstrap resamples; seed: their seed; level: the interval's level.

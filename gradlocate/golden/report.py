@@ -69,7 +69,7 @@ def judge_draws(folder: StudyFolder | str | os.PathLike[str], draws: int, *, mod
     result = None
     for seed in tqdm(range(draws), desc=f"proxy draws ({folder.path.name})", disable=None if progress is None else not progress):
         proxy = folder.manifest.proxy_rows(m.n_edits, seed)
-        picked = select(mdl, [edits[i] for i in proxy], None, list(selectors), out=folder.selections_path(m.n_edits, seed),
+        picked = select(mdl, [edits[i] for i in proxy], folder.manifest.retain, list(selectors), out=folder.selections_path(m.n_edits, seed),
                         tokenizer=tok, identity=folder.manifest.model.get("identity"), progress=False)
         got.append((seed, proxy, picked.scores))
         result = over_draws(m, got, threshold=threshold, n_boot=n_boot)

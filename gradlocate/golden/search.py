@@ -358,13 +358,13 @@ class Search:
                 f"with confidence {conf}; contenders {layer_span(self.contenders)}; {self.cost} of a budget of "
                 f"{self.budget}; {len(self.rounds)} rounds, stopped: {self.stopped})")
 
-    def plot(self, title: str | None = None) -> Any:
+    def plot(self, title: str | None = None, ax: Any = None) -> Any:
         """Each layer's mean score over its proxy edits (bars: +-1 pooled standard error;
         marker area: edits), coloured by the round it was dropped in; the pick starred,
-        the contenders shaded."""
+        the contenders shaded. Returns the figure (drawn on ``ax`` when given)."""
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+        fig, ax = plt.subplots(figsize=(8, 3.5)) if ax is None else (ax.figure, ax)
         x, y, n = np.array(self.layers), np.array(self.means, float), np.array(self.edits)
         se = np.where(n > 0, self.spread / np.sqrt(np.maximum(n, 1)), np.nan) if math.isfinite(self.spread) else None
         for l in self.contenders:

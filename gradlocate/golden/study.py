@@ -160,8 +160,9 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
         capability_edits: the first this many edits get the capability measurement (damage gate).
         batch: also edit the test edits together at every layer (the batch regime), reported beside.
         threshold: the damage gate: a layer whose edits raise the held-out loss by more nats cannot be golden.
-        n_boot, n_null, n_splits: bootstrap resamples, permutations of the selection-bias null,
-            random proxy/test splits for transfer.
+        n_boot: bootstrap resamples of the test edits.
+        n_null: permutations of the selection-bias null.
+        n_splits: random proxy/test splits for transfer.
         out_dir: a study folder: the manifest, ``selections/``, ``cells/``, ``batch/``,
             ``judgment.json`` and ``report.md`` written as each finishes (a re-run resumes).
         model_spec: how :func:`~gradlocate.models.load_model` loads this model (for the manifest).
@@ -171,8 +172,9 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
     editor = spec(editor).name
     settings = settings_for(editor, hparams)
     proxy_rows, test_rows = proxy_split(len(edits), n_proxy, seed)
+    texts = retain if isinstance(retain, list) and all(isinstance(t, str) for t in retain) else None
     folder = StudyFolder.bind(out_dir, folder_manifest(h, edits, editor, settings, [getattr(settings, "seed", 0)],
-                                                       model_spec, n_proxy, seed)) if out_dir is not None else None
+                                                       model_spec, n_proxy, seed, texts)) if out_dir is not None else None
     t0 = time.perf_counter()
     with using(h):
         picked = select(h, [edits[i] for i in proxy_rows], retain, selectors, progress=progress,
@@ -288,7 +290,7 @@ def judge_folder(folder: StudyFolder | str | os.PathLike[str], *, model: Any = N
     if names:
         mdl, tok = _model(folder, model) if compute else (None, None)
         edits = folder.edits(m.n_edits)
-        picked = select(mdl, [edits[i] for i in proxy], None, names, out=folder.selections_path(m.n_edits),
+        picked = select(mdl, [edits[i] for i in proxy], man.retain, names, out=folder.selections_path(m.n_edits),
                         tokenizer=tok, identity=man.model.get("identity"), progress=False)
     extra = {"model": man.model.get("spec"), "data": man.data.get("source"), "loss_threshold": _loss_threshold()}
     j = judge(m, proxy, picked.scores if picked else None, threshold=threshold, n_boot=n_boot, n_null=n_null,
