@@ -32,7 +32,8 @@ def test_select_all_json_and_plot(tmp_path):
     p = run("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "3", "--method", "all",
             "--samples", "2", "--json", str(out), "--plot", str(png))
     res = json.loads(out.read_text())
-    assert set(res) == {"gradratio", "lga", "cma"}
+    assert set(res) == {"gradratio", "lga", "cma", "recommendation"}
+    assert res.pop("recommendation")["layer"] in {r["selected"] for r in res.values()}
     for name, r in res.items():
         assert 0 <= r["selected"] < 4 and len(r["scores"]) == 4
         assert f"{name:>10}: layer {r['selected']}" in p.stdout
