@@ -37,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -48,7 +47,9 @@ from typing import Any
 import numpy as np
 
 from gradlocate.data import EditRequest, Edits, as_edits
-from gradlocate.golden.table import MATRIX_METRICS, TRAIN_FIELDS, Matrix, edit_id, layer_span
+from gradlocate.golden.replicates import Replicates, ReplicateError, prompt_replicates, seed_replicates
+from gradlocate.golden.scores import PRIMARY
+from gradlocate.golden.table import Matrix, edit_id, layer_span
 from gradlocate.golden.store import RecordStore, digest, relative_path
 
 __all__ = ["StudyFolder", "Manifest", "Completeness", "FolderError", "NoLayerYet", "SCHEMA", "proxy_split",
@@ -352,45 +353,44 @@ class StudyFolder:
         if not layers:
             raise NoLayerYet(f"{relative_path(self.path)}: no {'complete ' if complete_only else ''}layer yet "
                              f"({len(cells)} cells)")
-        t, base = _tables(ids, layers, cells)
         params = {"hparams": dict(m.regime["fingerprint"].get("hparams", {})), "settings": m.regime["settings"],
-                  "seed": seed, "capability_edits": int(np.isfinite(t["capability"]).any(1).sum())}
-        mx = Matrix(layers, ids, {k: t[k] for k in MATRIX_METRICS}, {k: t[k] for k in TRAIN_FIELDS}, t["capability"],
-                    base, m.regime["editor"], params, relative_path(self.path))
+                  "seed": seed}
+        mx = Matrix.from_cells(layers, ids, cells, m.regime["editor"], params, relative_path(self.path))
+        mx.params["capability_edits"] = int(np.isfinite(mx.capability).any(1).sum())
         n_cells = sum(1 for (e, _) in cells if e in set(m.ids))
         return mx, Completeness(n_cells, every * m.n_layers, complete, partial, m.n_layers, every, len(ids))
+
+    def replicates(self, metric: str = PRIMARY, *, by: str = "auto", seeds: tuple[int, int] | None = None,
+                   complete_only: bool = True) -> Replicates:
+        """Two replicate tables of ``metric`` (a cell metric or an overall definition) for
+        :func:`~gradlocate.golden.oracle.oracle_gain`, each with its estimand
+        (:mod:`gradlocate.golden.replicates`): ``by="seeds"`` the cells of two replicate
+        seeds (``seeds``, default the manifest's first two), ``"prompts"`` disjoint halves of
+        each cell's prompts of the metric's kind (first seed), ``"auto"`` seeds where the
+        folder has two, else prompts.
+
+        Raises:
+            ReplicateError: no replicate of that kind in this folder (the message says what
+                the data lacks: one seed, a deterministic editor, one prompt per kind ...).
+        """
+        if by not in ("auto", "seeds", "prompts"):
+            raise ValueError(f"by must be 'auto', 'seeds' or 'prompts', got {by!r}")
+        have = self.manifest.regime["seeds"]
+        if by == "seeds" or (by == "auto" and len(have) > 1):
+            pair = tuple(seeds) if seeds is not None else tuple(have[:2])
+            if len(pair) != 2 or pair[0] == pair[1] or any(s not in have for s in pair):
+                raise ReplicateError(f"{relative_path(self.path)}: replicate seeds must be two of the folder's seeds "
+                                     f"{have}, got {list(pair)}; run the matrix with seeds=[{have[0]}, ...] to add one")
+            a, _ = self.load(complete_only=complete_only, seed=pair[0])
+            b, _ = self.load(complete_only=complete_only, seed=pair[1])
+            return seed_replicates(a, b, metric, (int(pair[0]), int(pair[1])))
+        m, _ = self.load(complete_only=complete_only)
+        return prompt_replicates(m, metric)
 
     def __repr__(self) -> str:
         m = self.manifest
         return (f"StudyFolder({relative_path(self.path)!r}: {len(m.edits)} edits, {m.model.get('spec') or m.model['class']}, "
                 f"{m.regime['editor']})")
-
-
-def _num(v: Any) -> float:
-    return math.nan if v is None else float(v)
-
-
-def _tables(ids: list[str], layers: list[int],
-            cells: dict[tuple[str, int], dict[str, Any]]) -> tuple[dict[str, np.ndarray], float | None]:
-    """The score, train and capability tables of ``ids`` x ``layers`` (NaN where absent),
-    and the unedited model's held-out loss (``None`` if no cell has a capability record)."""
-    shape = (len(ids), len(layers))
-    t = {k: np.full(shape, np.nan) for k in (*MATRIX_METRICS, *TRAIN_FIELDS, "capability")}
-    base: float | None = None
-    for i, e in enumerate(ids):
-        for j, l in enumerate(layers):
-            rec = cells.get((e, l))
-            if rec is None:
-                continue
-            for k in MATRIX_METRICS:
-                t[k][i, j] = _num(rec.get("scores", {}).get(k))
-            for k in TRAIN_FIELDS:
-                t[k][i, j] = _num(rec.get("train", {}).get(k))
-            cap = rec.get("capability")
-            if cap:
-                t["capability"][i, j] = cap["lm_loss_change"]
-                base = cap["lm_loss"] - cap["lm_loss_change"]
-    return t, base
 
 
 def _best_prefix(ids: list[str], sizes: list[int], cells: dict[tuple[str, int], Any], n_layers: int) -> list[str]:

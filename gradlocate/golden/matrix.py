@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -60,7 +59,8 @@ from gradlocate.interventions import edited, no_cache, require_gradients, run, u
 from gradlocate.losses import IGNORE, logits_of, tokenize_edits
 from gradlocate.state import check_materialized, input_device
 from gradlocate.golden.engine import resolve_engine, run_jobs
-from gradlocate.golden.table import MATRIX_METRICS, TRAIN_FIELDS, Matrix, _nan_table, edit_id, layer_span
+from gradlocate.golden.instrument import SIGNIFICANT, instrument
+from gradlocate.golden.table import MATRIX_METRICS, Matrix, edit_id, layer_span  # noqa: F401 - layer_span: re-exported
 from gradlocate.golden.folder import Manifest, StudyFolder, _edit_rows
 from gradlocate.golden.store import Fingerprint, RecordStore, digest, relative_path
 
@@ -68,40 +68,20 @@ __all__ = ["matrix", "Matrix", "MATRIX_METRICS", "edit_id", "score_per_sample", 
            "regime_fingerprint"]
 
 #: Bumped whenever a cell metric's definition changes, so stored cells are never mixed across two.
-METRICS_VERSION = 1
+#: 2: each cell also stores its per-prompt, per-token measurements and continuous aggregates
+#: (:mod:`gradlocate.golden.instrument`); the token-accuracy ``scores`` are defined as in 1.
+METRICS_VERSION = 2
 
 
-@torch.no_grad()
 def score_per_sample(h: Handles, layer: int, edits: Edits, delta: Tensor | None, reference: list[list[list[int]]],
                      batch_size: int = 32) -> dict[str, list[float | None]]:
-    """Each edit's teacher-forced metrics with its own weight change ``delta[i]`` at
-    ``layer`` (``delta`` ``None``: the unedited model). Locality is agreement with
-    ``reference``, the unedited model's predictions (as :func:`~gradlocate.evaluation.evaluate`)."""
-    qs = _queries(edits)
-    batch = tokenize_edits(h.require_tokenizer(), [q.prompt for q in qs], [q.answer for q in qs],
-                           chat=h.chat).to(input_device(h.root))
-    owner = torch.tensor([q.edit for q in qs])
-    site = h[layer].path
-    preds: list[list[int]] = []
-    with using(h):
-        for rows in torch.arange(len(batch)).split(batch_size):
-            mb = batch[rows.to(batch.input_ids.device)]
-            kw = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **no_cache(h.root))
-            if delta is None:
-                out = run(h, **kw)
-            else:
-                d = delta[owner[rows].to(delta.device)]
-                with edited(h, site, lambda x, o: o + row_delta(x, d)):
-                    out = run(h, **kw)
-            pred = logits_of(out)[:, :-1].argmax(-1).cpu()
-            for p_row, l_row in zip(pred, mb.labels[:, 1:].cpu()):
-                preds.append(p_row[l_row != IGNORE].tolist())
-    per: list[dict[str, list[float]]] = [{} for _ in edits]
-    for k, q in enumerate(qs):
-        target = batch.labels[k, 1:][batch.labels[k, 1:] != IGNORE].tolist()
-        want = reference[q.edit][q.item] if q.kind == "locality" else target
-        per[q.edit].setdefault(q.kind, []).append(sum(a == b for a, b in zip(want, preds[k])) / len(preds[k]))
-    return {m: [sum(d[m]) / len(d[m]) if d.get(m) else None for d in per] for m in MATRIX_METRICS}
+    """Each edit's teacher-forced token-accuracy metrics with its own weight change
+    ``delta[i]`` at ``layer`` (``delta`` ``None``: the unedited model). Locality is agreement
+    with ``reference``, the unedited model's predictions (as :func:`~gradlocate.evaluation.evaluate`).
+    The whole instrument (per prompt and token, continuous scores) is
+    :func:`~gradlocate.golden.instrument.instrument`, which this reads."""
+    cells = instrument(h, layer, edits, delta, reference, batch_size)
+    return {m: [c["scores"][m] for c in cells] for m in MATRIX_METRICS}
 
 
 @torch.no_grad()
@@ -389,7 +369,7 @@ def _run_chunk(plan: _Plan, layer: int, seed: int, rows: list[int], ref: list[An
     settings = plan.settings.replace(seed=seed) if hasattr(plan.settings, "seed") else plan.settings
     delta, summaries = per_edit_deltas(plan.editor, plan.h, layer, part, settings, memo=plan.memo, **plan.runtime)
     t1 = time.perf_counter()
-    scores = score_per_sample(plan.h, layer, part, delta, [ref[i] for i in rows])
+    cells = instrument(plan.h, layer, part, delta, [ref[i] for i in rows])
     t2 = time.perf_counter()
     out = []
     for k, i in enumerate(rows):
@@ -397,41 +377,35 @@ def _run_chunk(plan: _Plan, layer: int, seed: int, rows: list[int], ref: list[An
         if i < plan.cap_edits and base is not None and seed == plan.seeds[0]:
             loss = edited_text_loss(plan.h, layer, delta[k], plan.texts)
             cap = {"lm_loss": loss, "lm_loss_change": loss - base, "texts": len(plan.texts)}
-        out.append({"edit": plan.ids[i], "layer": layer, "seed": seed, "scores": {m: v[k] for m, v in scores.items()},
-                    "train": summaries[k], "capability": cap,
-                    "timings": {"train": (t1 - t0) / len(rows), "score": (t2 - t1) / len(rows),
-                                "capability": time.perf_counter() - t3}})
+        out.append({"edit": plan.ids[i], "layer": layer, "seed": seed, **cells[k], "train": _compact(summaries[k]),
+                    "capability": cap,
+                    "timings": {name: _round(v) for name, v in (("train", (t1 - t0) / len(rows)),
+                                                          ("score", (t2 - t1) / len(rows)),
+                                                          ("capability", time.perf_counter() - t3))}})
     return out
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.{SIGNIFICANT}g}")
+
+
+def _compact(summary: dict[str, Any]) -> dict[str, Any]:
+    """An editor's summary as a cell stores it: the loss trajectory rounded to
+    :data:`~gradlocate.golden.instrument.SIGNIFICANT` digits (``final_loss`` kept exact)."""
+    traj = summary.get("trajectory")
+    if not traj:
+        return summary
+    return {**summary, "trajectory": [_round(x) for x in traj]}
 
 
 def _assemble(plan: _Plan, cells: dict[tuple[str, int, int], dict[str, Any]]) -> Matrix:
     """The matrix of the first seed's cells of ``plan``'s edits and layers (NaN where absent)."""
-    shape = (len(plan.ids), len(plan.layers))
-    scores = {m: _nan_table(*shape) for m in MATRIX_METRICS}
-    train = {f: _nan_table(*shape) for f in TRAIN_FIELDS}
-    cap, base = _nan_table(*shape), None
-    timings = {"train": 0.0, "score": 0.0, "capability": 0.0}
-    for i, eid in enumerate(plan.ids):
-        for j, layer in enumerate(plan.layers):
-            rec = cells.get((eid, layer, plan.seeds[0]))
-            if rec is None:
-                continue
-            for m in MATRIX_METRICS:
-                scores[m][i, j] = _num(rec["scores"].get(m))
-            for f in TRAIN_FIELDS:
-                train[f][i, j] = _num(rec["train"].get(f))
-            for k, v in rec.get("timings", {}).items():
-                timings[k] = timings.get(k, 0.0) + v
-            if rec.get("capability"):
-                cap[i, j] = rec["capability"]["lm_loss_change"]
-                base = rec["capability"]["lm_loss"] - rec["capability"]["lm_loss_change"]
+    first = {(e, l): rec for (e, l, seed), rec in cells.items() if seed == plan.seeds[0]}
     params = {"hparams": plan.settings.overrides(), "settings": plan.settings.to_dict(), "seeds": plan.seeds,
               "chunk": plan.chunk, "capability_edits": plan.cap_edits, "capability_texts": len(plan.texts),
               "metrics_version": METRICS_VERSION}
     path = plan.folder.path if plan.folder is not None else (plan.store.path if plan.store is not None else None)
-    return Matrix(plan.layers, plan.ids, scores, train, cap, base, plan.editor, params,
-                  relative_path(path) if path is not None else None, timings)
-
-
-def _num(v: Any) -> float:
-    return math.nan if v is None else float(v)
+    m = Matrix.from_cells(plan.layers, plan.ids, first, plan.editor, params,
+                          relative_path(path) if path is not None else None)
+    m.timings = {"train": 0.0, "score": 0.0, "capability": 0.0, **m.timings}
+    return m

@@ -18,15 +18,52 @@ from gradlocate.data import EditRequest, as_edits
 from gradlocate.editors import DEFAULT_EDITOR
 from gradlocate.golden import scores
 from gradlocate.golden.arrays import layer_means
+from gradlocate.golden.oracle import EQUIVALENCE_MARGIN, LayerChoice, argmax_random, choose_layer, near_best
 from gradlocate.golden.scores import PRIMARY
 from gradlocate.golden.store import digest
 
-__all__ = ["Matrix", "MATRIX_METRICS", "TRAIN_FIELDS", "edit_id", "layer_span"]
+__all__ = ["Matrix", "MATRIX_METRICS", "CONTINUOUS_METRICS", "LOWER_IS_BETTER", "PROMPT_KINDS", "TRAIN_FIELDS",
+           "edit_id", "layer_span", "prompt_values"]
 
 #: The teacher-forced metrics of a cell (every overall is computed from them: :mod:`gradlocate.golden.scores`).
 MATRIX_METRICS = ("reliability", "generalization", "locality", "portability")
+#: The kind of prompt each metric is measured on (the keys of a cell record's ``prompts``).
+PROMPT_KINDS = {"reliability": "rewrite", "generalization": "rephrase", "locality": "locality",
+                "portability": "portability"}
+#: The continuous aggregates of a cell (records of metrics version 2 on; NaN in older ones):
+#: ``<metric>_logprob`` the mean target-token log-probability, ``<metric>_margin`` the margin
+#: of the new answer over the old one, ``locality_kl`` KL(unedited || edited) at the locality
+#: answer positions. Each is the mean over the cell's prompts of its per-prompt value
+#: (:func:`prompt_values`; definitions: docs/editing.md, "The matrix's instrument").
+CONTINUOUS_METRICS = ("reliability_logprob", "reliability_margin", "generalization_logprob",
+                      "generalization_margin", "locality_logprob", "locality_kl", "portability_logprob")
+#: Cell metrics where lower is better (a layer choice maximises their negation).
+LOWER_IS_BETTER = ("locality_kl",)
 #: The per-cell training summary fields.
 TRAIN_FIELDS = ("converged", "final_loss", "epochs", "steps")
+
+
+def prompt_values(section: dict[str, Any] | None, metric: str) -> list[float]:
+    """Per prompt of ``metric``'s kind, its value in a cell record's ``prompts`` section: a
+    :data:`MATRIX_METRICS` name gives each prompt's token accuracy (the fraction of its
+    tokens right), ``<metric>_logprob`` its mean token log-probability, ``<metric>_margin``
+    its margin (prompts without one left out), ``locality_kl`` its mean KL. A cell's
+    aggregate (``scores`` and ``continuous``) is the mean of these over its prompts.
+
+    Example:
+        >>> cell = {"rewrite": [{"acc": [1, 0], "logprob": [-0.5, -1.5], "old_logprob": [-2.0], "margin": 1.0}]}
+        >>> prompt_values(cell, "reliability"), prompt_values(cell, "reliability_logprob"), prompt_values(cell, "locality")
+        ([0.5], [-1.0], [])
+    """
+    base, _, stat = metric.partition("_")
+    if base not in PROMPT_KINDS or stat not in ("", "logprob", "margin", "kl") or \
+            (metric not in MATRIX_METRICS and metric not in CONTINUOUS_METRICS):
+        raise ValueError(f"metric must be one of {MATRIX_METRICS + CONTINUOUS_METRICS}, got {metric!r}")
+    items = (section or {}).get(PROMPT_KINDS[base]) or []
+    if stat == "margin":
+        return [float(p["margin"]) for p in items if p.get("margin") is not None]
+    key = {"": "acc", "logprob": "logprob", "kl": "kl"}[stat]
+    return [sum(p[key]) / len(p[key]) for p in items]
 
 def edit_id(edit: Any) -> str:
     """A digest of an edit's content: the same edit has the same id in every run.
@@ -37,6 +74,11 @@ def edit_id(edit: Any) -> str:
     """
     e = edit if isinstance(edit, EditRequest) else as_edits([edit])[0]
     return digest(e.to_dict())
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
 
 
 def layer_span(layers: Sequence[int]) -> str:
@@ -64,6 +106,20 @@ def _nan_table(n: int, m: int) -> np.ndarray:
     return np.full((n, m), np.nan)
 
 
+def _none_table(n: int, m: int) -> np.ndarray:
+    return np.full((n, m), None, dtype=object)
+
+
+def _num(v: Any) -> float:
+    return np.nan if v is None else float(v)
+
+
+#: How a layer choice breaks ties: ``"random"`` (a uniform draw seeded by ``seed``:
+#: :func:`gradlocate.golden.oracle.argmax_random`) or ``"lowest"`` (the first of the tied
+#: layers, as :func:`gradlocate.golden.scores.golden_layer` and ``own_optimum`` do).
+TIES = ("random", "lowest")
+
+
 @dataclass(repr=False)
 class Matrix:
     """Every edit alone at every layer (see the module doc).
@@ -72,8 +128,9 @@ class Matrix:
         layers: the layers (columns).
         edit_ids: each edit's content digest (rows).
         scores: metric -> ``[edits, layers]`` array (NaN where absent): the teacher-forced
-            :data:`MATRIX_METRICS`. Every overall is computed from them by
-            :func:`gradlocate.golden.scores.overall` (:meth:`overall`), never stored.
+            :data:`MATRIX_METRICS` (token accuracy) and the :data:`CONTINUOUS_METRICS`
+            (NaN in cells stored before metrics version 2). Every overall is computed from
+            the first by :func:`gradlocate.golden.scores.overall` (:meth:`overall`), never stored.
         train: ``converged`` (1/0), ``final_loss``, ``epochs``, ``steps`` -> ``[edits, layers]``.
         capability: ``[edits, layers]`` held-out loss change against the unedited model
             (NaN outside the subsample).
@@ -81,6 +138,9 @@ class Matrix:
         editor, params: the editor and the settings the cells were made with.
         path: the record store, relative to the working directory when under it.
         timings: seconds the stored cells took, summed (train, score, capability).
+        prompts: ``[edits, layers]`` object array: each cell's per-prompt, per-token record
+            section (:mod:`gradlocate.golden.instrument`), ``None`` where absent or stored
+            before metrics version 2; :meth:`per_prompt` reads it.
     """
 
     layers: list[int]
@@ -93,14 +153,47 @@ class Matrix:
     params: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    prompts: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=object), repr=False)
 
     def __post_init__(self) -> None:
         shape = (len(self.edit_ids), len(self.layers))
-        for name, table in {**self.scores, **self.train}.items():
-            if table.shape != shape:
-                raise ValueError(f"matrix table {name!r} has shape {table.shape}, expected [edits, layers] = {shape}")
         if self.capability.size == 0:  # not measured at all
             self.capability = _nan_table(*shape)
+        if self.prompts.size == 0:
+            self.prompts = _none_table(*shape)
+        for name, table in {**self.scores, **self.train, "capability": self.capability, "prompts": self.prompts}.items():
+            if table.shape != shape:
+                raise ValueError(f"matrix table {name!r} has shape {table.shape}, expected [edits, layers] = {shape}")
+
+    @classmethod
+    def from_cells(cls, layers: Sequence[int], ids: Sequence[str], cells: Any, editor: str = DEFAULT_EDITOR,
+                   params: dict[str, Any] | None = None, path: str | None = None) -> Matrix:
+        """The matrix of ``ids`` x ``layers`` from cell records (``cells[(edit id, layer)]``,
+        absent cells NaN), of any metrics version: a record without the continuous
+        aggregates or the per-prompt section (version 1) leaves them NaN / ``None``."""
+        shape = (len(ids), len(layers))
+        scores = {m: _nan_table(*shape) for m in (*MATRIX_METRICS, *CONTINUOUS_METRICS)}
+        train = {f: _nan_table(*shape) for f in TRAIN_FIELDS}
+        cap, base, prompts = _nan_table(*shape), None, _none_table(*shape)
+        timings: dict[str, float] = {}
+        for i, eid in enumerate(ids):
+            for j, layer in enumerate(layers):
+                rec = cells.get((eid, layer))
+                if rec is None:
+                    continue
+                for m in MATRIX_METRICS:
+                    scores[m][i, j] = _num((rec.get("scores") or {}).get(m))
+                for m in CONTINUOUS_METRICS:
+                    scores[m][i, j] = _num((rec.get("continuous") or {}).get(m))
+                for f in TRAIN_FIELDS:
+                    train[f][i, j] = _num((rec.get("train") or {}).get(f))
+                for k, v in (rec.get("timings") or {}).items():
+                    timings[k] = timings.get(k, 0.0) + v
+                prompts[i, j] = rec.get("prompts")
+                if rec.get("capability"):
+                    cap[i, j] = rec["capability"]["lm_loss_change"]
+                    base = rec["capability"]["lm_loss"] - rec["capability"]["lm_loss_change"]
+        return cls(list(layers), list(ids), scores, train, cap, base, editor, dict(params or {}), path, timings, prompts)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -177,24 +270,99 @@ class Matrix:
         that have it (NaN if none)."""
         return layer_means(self._table(metric))
 
-    def golden(self, definition: str = PRIMARY) -> int:
-        """The golden layer (:func:`gradlocate.golden.scores.golden_layer`, ungated) by
-        ``definition``; ``"capability"``: the smallest held-out loss increase."""
-        table = -self.capability if definition == "capability" else self._table(definition)
+    def _oriented(self, definition: str) -> np.ndarray:
+        """``definition``'s table with higher = better (capability and :data:`LOWER_IS_BETTER` negated)."""
+        if definition == "capability" or definition in LOWER_IS_BETTER:
+            return -self._table(definition)
+        return self._table(definition)
+
+    def golden(self, definition: str = PRIMARY, *, ties: str = "random", seed: int = 0) -> int:
+        """The golden layer by ``definition``: the best mean over edits (NaN cells left out,
+        ungated); ``"capability"``: the smallest held-out loss increase; a lower-is-better
+        metric (:data:`LOWER_IS_BETTER`): the smallest. Ties (within
+        :data:`~gradlocate.golden.oracle.TIE_TOL`): ``ties="random"`` a uniform draw seeded
+        by ``seed`` (:meth:`choose` also reports the tied and near-best layers),
+        ``"lowest"`` the first (:func:`gradlocate.golden.scores.golden_layer`, what
+        gradlocate did before: it sends saturated tables to the lowest layer)."""
+        _check_ties(ties)
+        table = self._oriented(definition)
         if not np.isfinite(table).any():
             raise ValueError(f"no cell has {definition!r}: no golden layer by it")
-        return self.layers[scores.golden_layer(table)]
+        if ties == "lowest":
+            return self.layers[scores.golden_layer(table)]
+        return self.choose(definition, seed=seed).layer
 
-    def optimum(self, definition: str = PRIMARY) -> list[int | None]:
-        """Each edit's own best layer by ``definition`` (:func:`gradlocate.golden.scores.own_optimum`;
-        ``None`` for an edit with no score)."""
-        table = self._table(definition)
+    def choose(self, definition: str = PRIMARY, *, margin: float = EQUIVALENCE_MARGIN, seed: int = 0,
+               allowed: Any = None) -> LayerChoice:
+        """The golden layer by ``definition`` reported whole
+        (:func:`gradlocate.golden.oracle.choose_layer` on the layer means): the layer (ties
+        by a draw seeded with ``seed``), its mean, the tied layers and the layers within
+        ``margin`` of the best, all as model layers (``allowed``: column indices or a mask).
+        For a lower-is-better definition ``value`` is the mean itself, the choice its smallest.
+
+        Example:
+            >>> m = Matrix([4, 5, 6], ["a", "b"], {"reliability": np.array([[1.0, 1.0, 0.2], [1.0, 1.0, 0.9]])})
+            >>> c = m.choose("reliability")
+            >>> c.tied, c.near, c.layer in (4, 5)
+            ([4, 5], [4, 5], True)
+        """
+        table = self._oriented(definition)
+        if not np.isfinite(table).any():
+            raise ValueError(f"no cell has {definition!r}: no golden layer by it")
+        c = choose_layer(layer_means(table), margin=margin, seed=seed, allowed=allowed)
+        sign = -1.0 if definition == "capability" or definition in LOWER_IS_BETTER else 1.0
+        return LayerChoice(self.layers[c.layer], sign * c.value, [self.layers[j] for j in c.tied],
+                           [self.layers[j] for j in c.near], c.margin, c.seed)
+
+    def optimum(self, definition: str = PRIMARY, *, ties: str = "random", seed: int = 0) -> list[int | None]:
+        """Each edit's own best layer by ``definition`` (``None`` for an edit with no score).
+        Ties: ``"random"``, one draw per edit from one generator seeded by ``seed``
+        (independent across edits); ``"lowest"``, the first
+        (:func:`gradlocate.golden.scores.own_optimum`)."""
+        _check_ties(ties)
+        table = self._oriented(definition)
         have = np.isfinite(table).any(1)
         out: list[int | None] = [None] * self.n_edits
         if have.any():
-            got = scores.own_optimum(table[have]).layers
+            got = scores.own_optimum(table[have]).layers if ties == "lowest" else \
+                argmax_random(table[have], seed)
             for i, j in zip(np.flatnonzero(have), got):
                 out[int(i)] = self.layers[int(j)]
+        return out
+
+    def optimum_choices(self, definition: str = PRIMARY, *, margin: float = EQUIVALENCE_MARGIN,
+                        seed: int = 0) -> list[LayerChoice | None]:
+        """Each edit's own best layer reported whole: the layer of :meth:`optimum`
+        (``ties="random"``, the same ``seed``), its value, the tied layers and the layers
+        within ``margin`` of the edit's best, as model layers (``None``: no score).
+
+        Example:
+            >>> m = Matrix([0, 1, 2], ["a"], {"reliability": np.array([[0.5, 1.0, 0.99]])})
+            >>> c = m.optimum_choices("reliability")[0]
+            >>> c.layer, c.tied, c.near
+            (1, [1], [1, 2])
+        """
+        table = self._oriented(definition)
+        sign = -1.0 if definition == "capability" or definition in LOWER_IS_BETTER else 1.0
+        out: list[LayerChoice | None] = [None] * self.n_edits
+        for i, layer in enumerate(self.optimum(definition, seed=seed)):
+            if layer is None:
+                continue
+            row, j = table[i], self.layers.index(layer)
+            tied = near_best(row, 0.0)
+            out[i] = LayerChoice(layer, sign * float(row[j]), [self.layers[k] for k in tied],
+                                 [self.layers[k] for k in near_best(row, margin)], float(margin), int(seed))
+        return out
+
+    def per_prompt(self, metric: str) -> np.ndarray:
+        """``[edits, layers]`` object array: each cell's per-prompt values of ``metric``
+        (a list, one per prompt of the metric's kind: :func:`prompt_values`), ``None`` where
+        the cell has no per-prompt record (absent, or stored before metrics version 2)."""
+        prompt_values(None, metric)  # an unknown metric fails here
+        out = _none_table(*self.shape)
+        for (i, j), sec in np.ndenumerate(self.prompts):
+            if sec is not None:
+                out[i, j] = prompt_values(sec, metric)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,6 +371,7 @@ class Matrix:
                 "scores": {m: as_list(t) for m, t in self.scores.items()},
                 "train": {m: as_list(t) for m, t in self.train.items()}, "capability": as_list(self.capability),
                 "capability_base": self.capability_base, "definition": PRIMARY, "golden": self.golden(),
+                "golden_choice": self.choose().to_dict(), "ties": "random", "tie_seed": 0,
                 "optimum": self.optimum(), "params": self.params, "path": self.path, "timings": self.timings}
 
     def plot(self, metric: str = PRIMARY, *, golden: int | None = None, title: str | None = None) -> Any:
