@@ -59,10 +59,11 @@ __all__ = ["EMMET", "EMMET_HPARAMS", "emmet_per_edit", "emmet_ingredients"]
 #: with ``emmet_lambda`` 0.1 shrinks each edit to ``d / (d + 0.1)`` of its residual with
 #: ``d = kᵀC⁻¹k / 100,000``: on SmolLM2-135M (layer 12, kᵀC⁻¹k ≈ 1,200-2,700) to 11-21 %,
 #: so no edit is written (rewrite 0.0 on 4 CounterFact edits). Context templates of
-#: ``emmet_main.get_context_templates``: ``[(10, 5)]``.
+#: ``emmet_main.get_context_templates``: ``[(10, 5)]``. ``mom2_n_tokens``: 20,000, as ROME's
+#: (``covariance.DEFAULT_TOKENS``, from docs/rome.md's covariance-size ablation).
 EMMET_HPARAMS: dict[str, Any] = {
     "v_num_grad_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-    "mom2_adjustment": True, "mom2_n_tokens": 100_000, "mom2_update_weight": 1.0,
+    "mom2_adjustment": True, "mom2_n_tokens": 20_000, "mom2_update_weight": 1.0,
     "emmet_lambda": 0.1, "update_norm_lambda": 0.0, "context_template_length_params": ((10, 5),),
 }
 
