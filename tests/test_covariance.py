@@ -143,9 +143,10 @@ def test_the_sampler_equals_a_full_forward_over_the_tokens_it_drew(llama):
     assert not torch.allclose(other[1], got[1])
 
 
-def test_inverse_cdf_sampling_has_the_softmax_distribution():
+@pytest.mark.parametrize("block", [256, 2])                  # one block; blocks of two (and a padded one)
+def test_inverse_cdf_sampling_has_the_softmax_distribution(block):
     logits = torch.tensor([[2.0, 0.0, -float("inf"), 1.0, -1.0]]).repeat(40_000, 1)
-    draws = corpora.sample_next(logits, torch.Generator().manual_seed(0))[:, 0]
+    draws = corpora.sample_next(logits, torch.Generator().manual_seed(0), block=block)[:, 0]
     freq = torch.bincount(draws, minlength=5).double() / len(draws)
     p = torch.softmax(logits[0].double(), -1)
     assert freq[2] == 0                                                   # probability 0: never
