@@ -225,7 +225,8 @@ def markdown(res):
     env = res.get("environment", {})
     lines = ["# Second-moment statistics (mom2) on SmolLM2-135M", "",
              f"Machine: {env.get('machine', '?')}, torch {env.get('torch', '?')}, {env.get('threads', 1)} thread(s); "
-             f"a shared machine: CPU seconds are the steadier measure. Produced by `python benchmarks/bench_mom2.py`.", ""]
+             f"a shared machine: CPU seconds are the steadier measure. Produced by `python benchmarks/bench_mom2.py`.",
+             *([f"Conditions: {env['note']}"] if env.get("note") else []), ""]
     for part, title in (("sampler", "The model's own text (offline default): gradlocate vs generate + hooks"),
                         ("text", "Real text, forward-only to layer 6: gradlocate vs ROME's layer_stats loop")):
         if part not in res:
@@ -245,7 +246,9 @@ def markdown(res):
     if "fresh" in res:
         lines += ["## First R-ROME edit from a fresh machine", "",
                   "`python -m gradlocate edit --model smollm2 --edits counterfact_3k.json -n 2 --layer 6 "
-                  "--editor r-rome` (evaluation before and after included), `GRADLOCATE_CACHE` a new folder:", "",
+                  "--editor r-rome` (evaluation before and after included), `GRADLOCATE_CACHE` a new folder, "
+                  f"{env.get('threads', 1)} thread(s); C is 20,000 sampled tokens (the default), its seconds wall. "
+                  "On an idle machine the wall time is about the CPU time.", "",
                   "| cache | wall s | CPU s | of which C (s) |", "|---|---:|---:|---:|"]
         for name, r in res["fresh"].items():
             lines.append(f"| {name} | {r['wall']:.0f} | {r['cpu']:.0f} | {r['covariance_s']:.0f} |")
@@ -267,12 +270,15 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=8000)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", default=None, help="a remark on the conditions, printed under the machine line")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / "mom2.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     res["environment"] = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "threads": args.threads}
+    if args.note:
+        res["environment"]["note"] = args.note
     if args.part in ("all", "sampler", "text"):
         from gradlocate.models import smollm2
 

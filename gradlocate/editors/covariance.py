@@ -241,7 +241,8 @@ def second_moment_stats(model: Any, layers: Sequence[int], *, tokens: int = DEFA
     source = resolve_corpus(corpus, seed)
     shape = _batch_shape(h, source, rows, max_length)
     ident = f"{source.ident}-{shape[0]}x{shape[1]}"
-    keys = {l: {"model": model_identity(h), "layer": l, "site": h[l].path, "corpus": ident, "tokens": int(tokens)}
+    ident_model = model_identity(h)
+    keys = {l: {"model": ident_model, "layer": l, "site": h[l].path, "corpus": ident, "tokens": int(tokens)}
             for l in todo}
     for l in todo:
         got = _cached(keys[l]) if cache else None
