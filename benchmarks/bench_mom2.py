@@ -20,6 +20,8 @@ Writes ``benchmarks/results/mom2.{json,md}`` (each part merges its numbers into 
   stopped after layer 6's site (ROME's ``Trace(stop=True)``); the plain loop is ROME's
   ``layer_stats`` loop: pad a batch, hook, flatten the masked keys, add ``kᵀk``. The two
   results must agree to 1e-5 (relative Frobenius).
+* ``size``: how R-ROME's update direction ``C⁻¹k / (kᵀC⁻¹k)`` for real edit keys moves when
+  C comes from 10k or 20k sampled tokens instead of 50k (the default's justification).
 * ``fresh``: ``python -m gradlocate edit --model smollm2 --edits counterfact_3k.json -n 2
   --layer 6 --editor r-rome`` with ``GRADLOCATE_CACHE`` an empty folder (the GGUF
   dequantized first), and again with the dequantized model already cached (statistics
@@ -174,6 +176,49 @@ def part_text(model, tok, args):
     return {"layer 6": out}
 
 
+def edit_keys(model, tok, layer, n):
+    """The site input at the subject's last token of ``n`` CounterFact prompts (ROME's key, bare prompt)."""
+    import gradlocate
+
+    data = Path(os.environ.get("GRADLOCATE_DATA", ROOT.parent / "shared" / "data")) / "counterfact_3k.json"
+    store, keys = {}, []
+    hd = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: store.__setitem__("k", a[0][0].detach()))
+    try:
+        for e in gradlocate.load_edits(data, n=n):
+            end = e.prompt.index(e.subject) + len(e.subject)
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tok(e.prompt)["input_ids"]]), use_cache=False)
+            keys.append(store["k"][len(tok(e.prompt[:end])["input_ids"]) - 1])
+    finally:
+        hd.remove()
+    return torch.stack(keys).double()
+
+
+def part_size(model, tok, args):
+    """How R-ROME's update direction u = C⁻¹k / (kᵀC⁻¹k) moves with the tokens behind C (sampled
+    text, layer 6), against C from the most tokens: ΔW = r uᵀ, so ‖ΔW‖ scales with ‖u‖."""
+    from gradlocate.editors.covariance import second_moment
+
+    sizes = sorted(args.sizes)
+    K = edit_keys(model, tok, 6, 16)
+    U = {}
+    for n in sizes:
+        C = second_moment(model, 6, tokens=n, progress=True).double()
+        X = torch.linalg.solve(C, K.T).T                              # C⁻¹k per key
+        U[n] = X / (K * X).sum(-1, keepdim=True)
+    ref = U[sizes[-1]]
+    out = {"reference_tokens": sizes[-1], "keys": len(K), "sizes": {}}
+    for n in sizes[:-1]:
+        rel = ((U[n] - ref).norm(dim=-1) / ref.norm(dim=-1))
+        norm = U[n].norm(dim=-1) / ref.norm(dim=-1)
+        out["sizes"][str(n)] = {"rel_change_median": float(rel.median()), "rel_change_max": float(rel.max()),
+                                "norm_ratio_median": float(norm.median())}
+        print(f"size {n}: u moves {float(rel.median()):.3f} (median, max {float(rel.max()):.3f}) from "
+              f"{sizes[-1]}; ‖u‖ ratio {float(norm.median()):.3f}", flush=True)
+    return out
+
+
 def summarise(runs):
     out = {}
     for side, rs in runs.items():
@@ -243,6 +288,17 @@ def markdown(res):
             if "rel_diff" in r:
                 lines += ["", f"gradlocate's C and the plain loop's differ by {r['rel_diff']:.1e} (relative Frobenius)."]
         lines.append("")
+    if "size" in res:
+        r = res["size"]
+        lines += ["## How many tokens", "", f"R-ROME's update is ΔW = r uᵀ with u = C⁻¹k / (kᵀC⁻¹k): how far u moves "
+                  f"when C comes from fewer sampled tokens than {r['reference_tokens']:,} (layer 6, the subject-last "
+                  f"keys of {r['keys']} CounterFact prompts; relative change ‖u_n − u_ref‖ / ‖u_ref‖, and ‖u‖'s ratio, "
+                  f"which ‖ΔW‖ follows):", "", "| tokens | change of u (median) | (max) | ‖u‖ ratio (median) |",
+                  "|---:|---:|---:|---:|"]
+        for n, v in r["sizes"].items():
+            lines.append(f"| {int(n):,} | {v['rel_change_median']:.3f} | {v['rel_change_max']:.3f} | "
+                         f"{v['norm_ratio_median']:.3f} |")
+        lines.append("")
     if "fresh" in res:
         lines += ["## First R-ROME edit from a fresh machine", "",
                   "`python -m gradlocate edit --model smollm2 --edits counterfact_3k.json -n 2 --layer 6 "
@@ -264,7 +320,9 @@ def _list(xs):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="all", choices=["all", "sampler", "text", "fresh", "report"])
+    ap.add_argument("--part", default="all", choices=["all", "sampler", "text", "size", "fresh", "report"])
+    ap.add_argument("--sizes", type=lambda x: [int(v) for v in x.split(",")], default=[10_000, 20_000, 50_000],
+                    help="token counts for --part size (the largest is the reference)")
     ap.add_argument("--tokens", type=int, default=ROWS * (LENGTH - 1), help="sampled tokens per run (layer 6)")
     ap.add_argument("--all-tokens", type=int, default=ROWS * (LENGTH - 1), help="sampled tokens per run (30 layers)")
     ap.add_argument("--text-tokens", type=int, default=8000)
@@ -279,7 +337,7 @@ def main() -> None:
                           "threads": args.threads}
     if args.note:
         res["environment"]["note"] = args.note
-    if args.part in ("all", "sampler", "text"):
+    if args.part in ("all", "sampler", "text", "size"):
         from gradlocate.models import smollm2
 
         model, tok = smollm2(verbose=False)
@@ -287,6 +345,8 @@ def main() -> None:
             res["sampler"] = part_sampler(model, tok, args)
         if args.part in ("all", "text"):
             res["text"] = part_text(model, tok, args)
+        if args.part in ("all", "size"):
+            res["size"] = part_size(model, tok, args)
     if args.part in ("all", "fresh"):
         res["fresh"] = part_fresh(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

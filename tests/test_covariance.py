@@ -89,7 +89,7 @@ def test_truncation_layers_alone_and_too_few_tokens(llama):
         cov.second_moments(llama, [0], tokens=10_000, corpus=TEXTS, cache=False, progress=False)
 
 
-def test_a_hub_name_goes_through_load_dataset_and_an_offline_hub_says_what_to_do(monkeypatch):
+def test_a_hub_name_goes_through_load_dataset_and_an_offline_hub_says_what_to_do(llama, monkeypatch, tmp_path):
     import datasets
 
     asked = []
@@ -100,19 +100,24 @@ def test_a_hub_name_goes_through_load_dataset_and_an_offline_hub_says_what_to_do
 
     monkeypatch.setattr(datasets, "load_dataset", local)
     src = corpora.resolve_corpus("wikitext", seed=3)
-    assert asked == [("Salesforce/wikitext", "wikitext-103-raw-v1", "train")]        # ROME's corpus
+    assert asked == []                                     # loaded when read: a cached result needs no hub
     assert list(src.texts) == datasets.Dataset.from_dict({"text": TEXTS}).shuffle(seed=3)["text"]
-    corpora.resolve_corpus("someone/corpus:cfg", seed=0)
+    assert asked == [("Salesforce/wikitext", "wikitext-103-raw-v1", "train")]        # ROME's corpus
+    len(corpora.resolve_corpus("someone/corpus:cfg", seed=0).texts)
     assert asked[-1] == ("someone/corpus", "cfg", "train")
+    monkeypatch.setenv("GRADLOCATE_CACHE", str(tmp_path))
+    online = cov.second_moments(llama, [0], corpus="wikitext", tokens=40, progress=False)
 
     def offline(*a, **k):
         raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(corpora.CorpusUnavailable) as e:
-        corpora.resolve_corpus("wikitext", seed=0)
+        cov.second_moments(llama, [0], corpus="wikitext", tokens=10, cache=False, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "corpus='sampled'" in msg and "Salesforce/wikitext" in msg
+    again = cov.second_moments(llama, [0], corpus="wikitext", tokens=40, progress=False)   # cached: no hub needed
+    assert torch.equal(again[0], online[0])
     with pytest.raises(ValueError, match="no such file"):
         corpora.resolve_corpus("missing.txt", seed=0)
     with pytest.raises(TypeError, match="dataset name"):

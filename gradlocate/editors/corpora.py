@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ class Source:
 
     kind: str
     ident: str
-    texts: Sequence[str] | None
+    texts: Iterable[str] | None  # a datasets source: an iterable that loads on first use
     label: str
 
 
@@ -175,45 +175,55 @@ def _load_folder(path: Path, split: str) -> Any:
 
 
 def _hub_source(name: str, seed: int, split: str) -> Source:
-    """A Hugging Face dataset by name (``HUB_ALIASES``, ``owner/name`` or ``owner/name:config``)."""
+    """A Hugging Face dataset by name (``HUB_ALIASES``, ``owner/name`` or ``owner/name:config``),
+    loaded when first read: a cached result needs no hub."""
     if name.startswith(("/", ".", "~")) or Path(name).suffix in (".txt", ".json", ".jsonl", ".npz"):
         raise ValueError(f"corpus {name!r}: no such file or folder")
     repo, config = HUB_ALIASES.get(name, (name.split(":")[0], name.split(":")[1] if ":" in name else None))
     if any(c.isspace() for c in name) or not repo or (name not in HUB_ALIASES and "/" not in repo):
         raise TypeError(f"corpus {name[:60]!r} is not {SAMPLED!r}, an existing file or folder, or a dataset name "
                         f"({', '.join(HUB_ALIASES)} or owner/name[:config]): give a list for literal texts")
-    import datasets
+    label = f"{repo}{f' ({config})' if config else ''}"
 
-    try:
-        ds = datasets.load_dataset(repo, config, split=split)
-    except Exception as e:  # noqa: BLE001 - offline, unknown name, ...: one line that says what to do
-        raise CorpusUnavailable(
-            f"could not load the dataset {repo}{f' ({config})' if config else ''} from the Hugging Face hub "
-            f"({type(e).__name__}: {_first_line(e)}); offline, use corpus={SAMPLED!r} (the model's own text) or a "
-            f"local .txt / .jsonl file or datasets folder") from None
-    return _dataset_source(ds, seed, f"{repo}{f' ({config})' if config else ''}", f"hf-{repo}-{config}-{split}")
+    def load() -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(repo, config, split=split)
+        except Exception as e:  # noqa: BLE001 - offline, unknown name, ...: one line that says what to do
+            raise CorpusUnavailable(
+                f"could not load the dataset {label} from the Hugging Face hub ({type(e).__name__}: "
+                f"{_first_line(e)}); offline, use corpus={SAMPLED!r} (the model's own text) or a local .txt / "
+                f".jsonl file or datasets folder") from None
+
+    return Source("hub", f"hf-{repo}-{config}-{split}-shuffle{seed}", _Column(load, seed, label),
+                  f"{label}, shuffled (seed {seed})")
 
 
 def _dataset_source(ds: Any, seed: int, label: str, ident: str) -> Source:
-    if "text" not in ds.column_names:
-        raise ValueError(f"{label}: the dataset has no 'text' column (its columns: {ds.column_names})")
-    column = _Column(ds.shuffle(seed=seed))
+    column = _Column(lambda: ds, seed, label)
     return Source("dataset", f"{ident}-shuffle{seed}", column, f"{label}, {len(column)} texts shuffled (seed {seed})")
 
 
-class _Column(Sequence[str]):
-    """The ``text`` column of a ``datasets`` Dataset, read lazily in slices."""
+class _Column:
+    """The ``text`` column of a ``datasets`` Dataset shuffled with ``seed``, loaded on first
+    use and read in slices (an iterable, not a sequence: a type check that samples an
+    element would load it)."""
 
-    def __init__(self, ds: Any):
-        self.ds = ds
+    def __init__(self, load: Callable[[], Any], seed: int, label: str):
+        self._load, self._seed, self._label, self._ds = load, seed, label, None
+
+    @property
+    def ds(self) -> Any:
+        if self._ds is None:
+            ds = self._load()
+            if "text" not in ds.column_names:
+                raise ValueError(f"{self._label}: the dataset has no 'text' column (its columns: {ds.column_names})")
+            self._ds = ds.shuffle(seed=self._seed)
+        return self._ds
 
     def __len__(self) -> int:
         return len(self.ds)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return list(self.ds[i]["text"])
-        return self.ds[int(i)]["text"]
 
     def __iter__(self) -> Iterator[str]:
         for i in range(0, len(self.ds), 1000):
