@@ -588,10 +588,12 @@ def resolve(model: Any, tokenizer: Any = None) -> Handles:
     return h
 
 
-def model_identity(h: Handles) -> dict[str, Any]:
+def model_identity(h: Handles, every_parameter: bool = False) -> dict[str, Any]:
     """What identifies a resolved model, the one definition every fingerprint and cache key
     uses: its class, checkpoint name, edited site, and each site weight's sum (tells another
-    checkpoint, and an edited model, apart).
+    checkpoint, and an edited model, apart). ``every_parameter``: also a checksum of every
+    parameter (a strided sample and the sum of each), for what depends on weights other
+    than the sites' (the second-moment statistics of a layer's inputs).
 
     Example:
         >>> from gradlocate.models import tiny
@@ -603,5 +605,16 @@ def model_identity(h: Handles) -> dict[str, Any]:
 
     with torch.no_grad():
         weights = [f"{float(x.parameter.detach().double().sum()):.10e}" for x in h]
-    return {"model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
-            "site": h.site_path, "weights": weights}
+        out = {"model": type(h.root).__name__, "name": getattr(getattr(h.root, "config", None), "_name_or_path", ""),
+               "site": h.site_path, "weights": weights}
+        if every_parameter:
+            import hashlib
+
+            sha = hashlib.sha1()
+            for name, p in h.root.named_parameters():
+                flat = p.detach().reshape(-1)
+                sha.update(name.encode())
+                sha.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+                sha.update(repr(float(flat.double().sum())).encode())
+            out["parameters"] = sha.hexdigest()[:16]
+    return out

@@ -63,7 +63,7 @@ __all__ = ["EMMET", "EMMET_HPARAMS", "emmet_per_edit", "emmet_ingredients"]
 #: SmolLM2-135M (layer 12, kᵀC⁻¹k ≈ 1,200-2,700) to 11-21 %, so no edit is written (rewrite
 #: 0.0 on 4 CounterFact edits). Context templates of ``emmet_main.get_context_templates``: ``[(10, 5)]``.
 EMMET_HPARAMS: dict[str, Any] = {k: getattr(EMMETSettings(), k) for k in EMMETSettings().to_dict()
-                                 if k not in ("seed", "mom2_corpus", "mom2_seed")}
+                                 if k not in ("seed", "mom2_corpus", "mom2_seed", "mom2_stats")}
 
 
 def emmet_ingredients(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequence[str]],

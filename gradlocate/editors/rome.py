@@ -67,7 +67,7 @@ __all__ = ["ROME", "RROME", "RankOneResult", "ROME_HPARAMS", "rome_per_edit", "r
 #: scale (C⁻¹ appears in its numerator and denominator); EasyEdit's scaling matters only
 #: through EMMET's λ.
 ROME_HPARAMS: dict[str, Any] = {k: getattr(ROMESettings(), k) for k in ROMESettings().to_dict()
-                                if k not in ("seed", "mom2_corpus", "mom2_seed")}
+                                if k not in ("seed", "mom2_corpus", "mom2_seed", "mom2_stats")}
 
 
 @dataclass
@@ -211,7 +211,7 @@ class _RankOneEditor(InPlaceEdit):
         if self._C is None:
             self._C = second_moment(self.h, self.layer, tokens=self.settings.mom2_n_tokens,
                                     corpus=self.settings.mom2_corpus, seed=self.settings.mom2_seed,
-                                    progress=self.progress)
+                                    stats=self.settings.mom2_stats, progress=self.progress)
         return self._C
 
     def templates(self) -> list[list[str]]:
@@ -362,7 +362,7 @@ def prepare_moments(h: Handles, layers: Sequence[int], settings: ROMESettings, p
     in one pass over the corpus (cached on disk, so each editor then reads its layer's)."""
     if settings.mom2_adjustment:
         second_moments(h, list(layers), tokens=settings.mom2_n_tokens, corpus=settings.mom2_corpus,
-                       seed=settings.mom2_seed, progress=progress)
+                       seed=settings.mom2_seed, stats=settings.mom2_stats, progress=progress)
 
 
 def _registered(cls: type[_RankOneEditor]) -> Callable[..., tuple[Tensor, list[dict[str, Any]]]]:

@@ -249,7 +249,10 @@ class ROMESettings(Settings):
     mom2_n_tokens: int = field(default=DEFAULT_MOM2_TOKENS, metadata=_src(
         "gradlocate: docs/rome.md's ablation (rewrite unchanged 10k/50k/200k)", "tokens of the second moment C"))
     mom2_corpus: str = field(default="sampled", metadata=_src(
-        "gradlocate (offline): the model's own text", "C's corpus: 'sampled', a file, a dataset name"))
+        "gradlocate (offline): the model's own text",
+        "C's corpus: 'sampled', a .txt/.json/.jsonl file, a datasets folder, 'wikitext' or owner/name[:config]"))
+    mom2_stats: str | None = field(default=None, metadata=_src(
+        "ROME / EasyEdit", "a ROME/EasyEdit stats .npz file or stats folder to read C from (checked for shape)"))
     context_template_length_params: tuple[tuple[int, int], ...] = field(default=((5, 10), (10, 10)), metadata=_src(
         "ROME rome_main.get_context_templates", "(tokens, count) of the sampled context prefixes"))
     mom2_seed: int = field(default=0, metadata=_src("gradlocate", "seeds C's sampled corpus"))
