@@ -6,7 +6,9 @@ flows (model → handles → signals → scores → layer → edit → evaluatio
 * the model, resolved once: :func:`down_projections` -> :class:`Handles`
 * edits: :func:`load_edits`, :func:`default_retain_texts`
 * signals: :func:`edit_gradients`, :func:`retain_gradients` -> :class:`LayerGradients`
-* selectors, each -> :class:`LayerScores`: :func:`gradratio`, :func:`lga`, :func:`cma_layer`
+* selectors, each -> :class:`LayerScores`: :func:`gradratio`, :func:`lga`, :func:`cma_layer`;
+  gradlocate's own, :func:`search` -> :class:`Search` (a budgeted search over the layers that
+  edits with the editor it will edit with)
 * causal tracing: :func:`causal_trace` -> :class:`TraceResult`
 * editors (in place, exact undo; one registry, :mod:`gradlocate.editors`, with a typed
   settings class each): :class:`LocFTBF` -> :class:`FitResult`; :class:`ROME`, :class:`RROME`,
@@ -50,6 +52,7 @@ from gradlocate.golden.sweep import SweepResult, sweep
 from gradlocate.golden.compare import Comparison, compare
 from gradlocate.golden.study import Study, study
 from gradlocate.golden.report import report
+from gradlocate.golden.search import Search, search
 
 __version__ = "0.3.0"
 
@@ -62,6 +65,7 @@ __all__ = [
     "causal_trace", "TraceResult",
     "LocFTBF", "FitResult", "ROME", "RROME", "EMMET", "RankOneResult", "evaluate", "EditEvaluation",
     "matrix", "Matrix", "sweep", "SweepResult", "compare", "Comparison", "study", "Study", "report",
+    "search", "Search",
     "HandleError", "ModelBusyError", "EditTrainingError", "NonFiniteLossError", "StoreError",
 ]
 

@@ -1,0 +1,53 @@
+"""A study folder from end to end, as a user drives it from the command line: `gradlocate
+matrix` with LocFT-BF and with R-ROME, `gradlocate report` on the folders, and
+`gradlocate.Study.load` reading them back without a model - tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import gradlocate as gl
+from gradlocate.cli import main
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "edits_small.json")
+FAST_RROME = ["--set", "v_num_grad_steps=3", "--set", "mom2_n_tokens=256",
+              "--set", "context_template_length_params=[[4, 5]]"]
+
+
+@pytest.mark.parametrize("editor, extra", [("locft", ["--set", "epochs=2", "--set", "lr=1e-2"]),
+                                           ("r-rome", FAST_RROME)])
+def test_matrix_report_and_load(tmp_path, editor, extra):
+    out = tmp_path / f"tiny-{editor}"
+    base = ["matrix", "--model", "tiny-llama", "--edits", FIXTURE, "--editor", editor, *extra,
+            "--capability-edits", "1", "--out", str(out)]
+    assert main([*base, "--layers", "0,1", "--shard", "0/2"]) == 0   # layer 0
+    assert main(["matrix", "--out", str(out), "--layers", "0,1", "--shard", "1/2"]) == 0  # resumed: layer 1
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["schema"] == 1 and man["regime"]["editor"] == editor and man["model"]["spec"] == "tiny-llama"
+    assert len(man["edits"]) == 4 and man["data"]["source"].endswith("edits_small.json")
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["shard0of2.jsonl", "shard1of2.jsonl"]
+    page = tmp_path / "report.md"
+    # 2 of 4 layers complete: judged (half the layers); the selectors need the model: --no-selectors
+    assert main(["report", str(out), "--no-selectors", "--n-boot", "20", "--n-null", "20", "--out", str(page)]) == 0
+    assert f"### {out.name}" in page.read_text() and (out / "judgment.json").exists()
+    s = gl.Study.load(out, selectors=False, n_boot=20, n_null=20)
+    assert s.matrix.layers == [0, 1] and s.matrix.n_edits == 4 and s.matrix.editor == editor
+    assert s.judgment.to_dict()["layers"] == json.loads((out / "judgment.json").read_text())["layers"]
+    cell = json.loads((out / "cells" / "shard0of2.jsonl").read_text().splitlines()[0])
+    assert {"converged", "final_loss", "steps", "trajectory"} <= set(cell["train"])  # one summary for every editor
+
+
+def test_a_folder_of_another_schema_says_so_in_one_line(tmp_path):
+    from gradlocate.golden.folder import FolderError, StudyFolder
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 99}))
+    with pytest.raises(FolderError, match="schema 99.*reads schema 1 only"):
+        StudyFolder.open(tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "edits.json").write_text(json.dumps({"edits": []}))
+    with pytest.raises(FolderError, match="schema-0 study folder .* run `gradlocate migrate"):
+        StudyFolder.open(old)
