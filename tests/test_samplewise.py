@@ -87,10 +87,10 @@ def test_sample_sweep_result_and_paired_test():
     assert np.isnan(s.capability).all()  # the per-sample sweep measures the edit metrics only
     opt = s.optimum()
     for i, l in enumerate(opt):
-        assert s.value("overall", l)[i] == max(s.value("overall", k)[i] for k in s.layers)
+        assert s.value("edit-only", l)[i] == max(s.value("edit-only", k)[i] for k in s.layers)
     v = s.versus(golden=1)
-    assert v["overall"]["optimum"] >= v["overall"]["golden"]
-    assert v["overall"]["n"] == 3
+    assert v["edit-only"]["optimum"] >= v["edit-only"]["golden"]
+    assert v["edit-only"]["n"] == 3
     import matplotlib
 
     matplotlib.use("Agg")

@@ -322,7 +322,7 @@ def test_live_search_writes_matrix_cells_and_a_rerun_reads_them(tmp_path, tiny_g
     kw = dict(hparams={"lr": 1e-2, "epochs": 2}, layers=[0, 1, 2], budget=7, eta=2, first=1, capability_edits=1,
               threshold=1e9, out=tmp_path / "cells", progress=False)
     s = gs.search(model, edits, **kw)
-    stored = RecordStore(tmp_path / "cells").read()
+    stored = RecordStore(tmp_path / "cells" / "cells").read()  # the study folder's cells
     assert s.cost.cells == s.cost.edited == len(stored) == sum(s.edits) <= 7
     assert all(k == f"{r['edit']}/{r['layer']}" for k, r in stored.items())
     again = gs.search(model, edits, **kw)
@@ -332,7 +332,7 @@ def test_live_search_writes_matrix_cells_and_a_rerun_reads_them(tmp_path, tiny_g
     # and the policy replayed on it decides as it did live
     full = matrix(model, edits, hparams=kw["hparams"], layers=[0, 1, 2], out=tmp_path / "cells", capability_edits=0,
                   progress=False)
-    assert len(RecordStore(tmp_path / "cells").read()) == 12
+    assert len(RecordStore(tmp_path / "cells" / "cells").read()) == 12
     rep = gs.search(replay=full, proxy_edits=edits, definition="edit-only", budget=7, eta=2, first=1, threshold=1e9)
     assert (rep.layer, rep.edits, rep.means, rep.contenders) == (s.layer, s.edits, s.means, s.contenders)
     assert [edit_id(e) for e in edits].count(s.edit_ids[0]) == 1

@@ -210,10 +210,14 @@ def _verb(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gradlocate import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        installed = version("gradlocate")
+    except PackageNotFoundError:  # a checkout that was never installed
+        installed = "unknown (not installed)"
     parser = argparse.ArgumentParser(prog="gradlocate", description="Which layer should I edit? Find it, then edit it.")
-    parser.add_argument("--version", action="version", version=f"gradlocate {__version__}")
+    parser.add_argument("--version", action="version", version=f"gradlocate {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
     _single_parsers(sub)
     _study_parsers(sub)

@@ -211,8 +211,8 @@ def _trace_table(res: Any, width: int = 100) -> str:
              f"corrupted {res.low_score:.4f}; * = subject token",
              "layer " + "".join(f"{n:>9}" for n in names)]
     if res.low_score >= res.high_score:
-        lines.insert(1, "(the corrupted run is not below the clean one: noise does not hurt this answer, so "
-                        "restoring a state cannot show an effect; give --target the answer you expect)")
+        lines[1:1] = ["(the corrupted run is not below the clean one: noise does not hurt this answer, so",
+                      " restoring a state cannot show an effect; give --target the answer you expect)"]
     for j, l in enumerate(res.layers):
         lines.append(f"{l:>5} " + "".join(f"{float(res.scores[k][j]):>9.4f}" for k in cols))
     return "\n".join(lines)

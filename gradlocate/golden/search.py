@@ -192,6 +192,13 @@ class LiveCells:
         self.metrics = {k: np.full((self.n_edits, len(self.layers)), np.nan) for k in MATRIX_METRICS}
         self.capability = np.full((self.n_edits, len(self.layers)), np.nan)
         self.cost = Cost(seconds=0.0)
+        if out is not None and not str(out).endswith(".jsonl"):  # a study folder of the whole proxy pool
+            from gradlocate.editors import settings_for, spec
+            from gradlocate.golden.folder import StudyFolder
+            from gradlocate.golden.matrix import folder_manifest
+
+            s = settings_for(spec(editor).name, hparams)
+            StudyFolder.bind(out, folder_manifest(self.h, self.edits, spec(editor).name, s, [getattr(s, "seed", 0)]))
 
     def block(self, rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
         from gradlocate.golden.matrix import matrix
@@ -217,9 +224,14 @@ class LiveCells:
         return self.scores(rows, cols)
 
     def _stored(self) -> set[str]:
+        from gradlocate.golden.folder import StudyFolder
         from gradlocate.golden.store import RecordStore
 
-        return set(map(str, RecordStore(self.out).read())) if self.out is not None else set()
+        if self.out is None:
+            return set()
+        store = RecordStore(self.out) if str(self.out).endswith(".jsonl") else \
+            RecordStore(StudyFolder.open(self.out).cells_dir)
+        return set(map(str, store.read()))
 
     def layer_capability(self, col: int) -> float:
         """The mean held-out loss change of the layer's capability cells (NaN: none measured)."""
