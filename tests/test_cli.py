@@ -175,3 +175,12 @@ def test_trace_with_a_target_fits_100_columns(tmp_path):
     assert all(len(l) <= 100 for l in p.stdout.splitlines()), p.stdout
     got = json.loads((tmp_path / "t.json").read_text())["answer_text"]
     assert got and " France".startswith(got)  # the target's first token (a byte, with this tokenizer)
+
+
+def test_select_with_the_search_recommends_the_searched_layer(tmp_path):
+    p = run("select", "--model", "tiny-gpt2", "--edits", FIXTURE, "-n", "4", "--method", "gradratio,search",
+            "--budget", "8", "--set", "epochs=1", "--json", str(tmp_path / "s.json"))
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["recommendation"]["layer"] == got["search"]["layer"] and got["recommendation"]["checked"]
+    assert f"Recommendation: edit layer {got['search']['layer']}: the budgeted search edited with LocFT-BF" in p.stdout
+    assert got["search"]["cost"]["cells"] <= 8

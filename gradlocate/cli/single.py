@@ -26,9 +26,7 @@ SELECTORS = ("gradratio", "lga", "cma")
 
 
 def _methods(spec: str) -> list[str]:
-    if spec == "all":
-        return list(SELECTORS)
-    out = [m.strip() for m in spec.split(",") if m.strip()]
+    out = [x for m in spec.split(",") if m.strip() for x in (SELECTORS if m.strip() == "all" else [m.strip()])]
     bad = [m for m in out if m not in (*SELECTORS, "search")]
     if bad or not out:
         raise CLIError(f"--method {spec!r}: choose gradratio, lga, cma, search or all (a comma list works too)")
@@ -93,10 +91,15 @@ def _time_one_cell(h: Any, edits: Any, editor: str, settings: Any, layer: int) -
     return time.perf_counter() - t0
 
 
-def _recommend(h: Any, edits: Any, results: dict[str, Any], args: argparse.Namespace) -> Any:
+def _recommend(h: Any, edits: Any, results: dict[str, Any], found: Any, args: argparse.Namespace) -> Any:
     from gradlocate.editors import spec
     from gradlocate.golden.recommend import recommend
 
+    if found is not None:
+        rec = recommend(results, spec(args.editor).label, h.n_layers, searched=found)
+        print()
+        print("\n".join(rec.lines()))
+        return rec
     settings = settings_from(args)
     print(f"timing one {spec(args.editor).label} cell for the cost of a check ...", file=sys.stderr)
     rec = recommend(results, spec(args.editor).label, h.n_layers,
@@ -125,7 +128,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     edits = load_edits_arg(args.edits, args.n, args.offset)
     results, failed, found = _run_methods(h, edits, methods, args)
     print(f"model: {args.model} ({type(h.root).__name__}, {h.n_layers} layers); "
-          f"{len(edits)} edits from {args.edits}")
+          f"{len(edits)} edits from {Path(args.edits).name}")
     if results:
         print(_combined_table(results))
         print()
@@ -135,7 +138,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(repr(found))
     for m, why in failed.items():
         print(f"{m:>10}: could not run: {why}")
-    rec = _recommend(h, edits, results, args) if len(results) > 1 and found is None else None
+    rec = _recommend(h, edits, results, found, args) if len(results) + (found is not None) > 1 else None
     write_json(args.json, {**{m: r.to_dict() for m, r in results.items()}, **{m: {"error": w} for m, w in failed.items()},
                            **({"search": found.to_dict()} if found is not None else {}),
                            **({"recommendation": rec.to_dict()} if rec is not None else {})})

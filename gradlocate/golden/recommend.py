@@ -58,6 +58,7 @@ class Recommendation:
     check_cells: int
     seconds_per_cell: float | None = None
     why: list[str] = field(default_factory=list)
+    checked: dict[str, Any] | None = None  # the search's result, when it ran: layer, contenders, confidence, cells
 
     @property
     def check_seconds(self) -> float | None:
@@ -70,8 +71,15 @@ class Recommendation:
         return f"{len(self.agree)} of {n} methods agree" + ("" if self.disagree else " (all)")
 
     def lines(self, command: str = "") -> list[str]:
-        """The recommendation as it prints (each line under 100 columns)."""
+        """The recommendation as it prints (each line under 100 columns, but the command)."""
         other = ", ".join(f"{k} {v}" for k, v in self.disagree.items())
+        if self.checked is not None:
+            c = self.checked
+            agree = ", ".join(self.agree) or "none of the selectors"
+            return [f"Recommendation: edit layer {self.layer}: the budgeted search edited with {self.editor} and "
+                    f"picked it,", f"  {c['cells']} cells, probability {c['confidence']:.2f} that no layer beats it "
+                    f"by more than {c['margin']}; contenders {', '.join(map(str, c['contenders']))}.",
+                    f"  Agree: {agree}" + (f"; other picks: {other}." if other else "."), *self.why]
         cost = ("" if self.check_seconds is None else
                 f", about {_duration(self.check_seconds)} here ({self.seconds_per_cell:.1f} s per cell)")
         return [f"Recommendation: edit layer {self.layer} ({self.sure}: {', '.join(self.agree)}"
@@ -95,15 +103,23 @@ def _duration(seconds: float) -> str:
 
 
 def recommend(picks: Mapping[str, LayerScores], editor: str, n_layers: int, *,
-              seconds_per_cell: float | None = None) -> Recommendation:
+              seconds_per_cell: float | None = None, searched: Any = None) -> Recommendation:
     """The layer most of ``picks`` chose, who agrees, and the cost of checking it with the
-    budgeted search at its default budget (:func:`~gradlocate.golden.search.default_budget`).
+    budgeted search at its default budget (:func:`~gradlocate.golden.search.default_budget`);
+    with ``searched`` (a :class:`~gradlocate.golden.search.Search` that ran), its layer, which
+    edited with the editor, and which selectors agree with it.
 
     Raises:
-        ValueError: no picks.
+        ValueError: neither picks nor a search.
     """
     from gradlocate.golden.search import default_budget
 
+    if searched is not None:
+        checked = {"cells": searched.cost.cells, "confidence": searched.confidence, "margin": searched.margin,
+                   "contenders": list(searched.contenders)}
+        return Recommendation(searched.layer, [k for k, s in picks.items() if s.selected == searched.layer],
+                              {k: s.selected for k, s in picks.items() if s.selected != searched.layer}, editor,
+                              searched.cost.cells, seconds_per_cell, [], checked)
     if not picks:
         raise ValueError("no selector result to recommend from")
     votes = Counter(s.selected for s in picks.values())

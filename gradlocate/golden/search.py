@@ -175,7 +175,7 @@ class LiveCells:
     ``weighted`` overall's capability term and the damage gate come from the held-out loss
     change measured on the first ``capability_edits`` proxy edits at each layer."""
 
-    def __init__(self, model: Any, edits: Sequence[Any], *, editor: str, hparams: dict[str, Any] | None,
+    def __init__(self, model: Any, edits: Sequence[Any], *, editor: str, hparams: Any,
                  layers: Sequence[int] | None, out: str | os.PathLike[str] | None, definition: str,
                  capability_edits: int, threshold: float, tokenizer: Any = None, chunk: int = 32,
                  progress: bool | None = None):
@@ -187,7 +187,7 @@ class LiveCells:
         self.layers = self.h.layer_indices(list(layers) if layers is not None else None)
         self.n_edits, self.definition = len(self.edits), definition
         self.edit_ids = [edit_id(e) for e in self.edits]
-        self.editor, self.hparams, self.out, self.chunk, self.progress = editor, dict(hparams or {}), out, chunk, progress
+        self.editor, self.hparams, self.out, self.chunk, self.progress = editor, hparams, out, chunk, progress
         self.capability_edits, self.threshold = capability_edits, threshold
         self.metrics = {k: np.full((self.n_edits, len(self.layers)), np.nan) for k in MATRIX_METRICS}
         self.capability = np.full((self.n_edits, len(self.layers)), np.nan)
@@ -572,7 +572,7 @@ def _replay_rows(m: Matrix, proxy_edits: Any) -> list[int]:
 
 
 def search(model: Any = None, proxy_edits: Any = None, *, editor: str = DEFAULT_EDITOR,
-           hparams: dict[str, Any] | None = None, budget: int | None = None, layers: Sequence[int] | None = None,
+           hparams: Any = None, budget: int | None = None, layers: Sequence[int] | None = None,
            out: str | os.PathLike[str] | None = None, replay: Matrix | str | os.PathLike[str] | None = None,
            definition: str = "edit-only", margin: float = DEFAULT_MARGIN,
            confidence: float | None = DEFAULT_CONFIDENCE, eta: int = 3, first: int = 2, capability_edits: int = 2,
