@@ -331,3 +331,36 @@ def test_the_page_opens_with_the_answer_and_counts_no_wins(synthetic):
     assert "golden-layers (gradlocate's min-max construction, not the paper's)" in text
     assert "not estimable without a replicate" in text
     assert json.loads(json.dumps(r.to_dict(), default=float))["family"]
+
+
+def test_a_second_replicate_seed_makes_the_own_optimum_estimable(tmp_path, make_folder):
+    from gradlocate.golden.report import RegretSettings, report
+
+    rng = np.random.default_rng(3)
+    ids = [f"r{i}" for i in range(16)]
+    folder, store = make_folder(tmp_path / "replicated", ids, 4)
+    folder.manifest.regime["seeds"] = [0, 1]
+    folder.write_manifest()
+    mu = np.tile([0.2, 0.8, 0.5, 0.4], (16, 1))
+    tables = {}
+    for seed in (0, 1):
+        t = tables[seed] = np.clip(mu + rng.normal(0, 0.1, mu.shape), 0, 1)
+        for i, e in enumerate(ids):
+            for l in range(4):
+                store.append(f"{e}/{l}/{seed}", {"edit": e, "layer": l, "seed": seed, "train": {},
+                                                 "scores": {"reliability": float(t[i, l])}})
+    s = judge_folder(folder, selectors=False, n_boot=50)
+    v = s.judgment.own_optimum
+    assert v.estimable and s.judgment.regime["replicate"] == "seed 1"
+    by_hand = np.mean([np.mean([y[i, int(np.argmax(x[i]))] for i in range(16)]) - y[:, int(np.argmax(x.mean(0)))].mean()
+                       for x, y in ((tables[0], tables[1]), (tables[1], tables[0]))])  # choose on one, score on the other
+    assert v.oracle.gain == pytest.approx(by_hand, abs=1e-12)
+    r = report([folder.path], selectors=False, n_boot=20, regret=RegretSettings(n_draws=20, n_boot=5, boot_draws=5,
+                                                                               search=False))
+    assert {"replicated: oracle gain > 0", "replicated: equivalent within 0.02 (TOST)"} <= set(r.family)
+    assert "oracle gain" in r.summary and "not estimable" not in r.summary
+    # a replicate that does not cover the judged cells is not used, and the page says why
+    store.append(f"{ids[0]}/9", {"edit": ids[0], "layer": 3, "seed": 2, "train": {}, "scores": {"reliability": 0.1}})
+    folder.manifest.regime["seeds"] = [0, 2]
+    j = judge_folder(folder, selectors=False, n_boot=10).judgment
+    assert not j.own_optimum.estimable and j.regime["replicate"].startswith("none: replicate seed 2 does not hold")
