@@ -35,7 +35,7 @@ def _built(seed=0, damaging=2):
 
 
 def _quick(m, **kw):
-    return judge(m, **{"n_boot": 100, "n_null": 100, "n_splits": 20, **kw})
+    return judge(m, **{"n_boot": 100, **kw})
 
 
 def _by_hand(rel, loc, gen, cap, rows):
@@ -82,21 +82,72 @@ def test_definitions_disagree_on_a_constructed_matrix():
     assert "every definition agrees" in same.to_markdown()
 
 
-def test_versus_paired_tests_and_selection_bias_recomputed():
+def test_the_primary_score_is_edit_only_and_its_near_best_layers_are_recomputed():
+    m, rel, loc, gen, cap, _ = _built()
+    j = _quick(m, proxy=[0, 1, 2, 3])
+    assert j.primary == "edit-only" and j.golden == j.definition("edit-only").golden
+    means = ((rel + loc + gen) / 3)[4:].mean(0)
+    allowed = np.array([True, True, False, True])  # layer 12 is damaging
+    best = means[allowed].max()
+    near = [10 + l for l in range(L) if allowed[l] and means[l] >= best - 0.02 - 1e-9]
+    r = j.definition("edit-only")
+    assert r.near == near and r.tied == [10 + int(np.argmax(np.where(allowed, means, -1)))]
+    tied = _quick(Matrix(m.layers, m.edit_ids, {"reliability": np.tile([0.5, 0.9, 0.9, 0.2], (N, 1))}),
+                  definitions=["reliability"], primary="reliability")
+    assert tied.definition("reliability").tied == [11, 12] and "(tied: 11, 12)" in tied.to_markdown()
+    text = j.to_markdown()
+    assert "| edit-only (primary) |" in text
+    assert "golden-layers (gradlocate's min-max construction, not the paper's)" in text
+
+
+def test_own_optimum_without_a_replicate_is_not_estimated():
     m, rel, loc, gen, cap, _ = _built(damaging=None)
     j = _quick(m, definitions=["edit-only"], primary="edit-only")
-    cells = (rel + loc + gen) / 3
+    cells = (rel + loc + gen) / 3  # every row: no selector is involved
     g = int(np.argmax(cells.mean(0)))
-    best = cells.max(1)
-    v = j.definition("edit-only").versus
-    t = sps.ttest_rel(best, cells[:, g])
-    assert v["in_sample"]["t"] == pytest.approx(t.statistic) and v["in_sample"]["p_t"] == pytest.approx(t.pvalue)
-    nz = (best - cells[:, g])[best != cells[:, g]]
-    assert v["in_sample"]["p_wilcoxon"] == pytest.approx(sps.wilcoxon(nz).pvalue)
-    assert v["null"]["observed"] == pytest.approx(np.mean(best - cells[:, g]))
-    assert v["null"]["corrected"] == pytest.approx(v["null"]["observed"] - v["null"]["null_mean"])
-    assert v["null"]["null_mean"] > 0  # the winner's curse is positive on noisy cells
-    assert sum(v["optimum_layers"]) == N and v["optimum_layers"][int(np.argmax(np.bincount(cells.argmax(1))))] > 0
+    v = j.own_optimum
+    assert not v.estimable and v.oracle is None and v.equivalence is None and v.tests() == {}
+    assert v.n == N and v.in_sample_gain == pytest.approx(np.mean(cells.max(1) - cells[:, g]))
+    assert v.optimum_layers == np.bincount(cells.argmax(1), minlength=L).tolist()
+    text = j.to_markdown()
+    assert "not estimable without a replicate" in text and "biased upward" in text
+    section = text.split("**Own optimum vs golden layer**")[1].split("**Selectors")[0]
+    assert "p_t" not in section and " p " not in section.replace("|", " ")  # no p-value presented as evidence
+    assert json.loads(json.dumps(j.to_dict()))["definitions"]["edit-only"]["versus"]["estimable"] is False
+
+
+def _crossfit_by_hand(a, b):
+    """The cross-fit gain written out: choose on one table, score on the other, both ways."""
+    gains = []
+    for x, y in ((a, b), (b, a)):
+        g = int(np.argmax(x.mean(0)))
+        own = np.array([y[i, int(np.argmax(x[i]))] for i in range(len(x))])
+        gains.append(own - y[:, g])
+    return np.mean((gains[0] + gains[1]) / 2)
+
+
+def test_own_optimum_with_a_replicate_is_cross_fit_with_tost_beside_the_papers_t():
+    m, rel, loc, gen, cap, train = _built(damaging=None)
+    rng = np.random.default_rng(9)
+    noisy = {k: np.clip(v + rng.normal(0, 0.1, v.shape), 0, 1) for k, v in m.scores.items()}
+    rep = Matrix(m.layers, m.edit_ids, noisy, train, cap)
+    j = judge(m, definitions=["edit-only", "reliability"], n_boot=300, replicate=rep)
+    v = j.own_optimum
+    a, b = (rel + loc + gen) / 3, sum(noisy[k] for k in ("reliability", "locality", "generalization")) / 3
+    assert v.estimable and v.oracle.gain == pytest.approx(_crossfit_by_hand(a, b), abs=1e-12)
+    assert v.oracle.ci[0] <= v.oracle.gain <= v.oracle.ci[1] and v.oracle.gain <= v.oracle.in_sample + 1e-12
+    e = v.equivalence
+    boot = v.oracle.boot
+    assert e.margin == 0.02 and e.p_upper == pytest.approx((1 + np.sum(boot >= 0.02)) / (1 + boot.size))
+    d = v.oracle.per_edit
+    assert e.p_paired_t == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+    assert set(v.tests()) == {"oracle gain > 0", "equivalent within 0.02 (TOST)"}
+    text = j.to_markdown()
+    assert "cross-fit over two replicates" in text and "paper's paired t" in text and "not estimable" not in text
+    d = json.loads(json.dumps(j.to_dict()))["definitions"]["edit-only"]["versus"]
+    assert d["estimable"] and "boot" not in d["oracle"] and d["equivalence"]["margin"] == 0.02
+    with pytest.raises(ValueError, match="same edits and layers"):
+        judge(m, replicate=Matrix(m.layers[:3], m.edit_ids, {k: v[:, :3] for k, v in noisy.items()}))
 
 
 def test_bootstrap_resamples_rows_jointly():
@@ -107,19 +158,6 @@ def test_bootstrap_resamples_rows_jointly():
     goldens = [int(np.argmax(cells[rng.integers(0, N, N)].mean(0))) for _ in range(200)]
     freq = np.bincount(goldens, minlength=L) / 200
     np.testing.assert_allclose(j.definition("edit-only").boot.golden_freq, freq)
-
-
-def test_transfer_agreement_recomputed():
-    m, rel, loc, gen, cap, _ = _built(damaging=None)
-    j = judge(m, proxy=range(5), definitions=["reliability"], primary="reliability", n_boot=10, n_null=10,
-              n_splits=200, seed=1)
-    rng = np.random.default_rng(1)
-    agree = []
-    for _ in range(200):
-        o = rng.permutation(N)
-        agree.append(np.argmax(rel[o[:5]].mean(0)) == np.argmax(rel[o[5:]].mean(0)))
-    assert j.definition("reliability").transfer.agreement == pytest.approx(np.mean(agree))
-    assert j.definition("reliability").transfer.n_splits == 200
 
 
 def test_selector_regret_and_rank_recomputed():
@@ -169,8 +207,8 @@ def test_errors_say_what_was_expected():
     m, *_ = _built()
     with pytest.raises(ValueError, match="proxy rows must be in"):
         judge(m, proxy=[99])
-    with pytest.raises(ValueError, match="n_null"):
-        judge(m, n_null=0)
+    with pytest.raises(ValueError, match="n_boot"):
+        judge(m, n_boot=0)
     with pytest.raises(ValueError, match="primary"):
         judge(m, definitions=["reliability"], primary="weighted")
 
@@ -260,7 +298,7 @@ def test_matrix_cli_writes_the_whole_matrix_only_once_every_layer_is_in(tmp_path
 
 
 def test_report_page_from_a_partial_folder(tmp_path, make_folder):
-    from gradlocate.golden.report import report
+    from gradlocate.golden.report import RegretSettings, report
 
     m, rel, loc, gen, cap, _ = _built(damaging=None)
     folder, s = make_folder(tmp_path / "tiny-run", m.edit_ids, 6)
@@ -276,14 +314,15 @@ def test_report_page_from_a_partial_folder(tmp_path, make_folder):
 
     RecordStore(foreign.cells_dir, lambda k: {"editor": {"name": "locft", "hparams": {"lr": 1.0}}}).append(
         f"{m.edit_ids[0]}/0", {"edit": m.edit_ids[0], "layer": 0, "scores": {"reliability": 1.0}, "train": {}})
-    r = report([started.path, foreign.path, folder.path], selectors=False, n_boot=20, n_null=20,
-               appendix="\n## Superseded\n\nold")
+    r = report([started.path, foreign.path, folder.path], selectors=False, n_boot=20, appendix="\n## Superseded\n\nold",
+               regret=RegretSettings(n_draws=20, n_boot=5, boot_draws=5, search=False))
     text = r.to_markdown()
     assert "### a-started\n\nMatrix: **partial**, not judged yet: " in text and "no complete layer yet (0 cells)" in text
     assert "### b-foreign\n\nNot judged: FolderError:" in text and "editor fingerprint" in text
     assert not (started.path / "judgment.json").exists() and not (foreign.path / "judgment.json").exists()
     assert f"**partial**: {N * L}/{N * 6} cells" in text and "lr 0.001, epochs 5" in text
-    assert "| edit-only |" in text and "## Superseded\n\nold" in text
+    assert "| edit-only (primary) |" in text and "## Superseded\n\nold" in text
+    assert "of 6 layers (partial: the judged layers only)" in text
     assert json.loads(folder.judgment_path.read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
     assert set(r.failures) == {"a-started", "b-foreign"}
 
@@ -295,7 +334,7 @@ def test_golden_layers_is_flagged_when_the_held_out_loss_it_normalises_is_noise(
     rng = np.random.default_rng(5)
     noise = np.full((N, L), np.nan)
     noise[:8] = rng.normal(0.001, 1e-4, (8, L))  # no layer effect: layer means within noise
-    quiet = judge(Matrix(m.layers, m.edit_ids, m.scores, train, noise), n_boot=50, n_null=50, n_splits=10)
+    quiet = judge(Matrix(m.layers, m.edit_ids, m.scores, train, noise), n_boot=50)
     e = quiet.capability_effect
     by_hand = sps.friedmanchisquare(*noise[:8].T)
     assert e.n_edits == 8 and e.p_value == pytest.approx(by_hand.pvalue) and e.p_value >= 0.05
@@ -306,8 +345,8 @@ def test_golden_layers_is_flagged_when_the_held_out_loss_it_normalises_is_noise(
     assert json.loads(json.dumps(quiet.to_dict()))["capability_effect"]["n_edits"] == 8
     loud = noise.copy()
     loud[:8, 2] += 0.5  # layer 2 costs half a nat in every edit: a real effect, no flag
-    j = judge(Matrix(m.layers, m.edit_ids, m.scores, train, loud), n_boot=50, n_null=50, n_splits=10)
+    j = judge(Matrix(m.layers, m.edit_ids, m.scores, train, loud), n_boot=50)
     assert j.capability_effect.p_value < 0.05 and "may rank the layers by noise" not in " ".join(reading(j))
-    no_golden_layers = judge(Matrix(m.layers, m.edit_ids, m.scores, train, noise), n_boot=20, n_null=20,
-                             n_splits=10, definitions=["edit-only", "weighted"], primary="weighted")
+    no_golden_layers = judge(Matrix(m.layers, m.edit_ids, m.scores, train, noise), n_boot=20,
+                             definitions=["edit-only", "weighted"], primary="weighted")
     assert "may rank the layers by noise" not in " ".join(reading(no_golden_layers))

@@ -19,7 +19,7 @@ EDITS = [{"prompt": f"The code word number {i} is", "target_new": w, "ground_tru
          for i, w in enumerate(["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "lemon"])]
 TEXTS = ["A general text about the weather and the sea.", "Another one, about trains."]
 HP = {"lr": 2e-2, "epochs": 3}
-SMALL = {"n_boot": 30, "n_null": 30, "n_splits": 20}
+SMALL = {"n_boot": 30}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_resume_reads_selections_and_matrix_back(result):
     assert "Golden layer by definition" in again.to_markdown() and "Batch regime" in s.to_markdown()
     # the folder holds everything, and loads without a model: the same judgment
     assert (out / "judgment.json").exists() and (out / "report.md").exists() and (out / "batch").is_dir()
-    loaded = Study.load(out, n_boot=SMALL["n_boot"], n_null=SMALL["n_null"], n_splits=SMALL["n_splits"])
+    loaded = Study.load(out, n_boot=SMALL["n_boot"])
     assert loaded.golden == s.golden and loaded.judgment.proxy == s.judgment.proxy
     assert {r.name: r.layer for r in loaded.judgment.selectors} == {r.name: r.layer for r in s.judgment.selectors}
     assert loaded.batch is not None and loaded.batch.golden == s.batch.golden

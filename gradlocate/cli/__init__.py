@@ -179,7 +179,6 @@ def _report_parsers(sub: Any) -> None:
     p.add_argument("--cached", action="store_true", help="use the selections cached in the folders only")
     p.add_argument("--threshold", type=float, default=0.5, help="the damage gate, nats of held-out loss rise")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the test edits")
-    p.add_argument("--n-null", type=int, default=1000, help="matrices of the selection-bias null")
     p.add_argument("--append", default=None, metavar="FILE.md", help="markdown appended at the end of the page")
     p.add_argument("--print", action="store_true", help="also print the page")
     p = _verb(sub, "migrate", "bring study folders of schema 0 (benchmarks/matrix.py) to this schema")

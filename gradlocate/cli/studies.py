@@ -188,7 +188,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     appendix = "\n" + Path(args.append).read_text() if args.append else ""
     sel: Any = False if args.no_selectors else True
     r = report(args.folders, selectors=sel, cma=not args.no_cma, draws=args.draws, threshold=args.threshold,
-               n_boot=args.n_boot, n_null=args.n_null, figures=args.figures, appendix=appendix,
+               n_boot=args.n_boot, figures=args.figures, appendix=appendix,
                compute=not args.cached, progress=True)
     text = r.to_markdown()
     if args.out:

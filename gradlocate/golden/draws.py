@@ -6,12 +6,14 @@ another (SmolLM2, CounterFact, R-ROME: LGA picked 28 on one 16-edit proxy and 8 
 splits of one matrix: each draw's selectors ran on its proxy rows; their regret is measured
 on its test rows (bootstrap over those rows, as :func:`~gradlocate.golden.judge.judge`
 does), and one pair of selectors (LGA and CMA by default) is compared by the paired
-bootstrap of the regret difference. :class:`Draws` then says, across draws, each
-selector's picks and mean regret, and in how many draws the first of the pair has the lower
-regret, and in how many that is resolved.
+bootstrap of the regret difference per draw. :class:`Draws` then says, across draws, each
+selector's picks and its mean regret.
 
 The draws share edits (each is a quarter of the same rows), so they are not independent
-replicates: the summary is descriptive, and no test across draws is given.
+replicates, and no count of "draws won" is given (it says how often, not by how much, and
+treats overlapping draws as independent): the mean test regret over these draws with an
+interval over draws and edits is :func:`gradlocate.golden.regret.regret_on_committed_draws`,
+which reads the picks this writes (``draws.json``).
 
 Example:
     >>> import numpy as np
@@ -22,8 +24,8 @@ Example:
     >>> pick = lambda l: LayerScores("x", [0.0, 0.0, 0.0], [True] * 3, l, layers=[0, 1, 2])
     >>> d = over_draws(m, [(0, [0, 1, 2], {"lga": pick(1), "cma": pick(2)}),
     ...                    (1, [3, 4, 5], {"lga": pick(1), "cma": pick(0)})], definitions=["reliability"], n_boot=50)
-    >>> d.picks("lga"), d.picks("cma"), d.lower("reliability")
-    ([1, 1], [2, 0], {'lga': 2, 'cma': 0, 'tie': 0})
+    >>> d.picks("lga"), d.picks("cma"), d.regrets("cma", "reliability").round(2).tolist()
+    ([1, 1], [2, 0], [0.4, 0.8])
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from gradlocate.golden import arrays, inference, scores
-from gradlocate.golden.judge import DAMAGE_THRESHOLD, _picks, _gated_bootstrap
+from gradlocate.golden import inference, scores
+from gradlocate.golden.judge import DAMAGE_THRESHOLD, PRIMARY, _gated_bootstrap, _picks
 from gradlocate.golden.table import Matrix
 
 __all__ = ["over_draws", "Draws", "Draw"]
@@ -88,19 +90,6 @@ class Draws:
         return np.array([np.nan if (r := d.regret.get(name, {}).get(definition)) is None else r[0]
                          for d in self.draws], dtype=float)
 
-    def lower(self, definition: str) -> dict[str, int]:
-        """In how many draws each of the pair has the lower regret (point estimates), and ties."""
-        a, b = self.pair
-        v = [x.value for d in self.draws if (x := d.difference.get(definition)) is not None]
-        return {a: sum(x < 0 for x in v), b: sum(x > 0 for x in v), "tie": sum(x == 0 for x in v)}
-
-    def resolved(self, definition: str) -> dict[str, int]:
-        """In how many draws the paired interval puts one of the pair below the other, and neither."""
-        a, b = self.pair
-        v = [x for d in self.draws if (x := d.difference.get(definition)) is not None]
-        return {a: sum(x.hi < 0 for x in v), b: sum(x.lo > 0 for x in v),
-                "neither": sum(x.lo <= 0 <= x.hi for x in v)}
-
     def to_dict(self) -> dict[str, Any]:
         return {"n_edits": self.n_edits, "n_proxy": self.n_proxy, "definitions": self.definitions,
                 "pair": list(self.pair), "draws": [d.to_dict() for d in self.draws]}
@@ -111,13 +100,14 @@ class Draws:
                    [Draw.from_dict(x) for x in d["draws"]])
 
     def __repr__(self) -> str:
-        a, b = self.pair
-        told = "; ".join(f"{k}: {a} lower in {self.lower(k)[a]}, {b} in {self.lower(k)[b]}" for k in self.definitions)
+        told = "; ".join(f"{s} mean regret ({self.definitions[0]}) {np.nanmean(self.regrets(s, self.definitions[0])):.3f}"
+                         for s in self.selectors) if self.draws and self.definitions else "no draw"
         return f"Draws({len(self.draws)} proxy draws of {self.n_proxy}/{self.n_edits} edits; {told})"
 
     def to_markdown(self) -> str:
-        """One row per selector (picks per draw, mean regret and range per definition), then
-        the pair's comparison per definition."""
+        """One row per selector: its layer per draw and, per definition, its mean regret over
+        these draws with the range (descriptive; the interval is
+        :func:`~gradlocate.golden.regret.regret_on_committed_draws`'s)."""
         def f(v: float) -> str:
             return "n/a" if not np.isfinite(v) else f"{v:.3f}"
 
@@ -131,16 +121,6 @@ class Draws:
                 cells.append("n/a" if ok.size == 0 else f"{f(ok.mean())} [{f(ok.min())}, {f(ok.max())}]")
             picks = ", ".join("-" if p is None else str(p) for p in self.picks(s))
             lines.append(f"| {s} | {picks} | " + " | ".join(cells) + " |")
-        a, b = self.pair
-        lines.append("")
-        for d in self.definitions:
-            lo, rs = self.lower(d), self.resolved(d)
-            n = sum(lo.values())
-            per = ", ".join("-" if (x := dr.difference.get(d)) is None else
-                            f"{x.value:+.3f}{'*' if x.hi < 0 or x.lo > 0 else ''}" for dr in self.draws)
-            lines.append(f"- {d}: {a}'s regret is lower in {lo[a]} of {n} draws, {b}'s in {lo[b]} (ties {lo['tie']}); "
-                         f"the paired interval excludes 0 in favour of {a} in {rs[a]}, of {b} in {rs[b]}, "
-                         f"neither in {rs['neither']}. Regret {a} - {b} per draw (* its interval excludes 0): {per}.")
         return "\n".join(lines) + "\n"
 
     def plot(self, definition: str | None = None) -> Any:
@@ -180,7 +160,7 @@ def _draw(m: Matrix, seed: int, proxy: Sequence[int], selections: Mapping[str, A
 
 
 def over_draws(m: Matrix, draws: Sequence[tuple[int, Sequence[int], Mapping[str, Any]]], *,
-               definitions: Sequence[str] = ("weighted", "golden-layers"), pair: tuple[str, str] = ("lga", "cma"),
+               definitions: Sequence[str] = (PRIMARY, "weighted", "golden-layers"), pair: tuple[str, str] = ("lga", "cma"),
                threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000) -> Draws:
     """Judge the selectors on each proxy draw of ``m`` (see the module doc).
 

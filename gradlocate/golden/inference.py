@@ -1,15 +1,19 @@
 """The study's inference: paired tests, the bootstrap over edits, proxy -> test transfer,
-rank agreement, and the selection bias of each edit's own optimum.
+rank agreement, and the own optimum scored on a replicate.
 
 Pure functions of single-edit matrices, as :mod:`gradlocate.golden.scores` (whose
 definitions of overall and golden layer they use):
 
-* :func:`held_out_optimum`, :func:`null_selection_bias` - the winner's curse of the
-  own optimum, measured on a replicate or estimated under a permutation null.
+* :func:`held_out_optimum` - the own optimum chosen on one replicate and scored on
+  another (one direction; :func:`gradlocate.golden.oracle.oracle_gain` cross-fits both,
+  with an interval). The permutation-null "selection bias" that stood beside it is
+  withdrawn: it treated real per-edit optima as noise and subtracted them (see
+  docs/statistics.md).
 * :func:`paired_tests` - paired t, Wilcoxon signed-rank and sign-flip permutation tests.
 * :func:`bootstrap` - edits resampled jointly across every metric matrix; selectors'
   regrets and their paired differences (:meth:`Bootstrap.difference`).
-* :func:`transfer` - proxy -> test transfer of the golden layer over random splits.
+* :func:`transfer` - proxy -> test agreement of the golden layer over random splits (the
+  study judges transfer by test regret instead: :mod:`gradlocate.golden.regret`).
 * :func:`rank_agreement` - Spearman and Kendall between a selector's scores and the truth.
 """
 
@@ -26,10 +30,10 @@ import numpy as np
 from scipy import stats as sps
 
 from gradlocate.golden.arrays import Result, as_matrix, interval, layer_mask, layer_means, seeded
-from gradlocate.golden.scores import _metric_matrices, golden_layer, overall, own_optimum, selection_gain
+from gradlocate.golden.scores import _metric_matrices, golden_layer, overall, own_optimum
 
-__all__ = ["held_out_optimum", "null_selection_bias", "paired_tests", "bootstrap", "transfer", "rank_agreement",
-           "HeldOut", "NullBias", "PairedTests", "Bootstrap", "RegretDifference", "Transfer", "RankAgreement"]
+__all__ = ["held_out_optimum", "paired_tests", "bootstrap", "transfer", "rank_agreement",
+           "HeldOut", "PairedTests", "Bootstrap", "RegretDifference", "Transfer", "RankAgreement"]
 
 
 # --------------------------------------------------------------------------- selection bias
@@ -90,93 +94,6 @@ def held_out_optimum(select_scores: Any, eval_scores: Any, allowed: Any = None) 
     ho, gold = float(picked[keep].mean()), float(at_g[keep].mean())
     ins = float(best.mean())
     return HeldOut(layers, ho, ins, gold, ho - gold, ins - ho, int(keep.sum()))
-
-
-@dataclass(repr=False)
-class NullBias(Result):
-    """The own optimum's gain over the golden layer, observed and under the null.
-
-    Attributes:
-        observed: :func:`selection_gain` of the data.
-        null_mean: the mean gain over null matrices: the selection bias to subtract.
-        null_interval: its percentile interval.
-        corrected: ``observed - null_mean``.
-        p_value: ``(1 + #{null gain >= observed}) / (1 + n)``.
-        n: null matrices drawn.
-    """
-
-    observed: float
-    null_mean: float
-    null_interval: tuple[float, float]
-    corrected: float
-    p_value: float
-    n: int
-
-
-def _double_centre(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Layer means, and residuals with row and layer effects removed (NaN kept), each row
-    scaled by ``sqrt(k / (k - 1))`` (``k`` its finite cells).
-
-    Centring a row of ``k`` i.i.d. errors leaves their differences intact but shrinks each
-    one's variance by ``(k - 1) / k``; once the cells are permuted into different rows the
-    differences would shrink by that too. The scale restores them, so that on pure noise
-    the null's gain matches the observed gain in expectation."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        col = np.nanmean(s, axis=0)
-        r = s - col[None, :]
-        r = r - np.nanmean(r, axis=1, keepdims=True)
-    k = np.sum(~np.isnan(s), axis=1, keepdims=True).astype(np.float64)
-    return col, r * np.sqrt(np.where(k > 1, k / np.maximum(k - 1, 1), 1.0))
-
-
-def null_selection_bias(score: Any, n: int = 1000, seed: int = 0, allowed: Any = None,
-                        level: float = 0.95) -> NullBias:
-    """Selection bias of the own optimum under a null where the layer labels carry no
-    row-specific information, to subtract from the observed gain.
-
-    The null: ``score[i, l] = row_i + layer_l + e[i, l]`` with the residuals of each
-    layer exchangeable across rows. Each null matrix keeps the layer means and permutes
-    each column's double-centred residuals across rows **independently per column**
-    (row effects cancel inside a row's argmax and are dropped; residuals are rescaled so
-    that centring does not shrink their within-row differences). This keeps every layer's
-    mean and residual distribution (heteroscedastic layers, ceiling effects of [0, 1]
-    scores, skew) and destroys only which rows do well at which layers - exactly the
-    row-specific information an own optimum claims. The gain of the own optimum over the
-    golden layer in such a matrix is pure winner's curse; on pure noise its mean equals
-    the observed gain in expectation. Where real row-specific optima exist, their spread
-    is in the residuals too and the null treats it as noise, and the null also breaks
-    residual correlation between neighbouring layers (more effective candidates): both
-    make ``null_mean`` err large, so ``corrected`` is a lower bound of the real gain (one
-    observation per cell cannot separate signal from noise) and ``p_value`` the test.
-    (A sign-flip null is wrong here - the residuals are not symmetric at a [0, 1]
-    ceiling - and a Gaussian null assumes what the permutation does not.) Prefer :func:`held_out_optimum` when a replicate exists:
-    it measures the bias instead of modelling it; use this when it does not.
-
-    Example:
-        >>> rng = np.random.default_rng(0)
-        >>> b = null_selection_bias(rng.normal(size=(200, 8)), n=50)
-        >>> b.null_mean > 0.5, abs(b.corrected) < 0.3
-        (True, True)
-    """
-    s = as_matrix(score)
-    if n < 1:
-        raise ValueError(f"n (null matrices) must be >= 1, got {n}")
-    if s.shape[0] < 2:
-        raise ValueError(f"the permutation null needs at least 2 rows, got {s.shape[0]}")
-    observed = selection_gain(s, allowed)
-    col, r = _double_centre(s)
-    rng = seeded(seed)
-    mask = layer_mask(allowed, s.shape[1])
-    gains = np.empty(n)
-    for k in range(n):
-        perm = np.argsort(rng.random(r.shape), axis=0)  # an independent permutation per column
-        null = col[None, :] + np.take_along_axis(r, perm, axis=0)
-        scored = ~np.isnan(null[:, mask]).all(axis=1)  # NaN cells move: a null row may get none
-        gains[k] = selection_gain(null[scored], mask)
-    mean = float(gains.mean())
-    p = float((1 + np.sum(gains >= observed - 1e-12)) / (1 + n))
-    return NullBias(observed, mean, interval(gains, level), observed - mean, p, n)
 
 
 # --------------------------------------------------------------------------- paired tests

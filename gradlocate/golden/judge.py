@@ -3,23 +3,29 @@
 One instrument, one matrix ``[edits, layers]`` (every edit edited alone at every layer),
 answers every question of the study, so no number mixes two experiments:
 
-* per **definition of "overall"** (each metric alone, ``edit-only``, gradlocate's
-  capability-aware ``weighted``, the ``golden-layers`` normalised mean;
-  :func:`gradlocate.golden.scores.overall`): the golden layer over the **test rows**, with its
-  bootstrap distribution (rows resampled jointly across every metric);
+* per **definition of "overall"**: the primary score :data:`~gradlocate.golden.oracle.PRIMARY`
+  (``edit-only``: the mean of reliability, generalization and locality, damage-gated),
+  declared before any study was run, and the sensitivity analyses (each metric alone,
+  gradlocate's capability-aware ``weighted``, and ``golden-layers``: gradlocate's min-max
+  construction, not the Golden Layers paper's definition;
+  :func:`gradlocate.golden.scores.overall`): the golden layer over the **test rows**, with
+  its bootstrap distribution (rows resampled jointly across every metric), and beside the
+  argmax the layers within :data:`~gradlocate.golden.oracle.EQUIVALENCE_MARGIN` of the
+  best (:func:`~gradlocate.golden.oracle.near_best`) and the exactly tied ones;
 * the **damage gate**: a layer whose edits raise the held-out LM loss by more than
   ``threshold`` nats (mean over its capability cells) is damaging and cannot be golden;
   the golden layer is reported with and without the gate;
-* each edit's **own optimum vs the golden layer** on the same rows: the paired tests
-  (t as the Golden Layers paper, Wilcoxon, sign-flip permutation) of the in-sample
-  difference, which is >= 0 by construction (the winner's curse), and the gain after
-  subtracting the permutation null's selection bias (:func:`gradlocate.golden.inference.null_selection_bias`)
-  with its p-value: the test to read;
-* **proxy -> test transfer** of the golden layer over random splits (:func:`gradlocate.golden.inference.transfer`);
+* each edit's **own optimum vs the golden layer** (:mod:`gradlocate.golden.versus`), over
+  every row (no selector is involved): with a ``replicate`` (a second matrix of the same
+  edits and layers) the cross-fitted oracle gain with its interval and p, the TOST
+  equivalence at the declared margin and the paper's paired t; with one replicate the
+  plain statement that it cannot be estimated, and the in-sample gain labelled as
+  biased upward (no p-value);
 * per **selector** (its :class:`~gradlocate.results.LayerScores` on the proxy edits):
-  its layer, regret with a bootstrap interval, Spearman/Kendall over all and over its
-  eligible layers; two selectors are compared by the paired bootstrap of their regret
-  difference (:meth:`gradlocate.golden.inference.Bootstrap.difference`), not by overlapping intervals;
+  its layer, regret on this one proxy draw with a bootstrap interval over the test edits,
+  Spearman/Kendall over all and over its eligible layers. Selectors and transfer over
+  many proxy draws (mean test regret beside brute force and a random layer) are judged
+  by :mod:`gradlocate.golden.answer` around this judgment;
 * **convergence** per layer (fraction of cells converged, mean final loss).
 
 Capability enters the ``weighted`` and ``golden-layers`` overalls per layer (it is
@@ -34,9 +40,11 @@ Example:
     >>> rel = np.clip(np.array([0.2, 0.9, 0.8]) + rng.normal(0, 0.05, (12, 3)), 0, 1)
     >>> cap = np.full((12, 3), np.nan); cap[:4] = [0.0, 1.0, 0.1]
     >>> m = Matrix([0, 1, 2], [str(i) for i in range(12)], {"reliability": rel}, capability=cap)
-    >>> j = judge(m, proxy=[0, 1, 2], n_boot=50, n_null=50, n_splits=20)
+    >>> j = judge(m, proxy=[0, 1, 2], n_boot=50)
     >>> j.gate.damaging, j.definition("reliability").golden_ungated, j.definition("reliability").golden
     ([1], 1, 2)
+    >>> j.primary, j.own_optimum.estimable
+    ('edit-only', False)
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ from typing import Any
 import numpy as np
 
 from gradlocate.golden import arrays, inference, scores
+from gradlocate.golden.oracle import EQUIVALENCE_MARGIN, PRIMARY, near_best
 from gradlocate.golden.table import MATRIX_METRICS, Matrix
+from gradlocate.golden.versus import OwnOptimum, own_optimum_vs_golden
 
 __all__ = ["judge", "Judgment", "DefinitionResult", "SelectorResult", "Convergence",
-           "DAMAGE_THRESHOLD"]
+           "DAMAGE_THRESHOLD", "PRIMARY"]
 
 #: The damage gate's default: a mean held-out loss rise above this many nats is damaging.
 DAMAGE_THRESHOLD = 0.5
@@ -102,11 +112,15 @@ class DefinitionResult:
     """One definition of "overall" judged on the test rows (layers are model layer indices).
 
     Attributes:
-        definition: its name; golden: the golden layer with the gate; golden_ungated: without.
+        definition: its name; golden: the golden layer with the gate (the argmax of the
+            test rows' layer means; exact ties go to the lower layer, and ``tied`` lists them);
+            golden_ungated: without the gate.
+        near: the allowed layers whose test mean is within ``margin`` of the best (the
+            choices the data cannot tell apart at the declared margin); tied: those equal to it.
         layer_mean: the test rows' mean overall per layer; boot: :class:`gradlocate.golden.inference.Bootstrap`
-            (gated; golden_freq over layers); versus: own optimum vs golden (in-sample paired
-            tests of ``optimum - golden``; ``null``: the selection bias, the corrected gain, its p);
-        transfer: :class:`gradlocate.golden.inference.Transfer` over random splits of all rows.
+            (gated; golden_freq over layers).
+        versus: each edit's own optimum vs the golden layer over every row
+            (:class:`~gradlocate.golden.versus.OwnOptimum`).
     """
 
     definition: str
@@ -114,13 +128,15 @@ class DefinitionResult:
     golden_ungated: int
     layer_mean: list[float]
     boot: inference.Bootstrap
-    versus: dict[str, Any]
-    transfer: inference.Transfer | None
+    versus: OwnOptimum
+    near: list[int] = field(default_factory=list)
+    tied: list[int] = field(default_factory=list)
+    margin: float = EQUIVALENCE_MARGIN
 
     def to_dict(self) -> dict[str, Any]:
         return {"definition": self.definition, "golden": self.golden, "golden_ungated": self.golden_ungated,
-                "layer_mean": _plain(self.layer_mean), "bootstrap": self.boot.to_dict(), "versus": _plain(self.versus),
-                "transfer": None if self.transfer is None else self.transfer.to_dict()}
+                "near": self.near, "tied": self.tied, "margin": self.margin,
+                "layer_mean": _plain(self.layer_mean), "bootstrap": self.boot.to_dict(), "versus": self.versus.to_dict()}
 
 
 @dataclass(repr=False)
@@ -138,23 +154,6 @@ class SelectorResult:
                 "rank": None if self.rank is None else self.rank.to_dict()}
 
 
-def _versus(score: np.ndarray, allowed: np.ndarray, n_null: int, seed: int) -> dict[str, Any]:
-    """Own optimum vs golden on ``score``: the in-sample paired tests (as the paper; each
-    difference is >= 0 by construction, so they are biased) and the permutation null's
-    selection bias, whose ``corrected`` gain (a lower bound) and one-sided ``p_value`` are
-    the result to read. (A paired test of the differences minus the null mean is not
-    given: the null mean is a constant, not a per-edit bias, and errs large.)"""
-    g = scores.golden_layer(score, allowed)
-    keep = np.isfinite(score[:, g]) & np.isfinite(score[:, allowed]).any(1)
-    s = score[keep]
-    opt = scores.own_optimum(s, allowed)
-    raw = inference.paired_tests(opt.values, s[:, g], seed=seed)
-    null = inference.null_selection_bias(s, n=n_null, seed=seed, allowed=allowed)
-    return {"optimum_mean": float(opt.values.mean()), "golden_mean": float(s[:, g].mean()), "n": int(len(s)),
-            "in_sample": raw.to_dict(), "null": null.to_dict(),
-            "optimum_layers": np.bincount(opt.layers, minlength=score.shape[1]).tolist()}
-
-
 def _gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: scores.DamageGate,
                     picks: Mapping[str, int], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, inference.Bootstrap]:
     """``definition``'s score of ``metrics``, the layers it may call golden (not damaging,
@@ -164,20 +163,28 @@ def _gated_bootstrap(metrics: Mapping[str, np.ndarray], definition: str, gate: s
     return score, allowed, inference.bootstrap(metrics, definition, selectors=picks, allowed=allowed, n=n_boot, seed=seed)
 
 
-def _definition(m: Matrix, definition: str, test: np.ndarray, n_proxy: int, gate: scores.DamageGate,
-                picks: Mapping[str, int], n_boot: int, n_null: int, n_splits: int, seed: int) -> DefinitionResult:
-    """One definition of overall: golden (gated, ungated), bootstrap, versus, transfer."""
+def _versus(m: Matrix, replicate: Matrix | None, definition: str, gate: scores.DamageGate, n_boot: int,
+            seed: int) -> OwnOptimum:
+    """Own optimum vs golden over every row of ``m`` (cross-fit with ``replicate`` when given)."""
+    score = scores.overall(m.metrics(), definition)
+    rep = None if replicate is None else scores.overall(replicate.metrics(), definition)
+    allowed = gate.allowed & np.isfinite(arrays.layer_means(score))
+    if rep is not None:
+        allowed &= np.isfinite(arrays.layer_means(rep))
+    return own_optimum_vs_golden(score, allowed, rep, n_boot=n_boot, seed=seed)
+
+
+def _definition(m: Matrix, definition: str, test: np.ndarray, gate: scores.DamageGate, picks: Mapping[str, int],
+                n_boot: int, replicate: Matrix | None, seed: int) -> DefinitionResult:
+    """One definition of overall: golden (gated, ungated), the near-best set, bootstrap, versus."""
     # golden-layers' score is normalised on the test rows
     score, allowed, boot = _gated_bootstrap(m.metrics(test), definition, gate, picks, n_boot, seed)
-    score_all = scores.overall(m.metrics(), definition)
     ungated = m.layers[scores.golden_layer(score)]
-    versus = _versus(score, allowed, n_null, seed)
-    tr = None
-    if 1 <= n_proxy < m.n_edits and n_splits:
-        rows = np.isfinite(score_all[:, allowed]).any(1)
-        tr = inference.transfer(score_all[rows], n_proxy, n_splits, seed, allowed, n_null=min(n_null, 100))
-    return DefinitionResult(definition, m.layers[boot.golden], ungated, arrays.layer_means(score).tolist(), boot,
-                            versus, tr)
+    means = arrays.layer_means(score)
+    near = [m.layers[i] for i in near_best(means, EQUIVALENCE_MARGIN, allowed=allowed)]
+    tied = [m.layers[i] for i in near_best(means, 0.0, allowed=allowed)]  # near_best adds TIE_TOL
+    versus = _versus(m, replicate, definition, gate, max(n_boot, 200), seed)
+    return DefinitionResult(definition, m.layers[boot.golden], ungated, means.tolist(), boot, versus, near, tied)
 
 
 def _picks(m: Matrix, selections: Mapping[str, Any]) -> dict[str, int]:
@@ -205,29 +212,41 @@ def default_definitions(m: Matrix) -> list[str]:
     return [*have, *scores.DEFINITIONS]
 
 
+def _check_replicate(m: Matrix, replicate: Matrix | None) -> None:
+    if replicate is not None and (replicate.edit_ids != m.edit_ids or replicate.layers != m.layers):
+        raise ValueError(f"the replicate must hold the same edits and layers as the matrix (in the same order): got "
+                         f"{replicate.n_edits} edits x layers {replicate.layers}, expected {m.n_edits} edits x layers "
+                         f"{m.layers}")
+
+
 def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | None = None, *,
-          definitions: Sequence[str] | None = None, primary: str = "weighted",
-          threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200,
-          seed: int = 0, regime: Mapping[str, Any] | None = None) -> Judgment:
+          definitions: Sequence[str] | None = None, primary: str = PRIMARY, threshold: float = DAMAGE_THRESHOLD,
+          n_boot: int = 1000, replicate: Matrix | None = None, seed: int = 0,
+          regime: Mapping[str, Any] | None = None) -> Judgment:
     """Judge the golden layer on one single-edit matrix (see the module doc).
 
     Args:
-        m: the matrix (complete columns: give the complete layers only, see :func:`gradlocate.golden.load.load_matrix`).
+        m: the matrix (complete columns: give the complete layers only, see
+            :meth:`gradlocate.golden.folder.StudyFolder.load`).
         proxy: row indices of the proxy edits (the selectors saw these); the rest are the
-            test rows. ``()``: every row is a test row (transfer then uses a quarter as proxy).
+            test rows. ``()``: every row is a test row.
         selections: selector name -> :class:`~gradlocate.results.LayerScores` (on the proxy edits).
-        definitions: the overalls (default :func:`default_definitions`); primary: the one
-            the selectors' rank agreement is measured against.
+        definitions: the overalls (default :func:`default_definitions`).
+        primary: the score every tallied test is on and the selectors' rank agreement is
+            measured against (default :data:`~gradlocate.golden.oracle.PRIMARY`, declared
+            before any study was run; the others are sensitivity analyses).
         threshold: the damage gate, nats of mean held-out loss rise.
-        n_boot: bootstrap resamples.
-        n_null: null matrices of the selection bias.
-        n_splits: transfer splits (>= 200 to report).
+        n_boot: bootstrap resamples (the oracle gain's: at least 200).
+        replicate: a second matrix of the same edits and layers with independent noise
+            (another seed; :meth:`~gradlocate.golden.folder.StudyFolder.load` ``seed=``): makes
+            each edit's own optimum estimable (the cross-fitted oracle gain and the TOST).
 
     Raises:
-        ValueError: no test row, a proxy row out of range, or ``primary`` not among the definitions.
+        ValueError: no test row, a proxy row out of range, ``primary`` not among the
+            definitions, or a replicate of other edits or layers.
     """
-    if min(n_boot, n_null) < 1 or n_splits < 0:
-        raise ValueError(f"n_boot and n_null must be >= 1 and n_splits >= 0, got {n_boot}, {n_null}, {n_splits}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     proxy_rows = sorted({int(i) for i in proxy})
     if any(not 0 <= i < m.n_edits for i in proxy_rows):
         raise ValueError(f"proxy rows must be in 0..{m.n_edits - 1}, got {proxy_rows}")
@@ -237,14 +256,15 @@ def judge(m: Matrix, proxy: Sequence[int] = (), selections: Mapping[str, Any] | 
     defs_wanted = list(definitions) if definitions is not None else default_definitions(m)
     if primary not in defs_wanted:
         raise ValueError(f"primary {primary!r} must be one of the definitions {defs_wanted}")
+    _check_replicate(m, replicate)
     gate = scores.damage_gate(m.capability, threshold, higher_is_better=False)
     sels = dict(selections or {})
     picks = _picks(m, sels)
-    n_proxy = len(proxy_rows) or max(1, m.n_edits // 4)
-    defs = {d: _definition(m, d, test, n_proxy, gate, picks, n_boot, n_null, n_splits, seed) for d in defs_wanted}
+    defs = {d: _definition(m, d, test, gate, picks, n_boot, replicate, seed) for d in defs_wanted}
     rows = [_selector(m, k, s, defs, primary) for k, s in sels.items()]
     effect = scores.layer_effect(m.capability) if np.isfinite(m.capability).any() else None
-    return Judgment(list(m.layers), m.n_edits, proxy_rows, _regime(m, threshold, regime), gate, convergence(m),
+    extra = {"replicate": None if replicate is None else replicate.params.get("seed", "given"), **dict(regime or {})}
+    return Judgment(list(m.layers), m.n_edits, proxy_rows, _regime(m, threshold, extra), gate, convergence(m),
                     defs, rows, primary, effect)
 
 
@@ -266,7 +286,7 @@ class Judgment:
     convergence: Convergence
     definitions: dict[str, DefinitionResult]
     selectors: list[SelectorResult] = field(default_factory=list)
-    primary: str = "weighted"
+    primary: str = PRIMARY
     #: Does the held-out loss change differ between layers at all (Friedman over the capability subsample)?
     capability_effect: scores.LayerEffect | None = None
 
@@ -279,6 +299,16 @@ class Judgment:
     def golden(self) -> int:
         """The golden layer under the primary definition, gated."""
         return self.definitions[self.primary].golden
+
+    @property
+    def own_optimum(self) -> OwnOptimum:
+        """Each edit's own optimum vs the golden layer under the primary definition."""
+        return self.definitions[self.primary].versus
+
+    @property
+    def replicated(self) -> bool:
+        """Whether a replicate was given (the own optimum is then estimable)."""
+        return self.own_optimum.estimable
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "n_edits": self.n_edits, "proxy": self.proxy, "regime": _plain(self.regime),

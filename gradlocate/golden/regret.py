@@ -70,7 +70,7 @@ from gradlocate.golden.judge import DAMAGE_THRESHOLD
 from gradlocate.golden.table import Matrix
 
 __all__ = ["regret_over_draws", "regret_on_committed_draws", "Regrets", "MethodRegret", "Method", "Pool", "Pick", "brute_force", "searched",
-           "draw_regrets", "interval", "BRUTE_FORCE_K", "study_scores"]
+           "draw_regrets", "interval", "p_below", "BRUTE_FORCE_K", "study_scores"]
 
 #: The brute-force baselines' proxy edit counts (those up to the pool size are run).
 BRUTE_FORCE_K = (1, 2, 4, 8, 16, 24)
@@ -244,6 +244,23 @@ def interval(point: float, replicates: np.ndarray, level: float = 0.95, floor: f
     return (max(floor, float(lo)) if floor is not None else float(lo)), float(hi)
 
 
+def p_below(point: float, replicates: np.ndarray) -> float:
+    """The one-sided p-value of H0 "the difference is >= 0" (a method's regret minus the
+    reference's) that agrees with :func:`interval`: under the basic bootstrap ``point -
+    theta`` is distributed as ``replicate - m*``, so ``p = (1 + #{r <= point + m*}) / (1 +
+    B)``; ``p < (1 - level) / 2`` when the interval lies below 0 (up to the ``+1``).
+
+    Example:
+        >>> round(p_below(-0.1, np.array([-0.12, -0.11, -0.1, -0.09, -0.08])), 3)
+        0.167
+    """
+    r = np.asarray(replicates, dtype=float)
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return math.nan
+    return float((1 + np.sum(r <= point + r.mean() + 1e-12)) / (1 + r.size))
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -261,6 +278,8 @@ class MethodRegret:
             of draws whose test regret is within its margin (NaN otherwise).
         damaging: draws whose pick was a damaging layer.
         regrets: the per-draw regrets.
+        p_below: the one-sided bootstrap p of H0 "its regret is at least the reference's"
+            (:func:`p_below`, from the same replicates as ``vs_reference``; NaN where that is ``None``).
     """
 
     name: str
@@ -276,10 +295,11 @@ class MethodRegret:
     hit: float
     damaging: int
     regrets: np.ndarray = field(default_factory=lambda: np.empty(0))
+    p_below: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("name", "mean", "lo", "hi", "cells", "cells_max", "steps", "seconds",
-                                           "vs_reference", "stated", "hit", "damaging")}
+                                           "vs_reference", "stated", "hit", "damaging", "p_below")}
         return arrays.plain({**d, "regrets": self.regrets.tolist()})
 
     @classmethod
@@ -288,7 +308,8 @@ class MethodRegret:
         vs = d.get("vs_reference")
         return cls(d["name"], nan(d["mean"]), nan(d["lo"]), nan(d["hi"]), nan(d["cells"]), nan(d["cells_max"]),
                    nan(d["steps"]), nan(d["seconds"]), None if vs is None else (nan(vs[0]), nan(vs[1]), nan(vs[2])),
-                   nan(d["stated"]), nan(d["hit"]), int(d["damaging"]), np.array(d.get("regrets", []), float))
+                   nan(d["stated"]), nan(d["hit"]), int(d["damaging"]), np.array(d.get("regrets", []), float),
+                   nan(d.get("p_below")))
 
 
 @dataclass(repr=False)
@@ -369,11 +390,13 @@ def _summaries(names: Sequence[str], point: _DrawOut, boot: np.ndarray, ref: int
         means = np.nanmean(point.regret, 0)
     for j, name in enumerate(names):
         lo, hi = interval(float(means[j]), boot[:, j], level)
-        vs = None
+        vs, p = None, math.nan
         if ref is not None and j != ref:
             d = float(means[j] - means[ref])
             vs = (d, *interval(d, boot[:, j] - boot[:, ref], level, floor=None))
+            p = p_below(d, boot[:, j] - boot[:, ref])
         rows.append(_row(name, point, j, float(means[j]), (lo, hi), vs, margins[j]))
+        rows[-1].p_below = p
     return rows
 
 

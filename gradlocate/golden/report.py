@@ -1,17 +1,24 @@
-"""A report of study folders: each judged, with its selectors, batch regime and proxy draws.
+"""A report of study folders: each judged, with its selectors, regret tables, batch regime and proxy draws.
 
 :func:`report` is what ``gradlocate report FOLDER...`` runs, and what docs/results.md is
 made of. For each study folder (:class:`~gradlocate.golden.folder.StudyFolder`) it
 
 1. loads the matrix (no model needed): the layers every edit has are judged, and the page
    says how complete the matrix is (a partial matrix is judged once half its layers are);
+   a folder with two replicate seeds is judged with the second as the replicate;
 2. takes the proxy rows by the folder's proxy rule and the selectors' scores on them
    (cached in ``selections/``; computed when a model is at hand: the one given, or the one
    the manifest names);
 3. judges (:func:`~gradlocate.golden.judge.judge`) and writes ``judgment.json``;
-4. optionally judges the selectors over ``draws`` proxy draws (``draws.json``);
-5. writes one section per folder, the batch regime and growth check where there are
-   any, the regimes side by side, and the summary of the Golden Layers paper's claims.
+4. optionally runs the selectors over ``draws`` proxy draws (``draws.json``);
+5. answers (:func:`~gradlocate.golden.answer.answer`): regret over random proxy draws of
+   brute force, the baselines and the search; the published selectors on the committed
+   draws; the cost of brute force in stored seconds;
+
+then Holm-adjusts every test across the studies (:func:`~gradlocate.golden.answer.holm_family`)
+and writes the page: the first screen (per study: the layer to edit, the selector to
+trust, brute force instead), how to read it, the paper's claims, one section per folder,
+the regimes side by side.
 
 One folder's failure is reported in its place; the others still run.
 
@@ -21,31 +28,31 @@ Example:
     >>> from gradlocate.golden.matrix import matrix
     >>> model, tok = tiny("gpt2", n_layers=2, d_model=16)
     >>> d = tempfile.mkdtemp()
-    >>> edits = [{"prompt": f"{i} + 1 =", "target_new": str(i + 2)} for i in range(5)]
+    >>> edits = [{"prompt": f"{i} + 1 =", "target_new": str(i + 2)} for i in range(8)]
     >>> _ = matrix(model, edits, hparams={"lr": 1e-2, "epochs": 2}, out=d, capability_edits=0, progress=False)
-    >>> r = report([d], selectors=False, n_boot=20, n_null=20)
-    >>> r.studies[0].golden in (0, 1), "## Single-edit matrices" in r.to_markdown()
+    >>> r = report([d], selectors=False, n_boot=20, regret=RegretSettings(n_boot=20, boot_draws=5, search=False))
+    >>> r.studies[0].golden in (0, 1), "## Which layer to edit" in r.to_markdown()
     (True, True)
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradlocate.golden.answer import Answer, RegretSettings, answer, holm_family
 from gradlocate.golden.folder import StudyFolder
 from gradlocate.golden.judge import DAMAGE_THRESHOLD
 from gradlocate.golden.selections import select
-from gradlocate.golden.study import MIN_JUDGED_SHARE, NotJudgedYet, Study, _judgeable, _model, judge_folder
-from gradlocate.golden.table import layer_span
+from gradlocate.golden.study import MIN_JUDGED_SHARE, NotJudgedYet, Study, _model, judge_folder
 from gradlocate.golden import report_sections as sections
 
-__all__ = ["report", "Report", "judge_folder", "judge_draws", "NotJudgedYet", "MIN_JUDGED_SHARE"]
+__all__ = ["report", "Report", "judge_folder", "judge_draws", "NotJudgedYet", "MIN_JUDGED_SHARE", "RegretSettings"]
+
 
 def judge_draws(folder: StudyFolder | str | os.PathLike[str], draws: int, *, model: Any = None,
                 selectors: Sequence[str] = ("lga", "cma", "gradratio", "gradratio (no l_min)"),
@@ -79,7 +86,13 @@ def judge_draws(folder: StudyFolder | str | os.PathLike[str], draws: int, *, mod
 
 @dataclass
 class Report:
-    """The judged studies of several folders and the page made of them (:meth:`to_markdown`)."""
+    """The judged studies of several folders and the page made of them (:meth:`to_markdown`).
+
+    Attributes:
+        studies, answers: per judged folder, its :class:`~gradlocate.golden.study.Study`
+            and :class:`~gradlocate.golden.answer.Answer`.
+        family: every test on the page, ``"study: test" -> Holm-adjusted p``.
+    """
 
     studies: list[Study]
     sections: list[str]
@@ -88,22 +101,50 @@ class Report:
     folders: list[str] = field(default_factory=list)
     appendix: str = ""
     summary: str = ""
+    answers: list[Answer] = field(default_factory=list)
+    family: dict[str, float] = field(default_factory=dict)
+    first: str = ""
 
     def to_markdown(self) -> str:
         listed = ", ".join(f"`{f}`" for f in self.folders)
-        return sections.page(self.sections, self.threshold, self.summary, listed, self.appendix)
+        return sections.page(self.sections, self.threshold, self.summary, listed, self.appendix, self.first)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"studies": {s.name: s.judgment.to_dict() for s in self.studies}, "failures": self.failures}
+        return {"studies": {s.name: s.judgment.to_dict() for s in self.studies},
+                "answers": {a.name: a.to_dict() for a in self.answers}, "family": self.family,
+                "failures": self.failures}
 
     def __repr__(self) -> str:
         return (f"Report({len(self.studies)} judged: {', '.join(f'{s.name} golden {s.golden}' for s in self.studies)}"
                 + (f"; not judged: {', '.join(self.failures)}" if self.failures else "") + ")")
 
 
+def _announce(name: str, n_boot: int, rs: RegretSettings) -> None:
+    import sys
+
+    print(f"report: {name}: judging ({n_boot} bootstrap resamples per definition) and regret over {rs.n_draws} random "
+          f"proxy draws ({rs.n_boot} x {rs.boot_draws} bootstrap draws"
+          + (f"; the search {rs.search_boot} x {rs.search_draws}, about half a minute" if rs.search else "")
+          + f"); the committed draws ({rs.committed_boot} resamples)", file=sys.stderr, flush=True)
+
+
+def _one(path: str | os.PathLike[str], model: Any, selectors: bool | Sequence[str], cma: bool, draws: int,
+         threshold: float, n_boot: int, rs: RegretSettings, compute: bool, progress: bool | None
+         ) -> tuple[StudyFolder, Study, Answer]:
+    """One folder judged and answered (its errors propagate to :func:`report`)."""
+    if progress:
+        _announce(Path(path).name, n_boot, rs)
+    s = judge_folder(path, model=model, selectors=selectors, cma=cma, threshold=threshold, n_boot=n_boot,
+                     compute=compute, write=True)
+    folder = StudyFolder.open(path)
+    if draws:
+        judge_draws(folder, draws, model=model, threshold=threshold, n_boot=n_boot, progress=progress)
+    return folder, s, answer(folder, s.judgment, s.matrix, threshold=threshold, settings=rs)
+
+
 def report(folders: Sequence[str | os.PathLike[str]], *, model: Any = None, selectors: bool | Sequence[str] = True,
            cma: bool = True, draws: int = 0, threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000,
-           n_null: int = 1000, figures: str | os.PathLike[str] | None = None, appendix: str = "",
+           regret: RegretSettings | None = None, figures: str | os.PathLike[str] | None = None, appendix: str = "",
            compute: bool = True, progress: bool | None = None) -> Report:
     """Judge every study folder and assemble the page (see the module doc).
 
@@ -113,41 +154,35 @@ def report(folders: Sequence[str | os.PathLike[str]], *, model: Any = None, sele
         model: the model for selectors not cached yet (default: each manifest's, loaded).
         selectors: run and judge the study's selectors (``False``: none; or their names).
         cma: include causal tracing (minutes per folder when not cached).
-        draws: judge the selectors over this many proxy draws too (``draws.json``).
+        draws: run the selectors over this many proxy draws too (``draws.json``).
+        n_boot: bootstrap resamples of the judgment.
+        regret: how the regret tables are made (:class:`~gradlocate.golden.answer.RegretSettings`;
+            the default takes about half a minute per 96 x 30 study on one core).
         figures: a folder for each study's judgment plot (referenced from its section).
         appendix: markdown appended at the end (e.g. a superseded study kept for the record).
         compute: run missing selectors (``False``: use what is cached only).
     """
+    rs = regret or RegretSettings()
     out = Report([], [], threshold=threshold, folders=[str(f) for f in folders], appendix=appendix)
-    runs, studies, draws_of, partial = [], [], {}, {}
+    slots: list[str | tuple[StudyFolder, Study, Answer]] = []
     for path in folders:
         name = Path(path).name
         try:
-            s = judge_folder(path, model=model, selectors=selectors, cma=cma, threshold=threshold, n_boot=n_boot,
-                             n_null=n_null, compute=compute, write=True)
-            folder = StudyFolder.open(path)
-            if draws:
-                judge_draws(folder, draws, model=model, threshold=threshold, n_boot=n_boot, progress=progress)
+            slots.append(_one(path, model, selectors, cma, draws, threshold, n_boot, rs, compute, progress))
         except NotJudgedYet as e:
-            out.sections.append(f"### {name}\n\nMatrix: **partial**, not judged yet: {e}.\n")
+            slots.append(f"### {name}\n\nMatrix: **partial**, not judged yet: {e}.\n")
             out.failures[name] = str(e)
-            continue
         except Exception as e:  # noqa: BLE001 - one folder's failure is reported in its place; the rest still run
-            out.sections.append(f"### {name}\n\nNot judged: {type(e).__name__}: {e}\n")
+            slots.append(f"### {name}\n\nNot judged: {type(e).__name__}: {e}\n")
             out.failures[name] = f"{type(e).__name__}: {e}"
-            continue
-        out.studies.append(s)
-        out.sections.append(_section(folder, s, threshold, n_boot, figures))
-        j, done, man = s.judgment, s.params["completeness"], folder.manifest
-        runs.append((name, _regime(man), s.matrix))
-        studies.append((name, f"{j.n_edits} edits x {len(j.layers)} layers" + ("" if done.done else " (partial)"), j))
-        if len(j.layers) < man.n_layers:
-            partial[name] = set(range(man.n_layers)) - set(j.layers)
-        if (d := sections.read_draws(folder)) is not None and d.n_edits == j.n_edits:
-            draws_of[name] = d
-    side = sections.regimes_section(runs, threshold, n_boot)
+    done = [x for x in slots if not isinstance(x, str)]
+    out.studies, out.answers = [s for _, s, _ in done], [a for _, _, a in done]
+    out.family = holm_family(out.answers)  # before any section prints an adjusted p
+    out.sections = [x if isinstance(x, str) else _section(*x, threshold, n_boot, figures) for x in slots]
+    side = sections.regimes_section([(s.name, _regime(f.manifest), s.matrix) for f, s, _ in done], threshold, n_boot)
     out.sections += [side] if side else []
-    out.summary = sections.claims(studies, draws_of, partial)
+    out.first = sections.first_screen_text(out.answers)
+    out.summary = sections.claims(out.answers)
     return out
 
 
@@ -157,14 +192,14 @@ def _regime(man: Any) -> dict[str, Any]:
             "hparams": man.regime["fingerprint"].get("hparams", {})}
 
 
-def _section(folder: StudyFolder, s: Study, threshold: float, n_boot: int,
+def _section(folder: StudyFolder, s: Study, a: Answer, threshold: float, n_boot: int,
              figures: str | os.PathLike[str] | None) -> str:
-    """One folder's section: the judgment, its batch regime, growth check and proxy draws."""
+    """One folder's section: the judgment, its regret tables, batch regime and growth check."""
     j, done = s.judgment, s.params["completeness"]
-    extra = sections.batch_section(folder, j, folder.manifest.n_layers, threshold, n_boot)
+    extra = sections.regret_section(a)
+    extra += sections.batch_section(folder, j, folder.manifest.n_layers, threshold, n_boot)
     grown = sections.complete_at_every_edit(folder, done.edits_used)
     extra += sections.growth_section(*grown, threshold) if grown else ""
-    extra += sections.draws_section(folder, j)
     text = sections.section(folder.path.name, j, done, s.selections if s.selections.scores else None, extra)
     if figures is not None:
         import matplotlib

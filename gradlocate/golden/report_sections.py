@@ -1,5 +1,6 @@
-"""The markdown of a study report: one section per study folder, the batch regime, the growth
-check, the regimes side by side, the page's head and summary (what docs/results.md is).
+"""The markdown of a study report: the page's head and first screen, the Golden Layers
+paper's claims, one section per study folder (its judgment, regret tables, batch regime,
+growth check), the regimes side by side (what docs/results.md is).
 
 :func:`gradlocate.golden.report.report` assembles these; each piece is a plain function of
 a judgment, a matrix or a folder, so a notebook can show any one of them.
@@ -9,18 +10,21 @@ from __future__ import annotations
 
 import datetime
 import platform
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradlocate.golden import inference, scores
 from gradlocate.golden.folder import Completeness, StudyFolder
+from gradlocate.golden.answer import Answer
+from gradlocate.golden.answer_report import claims_table, first_screen, regret_section
 from gradlocate.golden.judge import Judgment
-from gradlocate.golden.judge_report import _f, claims_table
+from gradlocate.golden.judge_report import _f, label
+from gradlocate.golden.oracle import EQUIVALENCE_MARGIN, PRIMARY
 from gradlocate.golden.table import Matrix, layer_span
 
-__all__ = ["section", "batch_section", "growth_section", "regimes_section", "draws_section", "page", "HEAD"]
+__all__ = ["section", "batch_section", "growth_section", "regimes_section", "regret_section", "page", "claims",
+           "first_screen_text", "HEAD", "HOW_TO_READ"]
 
 #: LocFT-BF's stopping threshold and the rank-one editors' v* early stop, stated on the page.
 from gradlocate.editors.locft import LOSS_THRESHOLD  # noqa: E402
@@ -81,8 +85,8 @@ def batch_section(folder: StudyFolder, j: Any, n_layers: int, threshold: float, 
             # regret is measured against the best *allowed* layer, so it can be negative here
             there += f"; damaging in the batch (Δloss {change[layers.index(single)]:.2f})"
         lo, hi = b.golden_value_interval
-        out.append(f"| {d} | {layers[b.golden]} | {b.p_golden:.2f} | {b.golden_value:.3f} [{lo:.3f}, {hi:.3f}] | "
-                   f"{single} | {there} |")
+        out.append(f"| {label(d, PRIMARY)} | {layers[b.golden]} | {b.p_golden:.2f} | {b.golden_value:.3f} "
+                   f"[{lo:.3f}, {hi:.3f}] | {single} | {there} |")
     out += ["", "Per layer (means over the test edits; Δloss = held-out LM loss change, nats; converged = an epoch's "
             "mean loss fell below the threshold):", "",
             "| layer | reliability | generalization | locality | Δloss | damaging | converged | final loss | train s |",
@@ -130,7 +134,7 @@ def growth_section(m: Any, first: int, threshold: float) -> str:
             k = scores.golden_layer(means[name][None], gate.allowed)
             cells.append(f"{m.layers[k]} ({means[name][k]:.3f})")
         rho = spearmanr(means["first"], means["new"]).statistic
-        out.append(f"| {d} | " + " | ".join(cells) + f" | {_f(rho, 2)} |")
+        out.append(f"| {label(d, PRIMARY)} | " + " | ".join(cells) + f" | {_f(rho, 2)} |")
     return "\n".join(out) + "\n"
 
 
@@ -182,7 +186,8 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
                 f"{len(layers)} layers every folder has ({layer_span(layers)}); golden layer per definition, "
                 f"gated at {threshold} nats, with P(golden) over {n_boot} bootstrap resamples of the edits."
                 + _restricted(group, layers), "",
-                "| folder | editor, settings | converged | worst Δloss (layer) | " + " | ".join(defs) + " |",
+                "| folder | editor, settings | converged | worst Δloss (layer) | "
+                + " | ".join(label(d, PRIMARY) for d in defs) + " |",
                 "|---|---|---:|---:|" + "---:|" * len(defs)]
         for name, regime, m in group:
             rows = [m.edit_ids.index(e) for e in ids]
@@ -207,97 +212,85 @@ def regimes_section(runs: list[tuple[str, dict[str, Any], Any]], threshold: floa
     return "\n".join(out)
 
 
-def read_draws(folder: StudyFolder) -> Any:
-    """The folder's :class:`~gradlocate.golden.draws.Draws` (``draws.json``), or None."""
-    import json
-
-    from gradlocate.golden.draws import Draws
-
-    f = folder.draws_path
-    return Draws.from_dict(json.loads(f.read_text())) if f.exists() else None
-
-
-def draws_section(folder: StudyFolder, j: Any) -> str:
-    """The selectors over several proxy draws, when made at the judged size."""
-    d = read_draws(folder)
-    if d is None:
-        return ""
-    if d.n_edits != j.n_edits:
-        return (f"\n**Selectors over proxy draws**: made at {d.n_edits} edits, not the {j.n_edits} judged here "
-                f"(stale; re-run `gradlocate report {folder.path} --draws K`).\n")
-    return (f"\n**Selectors over {len(d.draws)} proxy draws** ({d.n_proxy} proxy / {d.n_edits - d.n_proxy} test "
-            f"edits each, seeds {d.draws[0].seed}-{d.draws[-1].seed}; seed 0 is the draw judged above; "
-            f"`gradlocate report --draws`). Each draw's selectors ran on its proxy edits and are judged on its own "
-            f"test rows; LGA and CMA are compared by the paired bootstrap of their regret difference. The draws "
-            f"share edits, so they are not independent replicates: read the counts as how much one draw can "
-            f"say, not as a test.\n\n" + d.to_markdown())
-
-
 HEAD = """# Results: which layer to edit, and which selector finds it?
 
 Written by `gradlocate report` ({date}, {machine}, torch {torch}) from the study folders
-{folders}. Every number below comes from **one instrument**:
-each edit edited alone at each layer (one cell per edit x layer), scored teacher-forced
-(EasyEdit's token accuracy: reliability, generalization, locality), with the held-out LM
-loss change measured on the first edits' cells. The edits are split (seed 0) into proxy
-edits, which the selectors see, and test edits, on which everything is judged.
+{folders}. Every number comes from **one instrument**: each edit edited alone at each
+layer (one cell per edit x layer), scored teacher-forced (EasyEdit's token accuracy:
+reliability, generalization, locality), with the held-out LM loss change measured on the
+first edits' cells. The edits are split (seed 0) into proxy edits, which the selectors
+see, and test edits, on which everything is judged.
+"""
 
-How to read it:
+HOW_TO_READ = """## How to read it
 
-* **Definitions of overall** are shown side by side; a golden layer that changes with
-  the definition is a statement about the definition, not about the model.
-* **Damage gate**: a layer whose edits raise the held-out loss by more than {thr} nats
-  (mean over its capability cells) cannot be golden; "ungated" shows what the gate changed.
-* **Own optimum vs golden**: the in-sample gain is >= 0 by construction (each edit's best
-  of L noisy cells), so its paired p-values (the Golden Layers paper's t-test, Wilcoxon,
-  permutation) are not evidence; the gain after subtracting the permutation null's
-  selection bias, with its p, is. The corrected gain is a lower bound.
-* **Transfer** is judged against the chance agreement of the same splits on matrices
-  whose rows are permuted across layers (`p_null`), not against 1/L.
-* **LGA vs CMA** is decided by the paired bootstrap of their regret difference (both regrets
-  on the same resamples of the test edits): "holds" or "reversed" only when its interval
-  excludes 0. That verdict is about the one proxy draw judged; where a section has
-  **Selectors over proxy draws**, it shows how the picks and the verdict move with the draw.
+* **One primary score**, declared before any study was run (`gradlocate.golden.oracle.PRIMARY`):
+  `edit-only`, per cell the mean of reliability, generalization and locality, judged over
+  the layers the **damage gate** allows (a layer whose edits raise the held-out loss by more
+  than {thr} nats, mean over its capability cells, cannot be golden). Every test counted
+  is on it. The other definitions are sensitivity analyses, shown per study; `golden-layers`
+  is **gradlocate's min-max construction, not the Golden Layers paper's definition**, and
+  `weighted` gradlocate's capability-aware mean.
+* **Ties and the margin**: beside each golden layer, the layers whose test mean is within
+  the declared margin {margin} of the best; the data do not separate them.
+* **Own optimum vs golden**: estimated only with a replicate (a second seed, or the other
+  half of each edit's prompts): the cross-fitted oracle gain (estimand stated with it),
+  the TOST equivalence within +-{margin} beside the paper's paired t-test. With one
+  replicate it is **not estimable**: the in-sample gain (each edit's best layer chosen and
+  scored on the same cells) is shown, labelled biased upward, with no p-value.
+* **Transfer and selectors by test regret**, never by exact argmax agreement or win
+  counts: mean test regret over random proxy draws with intervals that cover the edits
+  and the draws, beside a random layer, the best constant layer and brute force on k
+  random proxy edits; the published selectors on the 16 committed draws (the only draws
+  with their picks), beside brute force on the same proxy rows.
+* **Multiplicity**: every p-value presented as a test (oracle gain > 0, TOST, each
+  selector's and transfer's regret below a random layer's; all one-sided) is Holm-adjusted
+  across the studies x tests on this page. **Under-trained** regimes (best mean reliability
+  below 0.5, or most cells not converged with reliability below 0.9) are shown but excluded
+  from the family and the tallies.
 * **Convergence**: LocFT-BF stops when an epoch's mean loss falls below {loss}; a cell that
   did not, ran its full epoch budget. R-ROME / ROME stop their v* optimisation when its loss
-  falls below {v_stop} (EasyEdit's early stop); the final loss shown is v*'s. The fraction
-  is reported for every layer.
-
+  falls below {v_stop} (EasyEdit's early stop); the final loss shown is v*'s.
 * **Batch regime**, where a matrix has one: the same test edits edited *together* at each
   layer (how LocFT-BF is used), a second question with its own golden layer, shown after
   the matrix it belongs to; its regret column is what the single-edit golden layer costs it.
 
 What this page does **not** support: claims about layers not yet in a partial matrix; claims
 about other editors, learning rates or epoch budgets than the regime stated per result;
-the batch regime where no batch section is shown, and batch sizes other than the one stated;
-and capability beyond the held-out texts of the capability subsample (its uncertainty is not
-in the bootstrap, which resamples edits). A partial matrix is judged only once half the model's
-layers are complete in it; before that its section says how far it is.
+the batch regime where no batch section is shown; capability beyond the held-out texts of
+the capability subsample (its uncertainty is not in the bootstrap, which resamples edits);
+and "as good as each edit's own optimum" where no replicate was measured. A partial matrix
+is judged only once half the model's layers are complete in it.
 """
 
-def claims(studies: list[tuple[str, str, Judgment]], draws: dict[str, Any] | None = None,
-           partial: dict[str, set[int]] | None = None) -> str:
-    """The summary at the top: the Golden Layers paper's claims per study, under its own
-    definition of overall (each study's section shows the others)."""
-    if not studies:
+
+def claims(answers: list[Answer]) -> str:
+    """The Golden Layers paper's claims per study, under the primary score (each study's
+    section shows the sensitivity analyses)."""
+    if not answers:
         return ""
-    return ("## Summary: the Golden Layers paper's claims, study by study\n\n"
-            "Under the paper's definition of overall (`golden-layers`: min-max normalised reliability, "
-            "generalization, locality and held-out loss, averaged); each study's section below shows every other "
-            "definition, and the regime it was edited in. 'yes' / 'holds' are read off the intervals and null "
-            "tests defined under *How to read it*; 'not shown' is no proof of the opposite. A partial matrix "
-            "speaks only for its judged layers.\n\n"
-            + "\n".join(claims_table(studies, draws=draws, partial=partial)) + "\n")
+    return ("## The Golden Layers paper's claims, study by study\n\n"
+            f"Under the primary score ({answers[0].primary}, gated). 'holds' / 'reversed' are read off the paired "
+            "intervals; Holm p is across every study x test on this page (one-sided; under-trained studies excluded); "
+            "'not shown' is no proof of the opposite. A partial matrix speaks only for its judged layers.\n\n"
+            + "\n".join(claims_table(answers)) + "\n")
 
 
-def page(sections: list[str], threshold: float, summary: str = "", folders: str = "", appendix: str = "") -> str:
-    """The whole page: the head (how to read it), the summary, the sections, and an appendix
-    (e.g. a superseded study kept for the record), appended as it is."""
+def page(sections: list[str], threshold: float, summary: str = "", folders: str = "", appendix: str = "",
+         first: str = "") -> str:
+    """The whole page: the head, the first screen (``first``), how to read it, the paper's
+    claims (``summary``), the sections, and an appendix (e.g. a superseded study kept for
+    the record), appended as it is."""
     import torch
 
     head = HEAD.format(date=datetime.date.today().isoformat(), machine=platform.machine(), torch=torch.__version__,
-                       thr=threshold, loss=LOSS_THRESHOLD, v_stop=EARLY_STOP, folders=folders)
+                       folders=folders)
+    how = HOW_TO_READ.format(thr=threshold, loss=LOSS_THRESHOLD, v_stop=EARLY_STOP, margin=f"{EQUIVALENCE_MARGIN:g}")
     body = "\n\n".join(sections) if sections else "No study folder has a complete layer yet."
-    return head + "\n" + summary + "\n## Single-edit matrices\n\n" + body + "\n" + appendix
+    return (head + "\n" + (first + "\n" if first else "") + how + "\n" + summary + "\n## Single-edit matrices\n\n"
+            + body + "\n" + appendix)
 
 
+def first_screen_text(answers: list[Answer]) -> str:
+    """The first screen as one markdown block ("" with no answer)."""
+    return "\n".join(first_screen(answers))

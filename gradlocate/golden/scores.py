@@ -217,7 +217,8 @@ def own_optimum(score: Any, allowed: Any = None) -> Optimum:
 def selection_gain(score: Any, allowed: Any = None) -> float:
     """In-sample gain of the own optimum over the golden layer: the mean over rows of
     (row's best score - its score at the golden layer), rows with a NaN at the golden
-    layer left out. Biased upward by selection (see :func:`null_selection_bias`).
+    layer left out. Biased upward by selection (the winner's curse; estimated without it from
+    two replicates by :func:`gradlocate.golden.oracle.oracle_gain`).
 
     Example:
         >>> round(selection_gain([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), 4)

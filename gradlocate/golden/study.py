@@ -10,8 +10,8 @@ model and edit set, every number from the same :class:`~gradlocate.golden.table.
    :data:`~gradlocate.golden.selections.STUDY_SELECTORS` on the proxy edits, cached;
 3. the matrix over proxy + test edits with any editor (or ``matrix=``, made before);
 4. :func:`~gradlocate.golden.judge.judge` - golden layer per definition of overall with
-   bootstrap, damage gate, own optimum vs golden, proxy -> test transfer, each selector's
-   regret and rank agreement, convergence;
+   bootstrap and the near-best layers, damage gate, own optimum vs golden (estimable with
+   a replicate), each selector's regret and rank agreement, convergence;
 5. ``batch=True``: the second question, the **batch regime** - the test edits edited
    together with the same editor (:func:`~gradlocate.golden.sweep.sweep`), its own golden layer.
 
@@ -25,7 +25,7 @@ Example:
     >>> edits = [{"prompt": f"{i} + {i} =", "target_new": str(3 * i), "subject": str(i), "ground_truth": str(2 * i),
     ...           "locality_prompt": "1 + 1 =", "locality_ground_truth": "2"} for i in range(1, 7)]
     >>> s = study(model, edits, ["general text here", "and more of it"], n_proxy=2, selectors=("gradratio", "lga"),
-    ...           hparams={"lr": 1e-2, "epochs": 2}, n_boot=20, n_null=20, n_splits=20, progress=False)
+    ...           hparams={"lr": 1e-2, "epochs": 2}, n_boot=20, progress=False)
     >>> [r.name for r in s.judgment.selectors], s.golden in s.matrix.layers
     (['gradratio', 'lga'], True)
 """
@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gradlocate.data import Edits, as_edits
 from gradlocate.editors import DEFAULT_EDITOR, settings_for, spec
 from gradlocate.editors.settings import Settings
@@ -54,7 +56,7 @@ from gradlocate.golden.store import RecordStore
 from gradlocate.golden.sweep import LayerRecord, SweepResult, sweep
 from gradlocate.golden.table import Matrix, edit_id, layer_span
 
-__all__ = ["study", "Study", "Batch", "StudyRow", "BATCH_EVALUATION", "judge_folder", "NotJudgedYet",
+__all__ = ["study", "Study", "Batch", "StudyRow", "BATCH_EVALUATION", "judge_folder", "replicate_of", "NotJudgedYet",
            "MIN_JUDGED_SHARE"]
 
 #: A selector's row of a study (the name the old study used).
@@ -143,8 +145,8 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
           n_proxy: int | None = None, seed: int = 0, layers: Sequence[int] | None = None,
           selectors: Sequence[str] | None = None, editor: str = DEFAULT_EDITOR,
           hparams: Settings | dict[str, Any] | None = None, matrix: Matrix | None = None, capability_edits: int = 8,
-          batch: bool = False, threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000, n_null: int = 1000,
-          n_splits: int = 200, out_dir: str | Path | None = None, model_spec: str | None = None,
+          batch: bool = False, threshold: float = DAMAGE_THRESHOLD, n_boot: int = 1000,
+          out_dir: str | Path | None = None, model_spec: str | None = None,
           progress: bool | None = None) -> Study:
     """The golden-layer study on one model and edit set (see the module doc).
 
@@ -161,8 +163,6 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
         batch: also edit the test edits together at every layer (the batch regime), reported beside.
         threshold: the damage gate: a layer whose edits raise the held-out loss by more nats cannot be golden.
         n_boot: bootstrap resamples of the test edits.
-        n_null: permutations of the selection-bias null.
-        n_splits: random proxy/test splits for transfer.
         out_dir: a study folder: the manifest, ``selections/``, ``cells/``, ``batch/``,
             ``judgment.json`` and ``report.md`` written as each finishes (a re-run resumes).
         model_spec: how :func:`~gradlocate.models.load_model` loads this model (for the manifest).
@@ -185,8 +185,7 @@ def study(model: Any, edits: Any, retain: Any = None, *, tokenizer: Any = None, 
         t2 = time.perf_counter()
         b = _batch(h, [edits[i] for i in test_rows], m.layers, editor, settings, folder, progress) if batch else None
     t3 = time.perf_counter()
-    j = judge(m, proxy_rows, picked.scores, threshold=threshold, n_boot=n_boot, n_null=n_null, n_splits=n_splits,
-              seed=seed)
+    j = judge(m, proxy_rows, picked.scores, threshold=threshold, n_boot=n_boot, seed=seed)
     params = {"n_proxy": len(proxy_rows), "n_test": len(test_rows), "seed": seed, "editor": editor,
               "hparams": settings.to_dict(), "threshold": threshold,
               "proxy_prompts": [edits[i].prompt for i in proxy_rows]}
@@ -262,13 +261,36 @@ def _names(selectors: bool | Sequence[str], cma: bool) -> list[str]:
     return [n for n in names if cma or n != "cma"]
 
 
+def replicate_of(folder: StudyFolder, m: Matrix) -> tuple[Matrix | None, str]:
+    """The folder's second replicate seed as a matrix of ``m``'s edits and layers (for
+    :func:`~gradlocate.golden.judge.judge`'s ``replicate``), or ``None`` and why not: the
+    folder has one seed, or the second seed's cells do not cover ``m``."""
+    seeds = folder.manifest.regime.get("seeds", [])
+    if len(seeds) < 2:
+        return None, "none: one replicate seed"
+    try:
+        r, _ = folder.load(seed=seeds[1], complete_only=False)
+    except NoLayerYet:
+        return None, f"none: replicate seed {seeds[1]} has no cell yet"
+    if r.edit_ids[:m.n_edits] != m.edit_ids or not set(m.layers) <= set(r.layers):
+        return None, f"none: replicate seed {seeds[1]} does not hold every judged edit and layer"
+    rows, cols = list(range(m.n_edits)), [r.layers.index(l) for l in m.layers]
+    pick = {k: v[np.ix_(rows, cols)] for k, v in r.scores.items()}
+    sub = Matrix(list(m.layers), list(m.edit_ids), pick, {k: v[np.ix_(rows, cols)] for k, v in r.train.items()},
+                 r.capability[np.ix_(rows, cols)], r.capability_base, r.editor, r.params)
+    if (m.filled & ~sub.filled).any():
+        return None, f"none: replicate seed {seeds[1]} is incomplete on the judged cells"
+    return sub, f"seed {seeds[1]}"
+
+
 def judge_folder(folder: StudyFolder | str | os.PathLike[str], *, model: Any = None,
                  selectors: bool | Sequence[str] = True, cma: bool = True, threshold: float = DAMAGE_THRESHOLD,
-                 n_boot: int = 1000, n_null: int = 1000, n_splits: int = 200, compute: bool = False,
-                 write: bool = False) -> Study:
+                 n_boot: int = 1000, compute: bool = False, write: bool = False) -> Study:
     """The study in ``folder``: its complete layers judged on the test rows of its proxy rule,
     with the selectors' scores on the proxy rows (read from ``selections/``; with ``compute``,
-    missing ones are run with ``model`` or the manifest's). ``write``: also ``judgment.json``.
+    missing ones are run with ``model`` or the manifest's), and the folder's second
+    replicate seed, where it has one covering the judged cells, as the replicate
+    (:func:`replicate_of`). ``write``: also ``judgment.json``.
 
     Raises:
         NotJudgedYet: fewer than :data:`MIN_JUDGED_SHARE` of the layers complete.
@@ -292,9 +314,11 @@ def judge_folder(folder: StudyFolder | str | os.PathLike[str], *, model: Any = N
         edits = folder.edits(m.n_edits)
         picked = select(mdl, [edits[i] for i in proxy], man.retain, names, out=folder.selections_path(m.n_edits),
                         tokenizer=tok, identity=man.model.get("identity"), progress=False)
-    extra = {"model": man.model.get("spec"), "data": man.data.get("source"), "loss_threshold": _loss_threshold()}
-    j = judge(m, proxy, picked.scores if picked else None, threshold=threshold, n_boot=n_boot, n_null=n_null,
-              n_splits=n_splits, regime=extra)
+    rep, why = replicate_of(folder, m)
+    extra = {"model": man.model.get("spec"), "data": man.data.get("source"), "loss_threshold": _loss_threshold(),
+             "replicate": why}
+    j = judge(m, proxy, picked.scores if picked else None, threshold=threshold, n_boot=n_boot, replicate=rep,
+              regime=extra)
     if write:
         folder.judgment_path.write_text(json.dumps({"completeness": done.to_dict(), **j.to_dict()}, default=float,
                                                    indent=1))
