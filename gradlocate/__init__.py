@@ -48,7 +48,8 @@ from gradlocate.golden.sweep import SweepResult, sweep
 from gradlocate.golden.compare import Comparison, compare
 from gradlocate.golden.study import Study, study
 
-__version__ = "0.3.0"
+#: The one version number: pyproject.toml reads it from here (``[tool.setuptools.dynamic]``).
+__version__ = "0.4.0"
 
 __all__ = [
     "models",
