@@ -388,7 +388,7 @@ def _from_pretrained(name_or_path: str, local: Path, dtype: torch.dtype, device:
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
         tok = AutoTokenizer.from_pretrained(target)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a config.json without model_type (transformers < 5.24 too)
         where = ("a local folder without a loadable model (config.json and weights)" if local.exists()
                  else "not found on the Hugging Face hub")
         raise FileNotFoundError(f"could not load model {name_or_path!r}: {where} ({str(e).splitlines()[0]})") from None

@@ -69,12 +69,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name in ["pyproject.toml", "README.md", *PYPROJECT["license-files"]]:
         shutil.copy2(ROOT / name, src / name)
     out = tmp_path_factory.mktemp("dist")
-    code = ("import sys; from setuptools import build_meta as b; "
-            "print(b.build_wheel(sys.argv[1])); print(b.build_sdist(sys.argv[1]))")
-    run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    wheel, sdist = run.stdout.split()[-2:]
+    # The backend logs to stdout (the two file names it returns go to a file) and
+    # rewrites sys.argv (read it first).
+    code = ("import json, sys; from setuptools import build_meta as b; out, dest = sys.argv[1:3]; "
+            "names = [b.build_wheel(out), b.build_sdist(out)]; open(dest, 'w').write(json.dumps(names))")
+    names = src / "built.json"
+    run = subprocess.run([sys.executable, "-c", code, str(out), str(names)], cwd=src, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    wheel, sdist = json.loads(names.read_text())
     return {"wheel": out / wheel, "sdist": out / sdist}
 
 
@@ -100,3 +103,17 @@ def test_the_sdist_has_the_licences_and_type_marker(built):
     with tarfile.open(built["sdist"]) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {"LICENSE", "THIRD_PARTY_LICENSES", "gradlocate/py.typed", "pyproject.toml"} <= names
+
+
+def _documented(path: Path) -> set[str]:
+    """The names in a markdown table's first column: ``| `NAME` | ...``."""
+    return set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", path.read_text(), flags=re.M))
+
+
+def test_every_environment_variable_is_documented():
+    sources = [*(ROOT / "gradlocate").rglob("*.py"), *(ROOT / "tutorials").glob("*.ipynb")]
+    used = {name for p in sources for name in re.findall(r"\bGRADLOCATE_[A-Z0-9_]+", p.read_text())}
+    assert {"GRADLOCATE_DATA", "GRADLOCATE_CACHE", "GRADLOCATE_DEBUG", "GRADLOCATE_THREADS"} <= used
+    for doc in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        missing = used - _documented(doc)
+        assert not missing, f"{doc.name}'s environment-variable table lacks {sorted(missing)}"
