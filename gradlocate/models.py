@@ -83,6 +83,9 @@ def _from_gguf_cached(name: str, folder: Path, gguf_file: str, dtype: torch.dtyp
 
     cached = cache_dir() / name
     if not (cached / "model.safetensors").exists() and not (cached / "model.safetensors.index.json").exists():
+        if verbose:  # a one-time step of up to minutes: say so before it starts
+            print(f"gradlocate: first load of {name}: dequantizing {gguf_file} to float32 and caching it at {cached} "
+                  f"(once; under a minute for SmolLM2, several minutes for Gemma-3 on a CPU)", flush=True)
         t0 = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)

@@ -170,6 +170,8 @@ def test_mkdocs_build_strict(tmp_path: Path):
     for page in nav_pages(cfg.get("nav", [])):
         built = site / (Path(page).with_suffix("").as_posix() + "/index.html" if page != "index.md" else "index.html")
         assert built.exists(), f"{page} was not built"
+        if page.endswith(".ipynb"):  # a tutorial: shown with the outputs of its executed copy
+            assert "jp-OutputArea-output" in built.read_text(), f"{page} renders without outputs"
 
 
 if __name__ == "__main__":
