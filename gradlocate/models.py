@@ -339,7 +339,7 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
 
 def _unknown(spec: str, why: str) -> FileNotFoundError:
     names = ", ".join(KNOWN_NAMES)
-    return FileNotFoundError(f"model {spec!r}: not one of gradlocate's names ({names}), not a local model folder, "
+    return FileNotFoundError(f"unknown model {spec!r}: not one of gradlocate's names ({names}), not a local model folder, "
                              f"and {why}")
 
 
@@ -359,7 +359,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         'LlamaForCausalLM'
         >>> load_model("./no-such-folder")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        FileNotFoundError: model './no-such-folder': not one of gradlocate's names (smollm2, gemma3-270m, tiny-<arch>), ...
+        FileNotFoundError: unknown model './no-such-folder': not one of gradlocate's names (smollm2, gemma3-270m, tiny-<arch>), ...
     """
     key = name_or_path.lower().replace("_", "-")
     local = Path(name_or_path).expanduser()
@@ -372,7 +372,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         try:
             return tiny(arch, dtype=dtype, **kwargs)
         except (ValueError, KeyError) as e:
-            raise ValueError(f"model {name_or_path!r}: transformers has no architecture {arch!r} for tiny-<arch> "
+            raise ValueError(f"unknown model {name_or_path!r}: transformers has no architecture {arch!r} for tiny-<arch> "
                              f"(e.g. tiny-gpt2, tiny-llama, tiny-qwen2; {str(e).splitlines()[0][:120]})") from None
     if not local.exists():
         if not _HUB_ID.match(name_or_path) or ".." in name_or_path or "--" in name_or_path:

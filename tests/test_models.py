@@ -118,7 +118,7 @@ def test_unknown_name_with_unreachable_hub_is_one_line_without_retries(monkeypat
 
 
 def test_unknown_tiny_architecture_is_one_line():
-    with pytest.raises(ValueError, match=r"^model 'tiny-nosuch': transformers has no architecture 'nosuch'") as info:
+    with pytest.raises(ValueError, match=r"^unknown model 'tiny-nosuch': transformers has no architecture 'nosuch'") as info:
         load_model("tiny-nosuch")
     assert "\n" not in str(info.value)
 
