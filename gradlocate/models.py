@@ -311,8 +311,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 _TRUE = ("1", "true", "yes", "on")
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def _hub_offline() -> str | None:
+    """The variable that turns the hub off (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``), or None."""
+    return next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(v, "").strip().lower() in _TRUE), None)
 
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
@@ -320,8 +322,9 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     None. One TCP connection to the hub's host (``HF_ENDPOINT``) or the HTTPS proxy, so
     that an offline machine gets one line at once instead of the hub client's retries
     with back-off (about 25 s)."""
-    if _hub_offline():
-        return "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)"
+    offline = _hub_offline()
+    if offline:
+        return f"the Hugging Face hub is off ({offline}={os.environ[offline].strip()})"
     import socket
     import urllib.parse
     import urllib.request
@@ -391,7 +394,7 @@ def _from_pretrained(name_or_path: str, local: Path, dtype: torch.dtype, device:
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
         tok = AutoTokenizer.from_pretrained(target)
-    except (OSError, ValueError) as e:  # ValueError: a config.json without model_type (transformers < 5.24 too)
+    except (OSError, ValueError) as e:  # a folder without config.json: OSError on transformers 5.24, ValueError on 5.9
         where = ("a local folder without a loadable model (config.json and weights)" if local.exists()
                  else "not found on the Hugging Face hub")
         raise FileNotFoundError(f"could not load model {name_or_path!r}: {where} ({str(e).splitlines()[0]})") from None

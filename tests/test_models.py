@@ -86,6 +86,13 @@ def test_unknown_name_offline_is_one_line_at_once(spec, monkeypatch, capfd):
     assert capfd.readouterr().err == ""  # no retry noise
 
 
+def test_transformers_offline_also_turns_the_hub_off(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "true")
+    with pytest.raises(FileNotFoundError, match=r"the Hugging Face hub is off \(TRANSFORMERS_OFFLINE=true\)"):
+        load_model("nosuch")
+
+
 def test_unknown_name_with_unreachable_hub_is_one_line_without_retries(monkeypatch, capfd):
     # Not offline, but no route to the hub: one connection attempt, then one line, before
     # transformers (and the hub client's retries with back-off) is ever called.
