@@ -64,6 +64,12 @@ def test_the_version_is_single_sourced():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from packaging.version import Version
+
+    setuptools = importlib.metadata.version("setuptools")
+    assert Version(setuptools) >= Version("77"), (
+        f"setuptools {setuptools} is installed; the build backend needs >= 77 (PEP 639 licence metadata, "
+        f"[build-system] in pyproject.toml): pip install -e '.[test]'")
     src = tmp_path_factory.mktemp("src")
     shutil.copytree(ROOT / "gradlocate", src / "gradlocate", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ["pyproject.toml", "README.md", *PYPROJECT["license-files"]]:
