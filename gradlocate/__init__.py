@@ -54,7 +54,8 @@ from gradlocate.golden.study import Study, study
 from gradlocate.golden.report import report
 from gradlocate.golden.search import Search, search
 
-__version__ = "0.3.0"
+#: The one version number: pyproject.toml reads it from here (``[tool.setuptools.dynamic]``).
+__version__ = "0.4.0"
 
 __all__ = [
     "models",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "byte_tokenizer",
     "bpe_tokenizer",
     "load_model",
+    "KNOWN_NAMES",
     "MissingModelPackage",
 ]
 
@@ -81,6 +83,9 @@ def _from_gguf_cached(name: str, folder: Path, gguf_file: str, dtype: torch.dtyp
 
     cached = cache_dir() / name
     if not (cached / "model.safetensors").exists() and not (cached / "model.safetensors.index.json").exists():
+        if verbose:  # a one-time step of up to minutes: say so before it starts
+            print(f"gradlocate: first load of {name}: dequantizing {gguf_file} to float32 and caching it at {cached} "
+                  f"(once; under a minute for SmolLM2, several minutes for Gemma-3 on a CPU)", flush=True)
         t0 = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -295,37 +300,104 @@ def tiny(arch: str = "gpt2", *, n_layers: int = 4, d_model: int = 32, d_mlp: int
 # --------------------------------------------------------------------------- any model
 
 
+#: gradlocate's own model names (``load_model``, ``--model``), each with the spellings it accepts.
+KNOWN_NAMES = {
+    "smollm2": ("smollm2", "smollm2-135m", "smollm2-135m-instruct"),
+    "gemma3-270m": ("gemma3-270m", "gemma-3-270m", "gemma3"),
+    "tiny-<arch>": (),  # a random tiny model of any transformers architecture, e.g. tiny-llama
+}
+#: A Hugging Face hub repository id: ``name`` or ``owner/name``.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_offline() -> str | None:
+    """The variable that turns the hub off (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``), or None."""
+    return next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(v, "").strip().lower() in _TRUE), None)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (offline mode, no route, no name resolution), or
+    None. One TCP connection to the hub's host (``HF_ENDPOINT``) or the HTTPS proxy, so
+    that an offline machine gets one line at once instead of the hub client's retries
+    with back-off (about 25 s)."""
+    offline = _hub_offline()
+    if offline:
+        return f"the Hugging Face hub is off ({offline}={os.environ[offline].strip()})"
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    via = urllib.request.getproxies().get("https") or endpoint
+    url = urllib.parse.urlsplit(via if "://" in via else f"http://{via}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"the Hugging Face hub ({endpoint}) cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _unknown(spec: str, why: str) -> FileNotFoundError:
+    names = ", ".join(KNOWN_NAMES)
+    return FileNotFoundError(f"unknown model {spec!r}: not one of gradlocate's names ({names}), not a local model folder, "
+                             f"and {why}")
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: Any = None,
                **kwargs: Any) -> tuple[Any, Any]:
     """Load a causal LM by name: ``"smollm2"``, ``"gemma3-270m"``, ``"tiny-<arch>"``
     (e.g. ``"tiny-gpt2"``), or anything ``transformers.AutoModelForCausalLM.from_pretrained``
     takes (a local folder, or a hub name when the hub is reachable).
 
+    Anything else fails at once with one line (a ``FileNotFoundError``) naming the
+    known names and why the hub was not tried or failed: offline
+    (``HF_HUB_OFFLINE=1``), unreachable, or no such repository.
+
     Example:
         >>> model, tok = load_model("tiny-llama")
         >>> type(model).__name__
         'LlamaForCausalLM'
+        >>> load_model("./no-such-folder")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        FileNotFoundError: unknown model './no-such-folder': not one of gradlocate's names (smollm2, gemma3-270m, tiny-<arch>), ...
     """
     key = name_or_path.lower().replace("_", "-")
-    if key in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+    local = Path(name_or_path).expanduser()
+    if key in KNOWN_NAMES["smollm2"]:
         return smollm2(dtype=dtype, device=device)
-    if key in ("gemma3-270m", "gemma-3-270m", "gemma3"):
+    if key in KNOWN_NAMES["gemma3-270m"]:
         return gemma3_270m(dtype=dtype, device=device)
-    if key.startswith("tiny-") and not Path(name_or_path).exists():
+    if key.startswith("tiny-") and not local.exists():
         arch = name_or_path[len("tiny-"):].replace("-", "_")
-        return tiny(arch, dtype=dtype, **kwargs)
+        try:
+            return tiny(arch, dtype=dtype, **kwargs)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"unknown model {name_or_path!r}: transformers has no architecture {arch!r} for tiny-<arch> "
+                             f"(e.g. tiny-gpt2, tiny-llama, tiny-qwen2; {str(e).splitlines()[0][:120]})") from None
+    if not local.exists():
+        if not _HUB_ID.match(name_or_path) or ".." in name_or_path or "--" in name_or_path:
+            raise _unknown(name_or_path, "not a Hugging Face hub id (owner/name)")
+        why = _hub_unreachable()
+        if why is not None:
+            raise _unknown(name_or_path, why)
+    return _from_pretrained(name_or_path, local, dtype, device, kwargs)
+
+
+def _from_pretrained(name_or_path: str, local: Path, dtype: torch.dtype, device: Any,
+                     kwargs: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"no model folder {name_or_path!r} and the hub is offline (HF_HUB_OFFLINE=1)")
+    target = str(local) if local.exists() else name_or_path
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"could not load model {name_or_path!r}: not a local folder with config.json and weights, "
-            f"and not reachable on the Hugging Face hub ({str(e).splitlines()[0]})"
-        ) from None
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
+        tok = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as e:  # a folder without config.json: OSError on transformers 5.24, ValueError on 5.9
+        where = ("a local folder without a loadable model (config.json and weights)" if local.exists()
+                 else "not found on the Hugging Face hub")
+        raise FileNotFoundError(f"could not load model {name_or_path!r}: {where} ({str(e).splitlines()[0]})") from None
     if device is not None:
         model = model.to(device)
     return _finish(model, tok)

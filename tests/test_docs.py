@@ -89,6 +89,27 @@ def sync_benchmarks_page() -> list[str]:
 # --------------------------------------------------------------------------- tests
 
 
+def test_cli_reference_is_every_verbs_help():
+    """The hook that writes the home page's command-line reference, run directly."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_reference", DOCS / "_hooks" / "cli_reference.py")
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    from gradlocate.cli import COMMANDS, build_parser
+
+    assert sorted(hook.verbs(build_parser())) == sorted(COMMANDS)
+    text = hook.cli_reference()
+    assert text.startswith("```text\nusage: gradlocate [-h]")
+    for verb in COMMANDS:
+        section = text.split(f"### gradlocate {verb}\n", 1)[1].split("### ", 1)[0]
+        assert f"usage: gradlocate {verb} [-h]" in section
+        assert section.count("```") == 2
+    page = hook.on_page_markdown(f"a\n{hook.MARKER}\nb", None, None, None)
+    assert hook.MARKER not in page and "### gradlocate select" in page
+
+
 def test_demote_and_nav_pages():
     assert demote("# A\ntext\n```\n# not a heading\n```\n## B") == "### A\ntext\n```\n# not a heading\n```\n#### B\n"
     nav = [{"Home": "index.md"}, {"Part": [{"A": "a.md"}, "b.md"]}, {"Ext": "https://x.org/y.md"}]
@@ -123,6 +144,7 @@ def test_mkdocs_build_strict(tmp_path: Path):
             opts = python.get("options", {})
             opts["extensions"] = [str(ROOT / e) if isinstance(e, str) and ".py" in e else e
                                   for e in opts.get("extensions", [])]
+    cfg["hooks"] = [str(ROOT / h) for h in cfg.get("hooks", [])]
     config_file = tmp_path / "mkdocs.yml"
     config_file.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
@@ -138,9 +160,18 @@ def test_mkdocs_build_strict(tmp_path: Path):
         assert f'id="gradlocate.{obj}"' in api, f"gradlocate.{obj} is missing from the API reference"
     assert 'class="gp">&gt;&gt;&gt;' in api, "doctest examples did not render as code"
     assert ":func:" not in api and ":class:" not in api
+    # The home page's command-line reference was generated from the parser: every verb's --help.
+    from gradlocate.cli import COMMANDS
+
+    home = (site / "index.html").read_text()
+    for verb in COMMANDS:
+        assert f"gradlocate {verb}" in home and f"usage: gradlocate {verb} [-h]" in home, \
+            f"the CLI reference on the home page lacks `gradlocate {verb}`"
     for page in nav_pages(cfg.get("nav", [])):
         built = site / (Path(page).with_suffix("").as_posix() + "/index.html" if page != "index.md" else "index.html")
         assert built.exists(), f"{page} was not built"
+        if page.endswith(".ipynb"):  # a tutorial: shown with the outputs of its executed copy
+            assert "jp-OutputArea-output" in built.read_text(), f"{page} renders without outputs"
 
 
 if __name__ == "__main__":

@@ -211,13 +211,15 @@ def test_cached_equals_uncached_and_thresholds_apply(sharp):
     edits = [{"prompt": "The capital of France is", "target_new": "Rome"},
              {"prompt": "Water boils at", "target_new": "fifty"}]
     runs = {}
+    # A budget well past where the loss crosses 1e-2 (about 60 epochs; the exact epoch
+    # moves with the torch release's float rounding), so the stop is what is tested.
     for cache in (True, False):
-        ft = LocFTBF(model, 3, lr=0.05, edits_per_step=1, epochs=60, cache=cache, progress=False)
+        ft = LocFTBF(model, 3, lr=0.05, edits_per_step=1, epochs=150, cache=cache, progress=False)
         r = ft.fit(edits)
         assert r.converged
         runs[cache] = (ft.handle.parameter.detach().clone(), list(r.history), list(r.steps))
         ft.restore()
-    hist, _ = plain_locft(model, tok, edits, ft.handle.parameter, lr=0.05, batch_size=1, epochs=60, seed=0,
+    hist, _ = plain_locft(model, tok, edits, ft.handle.parameter, lr=0.05, batch_size=1, epochs=150, seed=0,
                           threshold=1e-2)
     want = ft.handle.parameter.detach().clone()
     ft.restore()
@@ -226,7 +228,7 @@ def test_cached_equals_uncached_and_thresholds_apply(sharp):
     # abs: logits here are ~100 (initializer_range=1), so weights equal to 1e-6 (float32
     # summation order differs between CPUs) move a 0.01 loss by ~1e-6 absolute, 1e-4 relative
     assert runs[True][1] == pytest.approx(hist, rel=1e-4, abs=1e-5)
-    assert runs[True][1][-1] < 1e-2 and len(runs[True][1]) < 60  # stopped early
+    assert runs[True][1][-1] < 1e-2 and len(runs[True][1]) < 150  # stopped early
     assert any(s < 2 for s in runs[True][2])  # some mini-batch was below the threshold and skipped
 
 

@@ -58,8 +58,85 @@ def test_load_model_from_local_folder(tmp_path):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="could not load model|hub is offline"):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face hub id"):
         load_model(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="local folder without a loadable model"):
+        load_model(str(tmp_path / "empty"))
+
+
+def _one_line_listing_names(e: BaseException) -> str:
+    msg = str(e)
+    assert "\n" not in msg and all(name in msg for name in ("smollm2", "gemma3-270m", "tiny-<arch>")), msg
+    return msg
+
+
+@pytest.mark.parametrize("spec", ["nosuch", "owner/nosuch-model"])
+def test_unknown_name_offline_is_one_line_at_once(spec, monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import socket
+
+    def no_network(*a, **k):
+        raise AssertionError("offline mode must not touch the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(FileNotFoundError) as info:
+        load_model(spec)
+    assert "HF_HUB_OFFLINE=1" in _one_line_listing_names(info.value)
+    assert capfd.readouterr().err == ""  # no retry noise
+
+
+def test_transformers_offline_also_turns_the_hub_off(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "true")
+    with pytest.raises(FileNotFoundError, match=r"the Hugging Face hub is off \(TRANSFORMERS_OFFLINE=true\)"):
+        load_model("nosuch")
+
+
+def test_unknown_name_with_unreachable_hub_is_one_line_without_retries(monkeypatch, capfd):
+    # Not offline, but no route to the hub: one connection attempt, then one line, before
+    # transformers (and the hub client's retries with back-off) is ever called.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(v, raising=False)
+    import socket
+
+    calls = []
+
+    def refuse(address, timeout=None):
+        calls.append(address)
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    import transformers
+
+    def never(*a, **k):
+        raise AssertionError("the hub must not be tried when it cannot be reached")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(FileNotFoundError) as info:
+        load_model("nosuch")
+    msg = _one_line_listing_names(info.value)
+    assert "https://hub.invalid" in msg and "cannot be reached (Connection refused)" in msg
+    assert calls == [("hub.invalid", 443)]
+    assert capfd.readouterr().err == ""
+
+
+def test_unknown_tiny_architecture_is_one_line():
+    with pytest.raises(ValueError, match=r"^unknown model 'tiny-nosuch': transformers has no architecture 'nosuch'") as info:
+        load_model("tiny-nosuch")
+    assert "\n" not in str(info.value)
+
+
+def test_known_names_load(monkeypatch):
+    seen = []
+    monkeypatch.setattr("gradlocate.models.smollm2", lambda **k: seen.append("smollm2") or ("m", "t"))
+    monkeypatch.setattr("gradlocate.models.gemma3_270m", lambda **k: seen.append("gemma") or ("m", "t"))
+    for spec in ("SmolLM2", "smollm2-135m-instruct", "gemma-3-270m", "gemma3_270m"):
+        load_model(spec)
+    assert seen == ["smollm2", "smollm2", "gemma", "gemma"]
 
 
 def test_missing_package_gives_pip_command(monkeypatch):

@@ -259,7 +259,7 @@ def test_cycles_are_found_and_named(tmp_path):
 #: handles -> signals -> scores -> layer -> edit -> evaluation -> study, and a module
 #: imports only from its own floor or below (plotting, at the bottom, imports nothing of ours).
 FLOORS = [
-    {"_compat", "dims", "data", "losses", "state", "plotting", "results", "discovery", "models"},
+    {"_compat", "dims", "data", "losses", "state", "plotting", "results", "discovery", "models", "threads"},
     {"handles"},
     {"interventions", "memory"},
     {"gradients", "evaluation", "trace"},

@@ -1,4 +1,5 @@
-"""The tutorials in ``tutorials/`` run top to bottom, and are stored without outputs.
+"""The tutorials in ``tutorials/`` run top to bottom, and are stored without outputs;
+their executed copies in ``docs/tutorials/`` (what the docs site shows) are current.
 
 Each notebook is executed with nbclient in a fresh kernel running *this* interpreter
 (a kernelspec written to a temporary ``JUPYTER_PATH``, so the test works in a fresh
@@ -51,6 +52,33 @@ def test_notebook_has_the_small_switch(path: Path):
     nb = nbformat.read(path, as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert 'os.environ.get("GRADLOCATE_SMALL", "0") == "1"' in first.source
+
+
+EXECUTED = ROOT / "docs" / "tutorials"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_docs_copy_is_this_notebook_executed(path: Path):
+    """The docs site shows ``docs/tutorials/<name>.ipynb``, the copy that
+    ``scripts/execute-tutorials`` executed: it must hold exactly this notebook's cells
+    (else it is stale: re-run the script), every code cell ran in order, none failed."""
+    source = nbformat.read(path, as_version=4)
+    copy_path = EXECUTED / path.name
+    assert copy_path.exists(), f"no executed copy of {path.name}: run `python scripts/execute-tutorials {path.stem[:2]}`"
+    copy = nbformat.read(copy_path, as_version=4)
+    nbformat.validate(copy)
+    cells = [(c.cell_type, c.source) for c in source.cells]
+    assert [(c.cell_type, c.source) for c in copy.cells] == cells, (
+        f"docs/tutorials/{path.name} is stale (its cells differ from tutorials/{path.name}): "
+        f"run `python scripts/execute-tutorials {path.stem[:2]}`")
+    ran = [c.execution_count for c in copy.cells if c.cell_type == "code"]
+    assert ran == list(range(1, len(ran) + 1)), f"docs/tutorials/{path.name}: not one in-order run ({ran})"
+    errors = [o.get("ename") for c in copy.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors, f"docs/tutorials/{path.name} holds errors: {errors}"
+    assert any(c.outputs for c in copy.cells if c.cell_type == "code")
+    meta = copy.metadata.get("gradlocate", {})
+    assert {"executed", "seconds", "small", "versions"} <= set(meta), "not written by scripts/execute-tutorials"
 
 
 @pytest.fixture(scope="module")
