@@ -39,8 +39,10 @@ COMMANDS = {"layers": cmd_layers, "select": cmd_select, "trace": cmd_trace, "edi
 
 
 def _common(p: argparse.ArgumentParser, edits: bool = True, required: bool = True) -> None:
+    from gradlocate.models import KNOWN_NAMES
+
     p.add_argument("--model", required=required, default=None,
-                   help="smollm2 | gemma3-270m | tiny-<arch> | a local folder | a Hugging Face hub name")
+                   help=f"{' | '.join(KNOWN_NAMES)} | tiny-<arch> | a local folder | a Hugging Face hub name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the dtype the model is loaded in")
     p.add_argument("--chat", action="store_true",
@@ -248,21 +250,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _threads(n: int | None) -> None:
-    """The process's torch threads: ``--threads``, else ``$GRADLOCATE_THREADS``, else
-    gradlocate's default (:func:`gradlocate.models.default_threads` where it exists)."""
-    import torch
+    """The process's torch threads (:func:`gradlocate.threads.set_threads`: ``--threads``, else
+    ``$GRADLOCATE_THREADS``, else ``$OMP_NUM_THREADS`` as it is, else half the cores, at most 4)."""
+    from gradlocate.threads import set_threads
 
-    env = os.environ.get("GRADLOCATE_THREADS")
-    if n is None and env:
-        n = int(env)
-    if n is None:
-        from gradlocate import models
-
-        n = getattr(models, "default_threads", lambda: None)()
-    if n is not None:
-        if n < 1:
-            raise SystemExit(f"gradlocate: error: --threads must be >= 1, got {n}")
-        torch.set_num_threads(n)
+    if n is not None and n < 1:
+        raise SystemExit(f"gradlocate: error: --threads must be >= 1, got {n}")
+    set_threads(n)
 
 
 def _first_line(e: BaseException) -> str:

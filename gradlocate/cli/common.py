@@ -31,7 +31,8 @@ def load_model_arg(spec: str, dtype: str) -> tuple[Any, Any]:
     except MissingModelPackage as e:
         raise CLIError(str(e)) from None
     except (FileNotFoundError, OSError, ValueError) as e:
-        raise CLIError(f"unknown model {spec!r}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CLIError(first if first.startswith("unknown model") else f"unknown model {spec!r}: {first}") from None
 
 
 def resolved(args: argparse.Namespace) -> Any:
