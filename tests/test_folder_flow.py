@@ -31,7 +31,7 @@ def test_matrix_report_and_load(tmp_path, editor, extra):
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["shard0of2.jsonl", "shard1of2.jsonl"]
     page = tmp_path / "report.md"
     # 2 of 4 layers complete: judged (half the layers); the selectors need the model: --no-selectors
-    assert main(["report", str(out), "--no-selectors", "--n-boot", "20", "--n-null", "20", "--out", str(page)]) == 0
+    assert main(["report", str(out), "--no-selectors", "--n-boot", "20", "--out", str(page)]) == 0
     assert f"### {out.name}" in page.read_text() and (out / "judgment.json").exists()
     s = gl.Study.load(out, selectors=False, n_boot=20, n_null=20)
     assert s.matrix.layers == [0, 1] and s.matrix.n_edits == 4 and s.matrix.editor == editor

@@ -17,7 +17,7 @@ import gradlocate as gl
 from gradlocate.golden import matrix as matrix_module
 from gradlocate.golden import scores
 from gradlocate.evaluation import locality_reference
-from gradlocate.golden.folder import StudyFolder, migrate
+from gradlocate.golden.folder import StudyFolder
 from gradlocate.golden.instrument import instrument
 from gradlocate.golden.matrix import edit_id, matrix
 from gradlocate.golden.replicates import ReplicateError, prompt_replicates, seed_replicates
@@ -168,15 +168,16 @@ def test_record_is_compact_and_every_float_has_six_digits(llama, tmp_path):
 
 
 def test_old_records_still_load(tmp_path):
-    """A committed schema-0 folder of metrics version 1 (no per-prompt values): it loads,
-    its token-accuracy tables as stored, the continuous ones NaN, and prompt halves are refused."""
-    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "matrix" / "smollm2-counterfact-r-rome"
+    """A committed study of metrics version 1 (no per-prompt values; migrated from schema 0):
+    it loads, its token-accuracy tables as stored, the continuous ones NaN, and prompt
+    halves are refused."""
+    src = Path(__file__).resolve().parents[1] / "studies" / "smollm2-counterfact-r-rome"
     dst = tmp_path / "old"
-    dst.mkdir()
-    shutil.copy(src / "edits.json", dst)
-    lines = (src / "shard0of1.jsonl").read_text().splitlines()[:60]
-    (dst / "shard0of1.jsonl").write_text("\n".join(lines) + "\n")
-    m, _ = migrate(dst).load(complete_only=False)
+    (dst / "cells").mkdir(parents=True)
+    shutil.copy(src / "manifest.json", dst)
+    lines = (src / "cells" / "shard0of1.jsonl").read_text().splitlines()[:60]
+    (dst / "cells" / "shard0of1.jsonl").write_text("\n".join(lines) + "\n")
+    m, _ = StudyFolder.open(dst).load(complete_only=False)
     got = {(json.loads(l)["edit"], json.loads(l)["layer"]): json.loads(l)["scores"] for l in lines}
     for (eid, layer), s in got.items():
         i, j = m.edit_ids.index(eid), m.layers.index(layer)

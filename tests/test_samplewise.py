@@ -91,6 +91,8 @@ def test_sample_sweep_result_and_paired_test():
     v = s.versus(golden=1)
     assert v["edit-only"]["optimum"] >= v["edit-only"]["golden"]
     assert v["edit-only"]["n"] == 3
+    with pytest.raises(ValueError, match=r"layer 99 is not among this matrix's layers"):
+        s.versus(golden=99)
     import matplotlib
 
     matplotlib.use("Agg")

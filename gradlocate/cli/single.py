@@ -207,8 +207,12 @@ def _trace_table(res: Any, width: int = 100) -> str:
         if not drop:
             break
         cols.remove(drop[0])
-    names = [repr(res.tokens[res.token_indices[k]])[1:-1][:7] + ("*" if s0 <= res.token_indices[k] < s1 else "")
-             for k in cols]
+    def name(k: int) -> str:
+        tok = res.tokens[res.token_indices[k]]
+        shown = repr(tok)[1:-1] if tok.strip() else repr(tok)  # a space shows as ' ', not blank
+        return shown[:7] + ("*" if s0 <= res.token_indices[k] < s1 else "")
+
+    names = [name(k) for k in cols]
     what = " (AtP estimate)" if res.estimated else ""
     lines = [f"P({res.answer_text!r}) with the {res.kind} state restored{what}: clean {res.high_score:.4f}, "
              f"corrupted {res.low_score:.4f}; * = subject token",

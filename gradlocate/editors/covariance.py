@@ -217,14 +217,16 @@ def second_moment_stats(model: Any, layers: Sequence[int], *, tokens: int = DEFA
         stats: a ROME / EasyEdit statistics file or folder: a layer whose site has a file
             there is read from it (checked against the site; a mismatch raises
             :class:`~gradlocate.editors.rome_stats.StatsFileError`), the others computed.
-        rows, max_length: the batch: sampled text ``rows`` x ``max_length`` tokens
+        rows: the batch's rows: sampled text ``rows`` x ``max_length`` tokens
             (default 128 x 64), real text ``rows`` texts cut to ``max_length`` tokens
             (default 32 x 256); part of the cache key.
+        max_length: the batch's tokens per row (see ``rows``); part of the cache key.
         callback: ``callback(batches_done, tokens_done)`` after each complete batch
             (raising ``KeyboardInterrupt`` there interrupts like Ctrl-C).
-        cache, progress, seed: the disk cache; the cost line and bar (``None``: shown for a
-            collection estimated over ten seconds, bar only on a terminal); the seed of the
-            sampled text and of a dataset's shuffle.
+        cache: the disk cache.
+        progress: the cost line and bar (``None``: shown for a collection estimated over
+            ten seconds, bar only on a terminal).
+        seed: the seed of the sampled text and of a dataset's shuffle.
     """
     h = resolve(model)
     layers = sorted(set(h.layer_indices(list(layers))))

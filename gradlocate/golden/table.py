@@ -240,6 +240,9 @@ class Matrix:
 
     def value(self, metric: str, layer: int) -> list[float | None]:
         """Each edit's ``metric`` (or overall definition) at ``layer`` (``None`` where absent)."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not among this matrix's layers {self.layers}: "
+                             f"run the matrix (or sweep) with it to compare against it")
         column = self._table(metric)[:, self.layers.index(layer)]
         return [None if np.isnan(v) else float(v) for v in column]
 

@@ -119,9 +119,10 @@ class TraceResult:
         t, l = self.best()
         what = "" if not self.estimated else (
             f", AtP estimate ({int(self.exact.sum()) if self.exact is not None else 0} cells verified)")
+        # Two lines, so it reads in a 100-column terminal whatever the tokens.
         return (f"TraceResult(kind={self.kind!r}{what}, answer={self.answer_text!r}, scores=[{self.scores.shape[0]} tokens x "
-                f"{self.scores.shape[1]} layers], low={_fmt(self.low_score)}, high={_fmt(self.high_score)}, "
-                f"best=(token {t} {self.tokens[t]!r}, layer {l}): {_fmt(float(self.scores.max()))}, "
+                f"{self.scores.shape[1]} layers],\n            low={_fmt(self.low_score)}, high={_fmt(self.high_score)}, "
+                f"best=(token {t} {self.tokens[t][:20]!r}, layer {l}): {_fmt(float(self.scores.max()))}, "
                 f"subject={self.subject_range})")
 
     def plot(self, ax: Any = None, *, title: str | None = None) -> Any:
