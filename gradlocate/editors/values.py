@@ -18,11 +18,22 @@ Each edit is clamped to its own ``clamp_norm_factor · ‖target_init‖``.
 The single path's speed-ups carry over: the blocks below the layer run once for the
 whole batch, and the positions before each row's subject-last token come from one
 key/value cache (the rows left-aligned at the latest subject token of the batch).
+Every row of a batch is padded to its widest suffix (the positions from δ on), so the
+edits are batched by suffix width (:data:`PAD_SLACK`) and by size (:data:`MAX_TOKENS`):
+each batch is an independent optimisation.
 
 The results equal the one-at-a-time ones up to floating-point reduction order: rows
 of different edits are padded to one width, and the padded positions, masked out of
 attention, change how some kernels block their sums (``tests/test_vstar_batched.py``:
-δ, v*, history and ΔW to 1e-5).
+in float64 equal, in float32 δ, v*, history and ΔW to 1e-5; a batch of one edit runs
+the single path's shapes and equals it bit for bit).
+
+What it buys depends on the hardware. On one CPU core a v* step of one edit is
+already bound by its matrix products (``benchmarks/bench_vstar.py``: about 70 % of the
+time, at about 70 % of a large product's throughput), so a chunk costs about what its
+edits cost one at a time. Where one edit's step (22 prompts of a few tokens) leaves
+the hardware idle, as on a GPU, the chunk shares its steps' fixed costs (not measured
+here).
 
 Example:
     >>> from gradlocate import down_projections
@@ -70,6 +81,9 @@ __all__ = ["optimise_values", "edit_keys", "MAX_TOKENS"]
 #: on its own (exactly: the edits are independent). Bounds the activations the backward
 #: keeps: about ``MAX_TOKENS · layers above · 40 KB`` on SmolLM2-135M (~2.5 GB at layer 2).
 MAX_TOKENS = 2048
+#: How much padding a batch may add (a fraction of its real token positions) to take in
+#: one more edit rather than start a batch of its own.
+PAD_SLACK = 0.2
 #: The most rows one key forward (:func:`edit_keys`) runs.
 _KEY_ROWS = 512
 
@@ -163,18 +177,23 @@ def _subset(fw: _Forward, rows: Tensor, heads: Tensor) -> _Forward:
                                cache_rows=None if fw.cache is None else r)
 
 
-def _groups(vbs: list[_ValueBatch], max_tokens: int) -> list[list[int]]:
-    """Consecutive edits whose rows, padded to their longest suffix, fit ``max_tokens``."""
+def _groups(vbs: list[_ValueBatch], max_tokens: int, slack: float = PAD_SLACK) -> list[list[int]]:
+    """The edits in groups that each run as one batch: ordered by their suffix width
+    (every row of a batch is padded to its widest), an edit joins the group before it
+    while the group's padded tokens stay within ``max_tokens`` and within ``1 + slack``
+    times its real ones."""
+    width = [int((vb.mask.sum(1) - vb.lookup).max()) for vb in vbs]
     groups: list[list[int]] = []
-    rows = width = 0
-    for i, vb in enumerate(vbs):
-        n, w = len(vb.lookup), int((vb.mask.sum(1) - vb.lookup).max())
-        if groups and (rows + n) * max(width, w) <= max_tokens:
+    rows = real = wide = 0
+    for i in sorted(range(len(vbs)), key=lambda i: (width[i], i)):
+        n, w = len(vbs[i].lookup), width[i]
+        padded = (rows + n) * max(wide, w)
+        if groups and padded <= max_tokens and padded <= (1 + slack) * (real + n * w):
             groups[-1].append(i)
-            rows, width = rows + n, max(width, w)
+            rows, real, wide = rows + n, real + n * w, max(wide, w)
         else:
             groups.append([i])
-            rows, width = n, w
+            rows, real, wide = n, n * w, w
     return groups
 
 
@@ -285,14 +304,15 @@ def optimise_values(h: Handles, layer: int, edits: Sequence[EditRequest],
     tok = h.require_tokenizer()
     vbs = [_value_batch(tok, e, ps) for e, ps in zip(edits, _prefixes_per_edit(edits, prefixes))]
     s = _Settings(int(steps), float(lr), float(kl_factor), float(weight_decay), float(clamp_norm_factor))
-    fits: list[ValueFit] = []
+    fits: dict[int, ValueFit] = {}
     for group in _groups(vbs, max_tokens):
         def cb(i: int, it: int, loss: float, group: list[int] = group) -> None:
             if callback is not None:
                 callback(group[i], it, loss)
-        fits += _optimise_group(h, layer, [edits[i] for i in group], [vbs[i] for i in group], s, cb,
-                                cache, reuse_prefix, progress)
-    return fits
+        got = _optimise_group(h, layer, [edits[i] for i in group], [vbs[i] for i in group], s, cb,
+                              cache, reuse_prefix, progress)
+        fits.update(zip(group, got))
+    return [fits[i] for i in range(len(edits))]
 
 
 def _optimise_group(h: Handles, layer: int, edits: list[EditRequest], vbs: list[_ValueBatch], s: _Settings,
