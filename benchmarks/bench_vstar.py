@@ -24,8 +24,8 @@ is not what is timed. ``--n`` CounterFact edits, in the same run, each layer:
 
 CPU seconds are ``time.process_time`` of this process (1 torch thread); wall seconds
 beside them. ``--profile-steps`` > 0 adds a ``torch.profiler`` breakdown of both paths
-at ``--profile-layer`` (a few steps): where the time goes, and the matrix products'
-throughput beside a large matrix product on the same core.
+at ``--profile-layer`` (a few steps): where the time goes; and the throughput of the
+MLP's matrix product at one edit's size and at a chunk's, in float32 and bfloat16.
 
 Checks (exit status 1 after writing if one fails): every edit runs the same number of
 v* steps in both paths; its batched ΔW equals its one-at-a-time ΔW to 1e-5 (relative
@@ -174,7 +174,8 @@ def _category(name: str) -> str:
 
 
 def profile_paths(h: Any, layer: int, edits: list, groups: list, hp: dict) -> dict:
-    """Where each path's time goes over a few v* steps (``torch.profiler``, self time per operator)."""
+    """Where each path's time goes over a few v* steps (``torch.profiler``, self time per
+    operator; not ``with_flops``, which held ~20 GB on the batched path)."""
     from torch.profiler import ProfilerActivity, profile
 
     from gradlocate.editors.rome import rome_update, rome_updates
@@ -183,26 +184,31 @@ def profile_paths(h: Any, layer: int, edits: list, groups: list, hp: dict) -> di
     for name, fn in (("one at a time", lambda: [rome_update(h, layer, e, groups, None, hp, averaged=True) for e in edits]),
                      ("batched", lambda: rome_updates(h, layer, edits, groups, None, hp, averaged=True))):
         c0 = time.process_time()
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         cpu = time.process_time() - c0
         cats: dict[str, float] = {}
-        flops = mm_s = 0.0
         for e in prof.key_averages():
             cats[_category(e.key)] = cats.get(_category(e.key), 0.0) + e.self_cpu_time_total / 1e6
-            if _category(e.key) == "matrix products":
-                flops, mm_s = flops + float(e.flops or 0), mm_s + e.self_cpu_time_total / 1e6
         total = sum(cats.values())
-        # the profiler times operators by the clock, which a loaded machine stretches: the
-        # products' CPU time is taken as their share of the process's CPU time
         out[name] = {"cpu_seconds_profiled": cpu, "operator_seconds": total,
-                     "shares": {k: v / total for k, v in cats.items()},
-                     "matmul_gflops_per_s": flops / (mm_s / total * cpu) / 1e9}
+                     "shares": {k: v / total for k, v in cats.items()}}
         print(name, json.dumps(out[name]), flush=True)
-    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
-    _, c, _ = timed(lambda: [a @ b for _ in range(20)])
-    out["large_matmul_gflops_per_s"] = 20 * 2 * 2048 * 576 * 1536 / c / 1e9
+    out["matmul_gflops_per_s"] = matmul_rates()
     return out
+
+
+def matmul_rates() -> dict[str, float]:
+    """GFLOP/s (CPU time) of ``[m, 576] @ [576, 1536]`` (SmolLM2's MLP) for one edit's
+    ~90 suffix positions and for a chunk's 2048, in float32 and bfloat16."""
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (90, 2048):
+            a, b = torch.randn(m, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+            n = max(20, 40_000 // m)
+            _, c, _ = timed(lambda: [a @ b for _ in range(n)])
+            rates[f"{str(dtype).removeprefix('torch.')} m={m}"] = n * 2 * m * 576 * 1536 / c / 1e9
+    return rates
 
 
 def markdown(res: dict) -> str:
@@ -244,17 +250,16 @@ def _profile_md(prof: dict | None) -> list[str]:
         return []
     lines = ["", f"Where the time goes (`torch.profiler`, layer {prof['layer']}, {prof['edits']} edits, "
              f"{prof['steps']} v* steps; shares of operator self time):", "",
-             "| path | CPU s | matrix products | attention kernels | other operators | matrix products' GFLOP/s (CPU) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| path | CPU s | matrix products | attention kernels | other operators |", "|---|---:|---:|---:|---:|"]
     for name in ("one at a time", "batched"):
         p = prof[name]
         sh = p["shares"]
         lines.append(f"| {name} | {p['cpu_seconds_profiled']:.1f} | {sh.get('matrix products', 0):.0%} | "
                      f"{sh.get('attention kernels', 0):.0%} | "
-                     f"{sh.get('other operators (elementwise, copies, indexing, reductions)', 0):.0%} | "
-                     f"{p['matmul_gflops_per_s']:.0f} |")
-    lines += ["", f"A large matrix product ([2048, 576] @ [576, 1536]) on the same core: "
-              f"{prof['large_matmul_gflops_per_s']:.0f} GFLOP/s."]
+                     f"{sh.get('other operators (elementwise, copies, indexing, reductions)', 0):.0%} |")
+    rates = ", ".join(f"{k}: {v:.0f}" for k, v in prof["matmul_gflops_per_s"].items())
+    lines += ["", "SmolLM2's MLP product `[m, 576] @ [576, 1536]` on the same core, GFLOP/s (CPU time; m = 90: one "
+              f"edit's suffix positions, m = 2048: a chunk's): {rates}."]
     return lines
 
 

@@ -32,6 +32,7 @@ from gradlocate.editors import rank_one as ro
 from gradlocate.editors import rome as rome_module
 from gradlocate.editors.emmet import emmet_ingredients, emmet_ingredients_batch
 from gradlocate.editors.rome import RROME, rome_update, rome_updates
+from gradlocate.editors import values
 from gradlocate.editors.values import edit_keys, optimise_values
 from gradlocate.handles import resolve
 from gradlocate.models import tiny
@@ -123,6 +124,15 @@ def test_prefixes_per_edit_groups_and_bad_input():
     for max_tokens in (1, 10_000):
         for g, w in zip(optimise_values(h, 0, EDITS, per, max_tokens=max_tokens, **ROME_LIKE), want):
             _same_fit(g, w, rtol=1e-7)
+    vbs = [ro._value_batch(h.require_tokenizer(), e, p) for e, p in zip(EDITS, per)]
+    width = [int((vb.mask.sum(1) - vb.lookup).max()) for vb in vbs]
+    for max_tokens in (1, 60, 10_000):
+        groups = values._groups(vbs, max_tokens)
+        assert sorted(i for g in groups for i in g) == [0, 1, 2]
+        for g in groups:  # one edit alone, or within the budget and the padding slack
+            rows, real = sum(len(vbs[i].lookup) for i in g), sum(len(vbs[i].lookup) * width[i] for i in g)
+            assert len(g) == 1 or rows * max(width[i] for i in g) <= min(max_tokens, (1 + values.PAD_SLACK) * real)
+    assert len(values._groups(vbs, 1)) == 3
     keys = edit_keys(h, 0, EDITS, per)
     for (K, O), e, p in zip(keys, EDITS, per):
         k1, o1 = ro.site_io(h, 0, [ro.locate(h.require_tokenizer(), q + e.prompt, e.subject, len(q)) for q in p])
