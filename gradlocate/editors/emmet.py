@@ -47,10 +47,12 @@ import torch
 from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
-from gradlocate.editors.protocol import EditorSpec, summary
-from gradlocate.editors.rank_one import EARLY_STOP, emmet_update, locate, optimise_value, site_io, subject_of
-from gradlocate.editors.rome import RankOneResult, _need_subject, _RankOneEditor, _stepper, memo_templates, prepare_moments
+from gradlocate.editors.protocol import EditorSpec, TrainStep, summary
+from gradlocate.editors.rank_one import EARLY_STOP, ValueFit, emmet_update, locate, optimise_value, site_io, subject_of
+from gradlocate.editors.rome import (RankOneResult, _need_subject, _RankOneEditor, _value_settings, memo_templates,
+                                     prepare_moments)
 from gradlocate.editors.settings import EMMETSettings
+from gradlocate.editors.values import edit_keys, optimise_values
 from gradlocate.handles import Handles
 
 __all__ = ["EMMET", "EMMET_HPARAMS", "emmet_per_edit", "emmet_ingredients"]
@@ -74,12 +76,29 @@ def emmet_ingredients(h: Handles, layer: int, edit: EditRequest, groups: Sequenc
     subject = subject_of(edit)
     t0 = time.perf_counter()
     K, O = site_io(h, layer, [locate(tok, p + edit.prompt, subject, len(p)) for p in prefixes])
-    sizes = [len(g) for g in groups]
-    key = torch.stack([k.mean(0) for k in K.split(sizes)]).mean(0)
     t_keys = time.perf_counter() - t0
-    vf = optimise_value(h, layer, edit, prefixes, steps=hp["v_num_grad_steps"], lr=hp["v_lr"],
-                        kl_factor=hp["kl_factor"], weight_decay=hp["v_weight_decay"],
-                        clamp_norm_factor=hp["clamp_norm_factor"], callback=callback)
+    vf = optimise_value(h, layer, edit, prefixes, callback=callback, **_value_settings(hp))
+    return _ingredients(K, O, [len(g) for g in groups], vf, t_keys)
+
+
+def emmet_ingredients_batch(h: Handles, layer: int, edits: Sequence[EditRequest], groups: Sequence[Sequence[str]],
+                            hp: dict[str, Any], callback: Callable[[TrainStep], Any] | None = None,
+                            progress: bool | None = False) -> list[dict[str, Any]]:
+    """:func:`emmet_ingredients` of each edit on the model as it is, the edits' keys and
+    v* computed together (:func:`~gradlocate.editors.values.optimise_values`; equal to one
+    call per edit up to floating-point reduction order). ``callback`` gets a
+    :class:`~gradlocate.editors.protocol.TrainStep` (its ``edit`` set) after each edit's step."""
+    prefixes = [p for g in groups for p in g]
+    t0 = time.perf_counter()
+    keys = edit_keys(h, layer, edits, prefixes)
+    t_keys = (time.perf_counter() - t0) / max(1, len(edits))
+    cb = None if callback is None else (lambda i, it, loss: callback(TrainStep(it, loss, edit=i)))
+    fits = optimise_values(h, layer, edits, prefixes, callback=cb, progress=progress, **_value_settings(hp))
+    return [_ingredients(K, O, [len(g) for g in groups], vf, t_keys) for (K, O), vf in zip(keys, fits)]
+
+
+def _ingredients(K: Tensor, O: Tensor, sizes: list[int], vf: ValueFit, t_keys: float) -> dict[str, Any]:
+    key = torch.stack([k.mean(0) for k in K.split(sizes)]).mean(0)
     residual = vf.v_star - O[0]
     return {"key": key, "residual": residual, "key_norm": float(key.norm()), "value_norm": float(vf.v_star.norm()),
             "residual_norm": float(residual.norm()), "delta_norm": float(vf.delta.norm()), "history": vf.history,
@@ -98,12 +117,8 @@ class EMMET(_RankOneEditor):
 
     def _fit(self, edits: Sequence[EditRequest], groups: list[list[str]], C: Tensor | None,
              result: RankOneResult) -> None:
-        from tqdm.auto import tqdm
-
-        got = []
-        for i, edit in enumerate(tqdm(edits, desc=f"EMMET layer {self.layer} (values)", leave=False,
-                                      disable=None if self.progress is None else not self.progress)):
-            got.append(emmet_ingredients(self.h, self.layer, edit, groups, self.hp, _stepper(self.callback, i)))
+        # every v* on the unedited model (the update comes after): they run together
+        got = emmet_ingredients_batch(self.h, self.layer, edits, groups, self.hp, self.callback, self.progress)
         t0 = time.perf_counter()
         dW = self.update(C, torch.stack([g["key"] for g in got]), torch.stack([g["residual"] for g in got]))
         self._apply(dW)
@@ -131,8 +146,7 @@ def emmet_per_edit(h: Handles, layer: int, edits: Any, memo: dict[Any, Any] | No
     edits = [_need_subject(e, i) for i, e in enumerate(as_edits(edits))]
     groups, C = memo_templates(ed, memo), ed.covariance()
     out, summaries = [], []
-    for e in edits:
-        g = emmet_ingredients(ed.h, ed.layer, e, groups, ed.hp)
+    for g in emmet_ingredients_batch(ed.h, ed.layer, edits, groups, ed.hp):
         dW = ed.update(C, g["key"][None], g["residual"][None])
         out.append(dW.float())
         summaries.append(summary(g["history"], g["history"][-1] < EARLY_STOP, update_norm=float(dW.norm()),

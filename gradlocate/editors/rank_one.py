@@ -186,13 +186,23 @@ class ValueFit:
 
 
 @dataclass(frozen=True)
-class _ValueBatch:
+class _Rows:
+    """Right-padded rows where δ enters at one position each (``lookup``) and the head
+    scores a few (row, position) pairs."""
+
     ids: Tensor
     mask: Tensor
     lookup: Tensor          # [rows]: subject-last index of every row (rewrite rows, then the KL row)
     head_rows: Tensor       # scored (row, position) pairs: the target tokens, then the KL row's lookup
     head_pos: Tensor
-    targets: Tensor         # [n_rewrite, T]
+
+
+@dataclass(frozen=True)
+class _ValueBatch(_Rows):
+    """One edit's v* rows: its templated rewrite prompts (with ``targets`` ``[n_rewrite, T]``)
+    and its KL prompt, last."""
+
+    targets: Tensor
     n_rewrite: int
 
 
@@ -244,18 +254,19 @@ class _Forward:
     cache: Any = None
     cache_arg: str | None = None
     no_cache: dict[str, Any] = field(default_factory=dict)
+    cache_rows: Tensor | None = None  # the rows of ``cache`` that ``ids``' rows continue (None: all, in order)
 
     def inputs(self) -> dict[str, Any]:
         """One forward's keyword arguments (a fresh copy of the prefix cache: a forward appends to it)."""
         kw: dict[str, Any] = {"input_ids": self.ids, "attention_mask": self.mask}
         if self.cache is None:
             return kw | self.no_cache
-        rows = torch.arange(self.ids.shape[0], device=self.ids.device)
+        rows = torch.arange(self.ids.shape[0], device=self.ids.device) if self.cache_rows is None else self.cache_rows
         return kw | {"position_ids": self.positions, self.cache_arg or "cache": _compat.prefix_cache(self.cache, self.past, rows),
                      "use_cache": True}
 
 
-def _whole(h: Handles, vb: _ValueBatch, dev: Any) -> _Forward:
+def _whole(h: Handles, vb: _Rows, dev: Any) -> _Forward:
     where = torch.zeros(vb.ids.shape + (1,), device=dev)
     where[torch.arange(len(vb.lookup)), vb.lookup] = 1.0
     return _Forward(vb.ids.to(dev), vb.mask.to(dev), where, vb.head_rows, vb.head_pos, int(vb.lookup[0]),
@@ -263,7 +274,7 @@ def _whole(h: Handles, vb: _ValueBatch, dev: Any) -> _Forward:
 
 
 @torch.no_grad()
-def _suffix(h: Handles, vb: _ValueBatch, dev: Any) -> tuple[_Forward | None, str | None]:
+def _suffix(h: Handles, vb: _Rows, dev: Any) -> tuple[_Forward | None, str | None]:
     """The ``suffix`` layout with its prefix cache, or ``None`` and why it cannot engage."""
     arg = _compat.cache_argument(h.root)
     if arg is None:
@@ -298,13 +309,13 @@ def _suffix(h: Handles, vb: _ValueBatch, dev: Any) -> tuple[_Forward | None, str
     return _Forward(ids[:, past:], mask, where, vb.head_rows, head_pos, 0, past, positions[:, past:], cache, arg), None
 
 
-def _forward_layout(h: Handles, vb: _ValueBatch, dev: Any, reuse_prefix: bool) -> _Forward:
+def _forward_layout(h: Handles, vb: _Rows, dev: Any, reuse_prefix: bool, stacklevel: int = 3) -> _Forward:
     if not reuse_prefix:
         return _whole(h, vb, dev)
     fw, why = _suffix(h, vb, dev)
     if why is not None:
         warnings.warn(f"v*: prefix reuse is off ({why}): every step recomputes the positions before the subject, "
-                      f"which is slower; the result is the same", stacklevel=3)
+                      f"which is slower; the result is the same", stacklevel=stacklevel)
     return fw if fw is not None else _whole(h, vb, dev)
 
 

@@ -50,8 +50,9 @@ from torch import Tensor
 
 from gradlocate.data import EditRequest, as_edits
 from gradlocate.editors.covariance import second_moment, second_moments
-from gradlocate.editors.rank_one import (EARLY_STOP, context_templates, locate, optimise_value, rank_one, site_io,
-                                         subject_of)
+from gradlocate.editors.rank_one import (EARLY_STOP, ValueFit, context_templates, locate, optimise_value, rank_one,
+                                         site_io, subject_of)
+from gradlocate.editors.values import edit_keys, optimise_values
 from gradlocate.editors.base import InPlaceEdit
 from gradlocate.editors.protocol import EditorSpec, TrainStep, summary
 from gradlocate.editors.settings import ROMESettings
@@ -146,12 +147,38 @@ def rome_update(h: Handles, layer: int, edit: EditRequest, groups: Sequence[Sequ
     t0 = time.perf_counter()
     subject = subject_of(edit)
     K, O = site_io(h, layer, [locate(tok, p + edit.prompt, subject, len(p)) for p in prefixes])
-    k_bar, t_keys = K.mean(0), time.perf_counter() - t0
-    vf = optimise_value(h, layer, edit, prefixes, steps=hp["v_num_grad_steps"], lr=hp["v_lr"],
-                        kl_factor=hp["kl_factor"], weight_decay=hp["v_weight_decay"],
-                        clamp_norm_factor=hp["clamp_norm_factor"], callback=callback)
+    t_keys = time.perf_counter() - t0
+    vf = optimise_value(h, layer, edit, prefixes, callback=callback, **_value_settings(hp))
+    return _rank_one_of(K, O, vf, C, averaged, t_keys)
+
+
+def rome_updates(h: Handles, layer: int, edits: Sequence[EditRequest], groups: Sequence[Sequence[str]],
+                 C: Tensor | None, hp: dict[str, Any], *,
+                 averaged: bool) -> list[tuple[Float[Tensor, "d_model d_mlp"], dict]]:
+    """:func:`rome_update` for each edit alone on the model as it is (none sees another's
+    update), the edits' keys and v* computed together
+    (:func:`~gradlocate.editors.values.optimise_values`); equal to one call per edit up to
+    floating-point reduction order."""
+    prefixes = [p for g in groups for p in g]
+    t0 = time.perf_counter()
+    keys = edit_keys(h, layer, edits, prefixes)
+    t_keys = (time.perf_counter() - t0) / max(1, len(edits))
+    fits = optimise_values(h, layer, edits, prefixes, **_value_settings(hp))
+    return [_rank_one_of(K, O, vf, C, averaged, t_keys) for (K, O), vf in zip(keys, fits)]
+
+
+def _value_settings(hp: dict[str, Any]) -> dict[str, Any]:
+    """The v* optimisation's settings from an editor's hyper-parameters."""
+    return dict(steps=hp["v_num_grad_steps"], lr=hp["v_lr"], kl_factor=hp["kl_factor"],
+                weight_decay=hp["v_weight_decay"], clamp_norm_factor=hp["clamp_norm_factor"])
+
+
+def _rank_one_of(K: Tensor, O: Tensor, vf: ValueFit, C: Tensor | None, averaged: bool,
+                 t_keys: float) -> tuple[Float[Tensor, "d_model d_mlp"], dict]:
+    """The rank-one ΔW from an edit's keys and outputs over the templates (row 0: the bare
+    prompt) and its v*, and what went into it."""
     t1 = time.perf_counter()
-    v_star = vf.v_star
+    k_bar, v_star = K.mean(0), vf.v_star
     # The one-line difference: ROME divides by k_pᵀu and subtracts o_p; R-ROME uses k̄ and ō.
     k_den, o_ref = (k_bar, O.mean(0)) if averaged else (K[0], O[0])
     residual = v_star - o_ref
@@ -249,6 +276,9 @@ class _RankOneEditor(InPlaceEdit):
 
     def _fit(self, edits: Sequence[EditRequest], groups: list[list[str]], C: Tensor | None,
              result: RankOneResult) -> None:
+        """Sequential, one edit after another: each edit's keys and v* are computed on the
+        model as the previous updates left it, so they cannot be batched (each edit alone
+        on the unedited model, :func:`rome_per_edit`, batches them)."""
         from tqdm.auto import tqdm
 
         bar = tqdm(edits, desc=f"{self.method} layer {self.layer}", leave=False,
@@ -290,6 +320,8 @@ def _record(result: RankOneResult, info: dict[str, Any]) -> None:
 
 class ROME(_RankOneEditor):
     """ROME: one rank-one update per edit at one layer's site (see the module docs).
+    :meth:`fit` edits sequentially, each edit's v* on the model as the previous edits
+    left it (so one at a time; :func:`rome_per_edit` optimises many at once).
 
     Args:
         model: a causal LM, an nnsight wrapper, a bridge, or :class:`~gradlocate.handles.Handles`.
@@ -333,8 +365,8 @@ def _per_edit(cls: type[_RankOneEditor], h: Handles, layer: int, edits: Any, mem
     edits = [_need_subject(e, i) for i, e in enumerate(as_edits(edits))]
     groups, C = memo_templates(ed, memo), ed.covariance()
     out, summaries = [], []
-    for e in edits:
-        dW, info = rome_update(ed.h, ed.layer, e, groups, C, ed.hp, averaged=cls is RROME)
+    # each edit alone on the unedited model: independent, so their v* run together
+    for dW, info in rome_updates(ed.h, ed.layer, edits, groups, C, ed.hp, averaged=cls is RROME):
         out.append(dW.float())
         # the protocol's fields: v*'s losses, converged when the last fell below the early stop
         summaries.append(summary(info["history"], info["history"][-1] < EARLY_STOP,
