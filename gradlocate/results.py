@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,33 @@ class LayerScores:
         """Eligible layers from best to worst (by :attr:`maximised`)."""
         pairs = [(s, l) for s, l, e in zip(self.maximised, self.layers, self.eligible) if e]
         return [l for s, l in sorted(pairs, key=lambda p: -p[0])]
+
+    def among(self, layers: Sequence[int]) -> LayerScores:
+        """The same scores with the choice limited to ``layers`` (e.g. the layers a matrix
+        judged): those layers' entries only, and ``selected`` the best eligible one of them
+        by :attr:`maximised`. The eligibility stays as the selector computed it over all its
+        layers (LGA's fences, GradRatio's ``l_min``).
+
+        Raises:
+            ValueError: no layer of ``layers`` was scored, or none of them is eligible.
+
+        Example:
+            >>> r = LayerScores("gradratio", [0.1, 0.9, 0.5, 0.7], [True] * 4, 1)
+            >>> r.among([0, 2, 3]).selected
+            3
+        """
+        keep = [i for i, l in enumerate(self.layers) if l in set(layers)]
+        if not keep:
+            raise ValueError(f"{self.method}: none of layers {sorted(set(layers))} was scored (scored: {self.layers})")
+        sub = LayerScores(self.method, [self.scores[i] for i in keep], [self.eligible[i] for i in keep], -1,
+                          {**self.params, "among": sorted(set(layers))},
+                          {k: [v[i] for i in keep] for k, v in self.extras.items()}, dict(self.timings),
+                          [self.layers[i] for i in keep])
+        order = sub.ranking()
+        if not order:
+            raise ValueError(f"{self.method}: none of layers {sub.layers} is eligible")
+        sub.selected = order[0]
+        return sub
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -91,3 +91,25 @@ def test_plot_draws_one_line_per_selector(matrix):
                             (1, [3, 4, 5], {"lga": _pick(13), "cma": _pick(10)})], definitions=["reliability"], n_boot=20)
     fig = d.plot()
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["lga", "cma"]
+
+
+def test_among_limits_the_choice_to_given_layers():
+    """``LayerScores.among``: the best eligible layer of the given ones by what the selector
+    maximises (LGA negative: the most negative S), checked against a hand argmax."""
+    rng = np.random.default_rng(3)
+    for sign in ("signed", "negative", "abs"):
+        s = rng.normal(size=12).tolist()
+        ok = (rng.random(12) > 0.3).tolist()
+        r = LayerScores("lga", s, ok, 0, params={"sign": sign})
+        keep = [1, 4, 5, 9, 11]
+        key = {"signed": lambda x: x, "negative": lambda x: -x, "abs": abs}[sign]
+        want = [l for l in keep if ok[l]]
+        if not want:
+            with pytest.raises(ValueError, match="is eligible"):
+                r.among(keep)
+            continue
+        sub = r.among(keep)
+        assert sub.selected == max(want, key=lambda l: key(s[l]))
+        assert sub.layers == keep and sub.scores == [s[l] for l in keep] and sub.params["among"] == keep
+    with pytest.raises(ValueError, match="none of layers \\[40\\] was scored"):
+        LayerScores("cma", [0.1, 0.2], [True, True], 1).among([40])

@@ -100,7 +100,11 @@ class Draws:
                    [Draw.from_dict(x) for x in d["draws"]])
 
     def __repr__(self) -> str:
-        told = "; ".join(f"{s} mean regret ({self.definitions[0]}) {np.nanmean(self.regrets(s, self.definitions[0])):.3f}"
+        def mean(s: str) -> str:  # a pick outside the matrix's layers has no regret
+            r = np.asarray(self.regrets(s, self.definitions[0]), dtype=float)
+            return f"{np.nanmean(r):.3f}" if np.isfinite(r).any() else "none (no pick among the matrix's layers)"
+
+        told = "; ".join(f"{s} mean regret ({self.definitions[0]}) {mean(s)}"
                          for s in self.selectors) if self.draws and self.definitions else "no draw"
         return f"Draws({len(self.draws)} proxy draws of {self.n_proxy}/{self.n_edits} edits; {told})"
 
