@@ -22,15 +22,20 @@ def _axes(ax: Any, figsize: tuple[float, float] = (8.0, 3.0)) -> Any:
 
 
 def plot_layer_scores(result: Any, ax: Any = None, *, log: bool | None = None, title: str | None = None) -> Any:
-    """Bar chart of a :class:`~gradlocate.results.LayerScores`."""
+    """Bar chart of a :class:`~gradlocate.results.LayerScores`. An excluded layer far
+    outside the eligible layers' range (LGA's outliers) does not set the scale: its bar is
+    cut at the axis, hatched, and labelled with its value; the legend names only what is
+    drawn."""
     ax = _axes(ax)
-    colors = [SELECTED if l == result.selected else (ELIGIBLE if e else EXCLUDED)
-              for l, e in zip(result.layers, result.eligible)]
-    ax.bar(result.layers, result.scores, color=colors)
+    kinds = ["selected" if l == result.selected else ("eligible" if e else "excluded")
+             for l, e in zip(result.layers, result.eligible)]
+    colour = {"eligible": ELIGIBLE, "excluded": EXCLUDED, "selected": SELECTED}
+    bars = ax.bar(result.layers, result.scores, color=[colour[k] for k in kinds])
     positive = all(s > 0 for s in result.scores)
     if log is None:
         pos = [s for s in result.scores if s > 0]
         log = positive and len(pos) > 1 and max(pos) / min(pos) > 1e3
+    clipped = _clip_outliers(ax, bars, result, kinds) if not log else False
     if log and positive:
         ax.set_yscale("log")
     ax.set_xlabel("layer")
@@ -38,10 +43,36 @@ def plot_layer_scores(result: Any, ax: Any = None, *, log: bool | None = None, t
     ax.set_title(title or f"{result.method}: selected layer {result.selected}")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=ELIGIBLE, label="eligible"), Patch(color=EXCLUDED, label="excluded"),
-                       Patch(color=SELECTED, label="selected")], loc="best", fontsize=8)
+    shown = [k for k in ("eligible", "excluded", "selected") if k in kinds]
+    handles = [Patch(color=colour[k], label=k) for k in shown]
+    if clipped:
+        handles.append(Patch(facecolor=EXCLUDED, hatch="//", label="excluded, cut at the axis"))
+    ax.legend(handles=handles, loc="best", fontsize=8)
     ax.axhline(0, color="black", lw=0.5)
     return ax
+
+
+def _clip_outliers(ax: Any, bars: Any, result: Any, kinds: list[str]) -> bool:
+    """Scale the axis to the layers that can be picked when an excluded one lies more than
+    twice their span beyond them (else that one bar flattens all the others)."""
+    kept = [s for s, k in zip(result.scores, kinds) if k != "excluded"]
+    if not kept:
+        return False
+    lo, hi = min(0.0, *kept), max(0.0, *kept)
+    span = (hi - lo) or 1.0
+    far = [i for i, (s, k) in enumerate(zip(result.scores, kinds))
+           if k == "excluded" and (s > hi + 2 * span or s < lo - 2 * span)]
+    if not far:
+        return False
+    top, bottom = hi + 0.25 * span if hi > 0 else 0.05 * span, lo - 0.25 * span if lo < 0 else 0.0
+    ax.set_ylim(bottom, top)
+    for i in far:
+        bars[i].set_hatch("//")
+        y = top if result.scores[i] > 0 else bottom
+        ax.annotate(f"{result.scores[i]:.3g}", (result.layers[i], y), ha="center",
+                    va="top" if y == top else "bottom", fontsize=7, xytext=(0, -2 if y == top else 2),
+                    textcoords="offset points", rotation=90)
+    return True
 
 
 def plot_training_loss(history: Any, ax: Any = None, *, threshold: float | None = None, log: bool = True,

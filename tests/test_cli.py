@@ -184,3 +184,4 @@ def test_select_with_the_search_recommends_the_searched_layer(tmp_path):
     assert got["recommendation"]["layer"] == got["search"]["layer"] and got["recommendation"]["checked"]
     assert f"Recommendation: edit layer {got['search']['layer']}: the budgeted search edited with LocFT-BF" in p.stdout
     assert got["search"]["cost"]["cells"] <= 8
+    assert all(len(l) <= 100 for l in p.stdout.splitlines()), p.stdout  # the search's lines too

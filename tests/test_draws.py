@@ -113,3 +113,24 @@ def test_among_limits_the_choice_to_given_layers():
         assert sub.layers == keep and sub.scores == [s[l] for l in keep] and sub.params["among"] == keep
     with pytest.raises(ValueError, match="none of layers \\[40\\] was scored"):
         LayerScores("cma", [0.1, 0.2], [True, True], 1).among([40])
+
+
+def test_layer_scores_plot_legends_what_is_drawn_and_cuts_outliers():
+    """An excluded outlier (LGA's 3512 beside eligible ~50) does not set the scale; the
+    legend names only the kinds drawn (no 'excluded' where nothing was)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = [20.0, 35.0, 3512.0, 50.0, 41.0]
+    ax = LayerScores("lga", s, [True, True, False, True, True], 3).plot()
+    assert ax.get_ylim()[1] < 100 and ax.get_ylim()[1] > 50
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["eligible", "excluded", "selected",
+                                                                   "excluded, cut at the axis"]
+    assert any(t.get_text() == "3.51e+03" for t in ax.texts)
+    plt.close("all")
+    ax = LayerScores("cma", [0.1, 0.3, 0.2], [True] * 3, 1).plot()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["eligible", "selected"]
+    assert ax.get_ylim()[1] >= 0.3
+    plt.close("all")

@@ -151,7 +151,11 @@ def test_search_result_reads_and_serialises():
     import matplotlib
 
     matplotlib.use("Agg")
-    assert s.plot() is not None
+    fig = s.plot()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fates = {"in the race at the end" if d is None else ("damaging" if d < 0 else f"dropped in round {d}")
+             for d in s.dropped}
+    assert set(labels) == fates | {f"pick {s.layer}"} and labels[0] == "in the race at the end"
 
 
 # --------------------------------------------------------------------------- the regret harness

@@ -366,9 +366,11 @@ class Search:
 
     def __repr__(self) -> str:
         conf = "n/a" if not math.isfinite(self.confidence) else f"{self.confidence:.2f}"
+        rounds = f"{len(self.rounds)} round{'s' if len(self.rounds) != 1 else ''}"
+        # three lines, so it reads in a 100-column terminal
         return (f"Search(layer={self.layer}, definition={self.definition!r}: within {self.margin:g} of the best "
-                f"with confidence {conf}; contenders {layer_span(self.contenders)}; {self.cost} of a budget of "
-                f"{self.budget}; {len(self.rounds)} rounds, stopped: {self.stopped})")
+                f"with confidence {conf};\n       contenders {layer_span(self.contenders)}; {rounds}, "
+                f"stopped: {self.stopped};\n       {self.cost} of a budget of {self.budget})")
 
     def plot(self, title: str | None = None, ax: Any = None) -> Any:
         """Each layer's mean score over its proxy edits (bars: +-1 pooled standard error;
@@ -381,13 +383,17 @@ class Search:
         se = np.where(n > 0, self.spread / np.sqrt(np.maximum(n, 1)), np.nan) if math.isfinite(self.spread) else None
         for l in self.contenders:
             ax.axvspan(l - 0.5, l + 0.5, color="tab:green", alpha=0.12, lw=0)
-        last = len(self.rounds)
-        rnd = np.array([last if d is None else d for d in self.dropped], float)
         ax.errorbar(x, y, yerr=se, fmt="none", ecolor="0.6", lw=0.8)
-        pts = ax.scatter(x, y, s=12 + 6 * n, c=rnd, cmap="viridis", vmin=-1, vmax=last, zorder=3)
+        # one legend entry per fate: still in the race at the end, dropped in round r, damaging
+        fates = ["in the race at the end" if d is None else ("damaging" if d < 0 else f"dropped in round {d}")
+                 for d in self.dropped]
+        order = sorted(set(fates), key=lambda f: (f != "in the race at the end", f == "damaging", f))
+        colours = dict(zip(order, plt.get_cmap("tab10").colors))
+        for f in order:
+            k = np.array([g == f for g in fates])
+            ax.scatter(x[k], y[k], s=12 + 6 * n[k], color=colours[f], zorder=3, label=f)
         ax.scatter([self.layer], [y[self.layers.index(self.layer)]], marker="*", s=220, c="red", zorder=4,
                    label=f"pick {self.layer}")
-        fig.colorbar(pts, ax=ax, label="round dropped (-1 damaging)")
         ax.set_xlabel("layer"), ax.set_ylabel(f"mean {self.definition} over its proxy edits")
         ax.set_title(title or f"search: {self.cost}; contenders shaded")
         ax.legend(fontsize=7)
@@ -625,6 +631,6 @@ def search(model: Any = None, proxy_edits: Any = None, *, editor: str = DEFAULT_
                      capability_edits=capability_edits, threshold=threshold, tokenizer=tokenizer, chunk=chunk,
                      progress=progress)
     budget = default_budget(len(live.layers)) if budget is None else budget
-    print(f"search ({editor}): at most {budget} cells (one proxy edit alone at one layer each) over "
-          f"{len(live.layers)} layers, {len(ordered)} proxy edits", flush=True)
+    print(f"search ({editor}): at most {budget} cells over {len(live.layers)} layers, {len(ordered)} proxy edits "
+          f"(a cell: one edit alone at one layer)", flush=True)
     return run_policy(live, budget, eta=eta, first=first, margin=margin, confidence=confidence)
