@@ -101,6 +101,8 @@ def _from_manifest(args: argparse.Namespace) -> None:
     if args.editor is None and not args.set and not args.hparams:  # the folder's regime, as it was made
         args.editor = man.regime["editor"]
         args.set = [f"{k}={_json(v)}" for k, v in man.regime["settings"].items()]
+    if args.layers is None and man.layers is not None:  # the layers it plans
+        args.layers = ",".join(map(str, man.layers))
 
 
 def _json(v: Any) -> str:
@@ -125,7 +127,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         return _batch(h, edits, args, settings, mine, shard)
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     try:
-        m = matrix(h, edits, editor=args.editor, hparams=settings, layers=mine, out=args.out, seeds=seeds,
+        m = matrix(h, edits, editor=args.editor, hparams=settings, layers=mine, planned_layers=every,
+                   out=args.out, seeds=seeds,
                    chunk=args.chunk, capability_edits=args.capability_edits, shard=shard, engine=args.engine,
                    address=args.address, workers=args.workers, model_spec=args.model, progress=True)
     except (ValueError, TypeError) as e:

@@ -135,6 +135,11 @@ class Manifest:
     def n_layers(self) -> int:
         return int(self.model["n_layers"])
 
+    @property
+    def planned(self) -> list[int]:
+        """The layers the study covers: :attr:`layers`, or every layer of the model."""
+        return list(range(self.n_layers)) if self.layers is None else sorted(self.layers)
+
     def proxy_rows(self, n: int | None = None, seed: int | None = None) -> list[int]:
         """The proxy rows of the first ``n`` edits (default all) under this folder's rule."""
         rows = len(self.edits) if n is None else n
@@ -295,11 +300,14 @@ class StudyFolder:
             raise FolderError(f"{relative_path(self.path)} holds a study of other edits ({len(foreign)} of this run's "
                               f"{len(new.ids)} edits are not among its {len(old.ids)}, and this run does not extend "
                               f"its list): use another folder")
-        if extends or grown:
+        # the planned layers grow too (None, every layer, absorbs any list)
+        layers = None if old.layers is None or new.layers is None else sorted(set(old.layers) | set(new.layers))
+        if extends or grown or layers != old.layers:
             if extends:
                 old.edits, old.data = new.edits, new.data
                 old.sizes = sorted(set(old.sizes) | {len(new.edits)})
             old.regime["seeds"] = old.regime["seeds"] + grown
+            old.layers = layers
             self.write_manifest()
 
     def write_manifest(self) -> None:
@@ -345,8 +353,8 @@ class StudyFolder:
                  if r.get("seed", m.regime["seeds"][0]) == seed}
         ids, every = m.ids, len(m.ids)
         if complete_only:  # a grown folder: its first rows may be complete before the new ones are
-            ids = _best_prefix(ids, m.sizes, cells, m.n_layers)
-        count = {l: sum((e, l) in cells for e in ids) for l in range(m.n_layers)}
+            ids = _best_prefix(ids, m.sizes, cells, m.planned)
+        count = {l: sum((e, l) in cells for e in ids) for l in m.planned}
         complete = [l for l, c in count.items() if c == len(ids)]
         partial = [l for l, c in count.items() if 0 < c < len(ids)]
         layers = complete if complete_only else sorted(complete + partial)
@@ -357,8 +365,8 @@ class StudyFolder:
                   "seed": seed}
         mx = Matrix.from_cells(layers, ids, cells, m.regime["editor"], params, relative_path(self.path))
         mx.params["capability_edits"] = int(np.isfinite(mx.capability).any(1).sum())
-        n_cells = sum(1 for (e, _) in cells if e in set(m.ids))
-        return mx, Completeness(n_cells, every * m.n_layers, complete, partial, m.n_layers, every, len(ids))
+        n_cells = sum(1 for (e, l) in cells if e in set(m.ids) and l in set(m.planned))
+        return mx, Completeness(n_cells, every * len(m.planned), complete, partial, len(m.planned), every, len(ids))
 
     def replicates(self, metric: str = PRIMARY, *, by: str = "auto", seeds: tuple[int, int] | None = None,
                    complete_only: bool = True) -> Replicates:
@@ -393,14 +401,14 @@ class StudyFolder:
                 f"{m.regime['editor']})")
 
 
-def _best_prefix(ids: list[str], sizes: list[int], cells: dict[tuple[str, int], Any], n_layers: int) -> list[str]:
+def _best_prefix(ids: list[str], sizes: list[int], cells: dict[tuple[str, int], Any], layers: list[int]) -> list[str]:
     """The rows in view: of the sizes the manifest has had, the first ``k`` edits whose
     complete layers hold the most cells (the larger ``k`` on a tie). A folder grown from
     32 to 64 edits keeps its 32 complete rows in view while the new rows are filled."""
     sizes = sorted({k for k in sizes if 0 < k < len(ids)} | {len(ids)})
 
     def held(k: int) -> int:
-        return k * sum(all((e, l) in cells for e in ids[:k]) for l in range(n_layers))
+        return k * sum(all((e, l) in cells for e in ids[:k]) for l in layers)
 
     return ids[:max(sorted(sizes, reverse=True), key=held)]
 

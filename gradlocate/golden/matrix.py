@@ -128,7 +128,7 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
            seeds: Sequence[int] | None = None, chunk: int = 32, capability_edits: int = 8, tokenizer: Any = None,
            shard: str = "records", engine: str = "local", address: str | None = None, workers: int | None = None,
            model_spec: str | None = None, n_proxy: int | None = None, proxy_seed: int = 0,
-           progress: bool | None = None, **runtime: Any) -> Matrix:
+           planned_layers: Sequence[int] | None = None, progress: bool | None = None, **runtime: Any) -> Matrix:
     """Edit every edit alone at every layer with ``editor``; score every cell.
 
     Args:
@@ -159,6 +159,9 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
         n_proxy: the folder's proxy rule (:func:`~gradlocate.golden.folder.proxy_split`): the
             proxy rows (default: a quarter of the edits).
         proxy_seed: the proxy rule's seed.
+        planned_layers: the layers the folder's study covers, when this call fills only some
+            of them (a shard); default ``layers`` (``None``: every layer). A folder is judged
+            on its planned layers.
         progress: a progress bar over jobs (``None``: on a terminal only).
         runtime: the editor's non-setting arguments (e.g. a precomputed ``covariance``).
 
@@ -167,7 +170,9 @@ def matrix(model: Any, edits: Any, *, editor: str = DEFAULT_EDITOR, hparams: Set
     """
     plan = _plan(model, edits, editor, hparams, layers, seeds, chunk, capability_edits, tokenizer, runtime)
     if out is not None:
-        _open_store(plan, out, shard, model_spec, n_proxy, proxy_seed)
+        plan_layers = planned_layers if planned_layers is not None else layers
+        _open_store(plan, out, shard, model_spec, n_proxy, proxy_seed,
+                    None if plan_layers is None else sorted({int(l) for l in plan_layers}))
     done = plan.store.read() if plan.store is not None else {}
     cells = {(r["edit"], r["layer"], r.get("seed", plan.seeds[0])): r for r in done.values()}
     errors = _fill(plan, cells, progress, engine, address, workers)
@@ -228,7 +233,7 @@ def folder_manifest(h: Handles, edits: Edits, editor: str, settings: Settings, s
 
 
 def _open_store(plan: _Plan, out: Any, shard: str, model_spec: str | None, n_proxy: int | None,
-                proxy_seed: int) -> None:
+                proxy_seed: int, planned: list[int] | None = None) -> None:
     """The record store of ``out``: a study folder's ``cells/`` (the folder made, or checked to
     hold this study), or a ``.jsonl`` file; every record fingerprinted by the model, the
     regime and the metric definitions."""
@@ -240,6 +245,7 @@ def _open_store(plan: _Plan, out: Any, shard: str, model_spec: str | None, n_pro
         return
     manifest = folder_manifest(plan.h, plan.edits, plan.editor, plan.settings, plan.seeds, model_spec, n_proxy,
                                proxy_seed)
+    manifest.layers = None if planned is None or planned == list(range(plan.h.n_layers)) else planned  # None: all
     plan.folder = StudyFolder.bind(out, manifest)
     plan.store = RecordStore(plan.folder.cells_dir, expected, shard=shard)
 
