@@ -78,3 +78,20 @@ def test_planned_layers_grow_and_decide_completeness(tmp_path):
     f = StudyFolder.open(out)
     done = f.load()[1]
     assert f.manifest.layers is None and done.n_layers == 4 and done.complete_layers == [0, 1, 3] and not done.done
+
+
+def test_a_folder_too_small_for_a_proxy_is_judged_on_every_edit(tmp_path):
+    """2 edits cannot give a proxy and 2 test edits: without selectors both are test edits;
+    with selectors the error says what to do."""
+    from gradlocate.golden.matrix import matrix
+    from gradlocate.golden.study import judge_folder
+    from gradlocate.models import tiny
+
+    model, tok = tiny("llama", n_layers=2, d_model=16, seed=0)
+    out = tmp_path / "two"
+    matrix(model, gl.load_edits(FIXTURE)[:2], tokenizer=tok, hparams={"epochs": 1, "lr": 1e-2}, out=out,
+           capability_edits=1, progress=False)
+    s = judge_folder(out, selectors=False, n_boot=20)
+    assert s.params["n_proxy"] == 0 and s.params["n_test"] == 2 and s.judgment.golden is not None
+    with pytest.raises(ValueError, match="judge it without selectors"):
+        judge_folder(out, selectors=True, compute=False, n_boot=20)

@@ -306,8 +306,14 @@ def judge_folder(folder: StudyFolder | str | os.PathLike[str], *, model: Any = N
                            f"are complete") from None
     _judgeable(done)
     man = folder.manifest
-    proxy = man.proxy_rows(m.n_edits)
     names = _names(selectors, cma)
+    try:
+        proxy = man.proxy_rows(m.n_edits)
+    except ValueError as e:  # too few edits to set a proxy apart: judged on all of them, no selector
+        if names:
+            raise ValueError(f"{folder.path.name}: {e}; judge it without selectors (selectors=False, "
+                             f"`gradlocate report --no-selectors`): every edit is then a test edit") from None
+        proxy = []
     picked = None
     if names:
         mdl, tok = _model(folder, model) if compute else (None, None)
