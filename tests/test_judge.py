@@ -287,14 +287,27 @@ def test_matrix_cli_writes_the_whole_matrix_only_once_every_layer_is_in(tmp_path
     fixture = str(Path(__file__).parent / "fixtures" / "edits_small.json")
     base = ["matrix", "--model", "tiny-gpt2", "--edits", fixture, "-n", "2", "--set", "epochs=1", "--chunk", "2",
             "--out", str(tmp_path)]
-    assert main(base + ["--layers", "0,2"]) == 0  # a subset: 2 of the model's layers
+    assert main(base + ["--shard", "0/2"]) == 0  # every layer planned, half of them done
     n_layers = json.loads((tmp_path / "manifest.json").read_text())["model"]["n_layers"]
     assert n_layers > 2 and not (tmp_path / "matrix.json").exists()
-    assert f"2/{n_layers} layers complete" in capsys.readouterr().err
-    rest = ",".join(str(l) for l in range(n_layers) if l not in (0, 2))
-    assert main(base + ["--layers", rest]) == 0
+    assert f"{(n_layers + 1) // 2}/{n_layers} layers complete" in capsys.readouterr().err
+    assert main(["matrix", "--out", str(tmp_path), "--shard", "1/2"]) == 0
     whole = json.loads((tmp_path / "matrix.json").read_text())
     assert whole["layers"] == list(range(n_layers))
+
+
+def test_a_planned_subset_is_whole_once_its_layers_are_in(tmp_path, capsys):
+    from gradlocate.cli import main
+
+    fixture = str(Path(__file__).parent / "fixtures" / "edits_small.json")
+    base = ["matrix", "--model", "tiny-gpt2", "--edits", fixture, "-n", "2", "--set", "epochs=1", "--chunk", "2",
+            "--out", str(tmp_path)]
+    assert main(base + ["--layers", "0,2"]) == 0  # a study of 2 of the model's layers
+    assert json.loads((tmp_path / "matrix.json").read_text())["layers"] == [0, 2]
+    assert "2/2 layers complete" in capsys.readouterr().err
+    assert main(base + ["--layers", "1"]) == 0  # the plan grows
+    assert json.loads((tmp_path / "manifest.json").read_text())["layers"] == [0, 1, 2]
+    assert json.loads((tmp_path / "matrix.json").read_text())["layers"] == [0, 1, 2]
 
 
 def test_report_page_from_a_partial_folder(tmp_path, make_folder):

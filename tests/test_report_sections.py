@@ -28,7 +28,8 @@ def batch_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("studies") / "tiny-run"
     # four edits: one proxy, three test edits; the cells of layer 0 make the folder
     assert main(["matrix", *TINY, "--layers", "0", "--capability-edits", "0", "--out", str(folder)]) == 0
-    assert main(["matrix", "--out", str(folder), "--batch"]) == 0  # resumed from the manifest: model, edits, regime
+    # resumed from the manifest (model, edits, regime); the batch at every layer, not only the planned one
+    assert main(["matrix", "--out", str(folder), "--batch", "--layers", "0:4"]) == 0
     return folder
 
 

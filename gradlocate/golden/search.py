@@ -388,7 +388,7 @@ class Search:
         fates = ["in the race at the end" if d is None else ("damaging" if d < 0 else f"dropped in round {d}")
                  for d in self.dropped]
         order = sorted(set(fates), key=lambda f: (f != "in the race at the end", f == "damaging", f))
-        colours = dict(zip(order, plt.get_cmap("tab10").colors))
+        colours = {f: f"C{i}" for i, f in enumerate(order)}
         for f in order:
             k = np.array([g == f for g in fates])
             ax.scatter(x[k], y[k], s=12 + 6 * n[k], color=colours[f], zorder=3, label=f)
