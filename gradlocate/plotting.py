@@ -45,9 +45,11 @@ def plot_layer_scores(result: Any, ax: Any = None, *, log: bool | None = None, t
 
     shown = [k for k in ("eligible", "excluded", "selected") if k in kinds]
     handles = [Patch(color=colour[k], label=k) for k in shown]
-    if clipped:
+    if clipped:  # outside the axes: the cut bars' labels sit at the top edge
         handles.append(Patch(facecolor=EXCLUDED, hatch="//", label="excluded, cut at the axis"))
-    ax.legend(handles=handles, loc="best", fontsize=8)
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend(handles=handles, loc="best", fontsize=8)
     ax.axhline(0, color="black", lw=0.5)
     return ax
 
@@ -66,7 +68,7 @@ def _clip_outliers(ax: Any, bars: Any, result: Any, kinds: list[str]) -> bool:
         return False
     top, bottom = hi + 0.25 * span if hi > 0 else 0.05 * span, lo - 0.25 * span if lo < 0 else 0.0
     ax.set_ylim(bottom, top)
-    for i in far:
+    for i in [i for i, s in enumerate(result.scores) if s > top or s < bottom]:  # every bar the axis cuts
         bars[i].set_hatch("//")
         y = top if result.scores[i] > 0 else bottom
         ax.annotate(f"{result.scores[i]:.3g}", (result.layers[i], y), ha="center",

@@ -123,9 +123,11 @@ def test_layer_scores_plot_legends_what_is_drawn_and_cuts_outliers():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = [20.0, 35.0, 3512.0, 50.0, 41.0]
-    ax = LayerScores("lga", s, [True, True, False, True, True], 3).plot()
+    s = [20.0, 35.0, 3512.0, 50.0, 41.0, 80.0]
+    ax = LayerScores("lga", s, [True, True, False, True, True, False], 3).plot()
     assert ax.get_ylim()[1] < 100 and ax.get_ylim()[1] > 50
+    top = ax.get_ylim()[1]  # every bar the axis cuts is labelled (80 too, although not far out)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.3g}" for v in s if v > top)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["eligible", "excluded", "selected",
                                                                    "excluded, cut at the axis"]
     assert any(t.get_text() == "3.51e+03" for t in ax.texts)
