@@ -338,6 +338,10 @@ def test_report_page_from_a_partial_folder(tmp_path, make_folder):
     assert "of 6 layers (partial: the judged layers only)" in text
     assert json.loads(folder.judgment_path.read_text())["completeness"]["complete_layers"] == [0, 1, 2, 3]
     assert set(r.failures) == {"a-started", "b-foreign"}
+    # proxy draws asked of a partial folder: skipped until it is complete, the folder still judged
+    r = report([folder.path], selectors=False, draws=2, n_boot=20,
+               regret=RegretSettings(n_draws=20, n_boot=5, boot_draws=5, search=False))
+    assert not r.failures and not folder.draws_path.exists() and "of 6 layers (partial" in r.to_markdown()
 
 
 def test_golden_layers_is_flagged_when_the_held_out_loss_it_normalises_is_noise():

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +121,6 @@ class Report:
 
 
 def _announce(name: str, n_boot: int, rs: RegretSettings) -> None:
-    import sys
-
     print(f"report: {name}: judging ({n_boot} bootstrap resamples per definition) and regret over {rs.n_draws} random "
           f"proxy draws ({rs.n_boot} x {rs.boot_draws} bootstrap draws"
           + (f"; the search {rs.search_boot} x {rs.search_draws}, about half a minute" if rs.search else "")
@@ -138,7 +137,11 @@ def _one(path: str | os.PathLike[str], model: Any, selectors: bool | Sequence[st
                      compute=compute, write=True)
     folder = StudyFolder.open(path)
     if draws:
-        judge_draws(folder, draws, model=model, threshold=threshold, n_boot=n_boot, progress=progress)
+        try:
+            judge_draws(folder, draws, model=model, threshold=threshold, n_boot=n_boot, progress=progress)
+        except NotJudgedYet as e:  # a partial matrix is judged; its proxy draws wait for the whole one
+            print(f"report: {folder.path.name}: proxy draws skipped until the matrix is complete ({e})",
+                  file=sys.stderr, flush=True)
     return folder, s, answer(folder, s.judgment, s.matrix, threshold=threshold, settings=rs)
 
 
