@@ -206,4 +206,6 @@ def test_matrix_cells_equal_the_per_edit_loop(monkeypatch):
         np.testing.assert_array_equal(batched.scores[m], old.scores[m])
     np.testing.assert_array_equal(batched.train["steps"], old.train["steps"])
     np.testing.assert_allclose(batched.train["final_loss"], old.train["final_loss"], rtol=1e-5)
-    np.testing.assert_allclose(batched.capability, old.capability, rtol=1e-5, atol=1e-7)
+    # the held-out loss change is a difference of two ~3-nat float32 losses: with ΔW equal to
+    # 1e-5 it can move by ~1e-6 nats (seen on torch 2.6: 9.6e-7), so an absolute tolerance
+    np.testing.assert_allclose(batched.capability, old.capability, rtol=1e-5, atol=1e-5)
