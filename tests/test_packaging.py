@@ -42,13 +42,17 @@ def _source_of_installed() -> Path | None:
 
 
 def test_installed_metadata_version_is_the_package_version():
+    # The README's test command installs this checkout (editable); scripts/test-oldest installs
+    # it as a wheel. Either way there is metadata, and an editable one points here: anything
+    # else is an environment the suite does not test, so it fails, naming what to run.
     try:
         source = _source_of_installed()
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("gradlocate is imported from a checkout that is not installed")
+        pytest.fail("gradlocate is imported from a checkout that is not installed: pip install -e '.[test]'")
     package = Path(gradlocate.__file__).resolve().parent
-    if source is not None and package.parent != source:
-        pytest.skip(f"the installed gradlocate is an editable install of {source}, not of this checkout ({package.parent})")
+    assert source is None or package.parent == source, (
+        f"the installed gradlocate is an editable install of {source}, not of this checkout ({package.parent}): "
+        f"pip install -e '.[test]' here")
     installed = importlib.metadata.version("gradlocate")
     assert installed == gradlocate.__version__, (
         f"installed metadata says {installed}, gradlocate.__version__ is {gradlocate.__version__}: "
